@@ -1,0 +1,51 @@
+"""Atomic file writes and the render lock: a reader never sees a torn file, a crash keeps the old one."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Write ``data`` to ``path`` by temp file + fsync + rename. Returns False if unchanged."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def write_text(path: Path, text: str, mode: int = 0o644) -> bool:
+    return write_bytes(path, text.encode(), mode)
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, shared: bool = False) -> Iterator[None]:
+    """Hold an flock on ``lock_path`` (created if missing) for the duration of the block."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -1,0 +1,53 @@
+"""`pxe-stage`: the admin's command. One module per noun under pxe/cli/, each with register()."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from pxe.errors import DynprovError
+
+# Each entry is a module in pxe/cli/ exposing register(subparsers). Order = order in --help.
+COMMANDS = ("nodes", "images", "setboot", "render")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pxe-stage",
+        description="dynprov admin toolkit: node inventory, OS images, DHCP and boot configs, "
+                    "power, and the provisioning server.",
+        epilog="Exit status: 0 ok, 1 failed, 2 bad usage or input. "
+               "Config: --config, else $DYNPROV_CONFIG, else /etc/dynprov/dynprov.toml.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"pxe.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="pxe-stage: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except DynprovError as exc:
+        print(f"pxe-stage: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pxe-stage: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`pxe-stage nodes add|list|show|remove|import|export`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pxe.cli.common import add_json_flag, load_config, print_json, print_table
+from pxe.inventory import FIELDS, Inventory, build, export, load_file
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("nodes", help="node inventory", description="Manage the node inventory.")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    add = verbs.add_parser("add", help="add one node")
+    add.add_argument("name")
+    add.add_argument("--mac", action="append", required=True,
+                     help="MAC address (repeat for several NICs); any common spelling")
+    add.add_argument("--ip", help="fixed IPv4 address inside the provisioning subnet")
+    add.add_argument("--arch", default="x86_64", choices=("x86_64", "aarch64"))
+    add.add_argument("--firmware", default="bios", choices=("bios", "uefi"))
+    add.add_argument("--bmc-type", default="none", choices=("ipmi", "redfish", "wol", "none"))
+    add.add_argument("--bmc-address")
+    add.add_argument("--bmc-port", type=int)
+    add.add_argument("--bmc-user")
+    add.add_argument("--bmc-secret", metavar="REF",
+                     help="key in the BMC secrets file, or file:/path (never the password)")
+    add.add_argument("--groups", help="comma-separated groups")
+    add.add_argument("--pool", help="resource pool (default: the scheduler's pool)")
+    add.set_defaults(func=cmd_add)
+
+    lst = verbs.add_parser("list", help="list nodes")
+    lst.add_argument("nodes", nargs="?", help="node set, e.g. n[001-016]")
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list)
+
+    show = verbs.add_parser("show", help="show nodes in full")
+    show.add_argument("nodes", help="node set")
+    add_json_flag(show)
+    show.set_defaults(func=cmd_show)
+
+    rm = verbs.add_parser("remove", help="remove nodes")
+    rm.add_argument("nodes", help="node set")
+    rm.set_defaults(func=cmd_remove)
+
+    imp = verbs.add_parser("import", help="import a CSV or YAML node list (all or nothing)")
+    imp.add_argument("file")
+    imp.add_argument("--format", choices=("csv", "yaml"), help="default: by file extension")
+    imp.add_argument("--replace", action="store_true", help="update nodes that already exist")
+    imp.set_defaults(func=cmd_import)
+
+    exp = verbs.add_parser("export", help="write the inventory as CSV or YAML to stdout")
+    exp.add_argument("--format", choices=("csv", "yaml"), default="csv")
+    exp.set_defaults(func=cmd_export)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    raw = {"name": args.name, "macs": args.mac, "ip": args.ip, "arch": args.arch,
+           "firmware": args.firmware, "bmc_type": args.bmc_type, "bmc_address": args.bmc_address,
+           "bmc_port": args.bmc_port, "bmc_user": args.bmc_user, "bmc_secret": args.bmc_secret,
+           "groups": args.groups, "pool": args.pool}
+    node = build(cfg, {k: v for k, v in raw.items() if v is not None})
+    Inventory(cfg).add([node])
+    print(f"added {node.name} ({', '.join(node.macs)}{', ' + node.ip if node.ip else ''})")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    inv = Inventory(load_config(args))
+    nodes = inv.select(args.nodes) if args.nodes else inv.all()
+    if args.json:
+        print_json([n.public() for n in nodes])
+        return 0
+    print_table(("NODE", "MAC", "IP", "FW", "BMC", "POOL", "OS", "NEXT BOOT", "STATE"),
+                [(n.name, n.macs[0] if n.macs else "", n.ip, n.firmware, n.bmc_type, n.pool,
+                  n.current_os, n.desired_os if n.boot_target == "os" else "local", n.state)
+                 for n in nodes])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    nodes = Inventory(load_config(args)).select(args.nodes)
+    if args.json:
+        print_json([n.public() for n in nodes])
+        return 0
+    for i, n in enumerate(nodes):
+        if i:
+            print()
+        for key, value in n.public().items():
+            if isinstance(value, list):
+                value = ",".join(value)
+            print(f"{key:<13} {'-' if value in (None, '') else value}")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    inv = Inventory(load_config(args))
+    names = [n.name for n in inv.select(args.nodes)]
+    inv.remove(names)
+    print(f"removed {len(names)} node(s); run `pxe-stage render` to update DHCP")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    nodes = load_file(cfg, args.file, args.format)
+    Inventory(cfg).add(nodes, replace_existing=args.replace)
+    print(f"imported {len(nodes)} node(s) from {args.file}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    inv = Inventory(load_config(args))
+    sys.stdout.write(export(inv.all(), args.format))
+    return 0
+
+
+__all__ = ["register", "FIELDS"]

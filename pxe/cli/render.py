@@ -1,0 +1,34 @@
+"""`pxe-stage render`: DHCP config (checked by the daemon) + every boot file + boot loaders."""
+
+from __future__ import annotations
+
+import argparse
+
+from pxe.cli.common import load_config
+from pxe.setboot import render_all
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render and install DHCP and boot configs",
+                       description="Render the DHCP config from the inventory, check it with the "
+                                   "daemon itself, install it atomically and reload; write every "
+                                   "node's boot files and the boot loaders into the TFTP root.")
+    p.add_argument("--check", action="store_true",
+                   help="only render and check the DHCP config; install nothing")
+    p.add_argument("--no-reload", action="store_true", help="do not run the reload command")
+    p.set_defaults(func=cmd_render)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    report = render_all(cfg, reload=not args.no_reload, check_only=args.check)
+    if args.check:
+        print(f"{cfg.dhcp.backend}: rendered config passes the daemon's check")
+        return 0
+    print(f"dhcp ({cfg.dhcp.backend}) {cfg.dhcp.config_file}: "
+          f"{'installed' if report.dhcp_changed else 'unchanged'}")
+    print(f"boot files: {report.boot_files} ({report.boot_changed} changed, "
+          f"{len(report.pruned)} stale removed)")
+    for name, status in report.loaders.items():
+        print(f"loader {name}: {status}")
+    return 0

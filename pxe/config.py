@@ -1,0 +1,274 @@
+"""The site configuration: one TOML file, checked key by key so a typo is a one-line error.
+
+Found at ``--config``, else ``$DYNPROV_CONFIG``, else ``/etc/dynprov/dynprov.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pxe import validate
+from pxe.errors import InputError
+
+DEFAULT_PATH = "/etc/dynprov/dynprov.toml"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Network:
+    interface: str
+    subnet: str
+    server: str
+    dynamic_range: tuple[str, str]
+    gateway: str | None = None
+    dns: str | None = None
+
+
+@dataclass(frozen=True)
+class Dhcp:
+    backend: str  # "dnsmasq" or "isc"
+    config_file: Path
+    reload_command: tuple[str, ...]
+    check_command: tuple[str, ...] | None = None  # overrides the daemon binary for the check
+
+
+@dataclass(frozen=True)
+class Paths:
+    tftp_root: Path
+    http_root: Path
+    state_dir: Path
+    templates: Path
+    secrets_file: Path
+
+
+@dataclass(frozen=True)
+class Boot:
+    bios_loader: str = "pxelinux.0"
+    uefi_loader: str = "grubx64.efi"
+    http_port: int = 8080
+    default_target: str = "local"  # what unknown MACs boot
+
+
+@dataclass(frozen=True)
+class Groups:
+    image: str = "fgimage"
+    pool: str = "fgpool"
+    scheduler_pool: str = "hpc"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    network: Network
+    dhcp: Dhcp
+    paths: Paths
+    boot: Boot = field(default_factory=Boot)
+    groups: Groups = field(default_factory=Groups)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def db_path(self) -> Path:
+        return self.paths.state_dir / "dynprov.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.paths.state_dir / "render.lock"
+
+
+_KNOWN: dict[str, set[str]] = {
+    "network": {"interface", "subnet", "server", "dynamic_range", "gateway", "dns"},
+    "dhcp": {"backend", "config_file", "reload_command", "check_command"},
+    "paths": {"tftp_root", "http_root", "state_dir", "templates", "secrets_file"},
+    "boot": {"bios_loader", "uefi_loader", "http_port", "default_target"},
+    "groups": {"image", "pool", "scheduler_pool"},
+}
+# Sections other modules own (power, serve, moab...); checked by those modules.
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab"}
+
+
+def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("DYNPROV_CONFIG")
+    return Path(env) if env else Path(DEFAULT_PATH)
+
+
+class _Reader:
+    """Reads typed keys from one section and names the file and key in every complaint."""
+
+    def __init__(self, path: Path, data: dict[str, Any]):
+        self.path = path
+        self.data = data
+
+    def fail(self, key: str, problem: str) -> InputError:
+        return InputError(f"{self.path}: {key}: {problem}")
+
+    def section(self, name: str, required: bool = True) -> dict[str, Any]:
+        value = self.data.get(name)
+        if value is None:
+            if required:
+                raise self.fail(f"[{name}]", "missing section")
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(f"[{name}]", "must be a table")
+        return value
+
+    def get(self, sec: str, key: str, kind: type, default: Any = ...) -> Any:
+        table = self.data.get(sec) or {}
+        if key not in table:
+            if default is ...:
+                raise self.fail(f"{sec}.{key}", "missing key")
+            return default
+        value = table[key]
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"{sec}.{key}", f"must be a {kind.__name__}, got {value!r}")
+        return value
+
+    def checked(self, sec: str, key: str, check, default: Any = ...) -> Any:
+        value = self.get(sec, key, str, default)
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InputError as exc:
+            raise self.fail(f"{sec}.{key}", str(exc)) from None
+
+    def argv(self, sec: str, key: str, default: Any = ...) -> tuple[str, ...] | None:
+        value = self.get(sec, key, list, default)
+        if value is None:
+            return None
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(f"{sec}.{key}", "must be a non-empty list of strings (an argv, not a shell line)")
+        return tuple(value)
+
+
+def load(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Load and check the configuration; every problem is an InputError naming file and key."""
+    path = locate(explicit)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise InputError(
+            f"{path}: configuration file not found (set --config or DYNPROV_CONFIG)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data, path)
+
+
+def from_dict(data: dict[str, Any], path: Path) -> Config:
+    r = _Reader(path, data)
+    for sec, value in data.items():
+        if sec in _OPEN_SECTIONS:
+            continue
+        if sec not in _KNOWN:
+            raise r.fail(sec, f"unknown section or key (known: {', '.join(sorted(_KNOWN))})")
+        if isinstance(value, dict):
+            for key in value:
+                if key not in _KNOWN[sec]:
+                    raise r.fail(f"{sec}.{key}", f"unknown key (known: {', '.join(sorted(_KNOWN[sec]))})")
+    for sec in ("network", "dhcp", "paths"):
+        r.section(sec)
+
+    subnet = r.checked("network", "subnet", validate.ipv4_network)
+    server = r.checked("network", "server", validate.ipv4)
+    interface = r.checked("network", "interface", validate.hostname)
+    rng = r.get("network", "dynamic_range", list)
+    if len(rng) != 2:
+        raise r.fail("network.dynamic_range", "must be [first, last]")
+    import netaddr
+
+    net = netaddr.IPNetwork(subnet)
+    try:
+        first, last = (validate.ipv4(str(a)) for a in rng)
+    except InputError as exc:
+        raise r.fail("network.dynamic_range", str(exc)) from None
+    for name, addr in (("network.server", server), ("network.dynamic_range", first),
+                       ("network.dynamic_range", last)):
+        if netaddr.IPAddress(addr) not in net:
+            raise r.fail(name, f"{addr} is outside the subnet {subnet}")
+    if netaddr.IPAddress(first) > netaddr.IPAddress(last):
+        raise r.fail("network.dynamic_range", "first address is after the last")
+    network = Network(
+        interface=interface, subnet=subnet, server=server, dynamic_range=(first, last),
+        gateway=r.checked("network", "gateway", validate.ipv4, None),
+        dns=r.checked("network", "dns", validate.ipv4, None),
+    )
+
+    backend = r.checked("dhcp", "backend", lambda v: validate.choice(v, ("dnsmasq", "isc"), "backend"))
+    dhcp = Dhcp(
+        backend=backend,
+        config_file=Path(r.get("dhcp", "config_file", str)),
+        reload_command=r.argv("dhcp", "reload_command"),
+        check_command=r.argv("dhcp", "check_command", None),
+    )
+    state_dir = Path(r.get("paths", "state_dir", str))
+    paths = Paths(
+        tftp_root=Path(r.get("paths", "tftp_root", str)),
+        http_root=Path(r.get("paths", "http_root", str)),
+        state_dir=state_dir,
+        templates=Path(r.get("paths", "templates", str, str(PROJECT_ROOT / "templates"))),
+        secrets_file=Path(r.get("paths", "secrets_file", str, "/etc/dynprov/bmc-secrets")),
+    )
+    for key, value in (("tftp_root", paths.tftp_root), ("http_root", paths.http_root),
+                       ("state_dir", paths.state_dir)):
+        if not value.is_absolute():
+            raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
+    boot = Boot(
+        bios_loader=r.checked("boot", "bios_loader", _loader_name, Boot.bios_loader),
+        uefi_loader=r.checked("boot", "uefi_loader", _loader_name, Boot.uefi_loader),
+        http_port=r.get("boot", "http_port", int, Boot.http_port),
+        default_target=r.checked(
+            "boot", "default_target", lambda v: validate.choice(v, ("local", "none"), "target"),
+            Boot.default_target),
+    )
+    groups = Groups(
+        image=r.checked("groups", "image", lambda v: validate.unix_name(v, "group"), Groups.image),
+        pool=r.checked("groups", "pool", lambda v: validate.unix_name(v, "group"), Groups.pool),
+        scheduler_pool=r.checked("groups", "scheduler_pool", lambda v: validate.label(v, "pool"),
+                                 Groups.scheduler_pool),
+    )
+    return Config(path=path, network=network, dhcp=dhcp, paths=paths, boot=boot, groups=groups,
+                  raw=data)
+
+
+def _loader_name(value: str) -> str:
+    parts = value.split("/")
+    for part in parts:
+        validate.label(part, "boot loader file name")
+    return value
+
+
+def example(root: Path, backend: str = "dnsmasq", interface: str = "br0",
+            subnet: str = "198.18.0.0/24", server: str = "198.18.0.1") -> str:
+    """A complete config for a throw-away site under ``root`` (tests, demo, `pxe-stage init`)."""
+    import netaddr
+
+    net = netaddr.IPNetwork(subnet)
+    first, last = net[100], net[200]
+    conf_file = root / ("dnsmasq.conf" if backend == "dnsmasq" else "dhcpd.conf")
+    return f"""# dynprov site configuration
+[network]
+interface = "{interface}"
+subnet = "{subnet}"
+server = "{server}"
+dynamic_range = ["{first}", "{last}"]
+
+[dhcp]
+backend = "{backend}"
+config_file = "{conf_file}"
+reload_command = ["/bin/true"]
+
+[paths]
+tftp_root = "{root / 'tftp'}"
+http_root = "{root / 'http'}"
+state_dir = "{root / 'state'}"
+secrets_file = "{root / 'bmc-secrets'}"
+"""

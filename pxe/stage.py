@@ -1,0 +1,75 @@
+"""Put rendered boot files and boot loaders into the TFTP root (and the HTTP root for iPXE).
+
+Every file goes in by temp file + rename, so a node that is booting right now reads either
+the old or the new file, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from pxe import atomic
+from pxe.config import Config
+from pxe.render import GRUB_DIR, IPXE_DIR, PXELINUX_DIR
+
+# Debian package paths of the loaders (see shared facts): name in the TFTP root -> candidates.
+LOADER_SOURCES: dict[str, tuple[str, ...]] = {
+    "pxelinux.0": ("/usr/lib/PXELINUX/pxelinux.0",),
+    "ldlinux.c32": ("/usr/lib/syslinux/modules/bios/ldlinux.c32",),
+    "grubx64.efi": ("/usr/lib/grub/x86_64-efi/monolithic/grubnetx64.efi",),
+    "ipxe.efi": ("/usr/lib/ipxe/ipxe.efi",),
+    "undionly.kpxe": ("/usr/lib/ipxe/undionly.kpxe",),
+}
+
+
+def write_files(cfg: Config, files: Mapping[str, str]) -> int:
+    """Write boot files; iPXE scripts go to the HTTP root too. Returns how many changed."""
+    changed = 0
+    for rel, text in files.items():
+        data = text.encode()
+        if atomic.write_bytes(cfg.paths.tftp_root / rel, data):
+            changed += 1
+        if rel.startswith(IPXE_DIR + "/") or rel == "boot.ipxe":
+            atomic.write_bytes(cfg.paths.http_root / rel, data)
+    return changed
+
+
+def prune(cfg: Config, keep: Iterable[str]) -> list[str]:
+    """Remove per-node boot files of MACs no longer in the inventory (full render only)."""
+    keep_set = set(keep)
+    removed = []
+    patterns = ((PXELINUX_DIR, "01-*"), (GRUB_DIR, "grub.cfg-*"), (IPXE_DIR, "*.ipxe"))
+    for root in (cfg.paths.tftp_root, cfg.paths.http_root):
+        for folder, pattern in patterns:
+            base = root / folder
+            if not base.is_dir():
+                continue
+            for path in base.glob(pattern):
+                rel = f"{folder}/{path.name}"
+                if rel not in keep_set:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                    removed.append(rel)
+    return removed
+
+
+def install_loaders(cfg: Config) -> dict[str, str]:
+    """Copy the boot loaders this machine has into the TFTP root. Returns name -> status."""
+    status: dict[str, str] = {}
+    for name, candidates in LOADER_SOURCES.items():
+        source = next((Path(c) for c in candidates if Path(c).is_file()), None)
+        dest = cfg.paths.tftp_root / name
+        if source is None:
+            status[name] = "not available on this machine"
+            continue
+        data = source.read_bytes()
+        status[name] = "installed" if atomic.write_bytes(dest, data) else "up to date"
+    return status
+
+
+def copy_tree_file(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
