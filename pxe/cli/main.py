@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from pxe.errors import DynprovError
 
 # Each entry is a module in pxe/cli/ exposing register(subparsers). Order = order in --help.
-COMMANDS = ("nodes", "images", "setboot", "render")
+COMMANDS = (
+    "nodes",
+    "images",
+    "setboot",
+    "render",
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
