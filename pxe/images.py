@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pxe import db, validate
+from pxe import atomic, db, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 
@@ -151,16 +151,30 @@ class Catalog:
         check_kernel(Path(kernel))
         if mode == "stateful" and rootfs is None:
             raise InputError("a stateful image needs a root filesystem to write to disk")
+        with atomic.locked(self.lock_path):
+            return self._add_locked(dict(
+                label=label, kernel=Path(kernel), initrd=initrd, rootfs=rootfs, os_name=os_name,
+                arch=arch, mode=mode, cmdline=cmdline, prov_seconds=prov_seconds, owner=owner,
+                replace=replace))
+
+    @property
+    def lock_path(self) -> Path:
+        """Serialises store + record + garbage collection, so GC never eats a fresh blob."""
+        return self.cfg.paths.state_dir / "images.lock"
+
+    def _add_locked(self, a: dict[str, Any]) -> Image:
+        label, kernel, initrd, rootfs = a["label"], a["kernel"], a["initrd"], a["rootfs"]
         tftp, http = self.cfg.paths.tftp_root, self.cfg.paths.http_root
         kernel_sha = _store(Path(kernel), [tftp, http])
         initrd_sha = _store(Path(initrd), [tftp, http]) if initrd else None
         rootfs_sha = _store(Path(rootfs), [http]) if rootfs else None
         image = Image(label=label, kernel_sha=kernel_sha, initrd_sha=initrd_sha,
                       rootfs_sha=rootfs_sha, rootfs_name=Path(rootfs).name if rootfs else None,
-                      os_name=os_name or label, arch=arch, mode=mode, cmdline=cmdline,
-                      prov_seconds=int(prov_seconds), owner=owner, created=time.time())
+                      os_name=a["os_name"] or label, arch=a["arch"], mode=a["mode"],
+                      cmdline=a["cmdline"], prov_seconds=int(a["prov_seconds"]), owner=a["owner"],
+                      created=time.time())
         with db.transaction(self.conn):
-            if replace:
+            if a["replace"]:
                 self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
             try:
                 fields = image.public()
@@ -187,10 +201,11 @@ class Catalog:
 
             raise DynprovError(f"image {label!r} is used by node(s) {fold(users)}; "
                                "use --force to remove it anyway")
-        with db.transaction(self.conn):
-            self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
-            db.log_event(self.conn, "image-removed", detail=label)
-        self._collect_garbage()
+        with atomic.locked(self.lock_path):
+            with db.transaction(self.conn):
+                self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
+                db.log_event(self.conn, "image-removed", detail=label)
+            self._collect_garbage()
 
     def _collect_garbage(self) -> None:
         """Delete stored files that no image references any more (and stale temp files)."""
