@@ -76,7 +76,7 @@ def build(cfg: Config, raw: dict[str, Any]) -> Node:
     unknown = set(raw) - set(FIELDS) - {"mac"}
     if unknown:
         raise InputError(f"unknown node field(s): {', '.join(sorted(unknown))}")
-    name = validate.hostname(str(raw.get("name", "")).strip())
+    name = validate.hostname(str(raw.get("name", "")))
     macs_in = raw.get("macs", raw.get("mac"))
     if isinstance(macs_in, str):
         macs_in = [m for m in macs_in.replace(";", ",").replace(" ", ",").split(",") if m]

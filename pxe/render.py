@@ -102,7 +102,7 @@ class Renderer:
         return " ".join(args)
 
     def node_boot_files(self, node: Node, image: Image | None) -> dict[str, str]:
-        """Every per-MAC boot file for one node: pxelinux, GRUB and iPXE forms."""
+        """Every per-MAC boot file for one node: its firmware's loader config and an iPXE script."""
         if node.boot_target != "os":
             image = None
         context = {
@@ -113,12 +113,15 @@ class Renderer:
             "initrd_path": image.blob_path(image.initrd_sha) if image and image.initrd_sha else "",
             "append": self.kernel_args(node, image) if image else "",
         }
+        # Only the loader this node's firmware runs (pxelinux on BIOS, GRUB on UEFI), plus the
+        # iPXE script for HTTP boot: each file costs a create + rename, and sites have 10,000s.
+        loader = ("grub", "boot/grub.cfg.j2") if node.firmware == "uefi" else \
+            ("pxelinux", "boot/pxelinux.cfg.j2")
         files: dict[str, str] = {}
         for mac in node.macs:
             names = boot_file_names(mac)
             ctx = {**context, "mac": mac}
-            files[names["pxelinux"]] = self.template("boot/pxelinux.cfg.j2").render(ctx)
-            files[names["grub"]] = self.template("boot/grub.cfg.j2").render(ctx)
+            files[names[loader[0]]] = self.template(loader[1]).render(ctx)
             files[names["ipxe"]] = self.template("boot/ipxe.j2").render(ctx)
         return files
 

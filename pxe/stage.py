@@ -26,15 +26,15 @@ LOADER_SOURCES: dict[str, tuple[str, ...]] = {
 
 
 def write_files(cfg: Config, files: Mapping[str, str]) -> int:
-    """Write boot files; iPXE scripts go to the HTTP root too. Returns how many changed."""
-    changed = 0
-    for rel, text in files.items():
-        data = text.encode()
-        if atomic.write_bytes(cfg.paths.tftp_root / rel, data):
-            changed += 1
-        if rel.startswith(IPXE_DIR + "/") or rel == "boot.ipxe":
-            atomic.write_bytes(cfg.paths.http_root / rel, data)
-    return changed
+    """Write boot files into the root their loader reads from. Returns how many changed."""
+    batch = {root_for(cfg, rel) / rel: text.encode() for rel, text in files.items()}
+    return len(atomic.write_many(batch))
+
+
+def root_for(cfg: Config, rel: str) -> Path:
+    """iPXE scripts are fetched over HTTP; everything else by TFTP."""
+    return cfg.paths.http_root if rel.startswith(IPXE_DIR + "/") or rel == "boot.ipxe" \
+        else cfg.paths.tftp_root
 
 
 def prune(cfg: Config, keep: Iterable[str]) -> list[str]:

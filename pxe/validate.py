@@ -29,7 +29,7 @@ def _show(value: object) -> str:
 
 def hostname(value: str) -> str:
     """A node name: one DNS label, no dots, slashes, quotes or whitespace."""
-    if not isinstance(value, str) or not _HOSTNAME.match(value):
+    if not isinstance(value, str) or not _HOSTNAME.fullmatch(value):
         raise InputError(
             f"invalid node name {_show(value)}: use letters, digits and '-' "
             "(1-63 characters, not starting or ending with '-')"
@@ -39,7 +39,7 @@ def hostname(value: str) -> str:
 
 def label(value: str, what: str = "label") -> str:
     """An image label or pool name: [A-Za-z0-9._-], starting with a letter or digit, no '..'."""
-    if not isinstance(value, str) or not _LABEL.match(value) or ".." in value:
+    if not isinstance(value, str) or not _LABEL.fullmatch(value) or ".." in value:
         raise InputError(
             f"invalid {what} {_show(value)}: use letters, digits, '.', '_' and '-' "
             "(1-64 characters, starting with a letter or digit, no '..')"
@@ -48,7 +48,7 @@ def label(value: str, what: str = "label") -> str:
 
 
 def unix_name(value: str, what: str = "user") -> str:
-    if not isinstance(value, str) or not _UNIX_NAME.match(value):
+    if not isinstance(value, str) or not _UNIX_NAME.fullmatch(value):
         raise InputError(f"invalid {what} name {_show(value)}")
     return value
 
@@ -116,7 +116,7 @@ def port(value: object, what: str = "port") -> int:
 
 def secret_ref(value: str) -> str:
     """A reference to a BMC password (a key of the secrets file, or file:/path) - never the password."""
-    if not isinstance(value, str) or not _SECRET_REF.match(value) or ".." in value:
+    if not isinstance(value, str) or not _SECRET_REF.fullmatch(value) or ".." in value:
         raise InputError(
             f"invalid BMC secret reference {_show(value)}: give a key of the secrets file "
             "or file:/absolute/path, never the password itself"

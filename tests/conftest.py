@@ -29,7 +29,7 @@ class Site:
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run a console script of ours as a real process against this site."""
         env = {**os.environ, "DYNPROV_CONFIG": str(self.config_path)}
-        module = {"pxe-stage": "pxe.cli.main"}.get(cmd)
+        module = {"pxe-stage": "pxe.cli.main", "fg-pool": "pxe.cli.fg_pool"}.get(cmd)
         full = [sys.executable, "-m", module, *argv] if module else [cmd, *argv]
         proc = subprocess.run(full, capture_output=True, text=True, env=env, input=input,
                               timeout=300)

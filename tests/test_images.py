@@ -1,0 +1,76 @@
+"""Image catalog: kernel check, content-addressed store, garbage collection."""
+
+import hashlib
+
+import pytest
+
+from pxe.errors import DynprovError, InputError
+from pxe.images import Catalog
+from pxe.inventory import Inventory, build
+from tests.conftest import fake_bzimage
+
+pytestmark = pytest.mark.unit
+
+
+def test_add_stores_content_addressed(site, kernel, tmp_path):
+    cfg = site.cfg
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"initrd-bytes")
+    image = Catalog(cfg).add("centos5", kernel, initrd, cmdline="console=ttyS0")
+    ksha = hashlib.sha256(kernel.read_bytes()).hexdigest()
+    assert image.kernel_sha == ksha
+    for root in (cfg.paths.tftp_root, cfg.paths.http_root):
+        assert (root / "blobs" / ksha).read_bytes() == kernel.read_bytes()
+        assert (root / "blobs" / image.initrd_sha).read_bytes() == b"initrd-bytes"
+    assert Catalog(cfg).get("centos5").cmdline == "console=ttyS0"
+
+
+def test_not_a_kernel_is_refused_and_nothing_stored(site, tmp_path):
+    bogus = tmp_path / "vmlinuz"
+    bogus.write_bytes(b"\x7fELF" + b"\0" * 2000)
+    cat = Catalog(site.cfg)
+    before = site.snapshot()
+    with pytest.raises(InputError, match="not a Linux kernel"):
+        cat.add("centos5", bogus)
+    with pytest.raises(InputError, match="no such file"):
+        cat.add("centos5", tmp_path / "missing")
+    assert site.snapshot() == before
+
+
+def test_shared_blobs_survive_until_last_user_goes(site, kernel):
+    cfg = site.cfg
+    cat = Catalog(cfg)
+    a = cat.add("centos5", kernel)
+    cat.add("sles11", kernel, cmdline="quiet")
+    blob = cfg.paths.tftp_root / "blobs" / a.kernel_sha
+    cat.remove("centos5")
+    assert blob.exists()
+    cat.remove("sles11")
+    assert not blob.exists()
+    assert not (cfg.paths.http_root / "blobs" / a.kernel_sha).exists()
+
+
+def test_labels_and_duplicates(site, kernel):
+    cat = Catalog(site.cfg)
+    cat.add("centos5", kernel)
+    with pytest.raises(InputError, match="already exists"):
+        cat.add("centos5", kernel)
+    for bad in ("../x", "a b", "{{x}}", "x/y"):
+        with pytest.raises(InputError, match="invalid label"):
+            cat.add(bad, kernel)
+
+
+def test_remove_in_use_needs_force(site, kernel):
+    cfg = site.cfg
+    Catalog(cfg).add("centos5", kernel)
+    Inventory(cfg).add([build(cfg, {"name": "n001", "mac": "52:54:00:00:00:01",
+                                    "desired_os": "centos5"})])
+    with pytest.raises(DynprovError, match="used by node"):
+        Catalog(cfg).remove("centos5")
+    Catalog(cfg).remove("centos5", force=True)
+    assert Catalog(cfg).labels() == []
+
+
+def test_stateful_needs_rootfs(site, tmp_path):
+    with pytest.raises(InputError, match="stateful"):
+        Catalog(site.cfg).add("disk1", fake_bzimage(tmp_path / "k"), mode="stateful")
