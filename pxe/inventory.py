@@ -205,6 +205,9 @@ class Inventory:
                                      f"{node.name}")
                 seen_ips[node.ip] = node.name
         with db.transaction(self.conn):
+            # The scheduler's pool always exists, whatever the site named it.
+            self.conn.execute("INSERT OR IGNORE INTO pools(name, created) VALUES (?, ?)",
+                              (self.cfg.groups.scheduler_pool, time.time()))
             pools = {r[0] for r in self.conn.execute("SELECT name FROM pools")}
             for node in nodes:
                 if node.pool not in pools:
