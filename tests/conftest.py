@@ -29,7 +29,9 @@ class Site:
             input: str | None = None) -> subprocess.CompletedProcess:
         """Run a console script of ours as a real process against this site."""
         env = {**os.environ, "DYNPROV_CONFIG": str(self.config_path)}
-        module = {"pxe-stage": "pxe.cli.main", "fg-pool": "pxe.cli.fg_pool"}.get(cmd)
+        module = {"pxe-stage": "pxe.cli.main", "fg-pool": "pxe.cli.fg_pool",
+                  "os-switch": "msm_plugin.os_switch", "cluster-query": "msm_plugin.cluster_query",
+                  "node-power": "msm_plugin.node_power", "fg-moab": "msm_plugin.fg_moab"}.get(cmd)
         full = [sys.executable, "-m", module, *argv] if module else [cmd, *argv]
         proc = subprocess.run(full, capture_output=True, text=True, env=env, input=input,
                               timeout=300)
@@ -42,8 +44,20 @@ class Site:
         """Every file under the site (minus SQLite's shared-memory files): to prove nothing changed."""
         out = {}
         for path in sorted(self.root.rglob("*")):
-            if path.is_file() and not path.name.endswith(("-shm", "-wal", ".lock")):
-                out[str(path.relative_to(self.root))] = path.read_bytes()
+            if not path.is_file() or path.name.endswith(("-shm", "-wal", "-journal", ".lock")):
+                continue
+            if path.suffix == ".db":
+                # Through SQLite, never open()/close(): closing a plain descriptor on the file
+                # would drop the POSIX locks this process's own connections hold.
+                import sqlite3
+
+                conn = sqlite3.connect(path)
+                try:
+                    out[str(path.relative_to(self.root))] = "\n".join(conn.iterdump()).encode()
+                finally:
+                    conn.close()
+                continue
+            out[str(path.relative_to(self.root))] = path.read_bytes()
         return out
 
 

@@ -1,0 +1,492 @@
+"""The image repository behind `fg-moab-image`: uploaded bundles, published into the Catalog.
+
+Layout under ``[images] repository_dir`` (default ``<state_dir>/images``), all root-owned::
+
+    bundles/<label>.bundle    the uploaded file, byte for byte (what ``-get`` returns)
+    bundles/<label>.json      who uploaded it, when, its sha256, size, customization, manifest
+    .incoming/                uploads in progress (same file system, so the final step is a rename)
+    repository.lock           serialises uploads and deletes
+
+An upload is all or nothing: the bundle is copied into ``.incoming`` (hashing it, counting it
+against ``max_bundle_bytes``), checked and unpacked there (pxe.bundle), customized
+(pxe.customize), and only then, under the lock, renamed into ``bundles/`` and added to the
+Catalog; any failure (bad bundle, failing script, a full disk) removes what it wrote and leaves
+the repository and the Catalog as they were.
+
+Who may change it: root, or a member of ``[groups] image`` (default ``fgimage``) through the
+sudoers rule of pxe.sudoers; the user's own files are read and written with the user's own
+permissions (``as_caller``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import sqlite3
+import stat
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pxe import atomic, audit, authz, bundle, config, customize, validate
+from pxe.config import Config
+from pxe.errors import DynprovError, InputError, NotFound
+from pxe.images import Catalog, Image
+
+log = logging.getLogger("dynprov.repository")
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+# -- [images] settings --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    repository_dir: Path
+    max_bundle_bytes: int = 16 << 30
+    customize_dir: Path = Path("/etc/dynprov/customize")
+    customize_timeout: int = 1800
+    provisioning_initrd: Path | None = None
+
+
+_KEYS = ("repository_dir", "max_bundle_bytes", "customize_dir", "customize_timeout",
+         "provisioning_initrd")
+
+
+def settings(cfg: Config) -> Settings:
+    """Read and check ``[images]``; every complaint names the file and the key."""
+    raw = cfg.raw.get("images", {})
+
+    def fail(key: str, problem: str) -> InputError:
+        return InputError(f"{cfg.path}: {key}: {problem}")
+
+    if not isinstance(raw, dict):
+        raise fail("[images]", "must be a table")
+    for key in raw:
+        if key not in _KEYS:
+            raise fail(f"images.{key}", f"unknown key (known: {', '.join(_KEYS)})")
+
+    def path(key: str, default: Path | None) -> Path | None:
+        value = raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise fail(f"images.{key}", f"must be an absolute path, got {value!r}")
+        return Path(value)
+
+    def number(key: str, default: int, low: int) -> int:
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise fail(f"images.{key}", f"must be an integer >= {low}, got {value!r}")
+        return value
+
+    repo = path("repository_dir", cfg.paths.state_dir / "images")
+    assert repo is not None
+    return Settings(
+        repository_dir=repo,
+        max_bundle_bytes=number("max_bundle_bytes", Settings.max_bundle_bytes, 1024),
+        customize_dir=path("customize_dir", Settings.customize_dir) or Settings.customize_dir,
+        customize_timeout=number("customize_timeout", Settings.customize_timeout, 1),
+        provisioning_initrd=path("provisioning_initrd", None),
+    )
+
+
+# -- running for a user through sudo --------------------------------------------------------
+def _sudo_caller() -> pwd.struct_passwd | None:
+    """The user behind sudo, when root runs us for someone else; else None."""
+    user = os.environ.get("SUDO_USER")
+    if os.geteuid() != 0 or not user or user == "root":
+        return None
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        raise authz.PermissionDenied(f"permission denied: unknown SUDO_USER {user!r}") from None
+
+
+@contextlib.contextmanager
+def as_caller() -> Iterator[str]:
+    """Inside this block, act with the real user's permissions when run through sudo.
+
+    So a member can upload only files they can read, and ``-get -o`` writes only where they
+    may write: root's rights are used for the repository, never for the user's paths.
+    """
+    caller = _sudo_caller()
+    if caller is None:
+        yield authz.real_user()
+        return
+    saved_groups = os.getgroups()
+    os.setgroups(os.getgrouplist(caller.pw_name, caller.pw_gid))
+    os.setegid(caller.pw_gid)
+    os.seteuid(caller.pw_uid)
+    try:
+        yield caller.pw_name
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(saved_groups)
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Load the config; through sudo, only a file that no one but root can change."""
+    path = config.locate(explicit)
+    if _sudo_caller() is not None:
+        from pxe.sudoers import unsafe_reasons
+
+        problems = unsafe_reasons(path) if path.exists() else []
+        if problems:
+            raise authz.PermissionDenied(
+                f"permission denied: through sudo only a root-owned configuration is used "
+                f"({problems[0]})")
+    return config.load(path)
+
+
+def _open_source(path: Path) -> IO[bytes]:
+    with as_caller() as user:
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except PermissionError:
+            raise authz.PermissionDenied(f"permission denied: user {user} cannot read {path}") \
+                from None
+        except IsADirectoryError:
+            raise InputError(f"{path}: is a directory, not a bundle") from None
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        fh.close()
+        raise InputError(f"{path}: not a regular file")
+    return fh
+
+
+# -- the repository -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One image as ``-list`` shows it."""
+
+    label: str
+    os_name: str
+    arch: str
+    mode: str
+    owner: str
+    created: float
+    bundle_bytes: int | None = None
+    bundle_sha256: str | None = None
+    groups: list[str] = field(default_factory=list)
+    customized: list[str] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    image: Image
+    bundle_sha256: str
+    bundle_bytes: int
+    customized: list[str]
+
+
+class Repository:
+    def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
+        self.cfg = cfg
+        self.settings = settings(cfg)
+        self._conn = conn
+        self.root = self.settings.repository_dir
+        self.bundles = self.root / "bundles"
+        self.incoming = self.root / ".incoming"
+        self.lock_path = self.root / "repository.lock"
+
+    # -- helpers ---------------------------------------------------------------------------
+    @functools.cached_property
+    def catalog(self) -> Catalog:
+        """Opened on first use, so that a refusal (authz) comes before any database access."""
+        try:
+            return Catalog(self.cfg, self._conn)
+        except (sqlite3.Error, PermissionError) as exc:
+            raise DynprovError(f"cannot open the state database {self.cfg.db_path}: {exc}; "
+                               f"members of group {self.cfg.groups.image} run it as "
+                               "`sudo fg-moab-image ...`") from None
+
+    def _require(self, action: str) -> str:
+        return authz.require_group(self.cfg.groups.image, action)
+
+    def _prepare(self) -> None:
+        try:
+            for directory in (self.root, self.bundles, self.incoming):
+                directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except PermissionError:
+            raise DynprovError(
+                f"cannot write the image repository {self.root}: permission denied; members "
+                f"of group {self.cfg.groups.image} run it as `sudo fg-moab-image ...`") from None
+
+    def bundle_path(self, label: str) -> Path:
+        return self.bundles / f"{validate.label(label, 'image label')}.bundle"
+
+    def _meta_path(self, label: str) -> Path:
+        return self.bundles / f"{label}.json"
+
+    def _meta(self, label: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._meta_path(label).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _exists(self, label: str) -> bool:
+        return label in self.catalog.labels() or self.bundle_path(label).exists()
+
+    def users_of(self, label: str) -> tuple[list[str], list[int]]:
+        """Nodes that run or are switching to ``label``, and provisioning runs asking for it."""
+        nodes = self.catalog.in_use(label)
+        runs = [r[0] for r in self.catalog.conn.execute(
+            "SELECT id FROM runs WHERE label = ? AND finished IS NULL ORDER BY id", (label,))]
+        return nodes, runs
+
+    # -- upload ----------------------------------------------------------------------------
+    def upload(self, source: Path, label: str | None = None,
+               groups: Sequence[str] = ()) -> Uploaded:
+        user = self._require("uploading an image")
+        if label is not None:
+            validate.label(label, "image label")
+            if self._exists(label):
+                raise InputError(f"image label {label!r} already exists; delete it first "
+                                 "(fg-moab-image -delete -label ...)")
+        scripts = customize.select(self.settings.customize_dir, groups)
+        fh = _open_source(Path(source))
+        self._prepare()
+        work: Path | None = None
+        try:
+            with fh:
+                work = Path(tempfile.mkdtemp(prefix="upload.", dir=self.incoming))
+                incoming = work / "bundle"
+                sha, size = self._copy_in(fh, incoming, Path(source).name)
+            found = bundle.open_bundle(incoming, work / "members", self.settings.max_bundle_bytes)
+            man = found.manifest
+            label = label or man.label
+            validate.label(label, "image label")
+            rootfs, kind = found.rootfs, found.rootfs_kind
+            customized: list[str] = []
+            if kind in bundle.STATEFUL_KINDS and groups:
+                raise InputError(f"-group {', '.join(groups)}: a raw disk image ({kind}) cannot "
+                                 "be customized; customize it before building the disk")
+            if scripts and rootfs is not None and kind in bundle.STATELESS_KINDS:
+                rootfs, customized = customize.customize_rootfs(
+                    rootfs, kind, work / "customize", scripts, label=label,
+                    arch=man.arch, mode=man.mode,
+                    log_path=self.cfg.paths.state_dir / "customize" / f"{label}.log",
+                    timeout=self.settings.customize_timeout)
+            elif groups and rootfs is None:
+                raise InputError(f"-group {', '.join(groups)}: this image has no root "
+                                 "filesystem to customize")
+            initrd = found.initrd or self._provisioning_initrd(rootfs)
+            meta = {"label": label, "bundle_sha256": sha, "bundle_bytes": size, "owner": user,
+                    "uploaded": time.time(), "source_name": Path(source).name,
+                    "groups": list(groups), "customized": customized,
+                    "initrd": "bundle" if found.initrd else ("site" if initrd else None),
+                    "manifest": json.loads(man.to_json())}
+            image = self._publish(label, incoming, meta, found, initrd, rootfs, user)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise DynprovError(
+                    f"upload of {Path(source).name} failed: no space left under {self.root} "
+                    f"({exc.strerror}); the partial file was removed and nothing was "
+                    "published") from None
+            raise DynprovError(f"upload of {Path(source).name} failed: {exc}") from None
+        finally:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+        audit.append(self.cfg.paths.state_dir, user, "image-upload", label=label, sha256=sha,
+                     bytes=size, groups=list(groups), customized=customized)
+        self.publish_oslist()
+        return Uploaded(image=image, bundle_sha256=sha, bundle_bytes=size,
+                        customized=customized)
+
+    def _copy_in(self, fh: IO[bytes], dest: Path, name: str) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        limit = self.settings.max_bundle_bytes
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "wb") as out:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                size += len(chunk)
+                if size > limit:
+                    raise InputError(f"{name} is larger than the limit of {limit} bytes "
+                                     "([images] max_bundle_bytes)")
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return digest.hexdigest(), size
+
+    def _provisioning_initrd(self, rootfs: Path | None) -> Path | None:
+        site = self.settings.provisioning_initrd
+        if rootfs is None:
+            return None
+        if site is None:
+            raise InputError("the bundle has a root filesystem but no initrd, and [images] "
+                             "provisioning_initrd is not set: nothing would fetch the root "
+                             "filesystem on the node")
+        if not site.is_file():
+            raise DynprovError(f"{self.cfg.path}: images.provisioning_initrd: {site}: no such "
+                               "file (build the provisioning initramfs first)")
+        return site
+
+    def _publish(self, label: str, incoming: Path, meta: dict[str, Any], found: bundle.Bundle,
+                 initrd: Path | None, rootfs: Path | None, user: str) -> Image:
+        final, meta_path = self.bundle_path(label), self._meta_path(label)
+        man = found.manifest
+        with atomic.locked(self.lock_path):
+            if self._exists(label):
+                raise InputError(f"image label {label!r} already exists; delete it first "
+                                 "(fg-moab-image -delete -label ...)")
+            try:
+                atomic.write_text(meta_path, json.dumps(meta, indent=2) + "\n", mode=0o640)
+                os.replace(incoming, final)
+                return self.catalog.add(
+                    label, found.kernel, initrd, rootfs, os_name=man.os_name, arch=man.arch,
+                    mode=man.mode, cmdline=man.cmdline, prov_seconds=man.prov_seconds,
+                    owner=user)
+            except BaseException:
+                for path in (final, meta_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                raise
+
+    # -- delete ----------------------------------------------------------------------------
+    def delete(self, label: str, force: bool = False) -> list[str]:
+        """Remove an image and its bundle; refused while nodes or runs use it unless ``force``.
+
+        Returns the nodes that still used it (only non-empty with ``force``).
+        """
+        user = self._require("deleting an image")
+        validate.label(label, "image label")
+        with atomic.locked(self.lock_path) if self.root.is_dir() else contextlib.nullcontext():
+            if not self._exists(label):
+                raise NotFound(f"unknown image label {label!r}")
+            nodes, runs = self.users_of(label)
+            if (nodes or runs) and not force:
+                from pxe.nodeset import fold
+
+                why = []
+                if nodes:
+                    why.append(f"node(s) {fold(nodes)} run it or are switching to it")
+                if runs:
+                    why.append(f"provisioning run(s) {', '.join(map(str, runs))} asked for it")
+                raise DynprovError(f"image {label!r} is in use: {'; '.join(why)}; "
+                                   "use -force to delete it anyway")
+            if label in self.catalog.labels():
+                self.catalog.remove(label, force=True)
+            for path in (self.bundle_path(label), self._meta_path(label)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label, force=force,
+                     in_use=nodes)
+        self.publish_oslist()
+        return nodes
+
+    # -- list / get --------------------------------------------------------------------------
+    def list(self) -> list[Entry]:
+        entries = []
+        for image in self.catalog.all():
+            meta = self._meta(image.label)
+            entries.append(Entry(
+                label=image.label, os_name=image.os_name, arch=image.arch, mode=image.mode,
+                owner=image.owner, created=image.created,
+                bundle_bytes=meta.get("bundle_bytes"), bundle_sha256=meta.get("bundle_sha256"),
+                groups=list(meta.get("groups", [])), customized=list(meta.get("customized", [])),
+                in_use=self.catalog.in_use(image.label)))
+        return entries
+
+    def get(self, label: str, output: str) -> tuple[str, int]:
+        """Copy the uploaded bundle, checked against its recorded sha256, to ``output``
+        (``-`` = standard output), written with the caller's own permissions."""
+        self._require("retrieving an image bundle")
+        path = self.bundle_path(label)
+        if not path.exists():
+            if label in self.catalog.labels():
+                raise NotFound(f"image {label!r} has no uploaded bundle (it was added with "
+                               "`pxe-stage images add`)")
+            raise NotFound(f"unknown image label {label!r}")
+        expected = self._meta(label).get("bundle_sha256")
+        with open(path, "rb") as src:
+            if output == "-":
+                sha, size = _copy(src, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            else:
+                sha, size = self._write_as_caller(src, Path(output))
+        if expected and sha != expected:
+            if output != "-":
+                with contextlib.suppress(OSError), as_caller():
+                    Path(output).unlink()
+            raise DynprovError(f"the stored bundle of {label!r} does not match its recorded "
+                               f"sha256 (repository damaged?); {output} not written")
+        return sha, size
+
+    def _write_as_caller(self, src: IO[bytes], output: Path) -> tuple[str, int]:
+        with as_caller() as user:
+            parent = output.parent if str(output.parent) else Path(".")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=parent)
+            except PermissionError:
+                raise authz.PermissionDenied(f"permission denied: user {user} cannot write "
+                                             f"in {parent}") from None
+            except FileNotFoundError:
+                raise InputError(f"{parent}: no such directory") from None
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    result = _copy(src, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, output)
+            except OSError as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                if isinstance(exc, PermissionError):
+                    raise authz.PermissionDenied(f"permission denied: user {user} cannot "
+                                                 f"write {output}") from None
+                raise DynprovError(f"cannot write {output}: {exc.strerror or exc}") from None
+            return result
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish_oslist(self) -> Path | None:
+        """Re-publish what the scheduler is offered: the WIKI node report that a ``file://``
+        CLUSTERQUERYURL reads (pxe.wiki; each node's OSLIST comes from the Catalog). Returns
+        its path. ``cluster-query`` itself reads the Catalog at every poll, so with either URL
+        a new image is in the nodes' OSLIST at the scheduler's next poll."""
+        try:
+            from pxe import wiki
+        except ImportError:  # the Moab face (msm_plugin, pxe.wiki) is not installed
+            return None
+        try:
+            wiki.refresh_cfg(self.cfg, force=True)
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("could not rewrite the node report (cluster-query will): %s", exc)
+        return wiki.report_path(self.cfg.paths.state_dir)
+
+    def init(self) -> tuple[Path | None, Any]:
+        """``-init``: re-publish the OS list and re-render every boot config."""
+        user = self._require("re-publishing the OS list")
+        from pxe.setboot import render_all
+
+        report = render_all(self.cfg)
+        path = self.publish_oslist()
+        audit.append(self.cfg.paths.state_dir, user, "image-init", images=len(self.catalog.all()))
+        return path, report
+
+
+def _copy(src: IO[bytes], out: IO[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: src.read(1 << 20), b""):
+        digest.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
