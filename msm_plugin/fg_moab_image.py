@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pxe.errors import DynprovError
 
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="-sudoers: the program the rule allows (default: this one)")
     p.add_argument("-config", "--config", metavar="FILE",
                    help="site configuration (through sudo: root-owned files only)")
+    p.add_argument("-server", "--server", metavar="URL",
+                   help="use the dynprov service at https://HOST:PORT instead of local files "
+                        "(default: $DYNPROV_SERVER; no sudo needed)")
     return p
 
 
@@ -110,9 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(action: str, args: argparse.Namespace) -> int:
-    from pxe import repository
+    from pxe import remote, repository
 
-    cfg = repository.load_config(args.config)
+    client = remote.resolve(args.server) if action != "sudoers" else None
+    if client is not None:
+        repo: Any = remote.RemoteRepository(client)
+    else:
+        cfg = repository.load_config(args.config)
     if action == "sudoers":
         from pxe import sudoers
 
@@ -127,7 +135,8 @@ def _run(action: str, args: argparse.Namespace) -> int:
         else:
             sys.stdout.write(text)
         return 0
-    repo = repository.Repository(cfg)
+    if client is None:
+        repo = repository.Repository(cfg)
     if action == "upload":
         done = repo.upload(Path(args.image), args.label, args.group)
         image = done.image

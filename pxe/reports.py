@@ -32,9 +32,27 @@ class Outcome:
     image: str | None
 
 
+class _Refusal(Exception):
+    def __init__(self, node: str | None, detail: str, error: DynprovError):
+        self.node, self.detail, self.error = node, detail, error
+
+
 def record_report(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
                   detail: str = "") -> Outcome:
-    """Check the token and record the report atomically; returns what changed."""
+    """Check the token and record the report atomically; returns what changed.
+
+    A refusal (unknown node; missing, wrong or used token) is logged as a 'report-refused'
+    event in a transaction of its own, since the report's transaction is rolled back."""
+    try:
+        return _record(conn, node, token, kind, detail)
+    except _Refusal as refusal:
+        with db.transaction(conn):
+            db.log_event(conn, "report-refused", refusal.node, refusal.detail)
+        raise refusal.error from None
+
+
+def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
+            detail: str) -> Outcome:
     if kind not in KINDS:
         raise DynprovError(f"unknown report kind {kind!r} (expected {', '.join(KINDS)})")
     detail = detail.replace("\n", " ").strip()[:500]
@@ -42,14 +60,13 @@ def record_report(conn: sqlite3.Connection, node: str, token: str | None, kind: 
         row = conn.execute("SELECT boot_token, desired_os, state FROM nodes WHERE name = ?",
                            (node,)).fetchone()
         if row is None:
-            db.log_event(conn, "report-refused", None, f"unknown node {node!r}")
-            raise NotFound(f"unknown node {node!r}")
+            raise _Refusal(None, f"unknown node {node!r}", NotFound(f"unknown node {node!r}"))
         expected = row["boot_token"]
         if not token or not expected or not hmac.compare_digest(token, expected):
             why = "missing token" if not token else (
                 "token already used" if not expected else "wrong token")
-            db.log_event(conn, "report-refused", node, f"{kind}: {why}")
-            raise ReportRefused(f"report from {node} refused: {why}")
+            raise _Refusal(node, f"{kind}: {why}",
+                           ReportRefused(f"report from {node} refused: {why}"))
         now = time.time()
         run = conn.execute(
             "SELECT run_id FROM run_nodes WHERE node = ? AND state NOT IN "

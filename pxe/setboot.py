@@ -28,10 +28,12 @@ class RenderReport:
 
 
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
-             inventory: Inventory | None = None) -> list[Node]:
+             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> list[Node]:
     """Point the nodes' next network boot at image ``label`` (or at their local disk if None).
 
-    A new one-time call-home token is issued for every node sent to an image.
+    A new one-time call-home token is issued for every node sent to an image. ``keep_tokens``
+    (local disk only) keeps each node's current token: a stateful node that reported "installed"
+    still reports "ready" from its disk with it.
     """
     inv = inventory or Inventory(cfg)
     nodes = inv.select(spec)
@@ -43,6 +45,8 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             raise InputError(f"image {label} is for {image.arch}; not for node(s) {', '.join(wrong)}")
     names = [n.name for n in nodes]
     tokens = {n: secrets.token_urlsafe(24) for n in names} if image else None
+    if keep_tokens and image is None:
+        tokens = {n.name: n.boot_token for n in nodes if n.boot_token}
     renderer = Renderer(cfg)
     with atomic.locked(cfg.lock_path):
         inv.set_boot(names, "os" if image else "local", label, tokens)
@@ -57,8 +61,10 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
     return updated
 
 
-def render_all(cfg: Config, reload: bool = True, check_only: bool = False) -> RenderReport:
-    """Render and install everything: DHCP config (checked by the daemon), boot files, loaders."""
+def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
+               servers: bool = False) -> RenderReport:
+    """Render and install everything: DHCP config (checked by the daemon), boot files, loaders;
+    with ``servers``, also the dnsmasq/tftpd-hpa/nginx configs of pxe.serve.standard_configs."""
     inv = Inventory(cfg)
     nodes = inv.all()
     images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
@@ -73,4 +79,8 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False) -> Re
         changed = stage.write_files(cfg, files)
         pruned = stage.prune(cfg, files)
         loaders = stage.install_loaders(cfg)
+        if servers:
+            from pxe.serve import standard_configs
+
+            standard_configs.write(cfg)
     return RenderReport(dhcp_changed, len(files), changed, pruned, loaders)

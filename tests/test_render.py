@@ -124,3 +124,16 @@ def test_full_render_writes_defaults_loaders_and_prunes(site, kernel):
     assert "pxelinux.cfg/01-52-54-00-bb-00-02" in report.pruned
     assert not (tftp / "pxelinux.cfg/01-52-54-00-bb-00-01").exists()
     assert not (cfg.paths.http_root / "ipxe/52-54-00-bb-00-01.ipxe").exists()
+
+
+@pytest.mark.integration
+@needs_daemons
+@pytest.mark.parametrize("backend", ["dnsmasq", "isc"])
+def test_ipxe_http_variant_passes_the_daemon_check(tmp_path, backend):
+    site = make_site(tmp_path / "s", backend=backend)
+    site.config_path.write_text(site.config_path.read_text() + "\n[boot]\nipxe_http = true\n")
+    cfg = populate(site)
+    text = Renderer(cfg).dhcp_config(Inventory(cfg).all())
+    assert "http://198.18.0.1:8080/boot.ipxe" in text
+    dhcp.check(cfg, text)
+    assert "boot.ipxe" not in Renderer(populate(make_site(tmp_path / "t", backend))).dhcp_config([])

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-force", "--force", action="store_true",
                         help="with -to: move nodes even if provisioning or running a job")
     parser.add_argument("-json", "--json", action="store_true", help="machine-readable output")
+    parser.add_argument("-server", "--server", metavar="URL",
+                        help="use the dynprov service at https://HOST:PORT instead of the "
+                             "local state (default: $DYNPROV_SERVER)")
     parser.add_argument("--config", metavar="FILE",
                         help="site configuration (default $DYNPROV_CONFIG, else "
                              "/etc/dynprov/dynprov.toml)")
@@ -115,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pxe import remote
+
+    client = remote.resolve(args.server)
+    if client is not None:
+        return _run_remote(client, args)
     cfg = config.load(args.config)
     user = pools.authorize(cfg) if args.list is None else None  # before touching any state
     conn = db.connect(cfg.db_path)
@@ -148,6 +156,42 @@ def _run(args: argparse.Namespace) -> int:
             _say(args, result.public(), _describe(result))
     finally:
         conn.close()
+    return 0
+
+
+def _run_remote(client, args: argparse.Namespace) -> int:
+    """The same actions and output, through the service (pxe/api)."""
+    from urllib.parse import quote
+
+    if args.list == "":
+        listed = client.get("/api/v1/pools")
+        if args.json:
+            print_json(listed)
+        else:
+            print_table(("POOL", "NODES", "SCHEDULER"),
+                        [(p["name"], p["nodes"], "yes" if p["scheduler"] else "") for p in listed])
+    elif args.list is not None:
+        data = client.get(f"/api/v1/pools/{quote(args.list, safe='')}")
+        if args.json:
+            print_json(data)
+        elif data["nodes"]:
+            print(data["nodeset"])
+    elif args.create is not None:
+        client.post("/api/v1/pools", {"name": args.create})
+        _say(args, {"created": args.create}, f"created pool {args.create}")
+    elif args.delete is not None:
+        client.delete(f"/api/v1/pools/{quote(args.delete, safe='')}")
+        _say(args, {"deleted": args.delete}, f"deleted pool {args.delete}")
+    else:
+        body = {"nodes": args.resource, "force": args.force}
+        if args.from_pool is not None:
+            body["from"] = args.from_pool
+        d = client.post(f"/api/v1/pools/{quote(args.to, safe='')}/move", body)
+        result = pools.MoveResult(to=d["to"], moved=tuple(d["moved"]),
+                                  already=tuple(d["already"]),
+                                  sources={p: tuple(n) for p, n in d["from"].items()},
+                                  forced=dict(d["forced"]))
+        _say(args, result.public(), _describe(result))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pxe import remote
 from pxe.cli.common import add_json_flag, load_config, print_json, print_table
 from pxe.images import Catalog
 
@@ -29,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     lst = verbs.add_parser("list", help="list images")
     add_json_flag(lst)
+    remote.add_server_flag(lst)
     lst.set_defaults(func=cmd_list)
 
     show = verbs.add_parser("show", help="show one image")
     show.add_argument("label")
     add_json_flag(show)
+    remote.add_server_flag(show)
     show.set_defaults(func=cmd_show)
 
     rm = verbs.add_parser("remove", help="remove an image and files no other image uses")
@@ -51,7 +54,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    images = Catalog(load_config(args)).all()
+    client = remote.for_args(args)
+    images = remote.images(client) if client else Catalog(load_config(args)).all()
     if args.json:
         print_json([i.public() for i in images])
         return 0
@@ -62,7 +66,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    image = Catalog(load_config(args)).get(args.label)
+    client = remote.for_args(args)
+    image = remote.image(client, args.label) if client else Catalog(load_config(args)).get(args.label)
     if args.json:
         print_json(image.public())
         return 0

@@ -16,12 +16,34 @@ COMMANDS = (
     "images",
     "setboot",
     "render",
+    "power",
+    "initramfs",
+    "lab",
+    "serve",
+    "api",
 )
+# Command words registered by a module of another name. Only the module of the command being
+# run is imported: start-up cost matters when a command runs on thousands of nodes or on a poll.
+MODULE_OF = {"set-boot": "setboot", "bootdev": "power", "console": "power"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The first positional word (the subcommand), skipping global options and their values."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--config":
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser (help, man pages), or with ``argv`` only the subcommand it names."""
     parser = argparse.ArgumentParser(
         prog="pxe-stage",
         description="dynprov admin toolkit: node inventory, OS images, DHCP and boot configs, "
@@ -32,13 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    word = _command_word(argv) if argv is not None else None
+    module = MODULE_OF.get(word, word) if word else None
+    for name in [module] if module in COMMANDS else COMMANDS:
         importlib.import_module(f"pxe.cli.{name}").register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="pxe-stage: %(levelname)s: %(message)s", stream=sys.stderr)

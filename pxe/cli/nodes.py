@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pxe import remote
 from pxe.cli.common import add_json_flag, load_config, print_json, print_table
 from pxe.inventory import FIELDS, Inventory, build, export, load_file
 
@@ -33,11 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst = verbs.add_parser("list", help="list nodes")
     lst.add_argument("nodes", nargs="?", help="node set, e.g. n[001-016]")
     add_json_flag(lst)
+    remote.add_server_flag(lst)
     lst.set_defaults(func=cmd_list)
 
     show = verbs.add_parser("show", help="show nodes in full")
     show.add_argument("nodes", help="node set")
     add_json_flag(show)
+    remote.add_server_flag(show)
     show.set_defaults(func=cmd_show)
 
     rm = verbs.add_parser("remove", help="remove nodes")
@@ -67,9 +70,16 @@ def cmd_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace, spec: str | None) -> list:
+    client = remote.for_args(args)
+    if client is not None:
+        return remote.nodes(client, spec)
     inv = Inventory(load_config(args))
-    nodes = inv.select(args.nodes) if args.nodes else inv.all()
+    return inv.select(spec) if spec else inv.all()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    nodes = _read(args, args.nodes)
     if args.json:
         print_json([n.public() for n in nodes])
         return 0
@@ -81,7 +91,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    nodes = Inventory(load_config(args)).select(args.nodes)
+    nodes = _read(args, args.nodes)
     if args.json:
         print_json([n.public() for n in nodes])
         return 0

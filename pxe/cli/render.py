@@ -16,12 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", action="store_true",
                    help="only render and check the DHCP config; install nothing")
     p.add_argument("--no-reload", action="store_true", help="do not run the reload command")
+    p.add_argument("--servers", action="store_true",
+                   help="also write configs for dnsmasq's TFTP, tftpd-hpa and nginx (large "
+                        "sites running those instead of serve's) into [serve] "
+                        "standard_configs_dir")
     p.set_defaults(func=cmd_render)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    report = render_all(cfg, reload=not args.no_reload, check_only=args.check)
+    report = render_all(cfg, reload=not args.no_reload, check_only=args.check,
+                        servers=args.servers)
     if args.check:
         print(f"{cfg.dhcp.backend}: rendered config passes the daemon's check")
         return 0
@@ -31,4 +36,8 @@ def cmd_render(args: argparse.Namespace) -> int:
           f"{len(report.pruned)} stale removed)")
     for name, status in report.loaders.items():
         print(f"loader {name}: {status}")
+    if args.servers:
+        from pxe.serve import settings
+
+        print(f"standard server configs: {settings.load(cfg).standard_configs_dir}")
     return 0

@@ -1,0 +1,152 @@
+"""`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see pxe/wiki.py).
+
+Moab runs it on every poll, with no argument. It always exits 0 and prints what it has: a failing
+query would make Moab mark the whole provisioning resource manager corrupt and stop calling
+os-switch. It imports nothing but the standard library and pxe.wiki (pxe.config too when it
+rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
+
+1. find ``paths.state_dir`` with a line scan of the site config (no tomllib on the poll);
+2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change key
+   (pxe.wiki.change_key: a few stat() and two small reads, no SQLite), print it as it is;
+3. otherwise read the config with tomllib (``paths.state_dir``, ``groups.scheduler_pool``;
+   pxe.config.load would import netaddr to check the network section), read one snapshot of
+   the state database, rebuild the file atomically (keyed), print it.
+
+The same file serves ``CLUSTERQUERYURL=file://...`` (no process at all); ``cluster-query
+--refresh`` (from a timer) keeps it fresh when nothing else writes it. If the database cannot be
+read, the nodes of the last report are printed with STATE=Unknown and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+PROG = "cluster-query"
+DEFAULT_CONFIG = "/etc/dynprov/dynprov.toml"  # the same default as pxe.config.DEFAULT_PATH
+
+
+def _site(config_path: str) -> tuple[str, str]:
+    """(state_dir, scheduler_pool) from the site config, read without the full config checks."""
+    import tomllib
+
+    from pxe.config import Groups  # the defaults; importing pxe.config costs no netaddr
+
+    with open(config_path, "rb") as fh:
+        data = tomllib.load(fh)
+    state_dir = (data.get("paths") or {}).get("state_dir")
+    if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
+        raise ValueError(f"{config_path}: paths.state_dir must be an absolute path")
+    pool = (data.get("groups") or {}).get("scheduler_pool", Groups.scheduler_pool)
+    if not isinstance(pool, str):
+        raise ValueError(f"{config_path}: groups.scheduler_pool must be a string")
+    return state_dir, pool
+
+
+def _state_dir_fast(config_path: str) -> str | None:
+    """paths.state_dir from a plain ``state_dir = "/abs/path"`` line in [paths], else None.
+
+    Saves importing tomllib on the poll (~10 ms). Safe even if it misreads an odd file: the
+    report it leads to is used only if its key names this very config file (device, inode,
+    mtime) - i.e. it was written for the state_dir tomllib found."""
+    found = []
+    section = ""
+    with open(config_path, encoding="utf-8") as fh:
+        for raw in fh:
+            line = raw.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[paths]" and line.startswith("state_dir"):
+                key, _, value = line.partition("=")
+                value = value.strip()
+                if (key.strip() == "state_dir" and len(value) > 2 and value[0] == '"'
+                        and value.count('"') == 2 and value[-1] == '"' and "\\" not in value):
+                    found.append(value[1:-1])
+    return found[0] if len(found) == 1 and os.path.isabs(found[0]) else None
+
+
+def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
+    """The report (never raises: problems become comment lines or STATE=Unknown lines)."""
+    from pxe import wiki
+
+    if not refresh_only:
+        try:
+            state_dir = _state_dir_fast(config_path)
+        except (OSError, UnicodeDecodeError):
+            state_dir = None
+        if state_dir:
+            db_path = os.path.join(state_dir, "dynprov.db")
+            data = wiki.cached(wiki.report_file(state_dir), wiki.change_key(db_path, config_path))
+            if data is not None:
+                return data
+    try:
+        state_dir, pool = _site(config_path)
+    except Exception as exc:  # noqa: BLE001 - always answer
+        return f"# {PROG}: cannot read the configuration: {_one_line(exc)}\n"
+    db_path = os.path.join(state_dir, "dynprov.db")
+    report = wiki.report_file(state_dir)
+    try:
+        return wiki.refresh(db_path, state_dir, pool, config_path)
+    except Exception as exc:  # noqa: BLE001 - a locked or broken database must not fail the poll
+        why = f"state database unreadable: {_one_line(exc)}"
+        names = []
+        try:
+            with open(report, encoding="utf-8") as fh:
+                names = [ln.split(None, 1)[0] for ln in fh if ln.strip() and ln[0] != "#"]
+        except OSError:
+            pass
+        return f"# {PROG}: {why}\n" + wiki.unknown(names, why)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def build_parser():  # type: ignore[no-untyped-def]  # argparse only when asked (man pages, --help)
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Print one WIKI line per node for Moab's CLUSTERQUERYURL: STATE, OS, OSLIST, "
+                    "ARCH, POWER, MESSAGE, UPDATETIME. Moab runs it with no argument on every "
+                    "poll; it always exits 0.",
+        epilog="A node in a provisioning run is Down (OS=_none) until it reports ready from inside "
+               "the new OS; a failed or timed-out node is Down with the reason as MESSAGE; a node "
+               "outside the scheduler's pool is Drained; in per-job mode a node that ran a job "
+               "reports OS=_used-<os> until re-imaged. The report is cached in "
+               "<state_dir>/wiki/nodes.wiki, which a file:// CLUSTERQUERYURL may point at. "
+               "Config: --config, else $DYNPROV_CONFIG, else /etc/dynprov/dynprov.toml.")
+    p.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    p.add_argument("--refresh", action="store_true",
+                   help="rebuild the report file if it is stale and print nothing (for a timer "
+                        "keeping a file:// URL fresh)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_path = os.environ.get("DYNPROV_CONFIG") or DEFAULT_CONFIG
+    refresh_only = False
+    if args:  # Moab passes none: the poll never pays for argparse
+        try:
+            parsed = build_parser().parse_args(args)
+        except SystemExit as exc:
+            return 0 if exc.code in (0, None) else 2
+        config_path = parsed.config or config_path
+        refresh_only = parsed.refresh
+    out = query(config_path, refresh_only=refresh_only)
+    if not refresh_only:
+        try:
+            sys.stdout.buffer.write(out if isinstance(out, bytes) else out.encode("utf-8"))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

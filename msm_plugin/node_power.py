@@ -1,0 +1,93 @@
+"""`node-power`: Moab's NODEPOWERURL - power nodes on or off.
+
+    node-power NODES ON|OFF
+    node-power NODES RESET|REBOOT|CYCLE     (power cycle)
+    node-power NODES NODES                  (the same list twice, no verb: a power cycle)
+
+Moab does not check the exit code of this call; it looks for the word ERROR on stdout. So each
+node that failed gets ``ERROR: <node>: <reason>`` on stdout, and the exit status is 1 as well.
+The last form is how Moab's reboot request arrives (a known bug sends the node list twice and no
+verb). A node in a provisioning run is refused: the run owns its power.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pxe.errors import DynprovError
+
+PROG = "node-power"
+VERBS = {"on": "on", "off": "off", "reset": "cycle", "reboot": "cycle", "cycle": "cycle"}
+
+
+def build_parser():  # type: ignore[no-untyped-def]
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Power nodes on, off or cycle them (Moab's NODEPOWERURL).",
+        epilog="A failed node prints 'ERROR: NODE: REASON' on stdout (Moab looks there) and the "
+               "exit status is 1; 2 for bad usage. RESET, REBOOT, CYCLE or the node list given "
+               "twice mean a power cycle. Config: --config, else $DYNPROV_CONFIG, else "
+               "/etc/dynprov/dynprov.toml.")
+    p.add_argument("nodes", help="node list: n001,n002 or n[001-016]")
+    p.add_argument("verb", help="ON, OFF, RESET, REBOOT, CYCLE, or the node list again")
+    p.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 2
+        if code:
+            print(f"ERROR: {PROG}: bad usage")
+        return code
+    except DynprovError as exc:
+        print(f"ERROR: {PROG}: {exc}")
+        return 2 if exc.exit_code == 2 else 1
+    except Exception as exc:  # noqa: BLE001 - Moab reads stdout; say it there
+        print(f"ERROR: {PROG}: internal failure: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    from pxe import config, db
+    from pxe import run as prun
+    from pxe.errors import InputError
+    from pxe.nodeset import expand, fold
+
+    names = expand(args.nodes)
+    action = VERBS.get(args.verb.strip().lower())
+    if action is None:
+        try:
+            again = expand(args.verb)
+        except InputError:
+            again = []
+        if again != names:
+            raise InputError(f"unknown power verb {args.verb!r}: expected ON, OFF, RESET, "
+                             "REBOOT, CYCLE or the node list again")
+        action = "cycle"
+    cfg = config.load(args.config)
+    conn = db.connect(cfg.db_path)
+    results = prun.power(cfg, conn, names, action)
+    bad = {n: e for n, e in results.items() if e}
+    for name, error in bad.items():
+        print(f"ERROR: {name}: {error}")
+    ok = [n for n in names if n not in bad]
+    if ok:
+        print(f"{fold(ok)}: power {action} done")
+    from pxe import wiki
+
+    try:
+        wiki.refresh_cfg(cfg)
+    except Exception:  # noqa: BLE001 - cluster-query rebuilds it on its next poll anyway
+        pass
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

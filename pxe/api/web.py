@@ -1,0 +1,112 @@
+"""The status page: nodes with OS, state, pool and last event; images; pools; live progress of
+running provisioning. A static page (templates/web/status.html.j2) and a small script
+(templates/web/status.js) that polls GET /api/v1/status; data are only ever inserted as text.
+
+Embeddable: ``?embed=1`` drops the page header; ``[api] frame_ancestors`` lists the portals
+that may frame it (Content-Security-Policy frame-ancestors). Login: with ``[api]
+public_status`` the JSON is readable without credentials; otherwise the page asks for a user
+name and password once and keeps a short-lived bearer token for the tab (sessionStorage).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+
+from pxe import pools, wiki
+
+WEB_DIR = "web"
+POLL_SECONDS = 5
+
+
+def status(conn: sqlite3.Connection, scheduler_pool: str) -> dict[str, Any]:
+    """One consistent snapshot (a read transaction) of what the page shows."""
+    now = time.time()
+    conn.execute("BEGIN")
+    try:
+        last = {r[0]: {"ts": r[1], "kind": r[2], "detail": r[3]} for r in conn.execute(
+            "SELECT node, MAX(ts), kind, detail FROM events WHERE node IS NOT NULL GROUP BY node")}
+        nodes = [{"name": r[0], "pool": r[1], "os": r[2], "desired_os": r[3], "state": r[4],
+                  "reason": r[5], "arch": r[6], "updated": r[7], "last_event": last.get(r[0])}
+                 for r in conn.execute("SELECT name, pool, current_os, desired_os, state, "
+                                       "state_reason, arch, updated FROM nodes ORDER BY name")]
+        images = [{"label": r[0], "os_name": r[1], "arch": r[2], "mode": r[3]}
+                  for r in conn.execute("SELECT label, os_name, arch, mode FROM images "
+                                        "ORDER BY label")]
+        counts = dict(conn.execute("SELECT pool, COUNT(*) FROM nodes GROUP BY pool").fetchall())
+        pool_rows = [{"name": r[0], "nodes": counts.get(r[0], 0),
+                      "scheduler": pools.is_usable_for_scheduler(scheduler_pool, r[0])}
+                     for r in conn.execute("SELECT name FROM pools ORDER BY name")]
+        runs = active_runs(conn, now)
+    finally:
+        conn.execute("COMMIT")
+    return {"generated": now, "nodes": nodes, "images": images, "pools": pool_rows,
+            "runs": runs}
+
+
+def active_runs(conn: sqlite3.Connection, now: float | None = None,
+                run_id: int | None = None) -> list[dict[str, Any]]:
+    """Unfinished runs (or run ``run_id``) with each node's step and deadline."""
+    now = time.time() if now is None else now
+    if run_id is None:
+        rows = conn.execute("SELECT id, label, mode, created, finished, state FROM runs "
+                            "WHERE finished IS NULL ORDER BY id").fetchall()
+    else:
+        rows = conn.execute("SELECT id, label, mode, created, finished, state FROM runs "
+                            "WHERE id = ?", (run_id,)).fetchall()
+    out = []
+    for r in rows:
+        members = []
+        steps: dict[str, int] = {}
+        for n in conn.execute("SELECT node, state, reason, deadline, updated FROM run_nodes "
+                              "WHERE run_id = ? ORDER BY node", (r[0],)):
+            state = n[1]
+            if state in wiki.RUN_ACTIVE and n[3] is not None and now > n[3]:
+                state = "timed out"  # past its deadline, before a writer records it
+            steps[state] = steps.get(state, 0) + 1
+            members.append({"node": n[0], "state": state, "reason": n[2], "deadline": n[3],
+                            "updated": n[4]})
+        done = sum(v for k, v in steps.items() if k in wiki.RUN_FINAL)
+        out.append({"id": r[0], "label": r[1], "mode": r[2], "created": r[3], "finished": r[4],
+                    "state": r[5], "steps": steps, "done": done, "total": len(members),
+                    "nodes": members})
+    return out
+
+
+def _template_dir(request: Request) -> Path:
+    return Path(request.app.state.cfg.paths.templates) / WEB_DIR
+
+
+def page(request: Request) -> Response:
+    import jinja2
+
+    env = request.app.state.jinja
+    if env is None:
+        env = request.app.state.jinja = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(_template_dir(request))),
+            autoescape=True, undefined=jinja2.StrictUndefined)
+    embed = request.query_params.get("embed", "") in ("1", "true", "yes")
+    html = env.get_template("status.html.j2").render(
+        embed=embed, poll_seconds=POLL_SECONDS, public=request.app.state.settings.public_status,
+        site=request.app.state.cfg.network.server)
+    return HTMLResponse(html, headers=page_headers(request))
+
+
+def script(request: Request) -> Response:
+    text = (_template_dir(request) / "status.js").read_text()
+    return Response(text, media_type="text/javascript; charset=utf-8",
+                    headers={"cache-control": "no-cache"})
+
+
+def page_headers(request: Request) -> dict[str, str]:
+    ancestors = " ".join(request.app.state.settings.frame_ancestors)
+    return {"content-security-policy":
+            f"default-src 'none'; script-src 'self'; connect-src 'self'; "
+            f"style-src 'self' 'unsafe-inline'; img-src 'self' data:; base-uri 'none'; "
+            f"form-action 'none'; frame-ancestors {ancestors}",
+            "cache-control": "no-cache"}

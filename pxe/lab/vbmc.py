@@ -1,0 +1,521 @@
+"""A virtual IPMI BMC: real IPMI 2.0 / RMCP+ over UDP, driving a ``Machine``.
+
+Built on pyghmi's server-side ``Bmc`` with two faults of pyghmi 1.6.19 fixed (see
+``../shared/facts.md``):
+
+1. Cipher suites. pyghmi's *client* first proposes suite 17 (SHA-256); the stock server says yes
+   but signs with SHA-1, and the client dies in RAKP2 (``struct.error``). ``_Session`` answers any
+   proposal it does not implement (by default: anything but suite 3, HMAC-SHA1 / HMAC-SHA1-96 /
+   AES-CBC-128) with RMCP+ status 0x11 ("no cipher suite match"); pyghmi's client then retries
+   with SHA-1 by itself, and ipmitool asks for a suite Get Channel Cipher Suites lists.
+2. A packet for a session that was just replaced reached ``ServerSession.sessionless_data``
+   (which does not exist), raised AttributeError and ended the server loop. ``_Session`` hands
+   such packets to its Bmc.
+
+Also, beyond stock pyghmi: RAKP is done here for suite 3 and, when asked for
+(``cipher_suites=(3, 17)``), suite 17 (HMAC-SHA256, HMAC-SHA256-128, AES-CBC-128), so clients can
+be tested on both; an unknown user name gets RAKP2 status 0x0D (unauthorized name) instead
+of silence; the boot-flags parameter (5) is parsed in full (valid, persistent and EFI bits are kept
+and reported back by Get System Boot Options); a closed session is forgotten; ``drop_first`` makes
+the BMC ignore its first N datagrams (a BMC that is slow to wake up); every change is appended to
+a JSON-lines journal so a test can see what the BMC side observed.
+
+Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
+``tools/vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
+starts the launcher as a child process for tests and tools. The password is read from a file and
+is never on a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pxe.lab.machine import Machine, SimulatedMachine
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+LAUNCHER = ROOT / "tools" / "vbmc"
+
+# Cipher suites: (authentication, integrity, confidentiality) algorithm numbers, and the record
+# Get Channel Cipher Suites lists for each (IPMI 2.0 table 22-19).
+SUITE_OF = {(1, 1, 1): 3, (3, 4, 1): 17}
+SUITE_RECORDS = {3: b"\xc0\x03\x01\x41\x81", 17: b"\xc0\x11\x03\x44\x81"}
+# IPMI boot-flags parameter (5), data byte 1 and the device selector in byte 2 (bits 5:2).
+FLAG_VALID, FLAG_PERSISTENT, FLAG_EFI = 0x80, 0x40, 0x20
+DEVICE_CODES = {1: "network", 2: "disk"}  # 0001b force PXE, 0010b force default hard disk
+CC_NOT_IN_STATE = 0xD5  # "command not supported in present state" (cycle/reset while off)
+
+
+class Journal:
+    """Appends one JSON object per line; one write(2) per line, so processes may share a file."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if path else None
+
+    def write(self, **record: Any) -> None:
+        if self._fd is None:
+            return
+        line = json.dumps({"t": round(time.time(), 6), **record}, sort_keys=True) + "\n"
+        os.write(self._fd, line.encode())
+
+
+def _checksum(data: bytes) -> int:
+    return (-sum(data)) & 0xFF
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _build_classes() -> tuple[type, type]:
+    """Import pyghmi lazily (and only here): the classes need its server modules."""
+    import pyghmi.ipmi.bmc as pbmc
+    import pyghmi.ipmi.private.serversession as serversession
+    import pyghmi.ipmi.private.session as ipmisession
+
+    class _Session(serversession.ServerSession):
+        """pyghmi's server session with its RAKP done here, for suite 3 and (optionally) 17."""
+
+        bmc: Any  # the VirtualBmc below
+        kg: bytes | None
+
+        def create_open_session_response(self, request: bytearray) -> bytearray:
+            # Fix 1: answer only what we implement; anything else gets 0x11 ("no cipher suite
+            # match") instead of a yes followed by SHA-1 signatures, and the client falls back.
+            proposal = (request[12] & 0x3F, request[20] & 0x3F, request[28] & 0x3F)
+            suite = SUITE_OF.get(proposal)
+            self.clientsessionid = request[4:8]
+            self.managedsessionid = os.urandom(4)
+            if suite not in self.bmc.cipher_suites:
+                return bytearray([request[0], 0x11, 0, 0]) + request[4:8]
+            self.currhashlib = hashlib.sha1 if suite == 3 else hashlib.sha256
+            self.currhashlen = 12 if suite == 3 else 16  # HMAC-SHA1-96 / HMAC-SHA256-128
+            self.privlevel = 4
+            auth, integrity, conf = proposal
+            return (bytearray([request[0], 0, self.privlevel, 0]) + self.clientsessionid
+                    + self.managedsessionid
+                    + bytearray([0, 0, 0, 8, auth, 0, 0, 0, 1, 0, 0, 8, integrity, 0, 0, 0,
+                                 2, 0, 0, 8, conf, 0, 0, 0]))
+
+        def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
+            # Fix 2: a packet routed to a replaced session belongs to the BMC's session-less path.
+            self.bmc.sessionless_data(data, sockaddr)
+
+        def _handle_ipmi_packet(self, data: bytearray, sockaddr: Any = None,
+                                qent: Any = None) -> Any:
+            if self.bmc.should_drop():
+                return None
+            return super()._handle_ipmi_packet(data, sockaddr=sockaddr, qent=qent)
+
+        def _mac(self, key: bytes, data: bytes) -> bytes:
+            return hmac.new(key, data, self.currhashlib).digest()
+
+        def _got_rakp1(self, data: bytearray) -> None:
+            # As pyghmi's, with the suite's hash; an unknown user gets RAKP2 status 0x0D
+            # (unauthorized name), as real BMCs answer, instead of silence.
+            self.Rm = bytes(data[8:24])
+            self.rolem = data[24]
+            self.maxpriv = self.rolem & 0b111
+            self.username = bytes(data[28:28 + data[27]])
+            password = self.authdata.get(self.username.decode("utf-8", "replace"))
+            if not data[27] or password is None:
+                self.bmc.journal.write(bmc=self.bmc.name, event="login-refused")
+                reply = bytearray([data[0], 0x0D, 0, 0]) + self.clientsessionid
+                self.send_payload(reply, 0x13, retry=False)
+                return
+            self.uuiddata = self.uuid.bytes
+            self.Rc = os.urandom(16)
+            self.kuid = password.encode("utf-8")
+            if self.kg is None:
+                self.kg = self.kuid
+            code = self._mac(self.kuid, bytes(self.clientsessionid + self.managedsessionid)
+                             + self.Rm + self.Rc + self.uuiddata
+                             + bytes([self.rolem, len(self.username)]) + self.username)
+            reply = (bytearray([data[0], 0, 0, 0]) + self.clientsessionid + self.Rc
+                     + self.uuiddata + code)
+            self.send_payload(reply, 0x13, retry=False)
+
+        def _got_rakp3(self, data: bytearray) -> None:
+            if self.kg is None or getattr(self, "kuid", None) is None:
+                return  # no good RAKP1 yet: nothing to check against
+            who = bytes([self.rolem, len(self.username)]) + self.username
+            self.sik = self._mac(self.kg, self.Rm + self.Rc + who)
+            self.k1 = self._mac(self.sik, b"\x01" * 20)  # 20-byte constants for every suite
+            self.k2 = self._mac(self.sik, b"\x02" * 20)
+            self.aeskey = self.k2[:16]
+            expect = self._mac(self.kuid, self.Rc + bytes(self.clientsessionid) + who)
+            if data[1] != 0 or not hmac.compare_digest(expect, bytes(data[8:])):
+                return  # as pyghmi: a bad RAKP3 is dropped and the client times out
+            self.localsid = struct.unpack("<I", bytes(self.managedsessionid))[0]
+            self.ipmicallback = self.handle_client_request
+            self._send_rakp4(data[0], 0)
+
+        def _send_rakp4(self, tagvalue: int, statuscode: int) -> None:
+            icv = self._mac(self.sik, self.Rm + bytes(self.managedsessionid) + self.uuiddata)
+            payload = (bytearray([tagvalue, statuscode, 0, 0]) + self.clientsessionid
+                       + icv[:self.currhashlen])
+            self.send_payload(payload, 0x15, retry=False)
+            self.confalgo = "aes"
+            self.integrityalgo = "sha1" if self.currhashlib is hashlib.sha1 else "sha256"
+            self.sequencenumber = 1
+            self.sessionid = struct.unpack("<I", bytes(self.clientsessionid))[0]
+
+        def close_server_session(self) -> None:
+            handlers = ipmisession.Session.bmc_handlers.get(self.sockaddr)
+            if handlers is not None:
+                handlers.pop(self.bmc.port, None)
+                if not handlers:
+                    ipmisession.Session.bmc_handlers.pop(self.sockaddr, None)
+
+    class VirtualBmc(VirtualBmcBase, pbmc.Bmc):
+        def __init__(self, name: str, machine: Machine, user: str, password: str, port: int,
+                     address: str = "127.0.0.1", drop_first: int = 0,
+                     journal: Journal | None = None, cipher_suites: Sequence[int] = (3,)):
+            VirtualBmcBase.__init__(self, name, machine, drop_first, journal or Journal(None))
+            pbmc.Bmc.__init__(self, {user: password}, port=port, address=address)
+            self.cipher_suites = tuple(cipher_suites)
+
+        def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
+            if request["netfn"] == 6 and request["command"] == 0x54:  # inside a session too
+                records = b"".join(SUITE_RECORDS[n] for n in self.cipher_suites)
+                session.send_ipmi_response(data=list(b"\x01" + records))
+                return
+            super().handle_raw_request(request, session)
+
+        def send_cipher_suites(self, myaddr: int, mylun: int, clientaddr: int, clientlun: int,
+                               clientseq: int, data: Any, sockaddr: Any) -> None:
+            """Get Channel Cipher Suites: the records of the suites this BMC speaks."""
+            records = b"".join(SUITE_RECORDS[n] for n in self.cipher_suites)
+            head = bytes([clientaddr, clientlun | (7 << 2)])
+            body = bytes([myaddr, mylun | clientseq << 2, 0x54, 0x00, 0x01]) + records
+            msg = head + bytes([_checksum(head)]) + body + bytes([_checksum(body)])
+            packet = (b"\x06\x00\xff\x07\x06\x00" + b"\x00" * 8 + struct.pack("<H", len(msg))
+                      + msg)
+            ipmisession._io_sendto(self.serversocket, packet, sockaddr)
+
+        def activate_payload(self, request: dict[str, Any], session: Any) -> None:
+            super().activate_payload(request, session)
+            if self.sol is not None:
+                self._event("console-attached")
+                self.sol.send_data(f"[{self.name} serial console]\r\n")
+
+        def iohandler(self, data: Any) -> None:
+            """Serial over LAN: what the admin types. A running simulated node echoes it."""
+            text = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) \
+                else str(data)
+            self.journal.write(bmc=self.name, event="console-input", data=text)
+            if self.sol is not None:
+                self.sol.send_data(text)
+
+        def is_active(self) -> bool:
+            return self.machine.power_state() == "on"
+
+        def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
+            if self.should_drop():
+                return
+            if len(data) >= 22 and data[0] == 6 and data[4] == 6 and data[5] == 16:
+                # A new RMCP+ session: same as pyghmi, with the fixed session class.
+                _Session(self.authdata, self.kg, sockaddr, self.serversocket,
+                         bytearray(data)[16:], self.uuid, bmc=self)
+                return
+            super().sessionless_data(data, sockaddr)
+
+    return VirtualBmc, _Session
+
+
+class VirtualBmcBase:
+    """The Machine-facing half of the virtual BMC (pyghmi-free, so it is easy to read)."""
+
+    port: int
+
+    def __init__(self, name: str, machine: Machine, drop_first: int, journal: Journal):
+        self.name = name
+        self.machine = machine
+        self.journal = journal
+        self.to_drop = drop_first
+        self.boot_flags = 0  # byte 1 of the last boot-flags parameter set (valid/persistent/EFI)
+
+    def should_drop(self) -> bool:
+        if self.to_drop > 0:
+            self.to_drop -= 1
+            self.journal.write(bmc=self.name, event="dropped")
+            return True
+        return False
+
+    def _event(self, event: str, **details: Any) -> None:
+        self.journal.write(bmc=self.name, event=event, power=self.machine.power_state(),
+                           **details)
+
+    # -- the pyghmi Bmc hooks ---------------------------------------------------------------
+    def get_power_state(self) -> str:
+        return self.machine.power_state()
+
+    def power_on(self) -> int:
+        self.machine.power_on()
+        self._event("power-on")
+        return 0
+
+    def power_off(self) -> int:
+        self.machine.power_off()
+        self._event("power-off")
+        return 0
+
+    def power_cycle(self) -> int:
+        if self.machine.power_state() == "off":
+            return CC_NOT_IN_STATE
+        self.machine.power_off()
+        self.machine.power_on()
+        self._event("power-cycle")
+        return 0
+
+    def power_reset(self) -> int:
+        if self.machine.power_state() == "off":
+            return CC_NOT_IN_STATE
+        self.machine.reset()
+        self._event("reset")
+        return 0
+
+    def power_shutdown(self) -> int:
+        getattr(self.machine, "shutdown", self.machine.power_off)()
+        self._event("soft-off")
+        return 0
+
+    def get_system_boot_options(self, request: dict[str, Any], session: Any) -> None:
+        if request["data"][0] & 0x7F != 5:
+            session.send_ipmi_response(code=0x80)  # parameter not supported
+            return
+        device, pending_once = self.machine.boot_device()[0], not self.machine.boot_device()[1]
+        flags = self.boot_flags
+        if not flags & FLAG_PERSISTENT and not pending_once:
+            flags = 0  # the one-time override was used by a boot: the valid bit clears
+        code = {v: k for k, v in DEVICE_CODES.items()}[device] if flags & FLAG_VALID else 0
+        session.send_ipmi_response(data=[1, 5, flags, code << 2, 0, 0, 0])
+
+    def set_system_boot_options(self, request: dict[str, Any], session: Any) -> None:
+        data = list(request["data"])
+        param = data[0] & 0x7F
+        if param in (0, 3, 4):  # set-in-progress, valid-bit clearing, boot-info ack
+            self._event("boot-param", param=param, data=data[1:])
+            session.send_ipmi_response()
+            return
+        if param != 5 or len(data) < 3:
+            session.send_ipmi_response(code=0x80)
+            return
+        flags, selector = data[1], (data[2] >> 2) & 0x0F
+        device = DEVICE_CODES.get(selector)
+        if flags & FLAG_VALID and selector and device is None:
+            session.send_ipmi_response(code=0xCC)  # a device this machine does not have
+            return
+        self.boot_flags = flags
+        if flags & FLAG_VALID and device:
+            self.machine.set_boot_device(device, persistent=bool(flags & FLAG_PERSISTENT))  # type: ignore[arg-type]
+        self._event("set-boot", device=device, valid=bool(flags & FLAG_VALID),
+                    persistent=bool(flags & FLAG_PERSISTENT), efi=bool(flags & FLAG_EFI),
+                    raw=data[1:6])
+        session.send_ipmi_response()
+
+
+@dataclass(frozen=True)
+class BmcSpec:
+    name: str
+    port: int
+
+
+def specs_for(nodeset: str, base_port: int) -> list[BmcSpec]:
+    from pxe.nodeset import expand
+
+    return [BmcSpec(name, base_port + i) for i, name in enumerate(expand(nodeset))]
+
+
+def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = "127.0.0.1",
+          drop_first: int = 0, power_on: bool = False, journal: Journal | None = None,
+          lifetime: float = 3600.0, ready: Callable[[], None] | None = None,
+          stop: threading.Event | None = None, parent: int | None = None,
+          cipher_suites: Sequence[int] = (3,)) -> None:
+    """Run one pyghmi event loop serving a BMC per spec, for at most ``lifetime`` seconds."""
+    import pyghmi.ipmi.private.session as ipmisession
+
+    bmc_class, _ = _build_classes()
+    journal = journal or Journal(None)
+    bmcs = []
+    for spec in specs:
+        machine = SimulatedMachine(spec.name, state="on" if power_on else "off")
+        bmcs.append(bmc_class(spec.name, machine, user, password, spec.port, address=address,
+                              drop_first=drop_first, journal=journal,
+                              cipher_suites=cipher_suites))
+    if ready:
+        ready()
+    deadline = time.monotonic() + lifetime
+    while time.monotonic() < deadline and not (stop and stop.is_set()):
+        try:
+            ipmisession.Session.wait_for_rsp(0.5)
+        except Exception:  # one odd packet must not take every BMC of the process down
+            traceback.print_exc(limit=3)
+        if parent is not None and os.getppid() != parent:
+            break  # the launcher is gone: do not outlive it
+
+
+# -- the launcher (tools/vbmc) ----------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="vbmc", description="Virtual IPMI BMCs on UDP ports (one per node) for tests and the "
+                                 "demo. Prints 'ready N' on stdout once every port is bound.")
+    p.add_argument("--nodes", required=True, help="node set, e.g. n[001-200]")
+    p.add_argument("--base-port", type=int, required=True, help="port of the first node's BMC")
+    p.add_argument("--address", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--user", default="admin")
+    p.add_argument("--password-file", required=True, type=Path,
+                   help="file holding the BMC password (first line)")
+    p.add_argument("--processes", type=int, default=1, help="spread the BMCs over N processes")
+    p.add_argument("--drop-first", type=int, default=0, metavar="N",
+                   help="each BMC ignores its first N datagrams")
+    p.add_argument("--power-on", action="store_true", help="machines start powered on")
+    p.add_argument("--journal", type=Path, help="append BMC-side events (JSON lines) here")
+    p.add_argument("--lifetime", type=float, default=3600.0, help="exit after S seconds")
+    p.add_argument("--cipher-suites", default="3", metavar="LIST",
+                   help="suites to accept: 3 (HMAC-SHA1, AES; default) and/or 17 (HMAC-SHA256)")
+    args = p.parse_args(argv)
+    try:
+        suites = tuple(int(x) for x in args.cipher_suites.split(","))
+    except ValueError:
+        suites = ()
+    if not suites or set(suites) - set(SUITE_RECORDS):
+        p.error("--cipher-suites: a comma-separated list of 3 and 17")
+    password = args.password_file.read_text().splitlines()[0] if args.password_file.exists() \
+        else ""
+    if not password:
+        p.error(f"{args.password_file}: no password in the file")
+    specs = specs_for(args.nodes, args.base_port)
+    nproc = max(1, min(args.processes, len(specs)))
+    kwargs = dict(address=args.address, drop_first=args.drop_first, power_on=args.power_on,
+                  journal=Journal(args.journal), lifetime=args.lifetime, cipher_suites=suites)
+    if nproc == 1:
+        serve(specs, args.user, password, ready=lambda: print(f"ready {len(specs)}", flush=True),
+              **kwargs)  # type: ignore[arg-type]
+        return 0
+    # Fork before pyghmi starts its I/O thread; each child serves a slice of the ports.
+    launcher = os.getpid()
+    children: list[int] = []
+    readers: list[int] = []
+    for i in range(nproc):
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(rfd)
+            code = 1
+            try:
+                def ready(w: int = wfd) -> None:
+                    os.write(w, b"1")
+                    os.close(w)
+
+                serve(specs[i::nproc], args.user, password, parent=launcher, ready=ready,
+                      **kwargs)  # type: ignore[arg-type]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        children.append(pid)
+        readers.append(rfd)
+
+    def stop_children(*_: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def on_term(*_: Any) -> None:
+        stop_children()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    for rfd in readers:
+        if os.read(rfd, 1) != b"1":
+            stop_children()
+            print("vbmc: a BMC process failed to start", file=sys.stderr)
+            return 1
+        os.close(rfd)
+    print(f"ready {len(specs)}", flush=True)
+    status = 0
+    for pid in children:
+        _, code = os.waitpid(pid, 0)
+        status = status or (1 if code else 0)
+    return status
+
+
+class VbmcProcess:
+    """``tools/vbmc`` as a child process: started here, waited for, killed by its own PID."""
+
+    def __init__(self, nodes: str, base_port: int, password_file: Path, *, user: str = "admin",
+                 processes: int = 1, drop_first: int = 0, power_on: bool = False,
+                 journal: Path | None = None, lifetime: float = 600.0,
+                 start_timeout: float = 60.0, cipher_suites: Sequence[int] = (3,)):
+        self.argv = [sys.executable, str(LAUNCHER), "--nodes", nodes, "--base-port",
+                     str(base_port), "--user", user, "--password-file", str(password_file),
+                     "--processes", str(processes), "--drop-first", str(drop_first),
+                     "--lifetime", str(lifetime),
+                     "--cipher-suites", ",".join(str(n) for n in cipher_suites)]
+        if power_on:
+            self.argv.append("--power-on")
+        if journal:
+            self.argv += ["--journal", str(journal)]
+        self.base_port = base_port
+        self.journal = journal
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> VbmcProcess:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        import selectors
+
+        assert self.proc.stdout is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        ok = bool(sel.select(self.start_timeout))
+        sel.close()
+        line = self.proc.stdout.readline() if ok else ""
+        if not line.startswith("ready"):
+            self.close()
+            raise RuntimeError(f"vbmc did not start: {line!r}")
+        return self
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_journal(self.journal) if self.journal else []
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc:
+            for stream in (self.proc.stdout, self.proc.stderr):
+                if stream:
+                    stream.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

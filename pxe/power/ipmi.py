@@ -1,0 +1,227 @@
+"""IPMI over LAN (lanplus): power, next boot device, and the serial console.
+
+Power and boot device go through ``rmcp.py`` (our own RMCP+ client: every node of a fan-out in
+one event loop, see why there). The serial console (``pxe-stage console``) goes through pyghmi's
+SOL client: one session, interactive, where pyghmi is at its best. pyghmi is imported only there.
+
+Hardware knowledge that bit other tools, kept here:
+- Boot flags (Set System Boot Options, parameter 5), data byte 1: bit 7 "valid", bit 6
+  "persistent" (0 = next boot only), bit 5 "EFI boot". Forgetting bit 5 makes a UEFI node boot its
+  legacy (CSM) path or ignore the override: "works in legacy, fails in UEFI".
+- Many BMCs clear the boot flags 60 s after they are set unless a chassis control follows;
+  parameter 3 = 0x08 turns that timer off (Ironic sends the same bytes) - a node may be powered on
+  minutes later by someone else. Some BMCs reject parameter 3: that is not an error.
+- Chassis control "cycle" (and "reset") on a node that is off is refused (0xD5) by most BMCs, so
+  cycle and netboot read the power state first and power on instead.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from pxe import validate
+from pxe.errors import InputError
+from pxe.inventory import Node
+from pxe.power import rmcp
+from pxe.power.base import Job, PowerError, PowerResult, boot_action
+from pxe.power.rmcp import Action, Request, Response, check
+from pxe.power.settings import Settings
+
+DEFAULT_PORT = 623
+BOOT_SELECTOR = {"network": 0x1, "disk": 0x2}  # "force PXE", "force default hard disk"
+CONTROL = {"off": 0x0, "on": 0x1, "cycle": 0x2, "reset": 0x3, "soft-off": 0x5}
+
+
+# -- actions: generators that yield IPMI requests and get the responses back ----------------------
+def status() -> Action:
+    resp = check((yield Request(0x00, 0x01)), "get chassis status")
+    if not resp.data:
+        raise rmcp.IpmiFailure("error", "get chassis status: empty answer")
+    return "on" if resp.data[0] & 0x01 else "off"
+
+
+def control(state: str) -> Action:
+    if state in ("cycle", "reset"):
+        current = yield from status()
+        if current == "off":
+            if state == "reset":
+                raise rmcp.IpmiFailure("error", "reset: the node is off (reset needs a running "
+                                                "node; use 'on')")
+            check((yield Request(0x00, 0x02, bytes([CONTROL["on"]]))), "chassis power on")
+            return "on (was off)"
+    resp = yield Request(0x00, 0x02, bytes([CONTROL[state]]))
+    check(resp, f"chassis control {state}")
+    return {"cycle": "cycled", "soft-off": "soft-off sent"}.get(state, state)
+
+
+def set_boot(device: str, persistent: bool, uefi: bool) -> Action:
+    resp: Response = yield Request(0x00, 0x08, b"\x03\x08")  # no 60 s expiry (see above)
+    if resp.code not in (0x00, 0x80, 0xC1, 0xCC):
+        check(resp, "set boot flag valid-bit clearing")
+    flags = 0x80 | (0x40 if persistent else 0) | (0x20 if uefi else 0)
+    data = bytes([0x05, flags, BOOT_SELECTOR[device] << 2, 0, 0, 0])
+    check((yield Request(0x00, 0x08, data)), f"set boot device {device}")
+    mode = " (UEFI)" if uefi else ""
+    return f"{device}{mode}, {'persistent' if persistent else 'next boot only'}"
+
+
+def netboot(uefi: bool) -> Action:
+    yield from set_boot("network", False, uefi)
+    done = yield from control("cycle")
+    return f"next boot network; {done}"
+
+
+def action_for(action: str, node: Node) -> tuple[Callable[[], Action], int]:
+    """The generator factory and the privilege level an action needs."""
+    uefi = node.firmware == "uefi"
+    if action == "status":
+        return status, rmcp.PRIV_USER
+    if action in CONTROL:
+        return (lambda: control(action)), rmcp.PRIV_OPERATOR
+    if action == "netboot":
+        return (lambda: netboot(uefi)), rmcp.PRIV_OPERATOR
+    boot = boot_action(action)
+    if boot:
+        device, persistent = boot
+        return (lambda: set_boot(device, persistent, uefi)), rmcp.PRIV_OPERATOR
+    raise InputError(f"IPMI: unknown action {action!r}")
+
+
+class IpmiDriver:
+    name = "ipmi"
+
+    def validate(self, node: Node, settings: Settings) -> list[str]:
+        problems = []
+        if not node.bmc_address:
+            problems.append("no bmc_address")
+        else:
+            try:
+                validate.ipv4(node.bmc_address, "BMC address")
+            except InputError as exc:
+                problems.append(str(exc))
+        if len((node.bmc_user or "").encode()) > 16:
+            problems.append("bmc_user longer than 16 bytes (IPMI limit)")
+        return problems
+
+    def run_many(self, jobs: Sequence[Job], action: str, settings: Settings,
+                 done: Callable[[PowerResult], None]) -> None:
+        targets = []
+        for job in jobs:
+            if len((job.secret or "").encode()) > 20:
+                done(PowerResult(job.node.name, False, kind="auth",
+                                 error="the BMC password is longer than 20 bytes (IPMI 2.0 limit)"))
+                continue
+            factory, privilege = action_for(action, job.node)
+            targets.append(rmcp.Target(
+                key=job.node.name, host=job.node.bmc_address or "",
+                port=job.node.bmc_port or DEFAULT_PORT, user=job.node.bmc_user or "",
+                password=job.secret or "", action=factory, privilege=privilege))
+
+        def finished(o: rmcp.Outcome) -> None:
+            done(PowerResult(o.key, o.ok, value=o.value, error=o.error, kind=o.kind))
+
+        rmcp.Engine(timeout=settings.timeout, retries=settings.retries,
+                    window=settings.ipmi_sessions, suite=settings.ipmi_cipher_suite,
+                    done=finished).run(targets)
+
+    # -- per-node forms of the same (PowerInterface / BootInterface) ----------------------------
+    def _one(self, job: Job, action: str, settings: Settings) -> str:
+        out: list[PowerResult] = []
+        self.run_many([job], action, settings, out.append)
+        result = out[0]
+        if not result.ok:
+            raise PowerError(result.kind or "error", result.error or "failed")
+        return result.value or ""
+
+    def get_power_state(self, job: Job, settings: Settings) -> str:
+        return self._one(job, "status", settings)
+
+    def set_power_state(self, job: Job, state: str, settings: Settings) -> str:
+        return self._one(job, state, settings)
+
+    def netboot(self, job: Job, settings: Settings) -> str:
+        return self._one(job, "netboot", settings)
+
+    def set_next_boot(self, job: Job, device: str, persistent: bool, settings: Settings) -> str:
+        suffix = "-persistent" if persistent else ""
+        return self._one(job, f"boot-{device}{suffix}", settings)
+
+    # -- ConsoleInterface: serial over LAN through pyghmi -----------------------------------------
+    def attach(self, job: Job, settings: Settings, *, seconds: float | None = None) -> int:
+        """Serial-over-LAN on this terminal until '~.' at the start of a line, or ``seconds``."""
+        from pyghmi.ipmi import console as pconsole
+        from pyghmi.ipmi.private import session as psession
+
+        node = job.node
+        errors: list[str] = []
+        out = sys.stdout.buffer
+
+        def show(data: object) -> None:
+            if isinstance(data, dict):  # pyghmi reports errors as {'error': ...}
+                errors.append(str(data.get("error", data)))
+                return
+            out.write(data.encode() if isinstance(data, str) else bytes(data))  # type: ignore
+            out.flush()
+
+        con = pconsole.Console(bmc=node.bmc_address, userid=node.bmc_user or "",
+                               password=job.secret or "", iohandler=show,
+                               port=node.bmc_port or DEFAULT_PORT, force=True)
+        restore = _raw_terminal()
+        fd = sys.stdin.fileno()
+        print(f"[console {node.name}: '~.' at the start of a line quits]\r", file=sys.stderr)
+        end = time.monotonic() + seconds if seconds else None
+        line_start, tilde, stdin_open = True, False, True
+        try:
+            for _ in range(10 ** 9):  # bounded; ends on '~.', end of input plus seconds, or error
+                psession.Session.wait_for_rsp(0.05)
+                if errors:
+                    raise PowerError("error", f"console {node.name}: {errors[0]}")
+                if end is not None and time.monotonic() >= end:
+                    break
+                if not stdin_open or not select.select([fd], [], [], 0)[0]:
+                    continue
+                data = os.read(fd, 1024)
+                if not data:
+                    stdin_open = False
+                    if end is None:
+                        break
+                    continue
+                send = bytearray()
+                quit_now = False
+                for byte in data:
+                    if tilde:
+                        tilde = False
+                        if byte == ord("."):
+                            quit_now = True
+                            break
+                        send.append(ord("~"))
+                    if line_start and byte == ord("~"):
+                        tilde = True
+                        continue
+                    send.append(byte)
+                    line_start = byte in (10, 13)
+                if send:
+                    con.send_data(bytes(send))
+                if quit_now:
+                    break
+        finally:
+            restore()
+            con.close()
+        return 0
+
+
+def _raw_terminal() -> Callable[[], None]:
+    """Put a terminal stdin in raw mode (keys go to the node); returns the undo."""
+    if not sys.stdin.isatty():
+        return lambda: None
+    import termios
+    import tty
+
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setraw(fd)
+    return lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved)

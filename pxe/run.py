@@ -1,0 +1,654 @@
+"""The provisioning run: plan -> set boot -> power (netboot) -> watch. Knows nothing of Moab.
+
+A run is one request ("these nodes, this OS label"); each node in it moves through
+    requested -> power-cycled -> booting -> ready
+or ends ``failed`` (the node's own reason, or the power step's) or ``timed out`` (no final report
+before its deadline), or ``cancelled``. Every transition is a row update in ``run_nodes`` (with
+its time) and an ``events`` row; ``nodes.state`` mirrors the node's step (the same words, which
+``pxe.pools`` and ``pxe.wiki`` read).
+
+Who drives a run (the caller must not wait for boots, e.g. Moab's blocking OS-switch call):
+    request() validates and records the run in one ``BEGIN IMMEDIATE`` transaction and returns.
+    Then spawn_driver() starts a detached worker (``python -m pxe.run drive``, its own session,
+    stdio to ``<state_dir>/run-driver.log``) unless one is already running. One driver per state
+    directory, marked by an flock on ``<state_dir>/run-driver.lock``: the kernel drops it when the
+    process dies, so a dead driver leaves no stale lock, and the next request starts a new one.
+    The driver picks up every ``requested`` node (requests that arrive while it is busy join the
+    next batch: Moab's one-node-per-call default becomes one fan-out), renders their boot files
+    (set_boot), sends ``netboot`` through the power fan-out, then watches: reports arrive through
+    the server's call-home endpoint (pxe.reports + after_report below), deadlines are checked
+    every second, the WIKI report file is rewritten when the database changed; it exits when no
+    node is in a run. After releasing its lock it looks once more for requested nodes, so a
+    request recorded while it was stopping is never left behind.
+
+Timeouts: each node's deadline is request time + the image's ``prov_seconds`` (capped by the
+caller's ``max_seconds``: the Moab face passes PROVDURATION minus a margin, so that a node shows
+Down with our reason before the scheduler gives up). Whoever looks next records them: the driver,
+the next request() or cancel(), after_report(), wait(); readers (pxe.wiki) already show a node past
+its deadline as timed out without writing. A timed-out or failed node's next boot returns to the
+safe default (local disk), so it cannot loop through an install; a timed-out node keeps its token,
+so a late "ready" is still believed.
+
+Per-job mode (``settings`` key ``run.mode`` = ``perjob``): every node of a request is re-imaged,
+and a node that ran a job (mark_used(), from the workload manager's epilogue) counts as dirty until
+its next re-image ("ready" clears the flag). On-demand mode (default): only nodes not already
+running the label and healthy are re-imaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pxe import db, wiki
+from pxe.config import Config
+from pxe.errors import DynprovError, InputError, NotFound
+from pxe.reports import Outcome
+
+log = logging.getLogger("dynprov.run")
+
+MODES = ("perjob", "ondemand")
+DEFAULT_MODE = "ondemand"
+MODE_SETTING = wiki.MODE_SETTING
+ACTIVE = wiki.RUN_ACTIVE  # requested, power-cycled, booting
+FINAL = wiki.RUN_FINAL  # ready, failed, timed out, cancelled
+UNHEALTHY = ("failed", "timed out", "off", *ACTIVE)
+POLL = 1.0  # seconds between the driver's looks at the database
+MAX_DRIVE = 7 * 86400.0  # a driver never lives longer than this, whatever the deadlines say
+MAX_FAILURES = 300  # steps failing in a row (database gone or locked) before the driver quits
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Refusal:
+    node: str
+    reason: str
+
+
+@dataclass
+class Request:
+    """What request() did with each node."""
+
+    label: str
+    run_id: int | None = None
+    started: list[str] = field(default_factory=list)  # new run nodes
+    joined: dict[str, int] = field(default_factory=dict)  # already in a run for this label
+    current: list[str] = field(default_factory=list)  # already running the label, healthy
+    refused: list[Refusal] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[str]:
+        return [*self.started, *self.joined, *self.current]
+
+
+# -- settings -------------------------------------------------------------------------------------
+def get_mode(conn: sqlite3.Connection) -> str:
+    mode = db.get_setting(conn, MODE_SETTING, DEFAULT_MODE)
+    return mode if mode in MODES else DEFAULT_MODE
+
+
+def set_mode(conn: sqlite3.Connection, mode: str) -> None:
+    if mode not in MODES:
+        raise InputError(f"invalid mode {mode!r}: expected {' or '.join(MODES)}")
+    with db.transaction(conn):
+        db.set_setting(conn, MODE_SETTING, mode)
+        db.log_event(conn, "run-mode", detail=mode)
+
+
+def oslists(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    """The labels a node may be switched to, by architecture (the image catalog)."""
+    out: dict[str, list[str]] = {}
+    for label, arch in conn.execute("SELECT label, arch FROM images ORDER BY label"):
+        out.setdefault(arch, []).append(label)
+    return out
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start:start + _CHUNK]
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ",".join("?" * len(items))
+
+
+_ACTIVE_SQL = ",".join(f"'{s}'" for s in ACTIVE)
+
+
+def _active_rows(conn: sqlite3.Connection, names: Sequence[str] | None = None
+                 ) -> list[sqlite3.Row]:
+    """Run nodes not yet final, in runs not finished: node, run_id, state, deadline, label."""
+    sql = ("SELECT rn.node, rn.run_id, rn.state, rn.deadline, r.label FROM runs r "
+           "JOIN run_nodes rn ON rn.run_id = r.id "
+           f"WHERE r.finished IS NULL AND rn.state IN ({_ACTIVE_SQL})")
+    if names is None:
+        return conn.execute(sql).fetchall()
+    rows: list[sqlite3.Row] = []
+    for chunk in _chunks(names):
+        rows += conn.execute(f"{sql} AND rn.node IN ({_marks(chunk)})", tuple(chunk)).fetchall()
+    return rows
+
+
+def _set_node(conn: sqlite3.Connection, run_id: int, node: str, state: str, reason: str = "",
+              now: float | None = None, *, only_from: Sequence[str] = ACTIVE,
+              node_fields: dict[str, Any] | None = None) -> bool:
+    """One transition of one run node, its event, and the node's mirrored state. Caller holds a
+    transaction. Returns False (and changes nothing) if the node is no longer in ``only_from``."""
+    now = time.time() if now is None else now
+    cur = conn.execute(
+        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ? WHERE run_id = ? AND node = ? "
+        f"AND state IN ({_marks(only_from)})", (state, reason, now, run_id, node, *only_from))
+    if cur.rowcount == 0:
+        return False
+    fields = {"state": state, "state_reason": reason or f"run {run_id}: {state}",
+              **(node_fields or {})}
+    sets = ", ".join(f"{k} = ?" for k in fields)
+    conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
+                 (*fields.values(), now, node))
+    db.log_event(conn, f"run-{state.replace(' ', '-')}", node, reason, run_id)
+    return True
+
+
+def _finish_runs(conn: sqlite3.Connection, now: float | None = None) -> list[int]:
+    """Close every open run whose nodes are all final: done if all ready, else failed."""
+    now = time.time() if now is None else now
+    closed = []
+    for (run_id,) in conn.execute(
+            "SELECT id FROM runs WHERE finished IS NULL AND NOT EXISTS (SELECT 1 FROM run_nodes "
+            f"WHERE run_id = runs.id AND state IN ({_ACTIVE_SQL}))").fetchall():
+        bad = conn.execute("SELECT COUNT(*) FROM run_nodes WHERE run_id = ? AND state != 'ready'",
+                           (run_id,)).fetchone()[0]
+        state = "failed" if bad else "done"
+        conn.execute("UPDATE runs SET state = ?, finished = ? WHERE id = ?", (state, now, run_id))
+        db.log_event(conn, f"run-{state}", None, f"{bad} node(s) not ready" if bad else "",
+                     run_id)
+        closed.append(run_id)
+    return closed
+
+
+def _reset_boot(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *,
+                keep_tokens: bool = False) -> None:
+    """Send nodes back to the safe default (local disk); never raises (the state is recorded)."""
+    if not names:
+        return
+    from pxe.inventory import Inventory
+    from pxe.setboot import set_boot
+
+    try:
+        set_boot(cfg, list(names), None, Inventory(cfg, conn), keep_tokens=keep_tokens)
+    except (DynprovError, OSError, sqlite3.Error) as exc:
+        log.warning("cannot reset the boot of %s: %s", ",".join(names), exc)
+        with db.transaction(conn):
+            for name in names:
+                db.log_event(conn, "set-boot-failed", name, str(exc))
+
+
+# -- timeouts: whoever looks next --------------------------------------------------------------------
+def _expire_rows(conn: sqlite3.Connection, now: float) -> list[str]:
+    """Mark active run nodes past their deadline as timed out (caller holds a transaction)."""
+    expired = []
+    for row in conn.execute(
+            "SELECT rn.node, rn.run_id, rn.state, rn.deadline, r.label FROM runs r "
+            "JOIN run_nodes rn ON rn.run_id = r.id WHERE r.finished IS NULL "
+            f"AND rn.state IN ({_ACTIVE_SQL}) AND rn.deadline IS NOT NULL AND rn.deadline <= ?",
+            (now,)).fetchall():
+        reason = (f"timed out: no report within the provisioning time of {row['label']} "
+                  f"(last step: {row['state']})")
+        if _set_node(conn, row["run_id"], row["node"], "timed out", reason, now):
+            expired.append(row["node"])
+    return expired
+
+
+def expire(cfg: Config, conn: sqlite3.Connection, now: float | None = None) -> list[str]:
+    """Record every timeout that is due, close finished runs; returns the nodes that timed out."""
+    now = time.time() if now is None else now
+    with db.transaction(conn):
+        expired = _expire_rows(conn, now)
+        _finish_runs(conn, now)
+    _reset_boot(cfg, conn, expired, keep_tokens=True)
+    return expired
+
+
+# -- the request ---------------------------------------------------------------------------------------
+def request(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], label: str, *,
+            mode: str | None = None, force: bool = False, max_seconds: float | None = None,
+            pool: str | None = None) -> Request:
+    """Check and record a provisioning request; returns at once (spawn_driver() does the work).
+
+    Per node: unknown node, node outside ``pool`` (if given), label not for the node's
+    architecture, or node in a run for another label -> refused with a reason. Node in a run for
+    the same label -> joined (no second run). On-demand mode: node already running the label and
+    healthy -> current (nothing to do) unless ``force``. The rest start one new run.
+    """
+    if not names:
+        raise InputError("empty node list")
+    now = time.time()
+    result = Request(label=label)
+    expired: list[str] = []
+    with db.transaction(conn):
+        expired = _expire_rows(conn, now)
+        _finish_runs(conn, now)
+        mode = mode or get_mode(conn)
+        image = conn.execute("SELECT label, arch, prov_seconds FROM images WHERE label = ?",
+                             (label,)).fetchone()
+        rows: dict[str, sqlite3.Row] = {}
+        for chunk in _chunks(list(names)):
+            for r in conn.execute(
+                    "SELECT name, arch, pool, state, current_os FROM nodes "
+                    f"WHERE name IN ({_marks(chunk)})", tuple(chunk)):
+                rows[r["name"]] = r
+        active = {r["node"]: r for r in _active_rows(conn, list(rows))}
+        labels = oslists(conn) if image is not None else {}
+        to_start: list[str] = []
+        for name in names:
+            row = rows.get(name)
+            if row is None:
+                result.refused.append(Refusal(name, "unknown node"))
+            elif image is None:
+                result.refused.append(Refusal(name, f"unknown OS label {label!r}"))
+            elif name in active:
+                run = active[name]
+                if run["label"] == label:
+                    result.joined[name] = run["run_id"]
+                else:
+                    result.refused.append(Refusal(
+                        name, f"in provisioning run {run['run_id']} for {run['label']} "
+                              f"(step {run['state']}); refusing {label}"))
+            elif pool is not None and row["pool"] != pool:
+                result.refused.append(Refusal(
+                    name, f"in pool {row['pool']}, not the scheduler's pool {pool}"))
+            elif row["arch"] != image["arch"]:
+                allowed = ",".join(labels.get(row["arch"], [])) or "none"
+                result.refused.append(Refusal(
+                    name, f"OS {label} is not in this node's OSLIST ({allowed}): it is for "
+                          f"{image['arch']}, the node is {row['arch']}"))
+            elif (mode == "ondemand" and not force and row["current_os"] == label
+                  and row["state"] not in UNHEALTHY):
+                result.current.append(name)
+            else:
+                to_start.append(name)
+        if to_start:
+            seconds = float(image["prov_seconds"])
+            if max_seconds is not None:
+                seconds = min(seconds, max_seconds)
+            deadline = now + max(1.0, seconds)
+            cur = conn.execute("INSERT INTO runs(label, mode, created, state) "
+                               "VALUES (?, ?, ?, 'running')", (label, mode, now))
+            run_id = int(cur.lastrowid or 0)
+            conn.executemany(
+                "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
+                "VALUES (?, ?, 'requested', '', ?, ?)",
+                [(run_id, n, deadline, now) for n in to_start])
+            conn.executemany(
+                "UPDATE nodes SET state = 'requested', state_reason = ?, updated = ? "
+                "WHERE name = ?", [(f"run {run_id}: {label} requested", now, n) for n in to_start])
+            conn.executemany(
+                "INSERT INTO events(ts, node, run_id, kind, detail) "
+                "VALUES (?, ?, ?, 'run-requested', ?)",
+                [(now, n, run_id, f"{label} ({mode}, deadline {seconds:.0f} s)")
+                 for n in to_start])
+            result.run_id = run_id
+            result.started = to_start
+    _reset_boot(cfg, conn, expired, keep_tokens=True)
+    return result
+
+
+def cancel(cfg: Config, conn: sqlite3.Connection, names: Sequence[str]) -> list[str]:
+    """End the nodes' active runs (``cancelled``) and send them back to the safe default."""
+    now = time.time()
+    cancelled = []
+    with db.transaction(conn):
+        _expire_rows(conn, now)
+        for row in _active_rows(conn, list(names)):
+            fields: dict[str, Any]
+            if row["state"] == "requested":  # never power-cycled: its OS is intact
+                fields = {"state": "unknown"}
+            else:
+                fields = {"state": "failed", "current_os": None}
+            reason = f"provisioning of {row['label']} cancelled (run {row['run_id']})"
+            if _set_node(conn, row["run_id"], row["node"], "cancelled", reason, now,
+                         node_fields={**fields, "state_reason": reason}):
+                cancelled.append(row["node"])
+        _finish_runs(conn, now)
+    _reset_boot(cfg, conn, cancelled)
+    return cancelled
+
+
+def mark_used(conn: sqlite3.Connection, names: Sequence[str], job: str = "") -> list[str]:
+    """A job ended on these nodes (the workload manager's epilogue): dirty until re-imaged."""
+    if not names:
+        raise InputError("empty node list")
+    with db.transaction(conn):
+        known = set()
+        for chunk in _chunks(list(names)):
+            known |= {r[0] for r in conn.execute(
+                f"SELECT name FROM nodes WHERE name IN ({_marks(chunk)})", tuple(chunk))}
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise NotFound(f"unknown node(s): {', '.join(missing)}")
+        now = time.time()
+        conn.executemany("UPDATE nodes SET used = 1, updated = ? WHERE name = ?",
+                         [(now, n) for n in names])
+        for name in names:
+            db.log_event(conn, "job-ended", name, job)
+    return list(names)
+
+
+# -- power outside a run (the scheduler's power calls) ----------------------------------------------
+POWER_ACTIONS = ("on", "off", "cycle")
+
+
+def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: str
+          ) -> dict[str, str | None]:
+    """Power nodes on, off or cycle them; node -> None (done) or the reason it failed.
+
+    A node in a provisioning run is refused (the run owns its power). Off -> node state ``off``.
+    On/cycle -> the node boots its safe default: the OS it had stays only if that image is
+    stateful (a stateless OS lived in memory).
+    """
+    if action not in POWER_ACTIONS:
+        raise InputError(f"invalid power action {action!r}: expected {', '.join(POWER_ACTIONS)}")
+    expire(cfg, conn)
+    out: dict[str, str | None] = {}
+    rows = {}
+    for chunk in _chunks(list(names)):
+        for r in conn.execute(
+                "SELECT n.name, n.state, n.current_os, i.mode FROM nodes n "
+                f"LEFT JOIN images i ON i.label = n.current_os WHERE n.name IN ({_marks(chunk)})",
+                tuple(chunk)):
+            rows[r["name"]] = r
+    busy = {r["node"]: r for r in _active_rows(conn, list(rows))}
+    todo = []
+    for name in names:
+        if name not in rows:
+            out[name] = "unknown node"
+        elif name in busy:
+            out[name] = f"in provisioning run {busy[name]['run_id']} ({busy[name]['state']})"
+        else:
+            todo.append(name)
+    if todo:
+        results = _power_run(cfg, todo, action)
+        now = time.time()
+        with db.transaction(conn):
+            for name in todo:
+                error = results[name]
+                out[name] = error
+                if error is not None:
+                    db.log_event(conn, f"power-{action}-failed", name, error)
+                    continue
+                row = rows[name]
+                if action == "off":
+                    fields: dict[str, Any] = {"state": "off", "state_reason": "powered off"}
+                else:
+                    os_now = row["current_os"] if row["mode"] == "stateful" else None
+                    fields = {"current_os": os_now}
+                    if row["state"] not in ("failed", "timed out"):  # a failure stays shown
+                        fields.update(state="ready" if os_now else "unknown", state_reason="")
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
+                             (*fields.values(), now, name))
+                db.log_event(conn, f"power-{action}", name)
+    return {n: out[n] for n in names}
+
+
+def _power_run(cfg: Config, names: Sequence[str], action: str) -> dict[str, str | None]:
+    """The power fan-out (pxe.power) as node -> None or "kind: error"; never raises."""
+    try:
+        from pxe import power as power_mod
+        from pxe.nodeset import fold
+
+        results = power_mod.run(cfg, fold(names), action)
+    except Exception as exc:  # noqa: BLE001 - a broken power layer fails the nodes, not the run
+        return {n: f"power {action}: {exc}" for n in names}
+    out: dict[str, str | None] = {}
+    for name in names:
+        res = results.get(name)
+        if res is None:
+            out[name] = f"power {action}: no result"
+        elif res.ok:
+            out[name] = None
+        else:
+            kind = f"{res.kind}: " if getattr(res, "kind", None) else ""
+            out[name] = f"power {action} failed: {kind}{res.error or 'unknown error'}"
+    return out
+
+
+# -- the driver -------------------------------------------------------------------------------------
+def _lock_path(cfg: Config) -> Path:
+    return cfg.paths.state_dir / "run-driver.lock"
+
+
+@contextlib.contextmanager
+def _driver_lock(cfg: Config, mark: bool = False) -> Iterator[bool]:
+    """Try to become the driver: yields True with the flock held, False if another has it.
+    ``mark`` writes our PID into the lock file (for admins: who drives)."""
+    path = _lock_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        if mark:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def driver_running(cfg: Config) -> bool:
+    with _driver_lock(cfg) as mine:
+        return not mine
+
+
+def spawn_driver(cfg: Config) -> int | None:
+    """Start a detached driver unless one runs; returns its PID (None if one was running)."""
+    if driver_running(cfg):
+        return None
+    logfile = cfg.paths.state_dir / "run-driver.log"
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pxe.run", "--config", str(Path(cfg.path).resolve()), "drive"],
+            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+            start_new_session=True, cwd="/",
+            env={**os.environ, "DYNPROV_CONFIG": str(Path(cfg.path).resolve())})
+    finally:
+        os.close(fd)
+    return proc.pid
+
+
+def _requested(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    return [r for r in _active_rows(conn) if r["state"] == "requested"]
+
+
+def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> None:
+    """Set boot and netboot the requested nodes, one batch per label."""
+    from pxe.inventory import Inventory
+    from pxe.setboot import set_boot
+
+    by_label: dict[str, list[tuple[int, str]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append((row["run_id"], row["node"]))
+    for label, members in by_label.items():
+        run_of = dict((n, r) for r, n in members)
+        names = [n for _, n in members]
+        failed: dict[str, str] = {}
+        try:
+            set_boot(cfg, names, label, Inventory(cfg, conn))
+        except (DynprovError, OSError) as exc:  # e.g. a node removed, a full TFTP root
+            failed = {n: f"set-boot: {exc}" for n in names}
+        # A node cancelled meanwhile is not powered.
+        still = {r["node"] for r in _active_rows(conn, names) if r["state"] == "requested"}
+        todo = [n for n in names if n in still and n not in failed]
+        results = _power_run(cfg, todo, "netboot") if todo else {}
+        now = time.time()
+        with db.transaction(conn):
+            for name in todo:
+                if results[name] is None:
+                    if not _set_node(conn, run_of[name], name, "power-cycled", "", now,
+                                     only_from=("requested",),
+                                     node_fields={"current_os": None,
+                                                  "state_reason": f"run {run_of[name]}: {label} "
+                                                                  "power-cycled"}):
+                        # The node called home before the BMC's answer was recorded (or was
+                        # cancelled): keep its newer state, log the step all the same.
+                        db.log_event(conn, "run-power-cycled", name,
+                                     "recorded after the node had moved on", run_of[name])
+                else:
+                    failed[name] = results[name] or "power failed"
+            for name, reason in failed.items():
+                _set_node(conn, run_of[name], name, "failed", reason, now)
+            _finish_runs(conn, now)
+        _reset_boot(cfg, conn, sorted(failed))
+        log.info("run %s: %d node(s) power-cycled, %d failed", label,
+                 len(todo) - len(set(todo) & set(failed)), len(failed))
+
+
+def drive(cfg: Config, *, poll: float = POLL) -> int:
+    """Be the driver until no node is in a run. Returns 0; 1 if another driver holds the lock."""
+    conn = db.connect(cfg.db_path)
+    started = time.monotonic()
+    last_key: tuple[int, int] | None = None
+    last_seen: tuple[tuple[int, str, str], ...] = ()
+    ran = False
+    failures = 0
+    while time.monotonic() - started < MAX_DRIVE:
+        with _driver_lock(cfg, mark=True) as mine:
+            if not mine:
+                return 0 if ran else 1
+            if not ran:
+                log.info("driver started")
+            ran = True
+            while time.monotonic() - started < MAX_DRIVE:
+                try:
+                    expire(cfg, conn)
+                    pending = _requested(conn)
+                    if pending:
+                        _launch(cfg, conn, pending)
+                    active = _active_rows(conn)
+                except (sqlite3.Error, OSError) as exc:  # e.g. the database busy for 30 s
+                    failures += 1
+                    log.error("driver step failed (%d in a row), retrying: %s", failures, exc)
+                    if failures >= MAX_FAILURES:
+                        log.error("driver gives up; the next request starts a new one")
+                        return 1
+                    time.sleep(poll)
+                    continue
+                failures = 0
+                seen = tuple(sorted((r["run_id"], r["node"], r["state"]) for r in active))
+                if seen != last_seen and len(seen) <= 20:
+                    log.info("in runs: %s", ", ".join(f"{n} {s} (run {r})" for r, n, s in seen)
+                             or "none")
+                last_seen = seen
+                # The report is rebuilt after reading ``active``: whatever made the last node
+                # final is committed by then, so the last report written is the final one.
+                # data_version moves when another connection commits, total_changes with ours.
+                key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+                if key != last_key:
+                    try:
+                        wiki.refresh_cfg(cfg)
+                    except (OSError, sqlite3.Error) as exc:
+                        log.warning("cannot rewrite the WIKI report: %s", exc)
+                    last_key = key
+                if not active:
+                    break
+                time.sleep(poll)
+        # Lock released. A request recorded while we were stopping finds no driver to spawn
+        # only if it saw our lock; it committed before that, so it is visible now.
+        if not _requested(conn):
+            break
+    log.info("driver exits: no node in a run")
+    conn.close()
+    return 0
+
+
+def wait(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *, poll: float = 0.5
+         ) -> dict[str, sqlite3.Row]:
+    """Block until none of the nodes is in a run (bounded by their deadlines); last run rows."""
+    while True:
+        expire(cfg, conn)
+        active = _active_rows(conn, names)
+        if not active:
+            break
+        deadline = max((r["deadline"] or 0.0) for r in active)
+        time.sleep(max(0.05, min(poll, deadline - time.time() + 0.05)))
+    return latest(conn, names)
+
+
+def latest(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, sqlite3.Row]:
+    """Each node's row of its most recent run (node, run_id, state, reason, deadline, label)."""
+    out: dict[str, sqlite3.Row] = {}
+    for chunk in _chunks(list(names)):
+        for row in conn.execute(
+                "SELECT rn.node, rn.run_id, rn.state, rn.reason, rn.deadline, rn.updated, r.label "
+                "FROM run_nodes rn JOIN runs r ON r.id = rn.run_id "
+                f"WHERE rn.node IN ({_marks(chunk)}) ORDER BY rn.run_id", tuple(chunk)):
+            out[row["node"]] = row
+    return out
+
+
+def history(conn: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
+    """Every event of a run, in order: the timestamped transitions of each node."""
+    return conn.execute("SELECT ts, node, kind, detail FROM events WHERE run_id = ? ORDER BY id",
+                        (run_id,)).fetchall()
+
+
+# -- follow-ups of node reports (called by the server after pxe.reports.record_report) ----------
+def after_report(cfg: Config, outcome: Outcome) -> None:
+    """Stateful "installed" -> next boot local disk (keep the token for "ready"); "ready" or
+    "failed" -> next boot the safe default, close finished runs; any report -> due timeouts."""
+    conn = db.connect(cfg.db_path)
+    try:
+        if outcome.kind == "installed":
+            _reset_boot(cfg, conn, [outcome.node], keep_tokens=True)
+            error = _power_run(cfg, [outcome.node], "boot-disk")[outcome.node]
+            if error:
+                with db.transaction(conn):
+                    db.log_event(conn, "power-boot-disk-failed", outcome.node, error,
+                                 outcome.run_id)
+        elif outcome.kind in ("ready", "failed"):
+            _reset_boot(cfg, conn, [outcome.node])
+            with db.transaction(conn):
+                _finish_runs(conn)
+        expire(cfg, conn)
+    finally:
+        conn.close()
+
+
+# -- `python -m pxe.run`: the detached driver -------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    from pxe import config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pxe.run",
+        description="The provisioning run's driver (started by os-switch; one per state dir).")
+    parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    parser.add_argument("command", choices=("drive",))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s pxe.run[%(process)d]: %(levelname)s: %(message)s")
+    try:
+        return drive(config.load(args.config))
+    except DynprovError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

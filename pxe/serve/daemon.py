@@ -1,0 +1,253 @@
+"""`pxe-stage serve`: bind the sockets, fork the workers, keep them running, stop them cleanly.
+
+Process model (2 cores here, more on a real server):
+- the supervisor (this process) binds the TFTP (UDP) and HTTP (TCP) sockets first, so a port
+  that is taken is one clear error before anything starts, and a client that arrives while the
+  workers start simply waits in the socket's queue;
+- `tftp_workers` processes share the TFTP socket, each with its own epoll loop;
+- `http_workers` processes run uvicorn on the shared HTTP socket;
+- counters live in shared memory (pxe.serve.metrics), the transfer cap is a shared semaphore.
+A worker that dies is started again (its transfer slots are given back); more than
+MAX_RESTARTS deaths in RESTART_WINDOW seconds stop the daemon with exit status 1. SIGTERM or
+SIGINT stops every worker (by PID) and exits 0. Workers get SIGTERM if the supervisor dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pxe.config import Config
+from pxe.errors import DynprovError
+from pxe.serve import metrics, tftp
+from pxe.serve.settings import ServeSettings
+
+log = logging.getLogger("dynprov.serve")
+
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+STOP_GRACE = 10.0
+PEER_STALE = 2.0  # a TFTP worker silent this long takes no requests (dead or stuck)
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+_ctx = multiprocessing.get_context("fork")
+
+
+@dataclass
+class Worker:
+    name: str
+    row: int
+    target: Callable[[int], None]
+    process: Any = None
+
+
+def _child_setup(parent: int, name: str) -> None:
+    """In a child: named for ps/top, and SIGTERM when the supervisor dies (now, if it has)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def listen_tcp(address: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _sd_notify(text: str) -> None:
+    """Tell systemd (Type=notify) that we are ready; nothing if not under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(text.encode(), path)
+    except OSError as exc:
+        log.debug("sd_notify: %s", exc)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, settings: ServeSettings):
+        self.cfg = cfg
+        self.s = settings
+        self.parent = os.getpid()
+        self.tftp_sock: socket.socket | None = None
+        self.http_sock: socket.socket | None = None
+        n_tftp = settings.tftp_workers if settings.tftp else 0
+        n_http = settings.http_workers if settings.http else 0
+        self.counters = metrics.Counters(n_tftp + n_http)
+        self.slots = _ctx.Semaphore(settings.max_transfers)
+        self.tftp_rows = tuple(range(n_tftp))
+        self.workers = [Worker(f"tftp-{i}", i, self._tftp_child) for i in range(n_tftp)]
+        self.workers += [Worker(f"http-{j}", n_tftp + j, self._http_child) for j in range(n_http)]
+        self.stop = threading.Event()
+        self.deaths: deque[float] = deque()
+
+    # -- children ---------------------------------------------------------------------------
+    def _tftp_child(self, row: int) -> None:
+        if self.http_sock is not None:
+            self.http_sock.close()  # not ours to serve
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        assert self.tftp_sock is not None
+        active = metrics.slot("dynprov_tftp_active_transfers")
+        others = [r for r in self.tftp_rows if r != row]
+        counters = self.counters
+
+        def peers() -> list[int]:
+            """Active transfers of the other workers that are alive (recent heartbeat)."""
+            return [counters.value(r, active) for r in others
+                    if (age := counters.heartbeat_age(r)) is not None and age < PEER_STALE]
+
+        worker = tftp.Worker(self.tftp_sock, str(self.cfg.paths.tftp_root), self.s, self.slots,
+                             counters.row(row), peers=peers)
+        worker.run(stop)
+
+    def _http_child(self, row: int) -> None:
+        import uvicorn
+
+        from pxe.serve.app import create_app
+        from pxe.serve.http import ZeroCopyH11Protocol
+
+        if self.tftp_sock is not None:
+            self.tftp_sock.close()  # not ours to serve
+        app = create_app(self.cfg, self.s, self.counters, row, self.tftp_rows)
+        config = uvicorn.Config(
+            app, http=ZeroCopyH11Protocol, ws="none", lifespan="off", loop="asyncio",
+            log_config=None, access_log=self.s.access_log, server_header=False,
+            timeout_keep_alive=max(1, round(self.s.http_timeout)),
+            timeout_graceful_shutdown=max(1, round(STOP_GRACE / 2)))
+        assert self.http_sock is not None
+        uvicorn.Server(config).run(sockets=[self.http_sock])
+
+    def _start(self, w: Worker) -> None:
+        def main() -> None:
+            _child_setup(self.parent, f"dynprov-{w.name}")
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            w.target(w.row)
+
+        self.counters.row(w.row).restart()
+        w.process = _ctx.Process(target=main, name=f"dynprov-{w.name}", daemon=False)
+        w.process.start()
+
+    def _reap(self, w: Worker) -> None:
+        """A worker died: give back the transfer slots it held."""
+        row = self.counters.row(w.row)
+        if w.row in self.tftp_rows:
+            held = row.load()[metrics.slot("dynprov_tftp_active_transfers")]
+            for _ in range(max(0, held)):
+                self.slots.release()
+        row.restart()
+
+    # -- supervisor -----------------------------------------------------------------------
+    def bind(self) -> None:
+        s = self.s
+        what, address, port = "TFTP", s.tftp_address, s.tftp_port
+        try:
+            if s.tftp:
+                self.tftp_sock = tftp.bind(s.tftp_address, s.tftp_port)
+            what, address, port = "HTTP", s.http_address, s.http_port
+            if s.http:
+                self.http_sock = listen_tcp(s.http_address, s.http_port)
+        except OSError as exc:
+            self.close()
+            raise DynprovError(f"cannot listen for {what} on {address}:{port}: "
+                               f"{exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        for sock in (self.tftp_sock, self.http_sock):
+            if sock is not None:
+                sock.close()
+
+    def run(self) -> int:
+        for root in (self.cfg.paths.tftp_root, self.cfg.paths.http_root):
+            root.mkdir(parents=True, exist_ok=True)
+        self.bind()
+        handlers = {sig: signal.signal(sig, lambda *_: self.stop.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for w in self.workers:
+                self._start(w)
+            parts = []
+            if self.s.tftp:
+                parts.append(f"TFTP on {self.s.tftp_address}:{self.s.tftp_port} "
+                             f"({self.s.tftp_workers} workers, root {self.cfg.paths.tftp_root})")
+            if self.s.http:
+                parts.append(f"HTTP on {self.s.http_address}:{self.s.http_port} "
+                             f"({self.s.http_workers} workers, root {self.cfg.paths.http_root})")
+            log.info("serving %s", "; ".join(parts))
+            _sd_notify("READY=1")
+            return self._supervise()
+        finally:
+            self._stop_all()
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+            self.close()
+
+    def _supervise(self) -> int:
+        while not self.stop.is_set():
+            sentinels = [w.process.sentinel for w in self.workers]
+            multiprocessing.connection.wait(sentinels, timeout=0.5)
+            for w in self.workers:
+                if w.process.is_alive() or self.stop.is_set():
+                    continue
+                code = w.process.exitcode
+                w.process.join()
+                self._reap(w)
+                now = time.monotonic()
+                self.deaths.append(now)
+                while self.deaths and now - self.deaths[0] > RESTART_WINDOW:
+                    self.deaths.popleft()
+                if len(self.deaths) > MAX_RESTARTS:
+                    log.error("worker %s died (exit %s); %d deaths in %.0f s: giving up",
+                              w.name, code, len(self.deaths), RESTART_WINDOW)
+                    return 1
+                log.error("worker %s died (exit %s); starting it again", w.name, code)
+                self._start(w)
+        log.info("stopping")
+        return 0
+
+    def _stop_all(self) -> None:
+        live = [w.process for w in self.workers if w.process is not None]
+        for p in live:
+            if p.is_alive():
+                p.terminate()  # SIGTERM to that PID
+        deadline = time.monotonic() + STOP_GRACE
+        for p in live:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in live:
+            if p.is_alive():
+                log.warning("worker %s did not stop; killing it", p.name)
+                p.kill()
+                p.join(5)
+
+
+def run(cfg: Config, settings: ServeSettings) -> int:
+    return Daemon(cfg, settings).run()

@@ -1,0 +1,222 @@
+"""Boot files over HTTP: GET/HEAD with Range, exact Content-Length, zero-copy sendfile.
+
+The HTTP stack is Starlette on uvicorn (the one server framework; the REST API of issue 12
+builds on it too). Starlette streams files in 64 KiB reads through a thread pool; for kernels,
+initrds and root images we want the kernel to copy file pages straight to the socket. So:
+
+- `BootFileResponse` sends the body with the ASGI "http.response.zerocopysend" extension when
+  the server offers it (and falls back to plain reads when it does not, e.g. in-process tests);
+- `ZeroCopyH11Protocol` is uvicorn's h11 protocol offering that extension (and
+  "http.response.pathsend", which Starlette's own FileResponse uses). The body goes through
+  h11 as a placeholder object whose len() is the byte count (h11's documented sendfile
+  support, `send_with_data_passthrough`), and out through `loop.sendfile()`, i.e. sendfile(2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import anyio.to_thread
+import h11
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+
+from pxe.serve import files
+
+log = logging.getLogger("dynprov.serve.http")
+
+ZEROCOPY = "http.response.zerocopysend"
+PATHSEND = "http.response.pathsend"
+FALLBACK_CHUNK = 1 << 20
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+
+TEXT_SUFFIXES = (".ipxe", ".cfg", ".lst", ".txt")
+
+
+# -- the response ----------------------------------------------------------------------------
+def _parse_range(header: str, size: int) -> tuple[int, int] | None | str:
+    """One byte range -> (first, last); None = serve the whole file; "416" = unsatisfiable.
+
+    Several ranges or a malformed header are ignored (RFC 9110 lets a server ignore Range).
+    """
+    m = _RANGE.match(header.replace(" ", ""))
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first_s, last_s = m.groups()
+    if not first_s:  # suffix: the last N bytes
+        n = int(last_s)
+        if n == 0:
+            return "416"
+        return (max(0, size - n), size - 1) if size else "416"
+    first = int(first_s)
+    last = int(last_s) if last_s else size - 1
+    if last_s and last < first:
+        return None
+    if first >= size:
+        return "416"
+    return first, min(last, size - 1)
+
+
+class BootFileResponse(Response):
+    """One open file (fd owned by the response) with Range, ETag and zero-copy send."""
+
+    def __init__(self, fd: int, st: os.stat_result, name: str, request: Request):
+        self.fd = fd
+        self.size = st.st_size
+        self.status_code = 200
+        self.offset, self.count = 0, st.st_size
+        self.background = None
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+        last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+        media = ("text/plain; charset=utf-8" if name.endswith(TEXT_SUFFIXES)
+                 else "application/octet-stream")
+        headers = {"accept-ranges": "bytes", "etag": etag, "last-modified": last_modified}
+        req = request.headers
+        if {etag, "*"} & {t.strip() for t in req.get("if-none-match", "").split(",")}:
+            self.status_code, self.count = 304, 0
+            self.init_headers(headers)
+            return
+        rng = req.get("range")
+        if rng and req.get("if-range") not in (None, etag, last_modified):
+            rng = None  # the file changed since the client's first part: send it whole
+        span = _parse_range(rng, self.size) if rng else None
+        if span == "416":
+            self.status_code, self.count = 416, 0
+            headers["content-range"] = f"bytes */{self.size}"
+            headers["content-length"] = "0"
+            self.init_headers(headers)
+            return
+        if isinstance(span, tuple):
+            first, last = span
+            self.status_code, self.offset, self.count = 206, first, last - first + 1
+            headers["content-range"] = f"bytes {first}-{last}/{self.size}"
+        headers["content-type"] = media
+        headers["content-length"] = str(self.count)
+        self.init_headers(headers)
+
+    def init_headers(self, headers: Any = None) -> None:
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1"))
+                            for k, v in (headers or {}).items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            if scope["method"] == "HEAD" or self.count == 0:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif ZEROCOPY in scope.get("extensions", {}):
+                with os.fdopen(os.dup(self.fd), "rb") as fh:
+                    await send({"type": ZEROCOPY, "file": fh, "offset": self.offset,
+                                "count": self.count, "more_body": False})
+            else:
+                await self._send_by_reading(send)
+        finally:
+            os.close(self.fd)
+
+    async def _send_by_reading(self, send: Send) -> None:
+        off, end = self.offset, self.offset + self.count
+        while off < end:
+            chunk = await anyio.to_thread.run_sync(os.pread, self.fd,
+                                                   min(FALLBACK_CHUNK, end - off), off)
+            if not chunk:
+                raise files.Missing("file shrank while being sent")
+            off += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": off < end})
+
+
+async def boot_file(request: Request) -> Response:
+    """GET/HEAD /<path>: a file of the HTTP root (iPXE scripts, kernels, initrds, images)."""
+    root: str = request.app.state.http_root
+    name = request.path_params.get("path", "")
+    try:
+        fd, st, rel = files.open_file(root, name)
+    except files.Missing:
+        return PlainTextResponse("not found\n", status_code=404)
+    except files.Refused as exc:
+        client = request.client.host if request.client else "?"
+        log.warning("HTTP %s: %r refused: %s", client, name, exc)
+        return PlainTextResponse("forbidden\n", status_code=403)
+    return BootFileResponse(fd, st, rel, request)
+
+
+# -- the server side of the extension -----------------------------------------------------
+class _Span:
+    """Stands for `count` file bytes inside h11: its len() is what h11 counts."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+
+class ZeroCopyH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, offering zerocopysend/pathsend to the app (sendfile(2))."""
+
+    def handle_events(self) -> None:
+        before = self.cycle
+        super().handle_events()
+        # A new request made a new cycle whose task has not run yet: extend it now.
+        if self.cycle is not None and self.cycle is not before:
+            _extend(self.cycle, self.loop)
+
+
+def _extend(cycle: RequestResponseCycle, loop: asyncio.AbstractEventLoop) -> None:
+    cycle.scope["extensions"] = {**cycle.scope.get("extensions", {}), ZEROCOPY: {}, PATHSEND: {}}
+    plain_send = cycle.send
+
+    async def send(message: Message) -> None:
+        kind = message["type"]
+        if kind == ZEROCOPY:
+            await _zerocopy(cycle, loop, plain_send, message["file"], message.get("offset"),
+                            message.get("count"), bool(message.get("more_body", False)))
+        elif kind == PATHSEND:
+            with open(message["path"], "rb") as fh:
+                await _zerocopy(cycle, loop, plain_send, fh, 0, None, False)
+        else:
+            await plain_send(message)  # type: ignore[arg-type]
+
+    cycle.send = send  # type: ignore[method-assign]
+
+
+async def _zerocopy(cycle: RequestResponseCycle, loop: asyncio.AbstractEventLoop,
+                    plain_send: Callable[..., Awaitable[None]], fh: Any, offset: int | None,
+                    count: int | None, more_body: bool) -> None:
+    if not cycle.response_started or cycle.response_complete:
+        raise RuntimeError(f"{ZEROCOPY} before http.response.start or after the end")
+    if offset is None:
+        offset = fh.tell()
+    if count is None:
+        count = os.fstat(fh.fileno()).st_size - offset
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if count > 0 and cycle.scope["method"] != "HEAD" and not cycle.disconnected:
+        span = _Span(count)
+        pieces = cycle.conn.send_with_data_passthrough(h11.Data(data=span))  # type: ignore[arg-type]
+        try:
+            for piece in pieces or ():
+                if piece is span:
+                    sent = await loop.sendfile(cycle.transport, fh, offset, count)
+                    if sent != count:
+                        raise ConnectionError(f"file ended after {sent} of {count} bytes")
+                else:
+                    cycle.transport.write(piece)
+        except (ConnectionError, OSError) as exc:
+            log.debug("HTTP: sendfile stopped: %s", exc)
+            cycle.disconnected = True
+            cycle.transport.close()
+            return
+    # The body is out; let uvicorn end the message (h11 has counted the bytes).
+    await plain_send({"type": "http.response.body", "body": b"", "more_body": more_body})

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Simulated boot storm: N PXE clients (default 500) boot against `pxe-stage serve` at once.
+
+Each simulated node does what its firmware and boot loader would, with its own MAC:
+- chain "ipxe" (default, the iPXE/HTTP variant): TFTP `undionly.kpxe` (blksize 1432 + tsize,
+  as iPXE asks), HTTP `boot.ipxe`, HTTP `ipxe/<mac>.ipxe`, then kernel and initrd over HTTP from
+  the URLs in that script;
+- chain "pxelinux": TFTP `pxelinux.0` and `ldlinux.c32` (tsize + blksize 1408), the UUID
+  config name (not found, as on real hardware), `pxelinux.cfg/01-<mac>`, then kernel and initrd
+  over TFTP from that file;
+then it calls home (`booting`, then `ready`) with the token from its kernel command line.
+Every file's size is checked and every answer must be the expected one. Reported: wall time,
+seconds per 100 nodes, failures, and the median time of each step.
+
+    python3 tools/bench_boot.py [--nodes 500] [--chain ipxe|pxelinux] [--kernel-mb 8]
+                                [--initrd-mb 16] [--client-procs 2]
+
+The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). The
+nodes' TFTP/HTTP traffic goes to 127.0.0.1 only; the site is a temp dir, removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import bench_common as bc
+
+STEPS = ("loader", "config", "kernel", "initrd", "report")
+
+
+# -- the simulated node (client side) --------------------------------------------------------------
+class TftpGet(asyncio.DatagramProtocol):
+    """One TFTP read, lock-step, with options; retransmits its last packet on silence."""
+
+    def __init__(self, name: str, options: dict[str, str]):
+        self.name, self.options = name, options
+        self.blksize = 512
+        self.data = bytearray()
+        self.expect = 1
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.last: tuple[bytes, tuple] | None = None
+        self.heard = 0
+        self.tid: tuple | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def send(self, packet: bytes, addr: tuple) -> None:
+        self.last = (packet, addr)
+        assert self.transport is not None
+        self.transport.sendto(packet, addr)
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        if self.tid is None:
+            self.tid = addr  # the first answer's port is the transfer's (RFC 1350 TID)
+        elif addr != self.tid:  # a second server port (our repeated request): turn it away
+            assert self.transport is not None
+            self.transport.sendto(struct.pack("!HH", 5, 5) + b"Unknown transfer ID\0", addr)
+            return
+        self.heard += 1
+        if self.done.done() or len(data) < 4:
+            return
+        opcode = struct.unpack("!H", data[:2])[0]
+        if opcode == 6:
+            parts = data[2:].split(b"\0")[:-1]
+            opts = {parts[i].decode(): parts[i + 1].decode() for i in range(0, len(parts), 2)}
+            self.blksize = int(opts.get("blksize", 512))
+            self.send(struct.pack("!HH", 4, 0), addr)
+        elif opcode == 3:
+            block = struct.unpack("!H", data[2:4])[0]
+            if block == self.expect & 0xFFFF:
+                self.data += data[4:]
+                self.expect += 1
+                self.send(struct.pack("!HH", 4, block), addr)
+                if len(data) - 4 < self.blksize:
+                    self.done.set_result(bytes(self.data))
+            elif self.last:  # a duplicate: answer with our last ACK again
+                self.send(*self.last)
+        elif opcode == 5:
+            code = struct.unpack("!H", data[2:4])[0]
+            self.done.set_exception(FileNotFoundError(f"TFTP error {code} for {self.name}"))
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
+async def tftp_get(port: int, name: str, options: dict[str, str], tries: int = 8) -> bytes:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: TftpGet(name, options), local_addr=(bc.LOOPBACK, 0))
+    proto.transport = transport
+    try:
+        rrq = struct.pack("!H", 1) + b"".join(
+            s.encode() + b"\0" for s in [name, "octet", *sum(options.items(), ())])
+        proto.send(rrq, (bc.LOOPBACK, port))
+        silent = 0
+        while True:
+            heard = proto.heard
+            try:
+                return await asyncio.wait_for(asyncio.shield(proto.done), 2.0)
+            except TimeoutError:
+                if proto.heard == heard:
+                    silent += 1
+                    if silent >= tries:
+                        raise TimeoutError(f"TFTP {name}: no answer") from None
+                    assert proto.last is not None
+                    proto.send(*proto.last)  # the RRQ, or our last ACK
+                else:
+                    silent = 0
+    finally:
+        transport.close()
+
+
+async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes, int]:
+    """(status, body if small else b'', body length); the body is read fully either way.
+
+    Raw socket + recv_into one reused buffer: the client copies each byte once, so that the
+    clients' CPU (they share the 2 cores with serve) goes as far as it can.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (bc.LOOPBACK, port))
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {bc.LOOPBACK}\r\nConnection: close\r\n"
+                f"Content-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        await loop.sock_sendall(sock, head.encode() + body)
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        got = bytearray()
+        while b"\r\n\r\n" not in got:
+            n = await loop.sock_recv_into(sock, view)
+            if not n:
+                raise ConnectionError(f"{path}: connection closed in the headers")
+            got += view[:n]
+        header, _, first = bytes(got).partition(b"\r\n\r\n")
+        lines = header.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = next((int(v) for k, _, v in (line.partition(":") for line in lines[1:])
+                       if k.lower() == "content-length"), None)
+        kept, total = bytearray(first[:1 << 16]), len(first)
+        while n := await loop.sock_recv_into(sock, view):
+            if total < 1 << 16:
+                kept += view[:n]
+            total += n
+        if length is not None and total != length:
+            raise ConnectionError(f"{path}: {total} of {length} bytes")
+        return status, bytes(kept[:total]), total
+    finally:
+        sock.close()
+
+
+async def boot_node(node: dict, a: dict, timings: dict[str, list[float]]) -> str | None:
+    """One node's boot; None if it all went right, else what went wrong."""
+    tport, hport = a["tftp_port"], a["http_port"]
+    mac = node["mac"]
+    hyphen = mac.replace(":", "-")
+    t = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        timings[name].append(now - t)
+        t = now
+
+    def local(url: str) -> str:
+        return urlsplit(url).path  # the rendered URLs name the provisioning address
+
+    try:
+        if a["chain"] == "ipxe":
+            loader = await tftp_get(tport, "undionly.kpxe", {"blksize": "1432", "tsize": "0"})
+            assert len(loader) == a["sizes"]["undionly.kpxe"], "loader size"
+            step("loader")
+            status, main, _ = await http(hport, "GET", "/boot.ipxe")
+            assert status == 200 and main.startswith(b"#!ipxe"), "boot.ipxe"
+            status, script, _ = await http(hport, "GET", f"/ipxe/{hyphen}.ipxe")
+            assert status == 200, f"ipxe script {status}"
+            text = script.decode()
+            kernel_url = re.search(r"^kernel (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+            initrd_url = re.search(r"^initrd --name \S+ (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
+            step("config")
+            status, _, n = await http(hport, "GET", local(kernel_url))
+            assert status == 200 and n == a["sizes"]["kernel"], "kernel"
+            step("kernel")
+            status, _, n = await http(hport, "GET", local(initrd_url))
+            assert status == 200 and n == a["sizes"]["initrd"], "initrd"
+            step("initrd")
+        else:
+            opts = {"tsize": "0", "blksize": "1408"}
+            for name in ("pxelinux.0", "ldlinux.c32"):
+                got = await tftp_get(tport, name, opts)
+                assert len(got) == a["sizes"][name], name
+            step("loader")
+            try:
+                await tftp_get(tport, f"pxelinux.cfg/{node['uuid']}", opts)
+                return "the UUID config name should not exist"
+            except FileNotFoundError:
+                pass
+            text = (await tftp_get(tport, f"pxelinux.cfg/01-{hyphen}", opts)).decode()
+            kernel = re.search(r"KERNEL (\S+)", text).group(1)  # type: ignore[union-attr]
+            initrd = re.search(r"INITRD (\S+)", text).group(1)  # type: ignore[union-attr]
+            step("config")
+            got = await tftp_get(tport, kernel, opts)
+            assert len(got) == a["sizes"]["kernel"], "kernel"
+            step("kernel")
+            got = await tftp_get(tport, initrd, opts)
+            assert len(got) == a["sizes"]["initrd"], "initrd"
+            step("initrd")
+            text = f"{text}"
+        token = re.search(r"dynprov\.token=(\S+)", text).group(1)  # type: ignore[union-attr]
+        for kind in ("booting", "ready"):
+            body = f"node={node['name']}&token={token}&kind={kind}".encode()
+            status, answer, _ = await http(hport, "POST", "/report", body)
+            assert (status, answer) == (200, b"ok"), f"report {kind}: {status} {answer!r}"
+        step("report")
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def client_main(spec: dict) -> dict:
+    timings: dict[str, list[float]] = {s: [] for s in STEPS}
+    start = time.monotonic()
+    results = await asyncio.gather(*(boot_node(n, spec, timings) for n in spec["nodes"]))
+    failures = [f"{n['name']}: {r}" for n, r in zip(spec["nodes"], results, strict=True) if r]
+    return {"seconds": time.monotonic() - start, "failures": failures, "timings": timings}
+
+
+# -- the bench (server side) -------------------------------------------------------------------------
+def build_site(work: Path, args: argparse.Namespace, ports: dict[str, int]) -> tuple[Path, dict]:
+    from pxe import config
+    from pxe.images import Catalog
+    from pxe.inventory import Inventory, build
+    from pxe.setboot import render_all, set_boot
+
+    cfg_path = bc.make_site(work / "site", {
+        "tftp_address": bc.LOOPBACK, "tftp_port": ports["tftp"], "http_address": bc.LOOPBACK,
+        "http_port": ports["http"], "max_transfers": max(512, args.nodes * 2)})
+    cfg = config.load(cfg_path)
+    inv = Inventory(cfg)
+    nodes = [{"name": f"n{i:04d}", "mac": f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
+              f"{i & 255:02x}", "uuid": f"{i:08x}-0000-4000-8000-{i:012x}"}
+             for i in range(1, args.nodes + 1)]
+    inv.add([build(cfg, {"name": n["name"], "mac": n["mac"]}) for n in nodes])
+    kernel = work / "vmlinuz"
+    head = bytearray(0x400)
+    head[0x1FE:0x200] = b"\x55\xaa"
+    head[0x202:0x206] = b"HdrS"
+    kernel.write_bytes(bytes(head) + os.urandom((args.kernel_mb << 20) - len(head)))
+    initrd = work / "initrd.img"
+    initrd.write_bytes(os.urandom(args.initrd_mb << 20))
+    Catalog(cfg, inv.conn).add("bench", kernel, initrd)
+    set_boot(cfg, [n["name"] for n in nodes], "bench", inv)
+    render_all(cfg, reload=False)
+    tftp = cfg.paths.tftp_root
+    if not (tftp / "undionly.kpxe").exists():  # iPXE's PXE loader: a stand-in of its size
+        (tftp / "undionly.kpxe").write_bytes(os.urandom(70_000))
+        (tftp / "undionly.kpxe").chmod(0o644)
+    for name in ("pxelinux.0", "ldlinux.c32"):
+        if not (tftp / name).exists():
+            (tftp / name).write_bytes(os.urandom(60_000))
+            (tftp / name).chmod(0o644)
+    sizes = {name: (tftp / name).stat().st_size
+             for name in ("undionly.kpxe", "pxelinux.0", "ldlinux.c32")}
+    sizes |= {"kernel": kernel.stat().st_size, "initrd": initrd.stat().st_size}
+    return cfg_path, {"nodes": nodes, "sizes": sizes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=500)
+    ap.add_argument("--chain", choices=("ipxe", "pxelinux"), default="ipxe")
+    ap.add_argument("--kernel-mb", type=int, default=8)
+    ap.add_argument("--initrd-mb", type=int, default=16)
+    ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--client", metavar="SPEC", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:  # one client process: read the spec, boot its nodes, print JSON
+        spec = json.loads(Path(args.client).read_text())
+        print(json.dumps(asyncio.run(client_main(spec))))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench-boot-"))
+    os.chmod(work, 0o755)
+    try:
+        return _bench(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(work: Path, args: argparse.Namespace) -> int:
+    ports = {"tftp": bc.free_port(), "http": bc.free_port()}
+    print(f"building a site with {args.nodes} nodes ...", file=sys.stderr)
+    cfg_path, setup = build_site(work, args, ports)
+    nodes = setup["nodes"]
+    specs = []
+    for i in range(args.client_procs):
+        spec = {"nodes": nodes[i::args.client_procs], "chain": args.chain, "sizes": setup["sizes"],
+                "tftp_port": ports["tftp"], "http_port": ports["http"]}
+        path = work / f"client-{i}.json"
+        path.write_text(json.dumps(spec))
+        specs.append(path)
+    with bc.server(bc.serve_argv(cfg_path), work / "serve.log"):
+        bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{ports['http']}/healthz"),
+                      "serve")
+        print(f"booting {args.nodes} nodes ({args.chain} chain) ...", file=sys.stderr)
+        seconds, outs = bc.parallel([[sys.executable, __file__, "--client", str(p)]
+                                     for p in specs], timeout=3600)
+        metrics = subprocess.run(["curl", "-s", f"http://{bc.LOOPBACK}:{ports['http']}/metrics"],
+                                 capture_output=True, text=True, timeout=30).stdout
+    failures: list[str] = []
+    timings: dict[str, list[float]] = {s: [] for s in STEPS}
+    for out in outs:
+        if out.startswith("FAILED"):
+            failures.append(out)
+            continue
+        result = json.loads(out)
+        failures += result["failures"]
+        for s in STEPS:
+            timings[s] += result["timings"][s]
+    booted = args.nodes - len(failures)
+    total_mb = (setup["sizes"]["kernel"] + setup["sizes"]["initrd"]) * booted / 1e6
+    print(f"{args.nodes} simulated PXE nodes, {args.chain} chain, kernel {args.kernel_mb} MiB + "
+          f"initrd {args.initrd_mb} MiB each, {args.client_procs} client processes, "
+          f"serve with defaults ({bc.load_note()})")
+    print(f"all booted: {booted}/{args.nodes} in {seconds:.1f} s = "
+          f"{seconds / args.nodes * 100:.1f} s per 100 nodes ({total_mb / seconds:.0f} MB/s of "
+          f"kernels+initrds)")
+    print(bc.table(["step", "median s", "max s"],
+                   [[s, f"{statistics.median(v):.2f}", f"{max(v):.2f}"]
+                    for s, v in timings.items() if v]))
+    wanted = ("dynprov_tftp_transfers_total", "dynprov_tftp_retransmits_total",
+              "dynprov_tftp_requests_total{result=\"busy\"}", "dynprov_reports_total{kind=\"ready\"")
+    for line in metrics.splitlines():
+        if line.startswith(wanted) and not line.endswith(" 0"):
+            print(f"  {line}")
+    for f in failures[:20]:
+        print(f"FAILED {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""HTTP boot-file benchmark: `pxe-stage serve` against nginx, same machine, same run.
+
+N concurrent curl downloads (default 32) of one 64 MiB file, in rounds that alternate the
+servers; medians reported, ratio = nginx seconds / server seconds (above 1: faster than nginx).
+Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
+built the way it is (`--all`):
+- "starlette-stock": the same framework without our zero-copy protocol (Starlette's
+  StaticFiles/FileResponse on uvicorn's h11 protocol, 2 worker processes: 64 KiB reads through a
+  thread pool);
+- "http.server": Python's standard library server (threads, copies through user space).
+
+    python3 tools/bench_http.py [--rounds 3] [--clients 32] [--size-mb 64] [--all]
+
+Loopback only; every server is stopped by PID at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import bench_common as bc
+
+FILE = "image.bin"
+
+STOCK_STARLETTE = r"""
+import os, socket, sys, uvicorn
+from starlette.applications import Starlette
+from starlette.staticfiles import StaticFiles
+root, port, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sock = socket.socket(); sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", port)); sock.listen(1024)
+for _ in range(workers - 1):
+    if os.fork() == 0:
+        break
+app = Starlette(); app.mount("/", StaticFiles(directory=root))
+uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="off", access_log=False,
+                              log_level="warning")).run(sockets=[sock])
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--size-mb", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes of every server")
+    ap.add_argument("--all", action="store_true", help="also the two Python references")
+    args = ap.parse_args()
+    for tool in ("curl", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench_http: {tool} not found (tools/install-deps installs it)", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-http-"))
+    os.chmod(work, 0o755)
+    try:
+        return _bench(work, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(work: Path, args: argparse.Namespace) -> int:
+    size = args.size_mb << 20
+    ports = {"nginx": bc.free_port(), "serve": bc.free_port()}
+    config = bc.make_site(work / "site", {"http_address": bc.LOOPBACK, "http_port": ports["serve"],
+                                          "http_workers": args.workers, "tftp": False})
+    root = work / "site" / "http"
+    with open(root / FILE, "wb") as fh:
+        for _ in range(args.size_mb):
+            fh.write(os.urandom(1 << 20))
+    os.chmod(root / FILE, 0o644)
+    ng = work / "nginx"
+    ng.mkdir()
+    (ng / "nginx.conf").write_text(
+        f"worker_processes {args.workers};\nuser root;\npid {ng}/nginx.pid;\n"
+        f"error_log {ng}/error.log;\ndaemon off;\nevents {{ worker_connections 1024; }}\n"
+        f"http {{ access_log off; sendfile on; tcp_nopush on; client_body_temp_path {ng}/b; "
+        f"proxy_temp_path {ng}/p; fastcgi_temp_path {ng}/f; uwsgi_temp_path {ng}/u; "
+        f"scgi_temp_path {ng}/s;\n  server {{ listen {bc.LOOPBACK}:{ports['nginx']}; "
+        f"root {root}; }} }}\n")
+    servers = {"nginx": ["nginx", "-p", str(ng), "-c", str(ng / "nginx.conf")],
+               "serve": bc.serve_argv(config, "--no-tftp")}
+    if args.all:
+        ports["starlette-stock"] = bc.free_port(1)
+        ports["http.server"] = bc.free_port(1)
+        servers["starlette-stock"] = [sys.executable, "-c", STOCK_STARLETTE, str(root),
+                                      str(ports["starlette-stock"]), str(args.workers)]
+        servers["http.server"] = [sys.executable, "-m", "http.server", "--bind", bc.LOOPBACK,
+                                  "--directory", str(root), str(ports["http.server"])]
+
+    times: dict[str, list[float]] = {s: [] for s in servers}
+    failures = dict.fromkeys(servers, 0)
+    stack = []
+    try:
+        for name, argv in servers.items():
+            cm = bc.server(argv, work / f"{name}.log")
+            cm.__enter__()
+            stack.append(cm)
+            bc.wait_until(lambda n=name: bc.curl_ok(
+                f"http://{bc.LOOPBACK}:{ports[n]}/{FILE}", "-r", "0-0"), name)
+        for r in range(args.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                argv = ["curl", "-s", "-S", "--max-time", "600", "-o", "/dev/null", "-w",
+                        "%{size_download}", f"http://{bc.LOOPBACK}:{ports[name]}/{FILE}"]
+                seconds, outs = bc.parallel([argv] * args.clients)
+                times[name].append(seconds)
+                failures[name] += sum(1 for o in outs if o.strip() != str(size))
+                time.sleep(0.2)
+            print(f"round {r + 1}/{args.rounds} done ({bc.load_note()})", file=sys.stderr)
+    finally:
+        while stack:
+            stack.pop().__exit__(None, None, None)
+
+    base = bc.median(times["nginx"])
+    rows = []
+    for name in servers:
+        t = bc.median(times[name])
+        rows.append([name, f"{t:.3f}", f"{args.clients * size / t / 1e6:.0f}", f"{base / t:.2f}x",
+                     failures[name]])
+    print(f"HTTP, loopback, {args.clients} concurrent curl downloads of {args.size_mb} MiB, "
+          f"{args.workers} worker processes each, median of {args.rounds} alternating rounds "
+          f"({bc.load_note()} at the end)")
+    print(bc.table(["server", "seconds", "MB/s", "vs nginx", "failed"], rows))
+    return 1 if any(failures.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
