@@ -15,31 +15,12 @@ from typing import Any
 from pxe.config import Config
 from pxe.inventory import Inventory, Node, build
 from pxe.lab.machine import SimulatedMachine
+from pxe.lab.ports import free_udp_base  # noqa: F401 - re-exported for the tests
 from pxe.lab.redfish_emulator import RedfishServer, make_server
 from pxe.lab.vbmc import VbmcProcess
 
 PASSWORD = "s3cret-pw"
 USER = "admin"
-
-
-def free_udp_base(count: int, attempts: int = 50) -> int:
-    """A base port such that base..base+count-1 are all free for UDP on 127.0.0.1 right now."""
-    rng = random.Random()
-    for _ in range(attempts):
-        base = rng.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port range")
 
 
 def dead_udp_ports(count: int) -> list[int]:

@@ -27,31 +27,11 @@ sys.path.insert(0, str(ROOT))
 from pxe import config, db, run  # noqa: E402
 from pxe.images import Catalog  # noqa: E402
 from pxe.inventory import Inventory, build  # noqa: E402
+from pxe.lab.ports import free_udp_base  # noqa: E402
 from pxe.lab.vbmc import VbmcProcess  # noqa: E402
 from pxe.nodeset import fold  # noqa: E402
 
 PASSWORD = "bench-pw"
-
-
-def free_udp_base(count: int) -> int:
-    import random
-    import socket
-
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free UDP port range")
 
 
 def fake_kernel(path: Path) -> Path:

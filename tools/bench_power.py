@@ -33,30 +33,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pxe.lab.ports import free_udp_base as free_base  # noqa: E402
 from pxe.lab.vbmc import VbmcProcess  # noqa: E402
 
 USER, PASSWORD = "admin", "bench-pw-1"
-
-
-def free_base(count: int) -> int:
-    import random
-    import socket
-
-    for _ in range(50):
-        base = random.randrange(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise SystemExit("bench_power: no free port range")
 
 
 @dataclass

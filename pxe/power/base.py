@@ -115,3 +115,16 @@ class BatchInterface(Protocol):
 
     def run_many(self, jobs: Sequence[Job], action: str, settings: Settings,
                  done: Callable[[PowerResult], None]) -> None: ...
+
+
+def bmc_address_problems(node: Node) -> list[str]:
+    """What is wrong with a node's BMC address, for the drivers that need one (IPMI, Redfish)."""
+    from pxe import validate
+
+    if not node.bmc_address:
+        return ["no bmc_address"]
+    try:
+        validate.ipv4(node.bmc_address, "BMC address")
+    except DynprovError as exc:
+        return [str(exc)]
+    return []

@@ -23,11 +23,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pxe import validate
 from pxe.errors import InputError
 from pxe.inventory import Node
 from pxe.power import rmcp
-from pxe.power.base import Job, PowerError, PowerResult, boot_action
+from pxe.power.base import Job, PowerError, PowerResult, bmc_address_problems, boot_action
 from pxe.power.rmcp import Action, Request, Response, check
 from pxe.power.settings import Settings
 
@@ -95,14 +94,7 @@ class IpmiDriver:
     name = "ipmi"
 
     def validate(self, node: Node, settings: Settings) -> list[str]:
-        problems = []
-        if not node.bmc_address:
-            problems.append("no bmc_address")
-        else:
-            try:
-                validate.ipv4(node.bmc_address, "BMC address")
-            except InputError as exc:
-                problems.append(str(exc))
+        problems = bmc_address_problems(node)
         if len((node.bmc_user or "").encode()) > 16:
             problems.append("bmc_user longer than 16 bytes (IPMI limit)")
         return problems

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pxe import validate
-from pxe.errors import InputError
 from pxe.inventory import Node
-from pxe.power.base import Job, PowerError
+from pxe.power.base import Job, PowerError, bmc_address_problems
 from pxe.power.settings import Settings
 
 
@@ -41,14 +39,7 @@ class RedfishDriver:
     name = "redfish"
 
     def validate(self, node: Node, settings: Settings) -> list[str]:
-        problems = []
-        if not node.bmc_address:
-            problems.append("no bmc_address")
-        else:
-            try:
-                validate.ipv4(node.bmc_address, "BMC address")
-            except InputError as exc:
-                problems.append(str(exc))
+        problems = bmc_address_problems(node)
         if not node.bmc_user:
             problems.append("no bmc_user (Redfish needs a user name)")
         return problems
