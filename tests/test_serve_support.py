@@ -20,25 +20,11 @@ from typing import Any
 
 import httpx
 
+from pxe.lab.ports import free_port
 from pxe.serve import metrics, settings, tftp
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind((LOOPBACK, 0))
-            port = u.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-                try:
-                    t.bind((LOOPBACK, port))
-                except OSError:
-                    continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def serve_section(site: Any, **values: Any) -> None:
@@ -149,6 +135,18 @@ class RawClient:
         assert self.tid is not None
         self.sock.sendto(struct.pack("!HH", 4, block & 0xFFFF), self.tid)
 
+    def finish(self, acked: int) -> bytes:
+        """Lock-step from block ``acked`` + 1 to the end (blksize 512): the rest of the file."""
+        rest = bytearray()
+        self.ack(acked)
+        for block in range(acked + 1, acked + 100_000):
+            payload = self.recv()[1][2:]
+            rest += payload
+            self.ack(block)
+            if len(payload) < 512:
+                return bytes(rest)
+        raise AssertionError("transfer did not end")
+
     def send_to_tid(self, data: bytes) -> None:
         assert self.tid is not None
         self.sock.sendto(data, self.tid)
@@ -169,7 +167,9 @@ class RawClient:
         data = bytearray()
         expect = 1
         received_in_window = 0
-        for _ in range(10_000_000):
+        deadline = time.monotonic() + 300
+        for _ in range(1_000_000):  # packets; the largest test file has ~70,000 blocks
+            assert time.monotonic() < deadline, "transfer took too long"
             if opcode == 5:
                 raise TftpError(struct.unpack("!H", rest[:2])[0], rest[2:].rstrip(b"\0").decode())
             assert opcode == 3, f"unexpected opcode {opcode}"

@@ -26,13 +26,11 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import socket
 import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -294,12 +292,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(client_main(spec))))
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="bench-boot-"))
-    os.chmod(work, 0o755)
-    try:
-        return _bench(work, args)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return bc.run_in_workdir("bench-boot-", _bench, args)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:

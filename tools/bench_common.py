@@ -9,35 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 LOOPBACK = "127.0.0.1"
 
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    """A port free for both UDP and TCP right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((LOOPBACK, 0))
-            port = s.getsockname()[1]
-        other = socket.SOCK_STREAM if kind == socket.SOCK_DGRAM else socket.SOCK_DGRAM
-        with socket.socket(socket.AF_INET, other) as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port on 127.0.0.1")
+from pxe.lab.ports import free_port  # noqa: E402,F401 (after sys.path above; for the benches)
 
 
 def make_site(root: Path, serve: dict[str, object]) -> Path:
@@ -57,6 +45,21 @@ def make_site(root: Path, serve: dict[str, object]) -> Path:
         (root / sub).mkdir(exist_ok=True)
         os.chmod(root / sub, 0o755)
     return path
+
+
+def run_in_workdir(prefix: str, bench: Callable[[Path, Any], int], args: Any,
+                   keep: bool = False) -> int:
+    """bench(work_dir, args) in a fresh temp dir (world-readable: tftpd-hpa and nginx run as
+    other users), removed afterwards unless ``keep``."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(work, 0o755)
+    try:
+        return bench(work, args)
+    finally:
+        if keep:
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def serve_argv(config_path: Path, *extra: str) -> list[str]:

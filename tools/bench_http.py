@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -57,12 +56,7 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"bench_http: {tool} not found (tools/install-deps installs it)", file=sys.stderr)
             return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-http-"))
-    os.chmod(work, 0o755)
-    try:
-        return _bench(work, args)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return bc.run_in_workdir("bench-http-", _bench, args)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:
@@ -87,8 +81,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
     servers = {"nginx": ["nginx", "-p", str(ng), "-c", str(ng / "nginx.conf")],
                "serve": bc.serve_argv(config, "--no-tftp")}
     if args.all:
-        ports["starlette-stock"] = bc.free_port(1)
-        ports["http.server"] = bc.free_port(1)
+        ports["starlette-stock"] = bc.free_port()
+        ports["http.server"] = bc.free_port()
         servers["starlette-stock"] = [sys.executable, "-c", STOCK_STARLETTE, str(root),
                                       str(ports["starlette-stock"]), str(args.workers)]
         servers["http.server"] = [sys.executable, "-m", "http.server", "--bind", bc.LOOPBACK,

@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,15 +61,7 @@ def main() -> int:
         print("bench_tftp: run as root (tftpd-hpa chroots into its root)", file=sys.stderr)
         return 2
 
-    work = Path(tempfile.mkdtemp(prefix="bench-tftp-"))
-    os.chmod(work, 0o755)
-    try:
-        return _bench(work, args)
-    finally:
-        if args.keep:
-            print(f"work dir kept: {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    return bc.run_in_workdir("bench-tftp-", _bench, args, keep=args.keep)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:
@@ -118,6 +109,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
 
     rows = []
     for name, clients, _b in tests:
+        if (name, "tftpd-hpa") not in times:
+            continue  # not measured (--single-rounds 0)
         base = bc.median(times[(name, "tftpd-hpa")])
         for server in servers:
             t = bc.median(times[(name, server)])

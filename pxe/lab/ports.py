@@ -24,3 +24,18 @@ def free_udp_base(count: int, attempts: int = 50, host: str = "127.0.0.1") -> in
             for s in socks:
                 s.close()
     raise RuntimeError(f"no free range of {count} UDP ports on {host}")
+
+
+def free_port(host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """A port free for both UDP and TCP on ``host`` right now (a server that speaks both)."""
+    for _ in range(attempts):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError(f"no port free for both UDP and TCP on {host}")

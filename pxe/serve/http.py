@@ -115,7 +115,7 @@ class BootFileResponse(Response):
             if scope["method"] == "HEAD" or self.count == 0:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             elif ZEROCOPY in scope.get("extensions", {}):
-                with os.fdopen(os.dup(self.fd), "rb") as fh:
+                with os.fdopen(self.fd, "rb", closefd=False) as fh:
                     await send({"type": ZEROCOPY, "file": fh, "offset": self.offset,
                                 "count": self.count, "more_body": False})
             else:

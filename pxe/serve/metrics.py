@@ -86,9 +86,6 @@ class Row:
         values[HEARTBEAT] = int(time.time() * 1000)
         self._view[:] = values
 
-    def beat(self) -> None:
-        self._view[HEARTBEAT] = int(time.time() * 1000)
-
     def restart(self) -> None:
         """A replacement process takes the row over: counters go on, gauges start at zero."""
         for g in GAUGES:

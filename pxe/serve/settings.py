@@ -39,11 +39,6 @@ class ServeSettings:
     access_log: bool
     standard_configs_dir: Path  # where `pxe-stage render --servers` writes dnsmasq/tftpd-hpa/nginx
 
-    @property
-    def transfer_lifetime_without_client(self) -> float:
-        """How long a vanished client holds its slot: the first send plus every retry."""
-        return self.timeout * (self.retries + 1)
-
 
 def _default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
