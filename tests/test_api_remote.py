@@ -112,3 +112,17 @@ def test_pools_through_the_service(server, accounts, tmp_path):
     assert r.returncode == 1 and "wrong user name or password" in r.stderr
     r = remote(server, tmp_path, user, "fg-pool", "-to", "nowhere", "-resource", "n001")
     assert r.returncode == 1 and "unknown pool 'nowhere'" in r.stderr
+
+
+def test_power_status_through_the_service_matches_local(server, accounts, tmp_path):
+    user = accounts.user("pool")  # power status needs the pool group (or admin)
+    here = local(server, "pxe-stage", "power", "status", "n[001-003]", "--json")
+    there = remote(server, tmp_path, user, "pxe-stage", "power", "status", "n[001-003]", "--json",
+                   "--server", server.url)
+    # these nodes have no BMC: both fail the same way, node by node
+    assert here.returncode == there.returncode == 1, there.stderr
+    assert json.loads(there.stdout) == json.loads(here.stdout)
+    assert {r["kind"] for r in json.loads(there.stdout)} == {"no-bmc"}
+    refused = remote(server, tmp_path, user, "pxe-stage", "power", "on", "n001",
+                     "--server", server.url)
+    assert refused.returncode == 2 and "only for `power status`" in refused.stderr

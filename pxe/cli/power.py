@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 from pxe.cli.common import add_json_flag, load_config, print_json
 from pxe.config import Config
-from pxe.errors import DynprovError
+from pxe.errors import DynprovError, InputError
 from pxe.nodeset import fold
 from pxe.power.base import PowerResult
 
@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"one of: {', '.join(POWER_VERBS)}, validate")
     p.add_argument("nodes", help="node set, e.g. n[001-512]")
     _fanout_flags(p)
+    p.add_argument("--server", metavar="URL",
+                   help="status only: ask the dynprov REST service at URL instead of the BMCs "
+                        "(https://HOST:PORT); changing power needs a shell on the server")
     p.set_defaults(func=cmd_power)
 
     b = sub.add_parser("bootdev", help="set the nodes' next boot device through their BMCs",
@@ -84,21 +87,38 @@ class Progress:
             sys.stderr.flush()
 
 
+def _remote_status(server: str, spec: str) -> dict[str, PowerResult]:
+    """`power status --server URL`: the same results, from the REST service's GET /power."""
+    from pxe import remote
+
+    client = remote.resolve(server)
+    if client is None:
+        raise DynprovError(f"--server {server!r}: no REST service")
+    return {d["node"]: PowerResult(**d) for d in client.get(f"{remote.V1}/power", nodes=spec)}
+
+
 def _execute(args: argparse.Namespace, action: str, label: str) -> int:
     from pxe import power
     from pxe.inventory import Inventory
 
-    cfg = load_config(args)
-    nodes = Inventory(cfg).select(args.nodes)
-    progress = Progress(label, len(nodes))
-    try:
-        results = power.run(cfg, nodes, action, workers=args.workers, timeout=args.timeout,
-                            retries=args.retries, progress=progress)
-    finally:
-        progress.finish()
+    server = getattr(args, "server", None)
+    if server and action != "status":
+        raise InputError("--server is only for `power status`; change power on the server itself")
+    cfg = None
+    if server:
+        results = _remote_status(server, args.nodes)
+    else:
+        cfg = load_config(args)
+        nodes = Inventory(cfg).select(args.nodes)
+        progress = Progress(label, len(nodes))
+        try:
+            results = power.run(cfg, nodes, action, workers=args.workers, timeout=args.timeout,
+                                retries=args.retries, progress=progress)
+        finally:
+            progress.finish()
     failed = [r for r in results.values() if not r.ok]
-    if action != "status":
-        _audit(cfg, action, [n.name for n in nodes], [r.node for r in failed])
+    if action != "status" and cfg is not None:
+        _audit(cfg, action, list(results), [r.node for r in failed])
     if args.json:
         print_json([r.as_dict() for r in results.values()])
     else:
