@@ -52,10 +52,6 @@ def _wait_for(path: Path, text: str, timeout: float, proc_alive=None) -> bool:
 @pytest.mark.parametrize("firmware", ["bios", "uefi"])
 def test_pxe_boot_through_rendered_config(site, tmp_path, firmware):
     need_root_tools()
-    from pxe.cli import main as cli_main
-
-    if "serve" not in cli_main.COMMANDS:
-        pytest.skip("pxe-stage serve not in this tree yet")
     kroot = kernel_root()
     initrd = build_initramfs(tmp_path / "initrd.gz", kroot)
     site.run("images", "add", "tiny", "--kernel", str(kernel_image(kroot)), "--initrd",

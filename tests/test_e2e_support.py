@@ -65,12 +65,7 @@ poweroff -f
 """
 
 
-def kernel_root() -> Path:
-    out = subprocess.run([str(ROOT / "tools/fetch-kernel")], capture_output=True, text=True,
-                         timeout=600)
-    if out.returncode != 0:
-        pytest.skip(f"no kernel: {out.stderr.strip()}")
-    return Path(out.stdout.strip())
+from tests.initramfs_support import kernel_root  # noqa: E402,F401 - one kernel fetcher
 
 
 def kernel_image(root: Path) -> Path:
