@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> bool:
@@ -81,6 +82,27 @@ def write_many(files: dict[Path, bytes], mode: int = 0o644) -> list[Path]:
                 os.unlink(tmp)
         raise
     return [path for _, path in pending]
+
+
+@contextlib.contextmanager
+def streamed(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write a large file by streaming into a temp file beside ``path``; rename on success.
+
+    On any exception the temp file is removed and ``path`` keeps its old content (if any).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def write_text(path: Path, text: str, mode: int = 0o644) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import bz2
-import contextlib
 import gzip
 import hashlib
 import io
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from pxe import validate
+from pxe import atomic, validate
 from pxe.errors import DynprovError, InputError
 from pxe.images import check_kernel
 
@@ -845,22 +844,13 @@ def build_bundle(out: Path, *, label: str, kernel: Path, initrd: Path | None = N
                         os_name=os_name or label, arch=arch, mode=mode, cmdline=cmdline,
                         prov_seconds=prov_seconds)
     Manifest.parse(manifest.to_json())  # the same checks a reader makes
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or Path("."))
-    try:
-        with os.fdopen(fd, "wb") as fh, tarfile.open(fileobj=fh, mode="w",
-                                                     format=tarfile.PAX_FORMAT) as tf:
-            raw = manifest.to_json()
-            tf.addfile(_info(MANIFEST, len(raw)), io.BytesIO(raw))
-            for name, path in files.items():
-                with open(path, "rb") as src:
-                    tf.addfile(_info(name, os.fstat(src.fileno()).st_size), src)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic.streamed(Path(out)) as fh, tarfile.open(fileobj=fh, mode="w",
+                                                        format=tarfile.PAX_FORMAT) as tf:
+        raw = manifest.to_json()
+        tf.addfile(_info(MANIFEST, len(raw)), io.BytesIO(raw))
+        for name, path in files.items():
+            with open(path, "rb") as src:
+                tf.addfile(_info(name, os.fstat(src.fileno()).st_size), src)
     return manifest
 
 

@@ -311,25 +311,15 @@ class Client:
             return self._verify(res, sink, output)
         out = Path(output)
         parent = out.parent if str(out.parent) else Path(".")
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=parent)
-        except OSError as exc:
-            raise DynprovError(f"cannot write in {parent}: {exc.strerror or exc}") from None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                sink = _Hashing(fh)
-                res = self.request("GET", path, sink=sink)
-                self._check(res)
-                result = self._verify(res, sink, output)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return result
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DynprovError(f"cannot write in {parent}: permission denied or no such directory")
+        from pxe import atomic
+
+        with atomic.streamed(out) as fh:
+            sink = _Hashing(fh)
+            res = self.request("GET", path, sink=sink)
+            self._check(res)
+            return self._verify(res, sink, output)
 
     def _verify(self, res: Response, sink: _Hashing, output: str) -> tuple[str, int]:
         sha = sink.digest.hexdigest()
