@@ -6,8 +6,9 @@ os-switch. It imports nothing but the standard library and pxe.wiki (pxe.config 
 rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
 
 1. find ``paths.state_dir`` with a line scan of the site config (no tomllib on the poll);
-2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change key
-   (pxe.wiki.change_key: a few stat() and two small reads, no SQLite), print it as it is;
+2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change
+   stamp (pxe.wiki.change_key: the stamp writers bump after COMMIT, pxe.stamp, and a stat of
+   the config; no SQLite), print it as it is;
 3. otherwise read the config with tomllib (``paths.state_dir``, ``groups.scheduler_pool``;
    pxe.config.load would import netaddr to check the network section), read one snapshot of
    the state database, rebuild the file atomically (keyed), print it.

@@ -129,6 +129,21 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    bump_stamp(conn)
+
+
+def bump_stamp(conn: sqlite3.Connection) -> None:
+    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed."""
+    from pxe import stamp
+
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if path:
+        try:
+            stamp.bump(path)
+        except OSError:  # a reader then keys on a stale stamp: log loudly, never undo the commit
+            import logging
+
+            logging.getLogger("dynprov.db").error("cannot update the change stamp of %s", path)
 
 
 def get_setting(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
@@ -145,3 +160,11 @@ def log_event(conn: sqlite3.Connection, kind: str, node: str | None = None,
               detail: str = "", run_id: int | None = None) -> None:
     conn.execute("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
                  (time.time(), node, run_id, kind, detail))
+
+
+def log_events(conn: sqlite3.Connection, kind: str, nodes: list[str] | tuple[str, ...],
+               detail: str = "", run_id: int | None = None) -> None:
+    """The same event for many nodes in one statement."""
+    now = time.time()
+    conn.executemany("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                     [(now, n, run_id, kind, detail) for n in nodes])

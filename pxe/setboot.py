@@ -1,14 +1,17 @@
 """set-boot and render: inventory -> plan what each node boots -> render -> stage.
 
-The only place that writes boot files, always under the render lock so two commands on
-overlapping nodes queue instead of interleaving.
+set-boot is one database transaction: `pxe-stage serve` renders each node's loader config from
+the database when the loader asks (pxe.serve.bootconfigs). Per-node files are written only for
+sites whose TFTP/HTTP come from tftpd-hpa/nginx (`[boot] write_files`, or `render --servers`);
+this is the only place that writes them, under the render lock so two commands on overlapping
+nodes queue instead of interleaving.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pxe import atomic, db, dhcp, stage
 from pxe.config import Config
@@ -47,27 +50,30 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
     tokens = {n: secrets.token_urlsafe(24) for n in names} if image else None
     if keep_tokens and image is None:
         tokens = {n.name: n.boot_token for n in nodes if n.boot_token}
-    renderer = Renderer(cfg)
+    target = "os" if image else "local"
     with atomic.locked(cfg.lock_path):
-        inv.set_boot(names, "os" if image else "local", label, tokens)
-        with db.transaction(inv.conn):
-            for name in names:
-                db.log_event(inv.conn, "set-boot", name, label or "local")
-        updated = inv.select(names)
-        files: dict[str, str] = {}
-        for node in updated:
-            files.update(renderer.node_boot_files(node, image))
-        stage.write_files(cfg, files)
+        with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
+            inv.set_boot(names, target, label, tokens)
+            db.log_events(inv.conn, "set-boot", names, label or "local")
+        updated = [replace(n, boot_target=target, desired_os=label or n.desired_os,
+                           boot_token=(tokens or {}).get(n.name)) for n in nodes]
+        if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
+            renderer = Renderer(cfg)
+            files: dict[str, str] = {}
+            for node in updated:
+                files.update(renderer.node_boot_files(node, image))
+            stage.write_files(cfg, files)
     return updated
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                servers: bool = False) -> RenderReport:
-    """Render and install everything: DHCP config (checked by the daemon), boot files, loaders;
-    with ``servers``, also the dnsmasq/tftpd-hpa/nginx configs of pxe.serve.standard_configs."""
+    """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
+    boot-config file tree when files are served by others (``[boot] write_files``); with
+    ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
+    pxe.serve.standard_configs."""
     inv = Inventory(cfg)
     nodes = inv.all()
-    images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
     renderer = Renderer(cfg)
     text = renderer.dhcp_config(nodes)
     if check_only:
@@ -75,9 +81,15 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         return RenderReport(False, 0, 0, [], {})
     with atomic.locked(cfg.lock_path):
         dhcp_changed = dhcp.install(cfg, text, reload=reload)
-        files = renderer.all_boot_files(nodes, images)
-        changed = stage.write_files(cfg, files)
-        pruned = stage.prune(cfg, files)
+        if cfg.boot.write_files or servers:
+            images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
+            files = renderer.all_boot_files(nodes, images)
+            changed = stage.write_files(cfg, files)
+            pruned = stage.prune(cfg, files)
+        else:  # pxe-stage serve renders them per request: no files (and none left stale)
+            files, changed = {}, 0
+            pruned = stage.prune(cfg, ())
+            stage.remove_shared(cfg)
         loaders = stage.install_loaders(cfg)
         if servers:
             from pxe.serve import standard_configs

@@ -25,9 +25,9 @@ scheduler re-images such a node before it gives it to a job that asks for an OS.
 The report file (``<state_dir>/wiki/nodes.wiki``) is what a ``file://`` CLUSTERQUERYURL points at:
 rewritten atomically (temp + rename) by the provisioning run on every state change it sees, and by
 ``cluster-query`` whenever it finds it stale. Its first line is a comment holding the database's
-change key at the time of the read (see change_key) and the time it stops being true (the earliest
-deadline of a node in a run). This module imports only the standard library; sqlite3 only when a
-report is built.
+change stamp at the time of the read (see change_key, pxe.stamp) and the time it stops being
+true (the earliest deadline of a node in a run). This module imports only the standard library
+(and pxe.stamp); sqlite3 only when a report is built.
 """
 
 from __future__ import annotations
@@ -211,50 +211,25 @@ def report_file(state_dir: Path | str) -> str:
 
 
 def change_key(db_path: Path | str, config_path: Path | str | None = None) -> str:
-    """A cheap fingerprint of the database's committed state (no SQLite connection needed).
+    """The database's change stamp (pxe.stamp: every writer rewrites it after COMMIT) and which
+    version of the config file: one small read and one stat, no SQLite file opened.
 
-    The WAL index (``-shm``) header carries a counter SQLite increments on every commit
-    (https://www.sqlite.org/walformat.html, "iChange"), with the WAL's frame count and salts;
-    the database file's header carries its own change counter (bytes 24-27), updated when a
-    checkpoint writes into it. Together with the files' sizes and mtimes this changes with every
-    commit. The header exists twice in the -shm; two different copies mean a writer is mid-update,
-    and the key is "" (never matches: the caller rebuilds).
-
-    Call it ONLY in a process that has no SQLite connection to this database open: closing any
-    descriptor of a file drops every POSIX lock the process holds on it, SQLite's included, and
-    another process may then delete the WAL under the open connection ("disk I/O error", lost
-    writes; https://www.sqlite.org/howtocorrupt.html, section 2.2). cluster-query is such a
-    process; writers refresh with ``keyed=False``.
+    Safe in any process, one holding SQLite connections included (the stamp is not a file
+    SQLite locks), so writers store keyed reports too and Moab's next poll finds them fresh.
+    "" (never matches) while the database has no stamp yet.
     """
-    db = str(db_path)
-    parts: list[str] = []
-    for suffix in ("", "-wal"):
-        try:
-            st = os.stat(db + suffix)
-            parts.append(f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}")
-        except FileNotFoundError:
-            parts.append("-")
+    from pxe import stamp
+
+    mark = stamp.read(db_path)
+    if not mark:
+        return ""
+    if config_path is None:
+        return mark
     try:
-        with open(db + "-shm", "rb") as fh:
-            head = fh.read(96)
-        if head[:48] != head[48:96]:
-            return ""
-        parts.append(head[:48].hex())
-    except FileNotFoundError:
-        parts.append("-")
-    try:
-        with open(db, "rb") as fh:
-            head = fh.read(100)
-        parts.append(head[24:28].hex() + head[92:96].hex())
-    except FileNotFoundError:
-        parts.append("-")
-    if config_path is not None:  # which config file, and which version of it
-        try:
-            st = os.stat(config_path)
-            parts.append(f"{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}")
-        except OSError:
-            parts.append("-")
-    return "/".join(parts)
+        st = os.stat(config_path)
+    except OSError:
+        return mark + "/-"
+    return f"{mark}/{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}"
 
 
 def _header(key: str, until: float | None, now: float) -> str:
@@ -307,16 +282,14 @@ def write(path: Path | str, key: str, report: Report, now: float | None = None) 
 
 def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
             config_path: Path | str | None = None, *, keyed: bool = True) -> str:
-    """Rebuild the report file (if stale, when ``keyed``) and return its text.
+    """Rebuild the report file (if stale, when ``keyed``; always otherwise) and return its text.
 
-    ``keyed=False`` is for processes that hold SQLite connections (see change_key): the report
-    is rebuilt unconditionally and carries no key, so the next exec-mode poll rebuilds it once
-    more with one; file:// readers get the fresh lines either way.
+    The file always carries the change key read before the database (a later commit changes
+    it), so a writer's rebuild (``keyed=False``) is what the next poll prints as it is.
     """
     path = report_file(state_dir)
-    key = "-"
+    key = change_key(db_path, config_path)  # taken before the read: a later commit changes it
     if keyed:
-        key = change_key(db_path, config_path)  # taken before the read: a later commit changes it
         data = cached(path, key)
         if data is not None:
             return data.decode("utf-8")
@@ -333,14 +306,14 @@ def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
     finally:
         conn.close()
     try:
-        return write(path, key, report)
+        return write(path, key or "-", report)
     except OSError:
         return _header("-", report.until, time.time()) + report.text  # cannot write: still answer
 
 
 def refresh_cfg(cfg: Config, *, force: bool = True) -> str:
     """Rewrite the report for a loaded site configuration, from a process that writes the
-    database (the run driver, os-switch, fg-moab, node-power, pools): always rebuilt, unkeyed
-    (see change_key); ``force`` is accepted for callers and changes nothing."""
+    database (the run driver, os-switch, fg-moab, node-power, pools): always rebuilt, keyed by
+    the stamp (see change_key); ``force`` is accepted for callers and changes nothing."""
     return refresh(cfg.db_path, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path,
                    keyed=False)

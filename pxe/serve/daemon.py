@@ -125,8 +125,10 @@ class Daemon:
             return [counters.value(r, active) for r in others
                     if (age := counters.heartbeat_age(r)) is not None and age < PEER_STALE]
 
+        from pxe.serve.bootconfigs import BootConfigs
+
         worker = tftp.Worker(self.tftp_sock, str(self.cfg.paths.tftp_root), self.s, self.slots,
-                             counters.row(row), peers=peers)
+                             counters.row(row), peers=peers, configs=BootConfigs(self.cfg))
         worker.run(stop)
 
     def _http_child(self, row: int) -> None:
