@@ -45,6 +45,10 @@ class Paths:
     secrets_file: Path
 
 
+IPXE_BIOS_LOADER = "undionly.kpxe"  # the default first loaders when [boot] ipxe_http is on
+IPXE_UEFI_LOADER = "ipxe.efi"
+
+
 @dataclass(frozen=True)
 class Boot:
     bios_loader: str = "pxelinux.0"
@@ -229,14 +233,18 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
                        ("state_dir", paths.state_dir)):
         if not value.is_absolute():
             raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
+    ipxe_http = r.get("boot", "ipxe_http", bool, Boot.ipxe_http)
+    # With iPXE over HTTP, TFTP carries only the first loader: iPXE itself (Debian package ipxe).
+    bios_default, uefi_default = (IPXE_BIOS_LOADER, IPXE_UEFI_LOADER) if ipxe_http else \
+        (Boot.bios_loader, Boot.uefi_loader)
     boot = Boot(
-        bios_loader=r.checked("boot", "bios_loader", _loader_name, Boot.bios_loader),
-        uefi_loader=r.checked("boot", "uefi_loader", _loader_name, Boot.uefi_loader),
+        bios_loader=r.checked("boot", "bios_loader", _loader_name, bios_default),
+        uefi_loader=r.checked("boot", "uefi_loader", _loader_name, uefi_default),
         http_port=r.get("boot", "http_port", int, Boot.http_port),
         default_target=r.checked(
             "boot", "default_target", lambda v: validate.choice(v, ("local", "none"), "target"),
             Boot.default_target),
-        ipxe_http=r.get("boot", "ipxe_http", bool, Boot.ipxe_http),
+        ipxe_http=ipxe_http,
         write_files=r.get("boot", "write_files", bool, Boot.write_files),
     )
     groups = Groups(

@@ -1,6 +1,8 @@
 """The state database: one SQLite file (WAL) under the state dir, shared by every command.
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
+Every write goes through transaction(): its COMMIT bumps the change stamp (pxe.stamp) that
+cluster-query's report and serve's rendered boot configs are keyed by.
 All schema lives here so that a reader can see every table in one place.
 """
 

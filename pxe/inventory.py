@@ -276,8 +276,9 @@ class Inventory:
         if bad:
             raise ValueError(f"cannot update {bad}")
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
-                          (*fields.values(), time.time(), name))
+        with db.transaction(self.conn):  # COMMIT bumps the change stamp (pxe.stamp)
+            self.conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
+                              (*fields.values(), time.time(), name))
 
 
 # -- node lists the way sites keep them ----------------------------------------------------

@@ -23,7 +23,8 @@ LOADER_SOURCES: dict[str, tuple[str, ...]] = {
     "pxelinux.0": ("/usr/lib/PXELINUX/pxelinux.0",),
     "ldlinux.c32": ("/usr/lib/syslinux/modules/bios/ldlinux.c32",),
     "grubx64.efi": ("/usr/lib/grub/x86_64-efi/monolithic/grubnetx64.efi",),
-    "ipxe.efi": ("/usr/lib/ipxe/ipxe.efi",),
+    "ipxe.efi": ("/usr/lib/ipxe/ipxe.efi", "/boot/ipxe.efi"),
+    "snponly.efi": ("/usr/lib/ipxe/snponly.efi",),
     "undionly.kpxe": ("/usr/lib/ipxe/undionly.kpxe",),
 }
 

@@ -44,8 +44,8 @@ def test_dhcp_configs_have_a_host_per_node_and_arch_boot_files(site):
     assert "dhcp-host=52:54:00:bb:00:01,52:54:00:bb:00:02,multi,infinite" in dnsmasq_text
     # iPXE over HTTP by default: TFTP carries only the first loader.
     assert "dhcp-boot=tag:ipxe,http://198.18.0.1:8080/boot.ipxe" in dnsmasq_text
-    assert "dhcp-boot=tag:!ipxe,tag:efi64,grubx64.efi,,198.18.0.1" in dnsmasq_text
-    assert "dhcp-boot=tag:!ipxe,tag:!efi64,pxelinux.0,,198.18.0.1" in dnsmasq_text
+    assert "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,198.18.0.1" in dnsmasq_text
+    assert "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,198.18.0.1" in dnsmasq_text
     isc_text = Renderer(cfg).dhcp_config(nodes, "isc")
     assert "host multi-1 { hardware ethernet 52:54:00:bb:00:02;" in isc_text
     assert "fixed-address 198.18.0.12;" in isc_text
@@ -88,8 +88,10 @@ def test_rejected_config_keeps_the_old_one(tmp_path, backend):
 
 
 def write_files(site):
-    """A site whose TFTP/HTTP come from tftpd-hpa/nginx: loader configs as files."""
-    site.config_path.write_text(site.config_path.read_text() + "\n[boot]\nwrite_files = true\n")
+    """A site whose TFTP/HTTP come from tftpd-hpa/nginx: loader configs as files (and pxelinux
+    and GRUB over TFTP, as such sites boot)."""
+    site.config_path.write_text(site.config_path.read_text()
+                                + "\n[boot]\nwrite_files = true\nipxe_http = false\n")
     return site
 
 

@@ -90,6 +90,11 @@ class BootConfigs:
                 return kind, m.group(1).replace(sep, ":")
         return None
 
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
     # -- inside ----------------------------------------------------------------------------
     def _current_key(self) -> tuple[str, int] | None:
         mark = stamp.read(self.db_path)  # before reading the database (see pxe.stamp)
