@@ -8,7 +8,9 @@ One aggregated call (AGGREGATENODEACTIONS TRUE: `os-switch n[0001-1000] --set OS
 the state database is polled until every node of the run is power-cycled or failed. Reported:
 how long the call blocked (Moab's scheduling loop waits that long), the detached driver's start,
 its render + stage of every node's boot files plus the netboot fan-out (from the run's own
-timestamped events), and the whole request -> all power-cycled time.
+timestamped events), and the whole request -> all power-cycled time; then, on the same virtual
+BMCs, the baseline: the same power cycle of every node through FreeIPMI's ipmipower. Ends with
+`RESULT ...` (tools/bench_common.result).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_common as bc  # noqa: E402
 
 from pxe import config, db, run  # noqa: E402
 from pxe.images import Catalog  # noqa: E402
@@ -52,6 +58,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=None,
                    help="[power] ipmi_sessions: IPMI sessions in flight (default: the power "
                         "layer's)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-os-switch-") as tmp:
         root = Path(tmp)
@@ -107,19 +114,54 @@ def main() -> int:
             while run.driver_running(cfg) and time.time() < stop:
                 time.sleep(0.2)
             conn.close()
+            baseline = ipmipower_cycle(root, base, args.nodes)
     cycled = phases.get("run-power-cycled", (0, 0, 0))
     boot = phases.get("set-boot", (0, 0, 0))
     requested = phases.get("run-requested", (0, 0, 0))
+    n_failed = phases.get("run-failed", (0, 0, 0))[2]
     print(f"os-switch on {args.nodes} nodes, {args.nodes} virtual IPMI BMCs in "
-          f"{args.bmc_processes} processes")
+          f"{args.bmc_processes} processes; {bc.load_note()}")
     print(f"  os-switch call returned (Moab blocked)   {returned - start:7.2f} s")
-    print(f"  request recorded -> driver at set-boot   {boot[0] - requested[0]:7.2f} s")
-    print(f"  boot files rendered + staged, power      {cycled[1] - boot[1]:7.2f} s")
+    print(f"  request recorded -> driver at set-boot   {_span(requested[0], boot[0])}")
+    print(f"  boot set + netboot fan-out               {_span(boot[1], cycled[1])}")
     print(f"  request -> all power-cycled              {done - start:7.2f} s "
-          f"({cycled[2]} power-cycled, {phases.get('run-failed', (0, 0, 0))[2]} failed)")
+          f"({cycled[2]} power-cycled, {n_failed} failed)")
+    print(f"  baseline: ipmipower --cycle, same BMCs   {baseline[0]:7.2f} s "
+          f"({baseline[1]} cycled)")
     for node, reason in failed:
         print(f"    {node}: {reason}")
+    fields = {"nodes": args.nodes, "switch_s": done - start, "cycled": cycled[2],
+              "failed": n_failed, "ipmipower_s": baseline[0], "ipmipower_ok": baseline[1],
+              "vs_ipmipower": (done - start) / baseline[0] if baseline[0] > 0 else "n/a"}
+    if args.json:
+        import json
+
+        print(json.dumps(fields, sort_keys=True))
+    bc.result(fields)
     return 0 if cycled[2] == args.nodes else 1
+
+
+def _span(first: float, last: float) -> str:
+    """Seconds between two event times; 'n/a' when either phase has no event (a failed node)."""
+    return f"{last - first:7.2f} s" if first and last and last >= first else "    n/a"
+
+
+def ipmipower_cycle(root: Path, base: int, count: int) -> tuple[float, int]:
+    """The baseline: the same power cycle of every node through FreeIPMI's ipmipower
+    (password in a 0600 config file, never argv) -> (seconds, nodes that answered ok)."""
+    import shutil
+
+    if not shutil.which("ipmipower"):
+        return float("nan"), 0
+    conf = root / "freeipmi.conf"
+    conf.write_text(f"username admin\npassword {PASSWORD}\n")
+    conf.chmod(0o600)
+    hosts = ",".join(f"127.0.0.1:{base + i}" for i in range(count))
+    start = time.perf_counter()
+    out = subprocess.run(["ipmipower", "-D", "LAN_2_0", "--config-file", str(conf), "-h", hosts,
+                          "--cycle"], capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    return seconds, sum(1 for line in out.stdout.splitlines() if line.endswith(": ok"))
 
 
 if __name__ == "__main__":
