@@ -279,8 +279,9 @@ def report_file(state_dir: Path | str) -> str:
 
 
 def change_key(db_path: Path | str, config_path: Path | str | None = None) -> str:
-    """The database's change stamp (pxe.stamp: every writer rewrites it after COMMIT) and which
-    version of the config file: one small read and one stat, no SQLite file opened.
+    """The database's change stamp (pxe.stamp: every writer rewrites it after COMMIT), which
+    database file (device, inode) and which version of the config file: one small read and two
+    stats, no SQLite file opened.
 
     Safe in any process, one holding SQLite connections included (the stamp is not a file
     SQLite locks), so writers store keyed reports too and Moab's next poll finds them fresh.
@@ -289,8 +290,13 @@ def change_key(db_path: Path | str, config_path: Path | str | None = None) -> st
     from pxe import stamp
 
     mark = stamp.read(db_path)
+    try:  # which database file: one moved away or replaced is another database
+        st = os.stat(db_path)
+    except OSError:
+        return ""
     if not mark:
         return ""
+    mark = f"{mark}/{st.st_dev}.{st.st_ino}"
     if config_path is None:
         return mark
     try:
