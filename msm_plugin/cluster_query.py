@@ -124,11 +124,19 @@ def build_parser():  # type: ignore[no-untyped-def]  # argparse only when asked 
     p.add_argument("--refresh", action="store_true",
                    help="rebuild the report file if it is stale and print nothing (for a timer "
                         "keeping a file:// URL fresh)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    from pxe.cli import guard
+
+    return guard.run(PROG, _main, argv)
+
+
+def _main(args: list[str]) -> int:
     config_path = os.environ.get("DYNPROV_CONFIG") or DEFAULT_CONFIG
     refresh_only = False
     if args:  # Moab passes none: the poll never pays for argparse
