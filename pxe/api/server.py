@@ -30,12 +30,15 @@ class ApiDaemon(daemon.Daemon):
 
     def _http_child(self, row: int) -> None:
         import uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
         from pxe.api.app import create_app
+        from pxe.serve.deadlines import guarded
 
         app = create_app(self.cfg, self.api)
+        protocol = guarded(H11Protocol, self.api.timeout, self.api.timeout, self.api.max_per_client)
         config = uvicorn.Config(
-            app, ws="none", lifespan="off", loop="asyncio", log_config=None,
+            app, http=protocol, ws="none", lifespan="off", loop="asyncio", log_config=None,
             access_log=self.api.access_log, server_header=False, proxy_headers=False,
             ssl_certfile=str(self.api.cert), ssl_keyfile=str(self.api.key),
             timeout_keep_alive=5)
