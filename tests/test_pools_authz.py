@@ -4,7 +4,8 @@ The commands run as those users through `runuser -u USER --` (a real uid, a real
 When the test interpreter lives under a directory other users cannot enter (a pyenv under
 /root, mode 0700), the command runs in a private mount namespace in which that directory is a
 tmpfs holding only the interpreter's tree: the user still runs with its own uid and groups,
-and nothing outside that short-lived namespace changes.
+and nothing outside that short-lived namespace changes. The checkout itself may be anywhere (a
+clone in a 0700 home): the code the users run is a copy staged in a temp dir they can read.
 """
 
 from __future__ import annotations
@@ -64,12 +65,38 @@ class Users:
     member: str
     outsider: str
     wrap: list[str]  # prefix that makes an argv run as a user: [..., USER-placeholder, ...]
+    code: Path  # a copy of the code the users can read (PYTHONPATH and cwd of their commands)
 
-    def as_user(self, user: str, argv: list[str], env: dict[str, str] | None = None,
-                ) -> subprocess.CompletedProcess:
+    def as_user(self, user: str, argv: list[str]) -> subprocess.CompletedProcess:
         prefix = [user if part == "{user}" else part for part in self.wrap]
+        env = {**os.environ, "PYTHONPATH": str(self.code)}
         return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120,
-                              cwd=ROOT, env=env)
+                              cwd=self.code, env=env)
+
+
+@pytest.fixture(scope="module")
+def staged_code() -> Iterator[Path]:
+    """pxe/, msm_plugin/ and templates/ copied where the throw-away users can read them: the
+    checkout may sit in a home only its owner can enter (0700 on Debian)."""
+    parent = None
+    for base in (None, "/tmp"):
+        candidate = Path(tempfile.mkdtemp(prefix="dynprov-code-", dir=base))
+        if not _blocked_ancestors(candidate):
+            parent = candidate
+            break
+        shutil.rmtree(candidate, ignore_errors=True)
+    if parent is None:
+        raise AssertionError("no temp dir other users can enter (TMPDIR and /tmp are private)")
+    try:
+        parent.chmod(0o755)
+        ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in ("pxe", "msm_plugin", "templates"):
+            shutil.copytree(ROOT / name, parent / name, ignore=ignore)
+        for path in parent.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield parent
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def _sh(*argv: str) -> None:
@@ -77,7 +104,7 @@ def _sh(*argv: str) -> None:
 
 
 @pytest.fixture
-def users() -> Iterator[Users]:
+def users(staged_code: Path) -> Iterator[Users]:
     tag = secrets.token_hex(3)
     group, member, outsider = f"dpg{tag}", f"dpm{tag}", f"dpo{tag}"
     created: list[tuple[str, str]] = []
@@ -98,9 +125,7 @@ def users() -> Iterator[Users]:
                             "other users and cannot be exposed here")
             wrap = ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
                     "-c", _EXPOSE, str(blocked[0]), inner, "{user}", "--"]
-        if _blocked_ancestors(ROOT / "pxe" / "pools.py"):
-            pytest.skip(f"{ROOT} is not readable by other users")
-        found = Users(group=group, member=member, outsider=outsider, wrap=wrap)
+        found = Users(group=group, member=member, outsider=outsider, wrap=wrap, code=staged_code)
         probe = found.as_user(outsider, [sys.executable, "-c", "import pxe.cli.fg_pool"])
         if probe.returncode != 0:
             pytest.skip(f"a test user cannot run the interpreter: {probe.stderr.strip()[-200:]}")
