@@ -110,6 +110,10 @@ def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(env) if env else Path(DEFAULT_PATH)
 
 
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a table"}
+
+
 class _Reader:
     """Reads typed keys from one section and names the file and key in every complaint."""
 
@@ -140,7 +144,8 @@ class _Reader:
         if kind is float and isinstance(value, int):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"{sec}.{key}", f"must be a {kind.__name__}, got {value!r}")
+            raise self.fail(f"{sec}.{key}", f"must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                                             f"got {value!r}")
         return value
 
     def bounded(self, sec: str, key: str, low: int, high: int, default: int) -> int:

@@ -61,6 +61,8 @@ def count(spec: str) -> int:
                 raise InputError(f"invalid node set {_short(spec)}: unbalanced brackets")
             size *= _group_size(rest[start + 1:end], spec)
             rest = rest[end + 1:]
+        if len(pattern.strip()) - sum(len(g) + 2 for g in re.findall(r"\[([^\]]*)\]", pattern)) > 63:
+            raise InputError(f"invalid node set {_short(spec)}: node names are at most 63 characters")
         total += size
     return total
 

@@ -21,7 +21,7 @@ from pxe.errors import DynprovError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_FLAG = "--debug"
-DEBUG_HELP = "on an unexpected error, print the Python traceback (also DYNPROV_DEBUG=1)"
+DEBUG_HELP = "on an error, also print the Python traceback (also DYNPROV_DEBUG=1)"
 MAX_MESSAGE = 400  # characters of one message line: a 1 MB argument is not echoed back whole
 
 
