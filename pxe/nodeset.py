@@ -89,9 +89,9 @@ def expand(spec: str | Iterable[str], limit: int = DEFAULT_MAX_NODES) -> list[st
     Refuses (InputError, before expanding) a set of more than ``limit`` names, anything that is
     not node-set syntax, and names that are not valid node names.
     """
+    specs = check_size(spec, limit)  # before importing ClusterShell: a refusal costs ~0.1 ms
     from ClusterShell.NodeSet import NodeSet, NodeSetParseError, RangeSetParseError
 
-    specs = check_size(spec, limit)
     nodes = NodeSet()
     for item in specs:
         try:

@@ -90,6 +90,7 @@ def _raise(exc):
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 2,
      "prog: input is not valid UTF-8 text"),
     (MemoryError(), 1, "prog: out of memory\n"),
+    (ConnectionRefusedError(111, "Connection refused"), 1, "prog: Connection refused\n"),
     (KeyError("x"), 1, "prog: internal error: KeyError: 'x' (run again with --debug"),
     (KeyboardInterrupt(), 130, "prog: interrupted\n"),
 ])

@@ -54,8 +54,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, PermissionError):
         where = exc.filename or "a file"
         return f"permission denied: {where} (run as root or through sudo)", EXIT_FAILED
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", EXIT_FAILED
     if isinstance(exc, UnicodeError):
         return f"input is not valid UTF-8 text: {exc}", EXIT_USAGE
     if isinstance(exc, MemoryError):
