@@ -112,3 +112,11 @@ def test_api_times_out_half_sent_requests_and_caps_clients(tmp_path):
                 return c.get("/healthz").status_code
 
         _check_deadlines_and_cap(port, normal_get, wrap=wrap)
+
+        # A TLS client that connects and never sends its hello is closed after the timeout too.
+        with _sockets() as held:
+            for _ in range(10):
+                held.append(_connect(port, "127.0.0.4", None))
+            assert normal_get() == 200
+            wait_for(lambda: all(_closed_by_server(s) for s in held),
+                     "every silent TLS connection closed", timeout=TIMEOUT + 15, every=0.2)

@@ -12,7 +12,9 @@ worker) forever. Found by a load run (issue 15): 50 half-sent requests were stil
   with reading paused by us (the app not consuming the body yet) does not count;
 - a cap of ``max_per_client`` open connections per client address (per worker process); the
   next one gets `503` and is closed.
-Used by `pxe-stage serve` (boot files) and the REST service (pxe/api/server.py).
+Used by `pxe-stage serve` (boot files) and the REST service (pxe/api/server.py), which also
+bounds the TLS handshake by the same timeout (it happens before this protocol sees the
+connection).
 """
 
 from __future__ import annotations
