@@ -459,3 +459,46 @@ def test_api_wrong_password_and_forged_token(api):
     forged = {"Authorization": "Bearer " + "A" * 40}
     assert client.post("/api/v1/pools", json={"name": "x"}, headers=forged).status_code == 401
     assert _stored(site, logins=True) == before
+
+
+# -- every console script ends in the one handler ----------------------------------------------
+FIFO_CONFIG_ARGV = {
+    "pxe-stage": ("--config", "{fifo}", "nodes", "list"),
+    "os-switch": ("n001", "--set", "OS=base", "--config", "{fifo}"),
+    "cluster-query": ("--config", "{fifo}"),
+    "node-power": ("n001", "ON", "--config", "{fifo}"),
+    "fg-moab": ("--site-config", "{fifo}", "-used", "n001"),
+    "fg-moab-image": ("--config", "{fifo}", "-list"),
+    "fg-moab-group": ("--config", "{fifo}", "-list"),
+    "fg-pool": ("--config", "{fifo}", "-list"),
+    "fg-image-generate": ("--config", "{fifo}", "-label", "x", "-o", "{out}"),
+}
+
+
+def test_every_console_script_is_covered():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == set(FIFO_CONFIG_ARGV) == set(MODULES)
+    for name, target in scripts.items():
+        assert MODULES[name] == target.split(":")[0]
+
+
+@pytest.mark.parametrize("cmd", sorted(FIFO_CONFIG_ARGV))
+def test_fifo_config_is_one_line_in_every_console_script(bench, cmd, tmp_path):
+    """A FIFO as the config: refused at once (no blocking read), one line, no traceback."""
+    argv = [a.replace("{fifo}", str(bench.inputs / "fifo")).replace("{out}", str(tmp_path / "o"))
+            for a in FIFO_CONFIG_ARGV[cmd]]
+    before = bench.site.snapshot()
+    proc = _run(bench, cmd, argv, timeout=30)
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and str(bench.inputs / "fifo") in out, out
+    if cmd == "cluster-query":  # Moab's poll: always 0, the problem as a comment line
+        assert proc.returncode == 0 and proc.stdout.startswith("# cluster-query: ")
+    elif cmd == "node-power":  # Moab reads stdout
+        assert proc.returncode == 2 and proc.stdout.startswith("ERROR: node-power: ")
+    else:
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, out
+        assert proc.stderr.startswith(f"{cmd}: ")
+    assert bench.site.snapshot() == before
+    assert not (tmp_path / "o").exists()
