@@ -288,19 +288,17 @@ def test_debug_flag_shows_the_traceback(bench):
     assert "Traceback" in proc.stderr and proc.stderr.splitlines()[-1].startswith("pxe-stage: ")
 
 
-def test_unexpected_error_is_one_line_with_exit_1(bench, tmp_path):
+def test_unexpected_error_is_one_line_with_exit_1(tmp_path):
     """A state database that is not SQLite: no traceback, exit 1, --debug named."""
     site = make_site(tmp_path / "site")
     db = site.cfg.db_path
     db.parent.mkdir(parents=True)
     db.write_bytes(b"this is not a database" * 100)
-    before = site.snapshot
     proc = subprocess.run([sys.executable, "-m", "pxe.cli.main", "--config", str(site.config_path),
                            "nodes", "list"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("pxe-stage: ") and len(proc.stderr.splitlines()) == 1
     assert db.read_bytes() == b"this is not a database" * 100
-    del before
 
 
 # -- as an unprivileged user, without sudo -----------------------------------------------------
