@@ -338,11 +338,14 @@ def _build_classes() -> tuple[type, type]:
                     # in the queue): the same session answers again, with the same id.
                     known.send_payload(bytearray(known.open_answer), 0x11, retry=False)
                     return
-                crossed = self.cross_logins > 0
-                if crossed:  # slow to answer, so the client resends; then stock pyghmi
+                # A crossed login: slow to answer, so the client resends; then, like stock
+                # pyghmi, a new session (id) for every copy of the request.
+                crossed = isinstance(known, _Session) and known.crossed
+                if self.cross_logins > 0 and not crossed:
                     self.cross_logins -= 1
                     self.journal.write(bmc=self.name, event="login-crossed")
                     time.sleep(CROSS_PAUSE)
+                    crossed = True
                 session = _Session(self.authdata, self.kg, sockaddr, self.serversocket,
                                    bytearray(data)[16:], self.uuid, bmc=self)
                 session.crossed = crossed
