@@ -11,14 +11,20 @@ Built on pyghmi's server-side ``Bmc`` with two faults of pyghmi 1.6.19 fixed (se
 2. A packet for a session that was just replaced reached ``ServerSession.sessionless_data``
    (which does not exist), raised AttributeError and ended the server loop. ``_Session`` hands
    such packets to its Bmc.
+3. A resent Open Session Request got a new session id, so the client's RAKP2 check failed with
+   the right password under load ("wrong password (RAKP2 check)"); see
+   ``create_open_session_response``.
+4. Each BMC socket's blocking mode was flipped per call by two threads, which left the I/O
+   thread blocked on one socket and the whole process deaf; see ``quiet_io``.
 
 Also, beyond stock pyghmi: RAKP is done here for suite 3 and, when asked for
 (``cipher_suites=(3, 17)``), suite 17 (HMAC-SHA256, HMAC-SHA256-128, AES-CBC-128), so clients can
 be tested on both; an unknown user name gets RAKP2 status 0x0D (unauthorized name) instead
 of silence; the boot-flags parameter (5) is parsed in full (valid, persistent and EFI bits are kept
 and reported back by Get System Boot Options); a closed session is forgotten; ``drop_first`` makes
-the BMC ignore its first N datagrams (a BMC that is slow to wake up); every change is appended to
-a JSON-lines journal so a test can see what the BMC side observed.
+the BMC ignore its first N datagrams (a BMC that is slow to wake up) and ``Faults`` adds others
+(crossed logins, lost chassis-control answers); every change is appended to a JSON-lines journal
+so a test can see what the BMC side observed.
 
 Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
 ``tools/vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
