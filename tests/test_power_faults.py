@@ -82,3 +82,30 @@ def test_thread_left_behind_at_the_time_limit_does_not_act(site, tmp_path: Path)
     assert (res.ok, res.kind) == (False, "timeout") and answered < 5.0
     assert powered == []
     assert len(dropped) < 10  # the engine stopped sending: the BMC never used up its drops
+
+
+def test_worker_thread_left_behind_at_the_time_limit_does_not_act(site):
+    # Redfish goes through the worker pool: the emulator answers its GETs slowly, so the worker
+    # is still reading the system when the call gives up; it must not then power the node on.
+    from test_power_support import USER, redfish
+
+    from pxe.lab.machine import SimulatedMachine
+    from pxe.lab.redfish_emulator import _Handler
+
+    class SlowReads(_Handler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            time.sleep(1.0)
+            super().do_GET()
+
+    cfg = power_config(site, timeout=5.0, retries=0, redfish_scheme="http")
+    machine = SimulatedMachine("w001")
+    with redfish({"w001": machine}) as server:
+        server.RequestHandlerClass = SlowReads
+        add_nodes(cfg, [{"name": "w001", "mac": "52:54:00:30:00:01", "bmc_type": "redfish",
+                         "bmc_address": "127.0.0.1", "bmc_port": server.server_address[1],
+                         "bmc_user": USER}])
+        res = power.run(cfg, "w001", "on", time_limit=0.5)["w001"]
+        time.sleep(6.0)  # the worker's GETs end meanwhile
+        resets = [e for e in server.events if e["event"] == "reset"]
+    assert (res.ok, res.kind) == (False, "timeout")
+    assert machine.power_state() == "off" and resets == [], resets
