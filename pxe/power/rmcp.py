@@ -17,7 +17,12 @@ An action is a generator (see ``ipmi.py``): it yields ``Request``s and receives 
 - within an attempt, a lost packet is sent again after ``retransmit`` s (doubling, at most 1 s);
 - an attempt that does not finish within ``timeout`` s, or that the network refuses (ICMP
   unreachable on the connected socket), is retried from scratch on a new socket, ``retries`` times;
-- a wrong password, an unknown user or a refused command is final at once.
+- a wrong password, an unknown user or a refused command is final at once - except a RAKP2
+  that fails its check after we resent Open Session or RAKP1 (or says "invalid session ID"):
+  that can be a BMC that answered another copy of our request, so it gets one fresh session;
+- a chassis control (``Request.resend`` False) is never retransmitted: a second copy can cycle
+  a node twice. Its attempt waits out the timeout, and the action reads the state first in the
+  next attempt (``ipmi.py``). Nothing that changes a node is sent once ``cancelled`` is set.
 The password is only ever used as an HMAC key in this process; it is never logged.
 """
 
