@@ -202,7 +202,6 @@ def test_resent_open_session_request_keeps_its_session_and_rakp2_verifies(tmp_pa
             sock.close()
 
 
-@pytest.mark.unit
 def test_vbmc_socket_io_never_changes_a_sockets_blocking_mode():
     """pyghmi flipped each shared socket's mode per call; a flip between the I/O thread's
     setblocking(0) and its read left the read blocked: the whole process deaf."""
