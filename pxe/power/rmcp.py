@@ -357,8 +357,10 @@ class Session:
         icv = hmac.new(self.sik, self.rm + self.sidc + self.guid,
                        self.suite.hash).digest()[:self.suite.icv_len]
         if not hmac.compare_digest(icv, p[8:8 + self.suite.icv_len]):
+            # After a resent RAKP1 this RAKP4 may answer the RAKP3 of the other RAKP2 (another
+            # random number, other keys): one fresh session, as for RAKP2 above.
             raise IpmiFailure("auth", "authentication failed: the BMC's RAKP4 check is wrong "
-                                      "(a BMC key, Kg, is set?)")
+                                      "(a BMC key, Kg, is set?)", fresh_once=self.login_resent)
         self.state = "session"
         if self.t.privilege > PRIV_USER:
             self._command(Request(0x06, 0x3B, bytes([self.t.privilege])), internal=True)
