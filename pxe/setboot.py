@@ -13,13 +13,16 @@ import secrets
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pxe import atomic, db, dhcp, stage
+from pxe import atomic, db
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
-from pxe.images import Catalog, Image
+from pxe.images import Catalog
 from pxe.inventory import Inventory
-from pxe.render import Renderer
+
+if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
+    from pxe.images import Image
 
 
 @dataclass
@@ -73,6 +76,9 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             inv.set_boot(names, target, label, tokens)
             db.log_events(inv.conn, "set-boot", names, label or "local")
         if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
+            from pxe import stage
+            from pxe.render import Renderer
+
             renderer = Renderer(cfg)
             files: dict[str, str] = {}
             for node in inv.select(names):
@@ -100,6 +106,9 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
     pxe.serve.standard_configs."""
+    from pxe import dhcp, stage
+    from pxe.render import Renderer
+
     inv = Inventory(cfg)
     nodes = inv.all()
     renderer = Renderer(cfg)
