@@ -110,7 +110,8 @@ def slurm_lines(cfg: Config, conn: Any) -> list[str]:
         "# power saving (takes effect with SuspendTime=...): on into the jobs' OS, off when idle",
         f"ResumeProgram={tool(ss, 'dynprov-slurm-resume')}",
         f"SuspendProgram={tool(ss, 'dynprov-slurm-suspend')}",
-        "# each node's possible OSes: merge Feature= into the node's own NodeName line",
+        "# the OSes each node can boot, for reference: node_features/helpers already offers",
+        "# every helpers.conf feature to every node (no Feature= needed on NodeName lines)",
     ]
     for name, arch in toolkit.scheduler_nodes(cfg, conn):
         if by_arch.get(arch):

@@ -19,7 +19,7 @@ import pytest
 from test_run_support import add_images, configure, node_rows, stop_runs
 from test_power_support import add_nodes, vbmc
 from test_serve_support import serve_process
-from test_slurm_support import Booter, FakeNode, SlurmLab, cli, wait_until
+from test_slurm_support import Booter, FakeNode, SlurmLab, cli, slurm_tools, wait_until
 
 from pxe import db
 from slurm_plugin import toolkit
@@ -78,7 +78,9 @@ def _events(cfg, kind: str) -> list[tuple[str, str]]:
 def test_sbatch_constraint_reimages_the_node(site: Site, tmp_path: Path) -> None:
     with provisioned(site, tmp_path, 2) as (booter, _url):
         cfg = site.cfg
-        lab = SlurmLab(tmp_path / "slurm", booter.nodes)
+        with open(site.config_path, "a") as fh:
+            fh.write(f'\n[slurm]\ntools_dir = "{slurm_tools(tmp_path)}"\nresume_timeout = 90\n')
+        lab = SlurmLab(tmp_path / "slurm", booter.nodes, site_config=site.config_path)
         lab.labels = sorted(LABELS)
         with lab:
             booter.slurm = lab

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -101,6 +102,18 @@ class FakeNode:
     def calls(self) -> list[str]:
         path = self.root / "calls.log"
         return [ln.split(" ", 1)[1] for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def slurm_tools(base: Path) -> Path:
+    """dynprov-slurm-* commands as an install would put them (for ``[slurm] tools_dir``)."""
+    tools = base / "tools"
+    tools.mkdir(parents=True, exist_ok=True)
+    for what in ("helper", "reboot", "resume", "suspend"):
+        path = tools / f"dynprov-slurm-{what}"
+        path.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT}\nexport PYTHONPATH\n"
+                        f"exec {sys.executable} -m slurm_plugin.cli {what} \"$@\"\n")
+        path.chmod(0o755)
+    return tools
 
 
 def boot_file_args(cfg: Any, mac: str) -> dict[str, str] | None:
@@ -195,22 +208,25 @@ class SlurmLab:
     """A private Slurm cluster in ``base``: munged (own socket and key), slurmctld, slurmd -N."""
 
     def __init__(self, base: Path, nodes: dict[str, FakeNode], *, resume_timeout: int = 90,
-                 extra: Sequence[str] = ()):
+                 extra: Sequence[str] = (), site_config: Path | None = None):
         self.base = base
         self.nodes = nodes
         self.tag = f"dp{random.randrange(16**6):06x}"
         self.host = socket.gethostname()
         self.ctld_port, self.slurmd_port = free_port(), free_port()
         self.node_ports = {n: free_port() for n in nodes}
-        self.munge_socket = base / "munge" / "munge.socket"
+        # munged runs as munge and checks every parent of its files: not under pytest's 0700 dirs
+        self.munge_dir = Path(tempfile.mkdtemp(prefix=f"dynprov-munge-{self.tag}-"))
+        self.munge_socket = self.munge_dir / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.resume_timeout = resume_timeout
         self.extra = list(extra)
         self.labels: list[str] = []
+        self.site_config = site_config  # slurmctld's block comes from `dynprov-slurm config`
 
     # config ------------------------------------------------------------------------------------
-    def conf_text(self, reboot_program: str) -> str:
+    def conf_text(self, reboot_program: str | None) -> str:
         b = self.base
         lines = [
             f"ClusterName={self.tag}",
@@ -233,11 +249,11 @@ class SlurmLab:
             "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
             "SlurmdTimeout=300", "InactiveLimit=0", "MinJobAge=300",
             "SchedulerParameters=bf_interval=1,sched_interval=1",
-            "NodeFeaturesPlugins=node_features/helpers",
-            f"RebootProgram={reboot_program}",
-            f"ResumeTimeout={self.resume_timeout}",
             *self.extra,
         ]
+        if reboot_program:
+            lines += ["NodeFeaturesPlugins=node_features/helpers",
+                      f"RebootProgram={reboot_program}", f"ResumeTimeout={self.resume_timeout}"]
         for name in self.nodes:
             lines.append(f"NodeName={name} NodeAddr={LOOPBACK} NodeHostname={self.host} "
                          f"Port={self.node_ports[name]} CPUs=1 RealMemory=100 State=UNKNOWN")
@@ -251,8 +267,15 @@ class SlurmLab:
         ctld = self.base / "etc"
         ctld.mkdir(parents=True, exist_ok=True)
         # slurmctld's copy: the helper is never run there, but the plugin reads the features
-        (ctld / "slurm.conf").write_text(self.conf_text("/bin/true"))
-        (ctld / "helpers.conf").write_text(self.helpers_text("/bin/true"))
+        if self.site_config is None:
+            (ctld / "slurm.conf").write_text(self.conf_text("/bin/true"))
+            (ctld / "helpers.conf").write_text(self.helpers_text("/bin/true"))
+        else:
+            (ctld / "slurm.conf").write_text(self.conf_text(None))
+            proc = cli("config", "-install", str(ctld / "slurm.conf"),
+                       env={"DYNPROV_CONFIG": str(self.site_config)})
+            if proc.returncode != 0:
+                raise RuntimeError(f"dynprov-slurm config -install: {proc.stderr.strip()}")
         for name, node in self.nodes.items():
             etc = self.base / "etc-nodes" / name
             etc.mkdir(parents=True, exist_ok=True)
@@ -334,6 +357,7 @@ class SlurmLab:
             _kill(self.procs[key])
         _kill(self.procs.get("slurmctld"))
         _kill(self.procs.get("munged"))
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
         # a job step or helper a slurmd left behind: only children of our daemons' sessions
         # are ours, and they died with them (slurmstepd exits when its slurmd is gone)
 
