@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_run_support import add_images, configure, node_rows, stop_runs
 from test_power_support import add_nodes, vbmc
+from test_run_support import add_images, configure, node_rows, stop_runs
 from test_serve_support import serve_process
 from test_slurm_support import Booter, FakeNode, SlurmLab, cli, slurm_tools, wait_until
 
