@@ -24,6 +24,54 @@ from pxe.errors import DynprovError, InputError
 PROG = "dynprov-slurm"
 
 
+HELP = {
+    "helper": "node_features helper: print the running image's label, or ask for FEATURE at "
+              "the next boot",
+    "reboot": "RebootProgram: ask the server to re-image and power-cycle this node",
+    "enroll": "at boot, before the agent's ready report: get this node's key with the boot's "
+              "one-time token",
+    "resume": "ResumeProgram: power nodes on into the OS their jobs ask for ($SLURM_RESUME_FILE), "
+              "else the one they had",
+    "suspend": "SuspendProgram: power nodes off",
+}
+ALIASES = ("helper", "reboot", "resume", "suspend")  # commands of their own: dynprov-slurm-<verb>
+
+
+def _add_args(verb: str, p: argparse.ArgumentParser) -> None:
+    if verb == "helper":
+        p.add_argument("feature", nargs="?", help="image label to boot next")
+    elif verb in ("resume", "suspend"):
+        p.add_argument("nodes", metavar="NODELIST", help="Slurm host list, e.g. n[001-004]")
+        p.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
+
+
+def alias_parser(verb: str) -> argparse.ArgumentParser:
+    """The parser of dynprov-slurm-<verb> (what slurm.conf / helpers.conf name)."""
+    p = argparse.ArgumentParser(
+        prog=f"{PROG}-{verb}", description=f"{HELP[verb]}. The same as '{PROG} {verb}': Slurm "
+                                           "runs this program without arguments of ours.",
+        epilog="Exit status: 0 ok, 1 failed or refused, 2 bad input. See dynprov-slurm(1).")
+    _add_args(verb, p)
+    p.set_defaults(command=verb)
+    return p
+
+
+def build_helper_parser() -> argparse.ArgumentParser:
+    return alias_parser("helper")
+
+
+def build_reboot_parser() -> argparse.ArgumentParser:
+    return alias_parser("reboot")
+
+
+def build_resume_parser() -> argparse.ArgumentParser:
+    return alias_parser("resume")
+
+
+def build_suspend_parser() -> argparse.ArgumentParser:
+    return alias_parser("suspend")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -47,25 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--helpers", metavar="FILE", type=Path,
                    help="helpers.conf to write with -install (default: beside SLURM_CONF)")
     c.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
-    h = sub.add_parser("helper", help="node_features helper: print the running image's label, "
-                                      "or ask for FEATURE at the next boot")
-    h.add_argument("feature", nargs="?", help="image label to boot next")
-    sub.add_parser("reboot", help="RebootProgram: ask the server to re-image and power-cycle "
-                                  "this node")
-    sub.add_parser("enroll", help="at boot, before the agent's ready report: get this node's "
-                                  "key with the boot's one-time token")
-    for verb, text in (("resume", "ResumeProgram: power nodes on into the OS their jobs ask "
-                                  "for ($SLURM_RESUME_FILE), else the one they had"),
-                       ("suspend", "SuspendProgram: power nodes off")):
-        v = sub.add_parser(verb, help=text)
-        v.add_argument("nodes", metavar="NODELIST", help="Slurm host list, e.g. n[001-004]")
-        v.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
+    for verb, text in HELP.items():
+        _add_args(verb, sub.add_parser(verb, help=text))
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+         ) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = (parser or build_parser()).parse_args(argv)
         return _dispatch(args)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 2
@@ -77,24 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def helper_main() -> int:
-    return main(["helper", *sys.argv[1:2]]) if len(sys.argv) <= 2 else _too_many("helper")
+    return main(sys.argv[1:], alias_parser("helper"))
 
 
 def reboot_main() -> int:
-    return main(["reboot"])
+    return main(sys.argv[1:], alias_parser("reboot"))
 
 
 def resume_main() -> int:
-    return main(["resume", *sys.argv[1:]])
+    return main(sys.argv[1:], alias_parser("resume"))
 
 
 def suspend_main() -> int:
-    return main(["suspend", *sys.argv[1:]])
-
-
-def _too_many(cmd: str) -> int:
-    print(f"{PROG}-{cmd}: at most one argument (a feature)", file=sys.stderr)
-    return 2
+    return main(sys.argv[1:], alias_parser("suspend"))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
