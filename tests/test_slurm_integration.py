@@ -120,6 +120,20 @@ def test_sbatch_constraint_reimages_the_node(site: Site, tmp_path: Path) -> None
                 ("beta", "ready", "local")
             assert lab.node_info()[node]["active"] == "beta"
 
+            # Story A: --reboot re-images the node even when it already has the feature
+            boots = {n: len(b) for n, b in booter.boots.items()}
+            sub = lab.run("sbatch", "--parsable", "-N1", "--reboot", "--constraint=beta",
+                          f"--output={out}", str(job))
+            assert sub.returncode == 0, sub.stderr
+            job_id = sub.stdout.strip().split(";")[0]
+            state = wait_until(lambda: (s := lab.job(job_id).get("JobState")) in
+                               ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+                               and s, "--reboot job finished", 150, 0.5)
+            node = lab.job(job_id)["NodeList"]
+            assert state == "COMPLETED", (lab.job(job_id), lab.log("slurmctld")[-3000:])
+            assert len(booter.boots[node]) == boots[node] + 1 and booter.boots[node][-1] == "beta"
+            assert "IMAGE_ID=beta" in Path(str(out).replace("%j", job_id)).read_text()
+
 
 def test_helper_refusals(site: Site, tmp_path: Path) -> None:
     with provisioned(site, tmp_path, 2) as (booter, url):
