@@ -40,6 +40,10 @@ ALIASES = ("helper", "reboot", "resume", "suspend")  # commands of their own: dy
 def _add_args(verb: str, p: argparse.ArgumentParser) -> None:
     if verb == "helper":
         p.add_argument("feature", nargs="?", help="image label to boot next")
+    elif verb == "enroll":
+        p.add_argument("--munge-key", action="store_true",
+                       help="also fetch Slurm's munge key (the server's node secret munge.key) "
+                            "into /etc/munge/munge.key, mode 0400, owner munge")
     elif verb in ("resume", "suspend"):
         p.add_argument("nodes", metavar="NODELIST", help="Slurm host list, e.g. n[001-004]")
         p.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
@@ -143,7 +147,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(node.request_reboot())
         return 0
     if args.command == "enroll":
-        print(f"node key written to {node.enroll()}")
+        for path in node.enroll(munge_key=args.munge_key):
+            print(f"written: {path}")
         return 0
     if args.command == "config":
         return _config(args)

@@ -95,6 +95,10 @@ def read_key(base: Path | None = None) -> str:
 
 def post(server: str, route: str, fields: dict[str, str]) -> str:
     """POST a form to the server; returns its answer, DynprovError with its one line if refused."""
+    return post_bytes(server, route, fields, 4096).decode("utf-8", "replace").strip()
+
+
+def post_bytes(server: str, route: str, fields: dict[str, str], limit: int) -> bytes:
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -104,7 +108,7 @@ def post(server: str, route: str, fields: dict[str, str]) -> str:
         "Content-Type": "application/x-www-form-urlencoded"})
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310 - our server
-            return resp.read(4096).decode("utf-8", "replace").strip()
+            return resp.read(limit)
     except urllib.error.HTTPError as exc:
         text = exc.read(4096).decode("utf-8", "replace").strip() or exc.reason
         raise DynprovError(f"server refused ({exc.code}): {text}") from None
@@ -113,8 +117,13 @@ def post(server: str, route: str, fields: dict[str, str]) -> str:
         raise DynprovError(f"provisioning server {server} unreachable: {reason}") from None
 
 
-def enroll(base: Path | None = None) -> Path:
-    """Trade this boot's one-time token for a node key (before the agent's "ready" uses it)."""
+MUNGE_KEY = "etc/munge/munge.key"
+
+
+def enroll(base: Path | None = None, *, munge_key: bool = False) -> list[Path]:
+    """Trade this boot's one-time token for a node key (before the agent's "ready" uses it);
+    with ``munge_key`` also fetch Slurm's munge key (node secret ``munge.key``) over the same
+    authenticated channel. Returns the files written."""
     from pxe import atomic
 
     base = base or root()
@@ -122,12 +131,36 @@ def enroll(base: Path | None = None) -> Path:
     token = cmdline(base).get("token", "")
     if not token:
         raise DynprovError("no dynprov.token on the kernel command line: nothing to enroll with")
+    written = []
+    if munge_key:  # first: a failure here leaves the token for a second try
+        written.append(_write_munge_key(base, post_bytes(
+            server, "/node/secret", {"node": node, "token": token, "name": "munge.key"},
+            64 << 10)))
     key = post(server, "/node/enroll", {"node": node, "token": token})
     if not re.fullmatch(r"[A-Za-z0-9_-]{20,128}", key):
         raise DynprovError("the server's answer is not a node key")
     path = key_path(base)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     atomic.write_bytes(path, (key + "\n").encode("ascii"), mode=0o400)
+    return [path, *written]
+
+
+def _write_munge_key(base: Path, data: bytes) -> Path:
+    """/etc/munge/munge.key, mode 0400, owned by munge (munged refuses anything looser)."""
+    import pwd
+
+    from pxe import atomic
+
+    if len(data) < 32:
+        raise DynprovError("the server's munge key is too short to be one")
+    try:
+        munge = pwd.getpwnam("munge")
+    except KeyError:
+        raise DynprovError("no 'munge' user on this node: install munge first") from None
+    path = base / MUNGE_KEY
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic.write_bytes(path, data, mode=0o400)
+    os.chown(path, munge.pw_uid, munge.pw_gid)
     return path
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pwd
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from tests.conftest import Site
 
 pytestmark = pytest.mark.integration
 
+MUNGE_KEY = bytes(range(256)) * 4
 LABELS = {"alpha": {"prov_seconds": 120}, "beta": {"prov_seconds": 120}}
 
 
@@ -39,6 +42,9 @@ def provisioned(site: Site, tmp: Path, count: int) -> Iterator[tuple[Booter, str
     with vbmc(tmp, f"n[001-{count:03d}]", count) as bmcs:
         rows = node_rows([bmcs.base_port + i for i in range(count)])  # type: ignore[attr-defined]
         add_nodes(cfg, rows)
+        secrets = cfg.paths.state_dir / "node-secrets"  # what slurmd's munged needs
+        secrets.mkdir(mode=0o700, parents=True)
+        (secrets / "munge.key").write_bytes(MUNGE_KEY)
         with serve_process(site) as srv:
             cfg = site.cfg
             nodes = {n: FakeNode(tmp, n) for n in names}
@@ -139,6 +145,12 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
     with provisioned(site, tmp_path, 2) as (booter, url):
         cfg = site.cfg
         n1, n2 = booter.nodes["n001"], booter.nodes["n002"]
+        # each boot fetched the munge key over the token channel: 0400, owned by munge
+        for n in (n1, n2):
+            path = n.root / "etc/munge/munge.key"
+            st = path.stat()
+            assert path.read_bytes() == MUNGE_KEY and stat.S_IMODE(st.st_mode) == 0o400
+            assert pwd.getpwuid(st.st_uid).pw_name == "munge"
         # no argument: the image the node runs, from its os-release
         proc = cli("helper", env=n1.env)
         assert (proc.returncode, proc.stdout) == (0, "alpha\n"), proc.stderr
@@ -161,9 +173,10 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
         assert proc.returncode == 1 and "unknown image 'gamma'" in proc.stderr, proc.stderr
         proc = cli("helper", "../etc", env=n1.env)
         assert proc.returncode == 2 and "invalid image label" in proc.stderr, proc.stderr
-        # a used token cannot enroll again
-        proc = cli("enroll", env=n2.env)
-        assert proc.returncode == 1 and "token already used" in proc.stderr, proc.stderr
+        # a used token can neither enroll again nor fetch the munge key
+        for argv in (["enroll"], ["enroll", "--munge-key"]):
+            proc = cli(*argv, env=n2.env)
+            assert proc.returncode == 1 and "token already used" in proc.stderr, proc.stderr
         after = {n: _row(cfg, n) for n in ("n001", "n002")}
         assert before == after
         # a node moved out of the scheduler's pool is refused

@@ -155,3 +155,37 @@ def test_reboot_without_any_image_is_refused(served) -> None:
     r = client.post("/node/reboot", data={"node": "n001", "key": key})
     assert r.status_code == 409 and "no image to boot" in r.text
     assert state(site) == before
+
+
+def test_node_secret_only_with_the_unused_token(served) -> None:
+    client, site = served
+    secrets_dir = site.cfg.paths.state_dir / "node-secrets"
+    secrets_dir.mkdir(mode=0o700)
+    key = bytes(range(256)) * 4
+    (secrets_dir / "munge.key").write_bytes(key)
+    (secrets_dir / "munge.key").chmod(0o400)
+    (secrets_dir / "link").symlink_to(secrets_dir / "munge.key")
+    good = {"node": "n001", "token": token(site, "n001"), "name": "munge.key"}
+    r = client.post("/node/secret", data=good)
+    assert r.status_code == 200 and r.content == key
+    # never from the public roots
+    assert client.get("/node-secrets/munge.key").status_code == 404
+    before = state(site)
+    for fields, code, text in [
+        ({**good, "token": "wrong"}, 403, "wrong token"),
+        ({**good, "node": "n002"}, 403, "wrong token"),
+        ({**good, "name": "nosuch"}, 404, "no node secret"),
+        ({**good, "name": "link"}, 404, "no node secret"),  # a symlink is not followed
+        ({**good, "name": "../db.sqlite"}, 400, "invalid secret name"),
+    ]:
+        r = client.post("/node/secret", data=fields)
+        assert (r.status_code, text in r.text, key not in r.content) == (code, True, True), fields
+    assert state(site) == before
+    from pxe.reports import record_report
+
+    conn = db.connect(site.cfg.db_path)
+    record_report(conn, "n001", good["token"], "ready")  # the token is used up
+    r = client.post("/node/secret", data=good)
+    assert r.status_code == 403 and "token already used" in r.text
+    sent = conn.execute("SELECT node, detail FROM events WHERE kind = 'node-secret'").fetchall()
+    assert [tuple(x) for x in sent] == [("n001", "munge.key")]

@@ -191,7 +191,7 @@ class Booter:
         label, token = args["image"], args["token"]
         self.boots[name].append(label)
         node.boot(self.server, label, token)
-        proc = cli("enroll", env=node.env)
+        proc = cli("enroll", "--munge-key", env=node.env)
         if proc.returncode != 0:
             raise RuntimeError(f"{name}: enroll failed: {proc.stderr.strip()}")
         for kind in ("booting", "ready"):

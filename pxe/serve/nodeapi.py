@@ -12,9 +12,14 @@ node's old key dies with the old system. A node only ever holds its own key: it 
 itself.
 
     POST /node/enroll      node, token        -> 200 <key>        (token still unused)
+    POST /node/secret      node, token, name  -> 200 <bytes>      (token still unused)
     POST /node/next-image  node, key, image   -> 200 ok ...       (next network boot = image)
     POST /node/reboot      node, key          -> 200 ok run N     (a provisioning run power-
                                                                    cycles the node into it)
+
+Node secrets. Files an admin puts into ``<state_dir>/node-secrets/`` (root only; e.g. Slurm's
+munge key as ``munge.key``) reach a booted node only through /node/secret with its unused boot
+token, never through the public HTTP/TFTP roots.
 
 Answers: 200 ok, 400 malformed request, 403 refused (wrong/used token, wrong key, node outside
 the scheduler's pool), 404 unknown node or image, 409 refused by the run (e.g. in a run for
@@ -27,13 +32,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 import sqlite3
+import stat
 from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from pxe import db, validate
@@ -45,6 +52,8 @@ log = logging.getLogger("dynprov.serve.nodeapi")
 
 KEY_SETTING = "node-key:"
 MAX_BODY = 4 << 10
+SECRETS_DIR = "node-secrets"
+MAX_SECRET = 64 << 10
 
 
 class Answer(Exception):
@@ -74,6 +83,8 @@ def _fields(body: bytes, allowed: tuple[str, ...]) -> dict[str, str]:
         validate.hostname(out["node"])
         if "image" in out:
             validate.label(out["image"], "image label")
+        if "name" in out:
+            validate.label(out["name"], "secret name")
     except InputError as exc:
         raise Answer(400, f"bad request: {exc}") from None
     return out
@@ -113,19 +124,42 @@ def _check_pool(cfg: Config, conn: sqlite3.Connection, row: sqlite3.Row) -> None
                       f"{row['name']} is in pool {row['pool']}, not the scheduler's pool {pool}")
 
 
-# -- the three actions (run in the thread pool) ----------------------------------------------------
-def enroll(cfg: Config, conn: sqlite3.Connection, node: str, token: str) -> str:
-    """A new node key for a node presenting its still unused boot token."""
-    row = _node(conn, node)
-    expected = row["boot_token"]
+# -- the actions (run in the thread pool) ----------------------------------------------------------
+def _check_token(conn: sqlite3.Connection, node: str, token: str) -> None:
+    expected = _node(conn, node)["boot_token"]
     if not expected or not hmac.compare_digest(token, expected):
         raise _refuse(conn, node, 403, f"{node}: " + ("token already used" if not expected
                                                       else "wrong token"))
+
+
+def enroll(cfg: Config, conn: sqlite3.Connection, node: str, token: str) -> str:
+    """A new node key for a node presenting its still unused boot token."""
+    _check_token(conn, node, token)
     key = secrets.token_urlsafe(32)
     with db.transaction(conn):
         db.set_setting(conn, KEY_SETTING + node, key_digest(key))
         db.log_event(conn, "node-enrolled", node)
     return key
+
+
+def secret(cfg: Config, conn: sqlite3.Connection, node: str, token: str, name: str) -> bytes:
+    """A node secret (``<state_dir>/node-secrets/<name>``) for a node with its unused token."""
+    _check_token(conn, node, token)
+    path = cfg.paths.state_dir / SECRETS_DIR / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        raise _refuse(conn, node, 404, f"no node secret {name!r}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SECRET:
+            raise _refuse(conn, node, 404, f"no node secret {name!r}")
+        data = os.read(fd, MAX_SECRET + 1)
+    finally:
+        os.close(fd)
+    with db.transaction(conn):
+        db.log_event(conn, "node-secret", node, name)
+    return data
 
 
 def next_image(cfg: Config, conn: sqlite3.Connection, node: str, key: str, image: str) -> str:
@@ -175,7 +209,7 @@ def reboot(cfg: Config, conn: sqlite3.Connection, node: str, key: str) -> str:
 
 
 # -- the routes ------------------------------------------------------------------------------------
-async def _handle(request: Request, allowed: tuple[str, ...], action: str) -> PlainTextResponse:
+async def _handle(request: Request, allowed: tuple[str, ...], action: str) -> Response:
     cfg: Config = request.app.state.cfg
     client = request.client.host if request.client else "?"
     try:
@@ -186,20 +220,26 @@ async def _handle(request: Request, allowed: tuple[str, ...], action: str) -> Pl
         if len(body) > MAX_BODY:
             raise Answer(413, "request too large")
         fields = _fields(body, allowed)
-        text = await run_in_threadpool(_act, cfg, action, fields)
+        result = await run_in_threadpool(_act, cfg, action, fields)
     except Answer as exc:
         log.warning("node api %s from %s: %s", action, client, exc.text)
         return PlainTextResponse(exc.text + "\n", status_code=exc.status)
     except sqlite3.Error as exc:
         log.error("node api %s from %s: state database: %s", action, client, exc)
         return PlainTextResponse("state database unavailable, try again\n", status_code=503)
+    if isinstance(result, bytes):  # a secret: never logged
+        log.info("node api %s from %s (%s): %s sent", action, fields["node"], client,
+                 fields["name"])
+        return Response(result, media_type="application/octet-stream")
     log.info("node api %s from %s (%s): %s", action, fields["node"], client,
-             "key issued" if action == "enroll" else text)
-    return PlainTextResponse(text + "\n")
+             "key issued" if action == "enroll" else result)
+    return PlainTextResponse(result + "\n")
 
 
-def _act(cfg: Config, action: str, fields: dict[str, str]) -> str:
+def _act(cfg: Config, action: str, fields: dict[str, str]) -> str | bytes:
     conn = callhome._connection(cfg)
+    if action == "secret":
+        return secret(cfg, conn, fields["node"], fields["token"], fields["name"])
     if action == "enroll":
         return enroll(cfg, conn, fields["node"], fields["token"])
     if action == "next-image":
@@ -207,20 +247,25 @@ def _act(cfg: Config, action: str, fields: dict[str, str]) -> str:
     return reboot(cfg, conn, fields["node"], fields["key"])
 
 
-async def enroll_route(request: Request) -> PlainTextResponse:
+async def enroll_route(request: Request) -> Response:
     return await _handle(request, ("node", "token"), "enroll")
 
 
-async def next_image_route(request: Request) -> PlainTextResponse:
+async def secret_route(request: Request) -> Response:
+    return await _handle(request, ("node", "token", "name"), "secret")
+
+
+async def next_image_route(request: Request) -> Response:
     return await _handle(request, ("node", "key", "image"), "next-image")
 
 
-async def reboot_route(request: Request) -> PlainTextResponse:
+async def reboot_route(request: Request) -> Response:
     return await _handle(request, ("node", "key"), "reboot")
 
 
 ROUTES = [
     Route("/node/enroll", enroll_route, methods=["POST"]),
+    Route("/node/secret", secret_route, methods=["POST"]),
     Route("/node/next-image", next_image_route, methods=["POST"]),
     Route("/node/reboot", reboot_route, methods=["POST"]),
 ]
