@@ -49,7 +49,10 @@ def os_label(base: Path | None = None) -> str:
                 values[key.strip()] = value.strip().strip("'\"")
         label = values.get("IMAGE_ID") or values.get("ID")
         if label:
-            return check_label(label)
+            if not _LABEL.fullmatch(label) or ".." in label:  # a broken image, not bad input
+                raise DynprovError(f"{base / rel}: no valid IMAGE_ID or ID ({label!r}): "
+                                   "cannot tell the image")
+            return label
     raise DynprovError(f"{base / 'etc/os-release'}: no IMAGE_ID or ID: cannot tell the image")
 
 

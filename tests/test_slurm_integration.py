@@ -14,6 +14,7 @@ import contextlib
 import json
 import pwd
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,6 +172,10 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
         # an unknown label (refused by the server) and a malformed one (refused before)
         proc = cli("helper", "gamma", env=n1.env)
         assert proc.returncode == 1 and "unknown image 'gamma'" in proc.stderr, proc.stderr
+        # the sh fast path hands a FEATURE to dynprov-slurm: the same refusal
+        fast = subprocess.run([str(n1.helper_script("helper", fast=True)), "gamma"],
+                              capture_output=True, text=True, timeout=60)
+        assert fast.returncode == 1 and "unknown image 'gamma'" in fast.stderr, fast.stderr
         proc = cli("helper", "../etc", env=n1.env)
         assert proc.returncode == 2 and "invalid image label" in proc.stderr, proc.stderr
         # a used token can neither enroll again nor fetch the munge key

@@ -33,6 +33,7 @@ from pxe.lab.ports import free_port
 from tests.conftest import ROOT
 
 LOOPBACK = "127.0.0.1"
+FAST_HELPER = ROOT / "contrib" / "slurm" / "dynprov-slurm-helper"
 
 
 def wait_until(cond: Any, what: str, limit: float = 60.0, pause: float = 0.2) -> Any:
@@ -88,14 +89,22 @@ class FakeNode:
         (self.root / "etc" / "os-release").write_text(
             f'PRETTY_NAME="dynprov test image {label}"\nID=debian\nIMAGE_ID={label}\n')
 
-    def helper_script(self, what: str) -> Path:
-        """A per-node wrapper for Helper= / RebootProgram= (slurmd gives no node name)."""
+    def helper_script(self, what: str, fast: bool = False) -> Path:
+        """A per-node wrapper for Helper= / RebootProgram= (slurmd gives no node name);
+        ``fast``: the helper is contrib/slurm/dynprov-slurm-helper (sh), handing FEATURE calls
+        to dynprov-slurm."""
+        shim = self.root / "dynprov-slurm"
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m slurm_plugin.cli \"$@\"\n")
+        shim.chmod(0o755)
+        target = (f"{FAST_HELPER}" if fast and what == "helper"
+                  else f"{sys.executable} -m slurm_plugin.cli {what}")
         path = self.root / f"dynprov-slurm-{what}"
         path.write_text(
             "#!/bin/sh\n"
-            f"DYNPROV_NODE_ROOT={self.root}\nPYTHONPATH={ROOT}\nexport DYNPROV_NODE_ROOT PYTHONPATH\n"
+            f"DYNPROV_NODE_ROOT={self.root}\nPYTHONPATH={ROOT}\nDYNPROV_SLURM={shim}\n"
+            "export DYNPROV_NODE_ROOT PYTHONPATH DYNPROV_SLURM\n"
             f"echo \"$(date +%s.%N) {what} $*\" >> {self.root}/calls.log\n"
-            f"exec {sys.executable} -m slurm_plugin.cli {what} \"$@\"\n")
+            f"exec {target} \"$@\"\n")
         path.chmod(0o755)
         return path
 
@@ -280,7 +289,10 @@ class SlurmLab:
             etc = self.base / "etc-nodes" / name
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "slurm.conf").write_text(self.conf_text(str(node.helper_script("reboot"))))
-            (etc / "helpers.conf").write_text(self.helpers_text(str(node.helper_script("helper"))))
+            # the last node uses the sh fast-path helper, the others the Python one
+            fast = name == list(self.nodes)[-1]
+            (etc / "helpers.conf").write_text(
+                self.helpers_text(str(node.helper_script("helper", fast=fast))))
 
     @property
     def env(self) -> dict[str, str]:

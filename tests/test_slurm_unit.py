@@ -109,7 +109,7 @@ def test_node_reads_its_boot(tmp_path: Path) -> None:
     (tmp_path / "etc" / "os-release").write_text("ID=debian\n")
     assert node.os_label(tmp_path) == "debian"
     (tmp_path / "etc" / "os-release").write_text("ID=../../x\n")
-    with pytest.raises(InputError):
+    with pytest.raises(DynprovError, match="cannot tell the image"):
         node.os_label(tmp_path)
     (tmp_path / "proc" / "cmdline").write_text("dynprov.server=http://x;rm dynprov.node=n1\n")
     with pytest.raises(DynprovError, match="not a dynprov boot"):
@@ -140,4 +140,28 @@ def test_node_side_errors_are_one_line(tmp_path: Path) -> None:
     proc = cli("enroll", env=env)
     assert proc.returncode == 1 and "no dynprov.token" in proc.stderr
     proc = cli("helper", "a", "b", env=env)
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("text", [
+    'NAME="Debian"\nID=debian\nIMAGE_ID="sles11"\n', "IMAGE_ID='centos5'\nID=centos\n",
+    "ID=debian\n", "ID=debian", "IMAGE_ID=../etc\n", "NAME=none\n", "IMAGE_ID=a b\n",
+    "ID=-x\n",
+])
+def test_fast_sh_helper_agrees_with_the_python_one(tmp_path: Path, text: str) -> None:
+    import subprocess
+
+    from test_slurm_support import FAST_HELPER
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "os-release").write_text(text)
+    env = {"DYNPROV_NODE_ROOT": str(tmp_path)}
+    py = cli("helper", env=env)
+    sh = subprocess.run(["dash", str(FAST_HELPER)], capture_output=True, text=True, timeout=30,
+                        env={**os.environ, **env})
+    assert (sh.returncode, sh.stdout) == (py.returncode, py.stdout), (sh.stderr, py.stderr)
+    if py.returncode:
+        assert "cannot tell the image" in sh.stderr
+    proc = subprocess.run(["dash", str(FAST_HELPER), "a", "b"], capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 2
