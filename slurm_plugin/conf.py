@@ -13,9 +13,10 @@ each has its own command: dynprov-slurm-helper, -reboot, -resume, -suspend (the 
 
 Config section ``[slurm]`` (all optional): tools_dir (where the dynprov-slurm commands are
 installed on the nodes and the slurmctld host; default: beside this command, else on PATH),
-resume_timeout
-(seconds; default the longest image prov_seconds plus 60), exec_time (helper ExecTime, s,
-default 10).
+helper
+(the Helper= program; default tools_dir's dynprov-slurm-helper; contrib/slurm/dynprov-slurm-helper
+is a sh fast path for it), resume_timeout (seconds; default the longest image prov_seconds plus
+60), exec_time (helper ExecTime, s, default 10).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _OURS = re.compile(r"^\s*(NodeFeaturesPlugins|RebootProgram|ResumeProgram|Suspen
 @dataclass(frozen=True)
 class SlurmSettings:
     tools_dir: str | None = None
+    helper: str | None = None
     resume_timeout: int | None = None
     exec_time: int = 10
 
@@ -52,7 +54,7 @@ def settings(cfg: Config) -> SlurmSettings:
     raw: dict[str, Any] = cfg.raw.get("slurm") or {}
     if not isinstance(raw, dict):
         raise InputError(f"{cfg.path}: [slurm]: must be a table")
-    known = {"tools_dir", "resume_timeout", "exec_time"}
+    known = {"tools_dir", "helper", "resume_timeout", "exec_time"}
     for key in raw:
         if key not in known:
             raise InputError(f"{cfg.path}: slurm.{key}: unknown key (known: "
@@ -65,12 +67,13 @@ def settings(cfg: Config) -> SlurmSettings:
                 raise InputError(f"{cfg.path}: slurm.{key}: must be an integer >= {low}, "
                                  f"got {value!r}")
             values[key] = value
-    if "tools_dir" in raw:
-        value = raw["tools_dir"]
-        if not isinstance(value, str) or not _SAFE_PATH.match(value):
-            raise InputError(f"{cfg.path}: slurm.tools_dir: must be an absolute path of "
-                             f"[A-Za-z0-9._/+-], got {value!r}")
-        values["tools_dir"] = value
+    for key in ("tools_dir", "helper"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str) or not _SAFE_PATH.match(value):
+                raise InputError(f"{cfg.path}: slurm.{key}: must be an absolute path of "
+                                 f"[A-Za-z0-9._/+-], got {value!r}")
+            values[key] = value
     return SlurmSettings(**values)
 
 
@@ -123,7 +126,7 @@ def helpers_lines(cfg: Config, conn: Any) -> list[str]:
     from slurm_plugin import toolkit
 
     ss = settings(cfg)
-    helper = tool(ss, "dynprov-slurm-helper")
+    helper = ss.helper or tool(ss, "dynprov-slurm-helper")
     labels = sorted({label for labels in toolkit.image_labels(conn).values() for label in labels})
     lines = [f"ExecTime={ss.exec_time}"]
     lines += [f"Feature={label} Helper={helper}" for label in labels]

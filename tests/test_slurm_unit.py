@@ -54,6 +54,17 @@ def test_config_prints_both_files(slurm_site: Site, tmp_path: Path) -> None:
         f"Feature=sles11 Helper={tools}/dynprov-slurm-helper"]
 
 
+def test_helper_path_can_be_the_fast_one(slurm_site: Site) -> None:
+    with open(slurm_site.config_path, "a") as fh:
+        fh.write('helper = "/usr/local/sbin/dynprov-slurm-helper"\n')
+    proc = _config(slurm_site)
+    assert "Feature=sles11 Helper=/usr/local/sbin/dynprov-slurm-helper\n" in proc.stdout
+    with open(slurm_site.config_path, "a") as fh:
+        fh.write('\n[slurm]\nhelper = "rel/path"\n')
+    proc = _config(slurm_site)
+    assert proc.returncode == 2 and "slurm" in proc.stderr
+
+
 def test_install_marked_block_with_backup(slurm_site: Site, tmp_path: Path) -> None:
     etc = tmp_path / "etc"
     etc.mkdir()
