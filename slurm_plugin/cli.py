@@ -5,6 +5,7 @@
     dynprov-slurm reboot                         node: RebootProgram (the server power-cycles)
     dynprov-slurm enroll                         node, at boot: trade the boot token for a key
     dynprov-slurm resume|suspend NODELIST        slurmctld host: ResumeProgram / SuspendProgram
+    dynprov-slurm sync                           slurmctld host: failed re-images -> node DOWN
 
 Slurm calls Helper=, RebootProgram=, ResumeProgram= and SuspendProgram= with no arguments of
 ours, so dynprov-slurm-helper, -reboot, -resume and -suspend are the same subcommands as
@@ -33,6 +34,8 @@ HELP = {
     "resume": "ResumeProgram: power nodes on into the OS their jobs ask for ($SLURM_RESUME_FILE), "
               "else the one they had",
     "suspend": "SuspendProgram: power nodes off",
+    "sync": "slurmctld host, from a timer: set nodes whose re-image failed DOWN in Slurm with "
+            "dynprov's reason (each failed run once)",
 }
 ALIASES = ("helper", "reboot", "resume", "suspend")  # commands of their own: dynprov-slurm-<verb>
 
@@ -44,6 +47,8 @@ def _add_args(verb: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--munge-key", action="store_true",
                        help="also fetch Slurm's munge key (the server's node secret munge.key) "
                             "into /etc/munge/munge.key, mode 0400, owner munge")
+    elif verb == "sync":
+        p.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
     elif verb in ("resume", "suspend"):
         p.add_argument("nodes", metavar="NODELIST", help="Slurm host list, e.g. n[001-004]")
         p.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
@@ -152,7 +157,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "config":
         return _config(args)
+    if args.command == "sync":
+        return _sync(args)
     return _power(args)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from slurm_plugin import down, toolkit
+
+    cfg, conn = toolkit.load(args.site_config)
+    marked, errors = down.sync(conn, toolkit.failed_runs(cfg, conn))
+    if marked:
+        print(f"{toolkit.fold(marked)}: DOWN in Slurm (re-image failed)")
+    for node, error in errors.items():
+        print(f"{node}: {error}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -80,6 +80,21 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
     return run.power(cfg, conn, list(names), action)
 
 
+def failed_runs(cfg: Config, conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
+    """(node, run_id, reason) of scheduler-pool nodes whose latest run ended failed or timed
+    out and that have not been re-imaged since."""
+    from pxe import run
+    from pxe.pools import scheduler_pool
+
+    names = [r[0] for r in conn.execute(
+        "SELECT name FROM nodes WHERE pool = ? AND state IN ('failed', 'timed out')",
+        (scheduler_pool(cfg),))]
+    run.expire(cfg, conn)  # a due timeout counts now, not when the driver next looks
+    return [(name, row["run_id"], row["reason"] or row["state"])
+            for name, row in sorted(run.latest(conn, names).items())
+            if row["state"] in ("failed", "timed out")]
+
+
 def expand(nodelist: str) -> list[str]:
     from pxe.nodeset import expand as _expand
 

@@ -15,6 +15,7 @@ import json
 import pwd
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,11 +86,7 @@ def _events(cfg, kind: str) -> list[tuple[str, str]]:
 def test_sbatch_constraint_reimages_the_node(site: Site, tmp_path: Path) -> None:
     with provisioned(site, tmp_path, 2) as (booter, _url):
         cfg = site.cfg
-        with open(site.config_path, "a") as fh:
-            fh.write(f'\n[slurm]\ntools_dir = "{slurm_tools(tmp_path)}"\nresume_timeout = 90\n')
-        lab = SlurmLab(tmp_path / "slurm", booter.nodes, site_config=site.config_path)
-        lab.labels = sorted(LABELS)
-        with lab:
+        with _slurm_site(site, tmp_path, booter) as lab:
             booter.slurm = lab
             wait_until(lambda: all(i["state"] == "idle" and i["active"] == "alpha"
                                    for i in lab.node_info().values())
@@ -140,6 +137,61 @@ def test_sbatch_constraint_reimages_the_node(site: Site, tmp_path: Path) -> None
             assert state == "COMPLETED", (lab.job(job_id), lab.log("slurmctld")[-3000:])
             assert len(booter.boots[node]) == boots[node] + 1 and booter.boots[node][-1] == "beta"
             assert "IMAGE_ID=beta" in Path(str(out).replace("%j", job_id)).read_text()
+
+
+def _slurm_site(site: Site, tmp_path: Path, booter: Booter) -> SlurmLab:
+    with open(site.config_path, "a") as fh:
+        fh.write(f'\n[slurm]\ntools_dir = "{slurm_tools(tmp_path)}"\nresume_timeout = 90\n')
+    lab = SlurmLab(tmp_path / "slurm", booter.nodes, site_config=site.config_path)
+    lab.labels = sorted(LABELS)
+    return lab
+
+
+def test_failed_reimage_sets_the_node_down_with_our_reason(site: Site, tmp_path: Path) -> None:
+    with provisioned(site, tmp_path, 2) as (booter, _url):
+        cfg = site.cfg
+        env = {"DYNPROV_CONFIG": str(site.config_path)}
+        with _slurm_site(site, tmp_path, booter) as lab:
+            booter.slurm = lab
+            wait_until(lambda: len(lab.node_info()) == 2 and all(
+                i["state"] == "idle" for i in lab.node_info().values()), "slurmd registered", 60)
+            booter.fail_next["beta"] = 1  # the first node re-imaged into beta fails
+            job = tmp_path / "job.sh"
+            job.write_text("#!/bin/sh\ncat " + str(tmp_path / "nodes")
+                           + "/$SLURMD_NODENAME/etc/os-release\n")
+            out = tmp_path / "job.out"
+            t0 = time.monotonic()
+            sub = lab.run("sbatch", "--parsable", "-N1", "--constraint=beta",
+                          f"--output={out}", str(job))
+            assert sub.returncode == 0, sub.stderr
+            job_id = sub.stdout.strip().split(";")[0]
+
+            def failed_node() -> str | None:
+                rows = [n for n in booter.nodes if _row(cfg, n)["state"] == "failed"]
+                return rows[0] if rows else None
+
+            bad = wait_until(failed_node, "a re-image failed", 60)
+            proc = cli("sync", env={**env, **lab.env_overrides})
+            assert proc.returncode == 0 and f"{bad}: DOWN in Slurm" in proc.stdout, proc.stderr
+            info = lab.run("sinfo", "-h", "-N", "-n", bad, "-o", "%T|%E").stdout.strip()
+            took = time.monotonic() - t0
+            assert info.split("|")[0].startswith("down") and \
+                "dynprov: rootfs download failed" in info, info
+            assert took < lab.resume_timeout, took
+            # reported once: an admin's RESUME is not undone by the next sync
+            proc = cli("sync", env={**env, **lab.env_overrides})
+            assert proc.returncode == 0 and proc.stdout == "", proc.stdout
+            assert [n for n, _ in _events(cfg, "slurm-down")] == [bad]
+            # the job is requeued and lands on the other node, re-imaged into beta (Slurm holds
+            # a requeued batch job for 120 s; let it start now)
+            wait_until(lambda: lab.job(job_id).get("JobState") == "PENDING", "requeued", 30)
+            lab.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            state = wait_until(lambda: (s := lab.job(job_id).get("JobState")) in
+                               ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") and s,
+                               "requeued job finished", 150, 0.5)
+            assert state == "COMPLETED", (lab.job(job_id), lab.log("slurmctld")[-3000:])
+            assert lab.job(job_id)["NodeList"] != bad
+            assert "IMAGE_ID=beta" in out.read_text()
 
 
 def test_helper_refusals(site: Site, tmp_path: Path) -> None:

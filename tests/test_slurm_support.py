@@ -150,6 +150,7 @@ class Booter:
         self.nodes, self.macs = nodes, macs
         self.slurm: SlurmLab | None = None
         self.boots: dict[str, list[str]] = {n: [] for n in nodes}
+        self.fail_next: dict[str, int] = {}  # label -> how many next boots of it fail
         self.errors: list[str] = []
         self.stop = threading.Event()
         self.offset = 0
@@ -199,6 +200,12 @@ class Booter:
         node = self.nodes[name]
         label, token = args["image"], args["token"]
         self.boots[name].append(label)
+        if self.fail_next.get(label, 0) > 0:  # the initramfs cannot install the image
+            self.fail_next[label] -= 1
+            for kind, detail in (("booting", label), ("failed", "rootfs download failed")):
+                httpx.post(f"{self.server}/report", timeout=10, data={
+                    "node": name, "token": token, "kind": kind, "detail": detail})
+            return
         node.boot(self.server, label, token)
         proc = cli("enroll", "--munge-key", env=node.env)
         if proc.returncode != 0:
@@ -295,8 +302,12 @@ class SlurmLab:
                 self.helpers_text(str(node.helper_script("helper", fast=fast))))
 
     @property
+    def env_overrides(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.base / "etc" / "slurm.conf")}
+
+    @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.base / "etc" / "slurm.conf")}
+        return {**os.environ, **self.env_overrides}
 
     # daemons -----------------------------------------------------------------------------------
     def _popen(self, key: str, argv: list[str], env: dict[str, str] | None = None

@@ -176,3 +176,11 @@ def test_fast_sh_helper_agrees_with_the_python_one(tmp_path: Path, text: str) ->
     proc = subprocess.run(["dash", str(FAST_HELPER), "a", "b"], capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 2
+
+
+def test_down_reason_is_one_printable_line() -> None:
+    from slurm_plugin import down
+
+    assert down.reason_text("disk\nnot found\x1b[31m") == "dynprov: disk not found [31m"
+    assert down.reason_text("") == "dynprov: re-image failed"
+    assert len(down.reason_text("x" * 1000)) == 200
