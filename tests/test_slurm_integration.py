@@ -138,6 +138,26 @@ def test_sbatch_constraint_reimages_the_node(site: Site, tmp_path: Path) -> None
             assert len(booter.boots[node]) == boots[node] + 1 and booter.boots[node][-1] == "beta"
             assert "IMAGE_ID=beta" in Path(str(out).replace("%j", job_id)).read_text()
 
+            # two jobs at once asking for different OSes, each on the node running the other:
+            # both nodes are re-imaged in parallel, both jobs complete in their OS
+            assert booter.boots["n001"][-1] == "beta" and booter.boots["n002"][-1] == "alpha"
+            jobs = {}
+            for name, label in (("n001", "alpha"), ("n002", "beta")):
+                sub = lab.run("sbatch", "--parsable", "-N1", f"--nodelist={name}",
+                              f"--constraint={label}", f"--output={tmp_path}/swap-{label}.out",
+                              str(job))
+                assert sub.returncode == 0, sub.stderr
+                jobs[label] = sub.stdout.strip().split(";")[0]
+            for label, jid in jobs.items():
+                state = wait_until(lambda jid=jid: (s := lab.job(jid).get("JobState")) in
+                                   ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+                                   and s, f"{label} job finished", 150, 0.5)
+                assert state == "COMPLETED", (lab.job(jid), lab.log("slurmctld")[-3000:])
+                assert f"IMAGE_ID={label}" in (tmp_path / f"swap-{label}.out").read_text()
+            assert booter.boots["n001"][-1] == "alpha" and booter.boots["n002"][-1] == "beta"
+            assert {n: i["active"] for n, i in lab.node_info().items()} == \
+                {"n001": "alpha", "n002": "beta"}
+
 
 def _slurm_site(site: Site, tmp_path: Path, booter: Booter) -> SlurmLab:
     with open(site.config_path, "a") as fh:
