@@ -61,12 +61,29 @@ def test_enroll_issues_a_key_and_keeps_only_its_hash(served) -> None:
     conn = db.connect(site.cfg.db_path)
     stored = db.get_setting(conn, "node-key:n001")
     assert stored == hashlib.sha256(key.encode()).hexdigest() and key not in stored
-    # the boot token stays valid for the agent's "ready"; a second enrollment replaces the key
+    # the boot token stays valid for the agent's "ready", but enrolls only once: the token is
+    # in the public boot file, so whoever comes second is refused
     assert token(site, "n001")
+    r = client.post("/node/enroll", data={"node": "n001", "token": token(site, "n001")})
+    assert r.status_code == 403 and "enroll already done with this boot's token" in r.text
+    # the next boot (a new token) enrolls again, and its key replaces the old one
+    set_boot(site.cfg, ["n001"], "beta", Inventory(site.cfg))
     key2 = enroll(client, site, "n001")
     assert key2 != key
     r = client.post("/node/next-image", data={"node": "n001", "key": key, "image": "beta"})
     assert r.status_code == 403 and "wrong node key" in r.text
+
+
+def test_token_only_from_the_nodes_address(served) -> None:
+    client, site = served
+    conn = db.connect(site.cfg.db_path)
+    with db.transaction(conn):
+        conn.execute("UPDATE nodes SET ip = '198.18.0.13' WHERE name = 'n003'")
+    before = state(site)
+    for route, extra in (("/node/enroll", {}), ("/node/secret", {"name": "munge.key"})):
+        r = client.post(route, data={"node": "n003", "token": token(site, "n003"), **extra})
+        assert r.status_code == 403 and "not the node's address" in r.text, r.text
+    assert state(site) == before
 
 
 @pytest.mark.parametrize("fields, code, text", [
@@ -181,6 +198,8 @@ def test_node_secret_only_with_the_unused_token(served) -> None:
         r = client.post("/node/secret", data=fields)
         assert (r.status_code, text in r.text, key not in r.content) == (code, True, True), fields
     assert state(site) == before
+    r = client.post("/node/secret", data=good)  # once per boot token
+    assert r.status_code == 403 and "already done" in r.text and key not in r.content
     from pxe.reports import record_report
 
     conn = db.connect(site.cfg.db_path)

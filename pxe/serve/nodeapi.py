@@ -19,7 +19,9 @@ itself.
 
 Node secrets. Files an admin puts into ``<state_dir>/node-secrets/`` (root only; e.g. Slurm's
 munge key as ``munge.key``) reach a booted node only through /node/secret with its unused boot
-token, never through the public HTTP/TFTP roots.
+token, never through the public HTTP/TFTP roots. The token itself sits in the node's boot file,
+which those roots serve: so enroll and each secret work once per boot token, and only from the
+node's inventory address when it has one; a second request is refused and logged.
 
 Answers: 200 ok, 400 malformed request, 403 refused (wrong/used token, wrong key, node outside
 the scheduler's pool), 404 unknown node or image, 409 refused by the run (e.g. in a run for
@@ -51,6 +53,7 @@ from pxe.serve import callhome
 log = logging.getLogger("dynprov.serve.nodeapi")
 
 KEY_SETTING = "node-key:"
+ONCE_SETTING = "node-once:"  # <what>:<node> -> SHA-256 of the boot token it was done with
 MAX_BODY = 4 << 10
 SECRETS_DIR = "node-secrets"
 MAX_SECRET = 64 << 10
@@ -101,7 +104,7 @@ def _refuse(conn: sqlite3.Connection, node: str | None, status: int, why: str) -
 
 
 def _node(conn: sqlite3.Connection, node: str) -> sqlite3.Row:
-    row = conn.execute("SELECT name, arch, pool, boot_token, boot_target, desired_os, current_os "
+    row = conn.execute("SELECT name, ip, arch, pool, boot_token, boot_target, desired_os, current_os "
                        "FROM nodes WHERE name = ?", (node,)).fetchone()
     if row is None:
         raise _refuse(conn, None, 404, f"unknown node {node!r}")
@@ -125,26 +128,44 @@ def _check_pool(cfg: Config, conn: sqlite3.Connection, row: sqlite3.Row) -> None
 
 
 # -- the actions (run in the thread pool) ----------------------------------------------------------
-def _check_token(conn: sqlite3.Connection, node: str, token: str) -> None:
-    expected = _node(conn, node)["boot_token"]
+def _check_token(conn: sqlite3.Connection, node: str, token: str, client: str, what: str
+                 ) -> None:
+    """The node's unused boot token, from the node's own address (when the inventory has one),
+    and only once per boot for ``what``: the token is in the boot file, which the TFTP/HTTP
+    roots serve to anyone on the provisioning network; whoever comes second is refused, so a
+    thief cannot use it unnoticed (the node's own request fails and is logged)."""
+    row = _node(conn, node)
+    expected = row["boot_token"]
     if not expected or not hmac.compare_digest(token, expected):
         raise _refuse(conn, node, 403, f"{node}: " + ("token already used" if not expected
                                                       else "wrong token"))
+    if row["ip"] and client != row["ip"]:
+        raise _refuse(conn, node, 403, f"{node}: request from {client}, not the node's address")
+    once = f"{ONCE_SETTING}{what}:{node}"
+    if db.get_setting(conn, once) == key_digest(token):
+        raise _refuse(conn, node, 403, f"{node}: {what} already done with this boot's token")
 
 
-def enroll(cfg: Config, conn: sqlite3.Connection, node: str, token: str) -> str:
-    """A new node key for a node presenting its still unused boot token."""
-    _check_token(conn, node, token)
+def _used_once(conn: sqlite3.Connection, node: str, token: str, what: str) -> None:
+    db.set_setting(conn, f"{ONCE_SETTING}{what}:{node}", key_digest(token))
+
+
+def enroll(cfg: Config, conn: sqlite3.Connection, node: str, token: str, client: str = "") -> str:
+    """A new node key for a node presenting its still unused boot token (once per boot)."""
+    _check_token(conn, node, token, client, "enroll")
     key = secrets.token_urlsafe(32)
     with db.transaction(conn):
         db.set_setting(conn, KEY_SETTING + node, key_digest(key))
+        _used_once(conn, node, token, "enroll")
         db.log_event(conn, "node-enrolled", node)
     return key
 
 
-def secret(cfg: Config, conn: sqlite3.Connection, node: str, token: str, name: str) -> bytes:
-    """A node secret (``<state_dir>/node-secrets/<name>``) for a node with its unused token."""
-    _check_token(conn, node, token)
+def secret(cfg: Config, conn: sqlite3.Connection, node: str, token: str, name: str,
+           client: str = "") -> bytes:
+    """A node secret (``<state_dir>/node-secrets/<name>``) for a node with its unused token
+    (each secret once per boot)."""
+    _check_token(conn, node, token, client, f"secret-{name}")
     path = cfg.paths.state_dir / SECRETS_DIR / name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -158,6 +179,7 @@ def secret(cfg: Config, conn: sqlite3.Connection, node: str, token: str, name: s
     finally:
         os.close(fd)
     with db.transaction(conn):
+        _used_once(conn, node, token, f"secret-{name}")
         db.log_event(conn, "node-secret", node, name)
     return data
 
@@ -220,7 +242,7 @@ async def _handle(request: Request, allowed: tuple[str, ...], action: str) -> Re
         if len(body) > MAX_BODY:
             raise Answer(413, "request too large")
         fields = _fields(body, allowed)
-        result = await run_in_threadpool(_act, cfg, action, fields)
+        result = await run_in_threadpool(_act, cfg, action, fields, client)
     except Answer as exc:
         log.warning("node api %s from %s: %s", action, client, exc.text)
         return PlainTextResponse(exc.text + "\n", status_code=exc.status)
@@ -236,12 +258,12 @@ async def _handle(request: Request, allowed: tuple[str, ...], action: str) -> Re
     return PlainTextResponse(result + "\n")
 
 
-def _act(cfg: Config, action: str, fields: dict[str, str]) -> str | bytes:
+def _act(cfg: Config, action: str, fields: dict[str, str], client: str) -> str | bytes:
     conn = callhome._connection(cfg)
     if action == "secret":
-        return secret(cfg, conn, fields["node"], fields["token"], fields["name"])
+        return secret(cfg, conn, fields["node"], fields["token"], fields["name"], client)
     if action == "enroll":
-        return enroll(cfg, conn, fields["node"], fields["token"])
+        return enroll(cfg, conn, fields["node"], fields["token"], client)
     if action == "next-image":
         return next_image(cfg, conn, fields["node"], fields["key"], fields["image"])
     return reboot(cfg, conn, fields["node"], fields["key"])
