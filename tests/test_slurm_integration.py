@@ -49,7 +49,8 @@ def provisioned(site: Site, tmp: Path, count: int) -> Iterator[tuple[Booter, str
         (secrets / "munge.key").write_bytes(MUNGE_KEY)
         with serve_process(site) as srv:
             cfg = site.cfg
-            nodes = {n: FakeNode(tmp, n) for n in names}
+            # the last node has no Python: the sh node client (contrib/slurm) does its part
+            nodes = {n: FakeNode(tmp, n, sh=n == names[-1]) for n in names}
             assert bmcs.journal is not None
             with Booter(cfg, srv.url, bmcs.journal, nodes, {r["name"]: r["mac"] for r in rows}
                         ) as booter:
@@ -57,9 +58,12 @@ def provisioned(site: Site, tmp: Path, count: int) -> Iterator[tuple[Booter, str
                     conn = db.connect(cfg.db_path)
                     started = toolkit.start(cfg, conn, names, "alpha")
                     assert sorted(started.accepted) == names, started.refused
-                    wait_until(lambda: all(_row(cfg, n)["current_os"] == "alpha" and
-                                           _row(cfg, n)["state"] == "ready" for n in names),
-                               "nodes ready in alpha", 60)
+                    try:
+                        wait_until(lambda: all(_row(cfg, n)["current_os"] == "alpha" and
+                                               _row(cfg, n)["state"] == "ready" for n in names),
+                                   "nodes ready in alpha", 60)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}: {booter.errors}") from None
                     yield booter, srv.url
                 finally:
                     stop_runs(cfg)
@@ -254,6 +258,15 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
         for argv in (["enroll"], ["enroll", "--munge-key"]):
             proc = cli(*argv, env=n2.env)
             assert proc.returncode == 1 and "token already used" in proc.stderr, proc.stderr
+        # the sh node client (n002 has no Python): refusals, and the label it runs
+        assert n2.sh
+        proc = n2.command("helper")
+        assert (proc.returncode, proc.stdout) == (0, "alpha\n"), proc.stderr
+        for argv, code, text in ((["enroll"], 1, "refused"), (["helper", "gamma"], 1, "refused"),
+                                 (["helper", "../x"], 2, "invalid image label"),
+                                 (["helper", "a", "b"], 2, "at most one")):
+            proc = n2.command(*argv)
+            assert proc.returncode == code and text in proc.stderr, (argv, proc.stderr)
         after = {n: _row(cfg, n) for n in ("n001", "n002")}
         assert before == after
         # a node moved out of the scheduler's pool is refused

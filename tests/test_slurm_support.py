@@ -34,6 +34,7 @@ from tests.conftest import ROOT
 
 LOOPBACK = "127.0.0.1"
 FAST_HELPER = ROOT / "contrib" / "slurm" / "dynprov-slurm-helper"
+SH_NODE = ROOT / "contrib" / "slurm" / "dynprov-slurm-node"
 
 
 def wait_until(cond: Any, what: str, limit: float = 60.0, pause: float = 0.2) -> Any:
@@ -72,8 +73,9 @@ def cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 60
 class FakeNode:
     """What a booted image carries, in a directory (DYNPROV_NODE_ROOT)."""
 
-    def __init__(self, base: Path, name: str):
+    def __init__(self, base: Path, name: str, sh: bool = False):
         self.name = name
+        self.sh = sh  # a node without Python: contrib/slurm/dynprov-slurm-node does it all
         self.root = base / "nodes" / name
         (self.root / "proc").mkdir(parents=True, exist_ok=True)
         (self.root / "etc").mkdir(parents=True, exist_ok=True)
@@ -96,8 +98,12 @@ class FakeNode:
         shim = self.root / "dynprov-slurm"
         shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m slurm_plugin.cli \"$@\"\n")
         shim.chmod(0o755)
-        target = (f"{FAST_HELPER}" if fast and what == "helper"
-                  else f"{sys.executable} -m slurm_plugin.cli {what}")
+        if self.sh:
+            target = f"{SH_NODE} {what}"
+        elif fast and what == "helper":
+            target = f"{FAST_HELPER}"
+        else:
+            target = f"{sys.executable} -m slurm_plugin.cli {what}"
         path = self.root / f"dynprov-slurm-{what}"
         path.write_text(
             "#!/bin/sh\n"
@@ -107,6 +113,13 @@ class FakeNode:
             f"exec {target} \"$@\"\n")
         path.chmod(0o755)
         return path
+
+    def command(self, *argv: str) -> subprocess.CompletedProcess:
+        """A node-side command as this node runs it (Python, or the sh client)."""
+        if self.sh:
+            return subprocess.run([str(SH_NODE), *argv], capture_output=True, text=True,
+                                  timeout=60, env={**os.environ, **self.env})
+        return cli(*argv, env=self.env)
 
     def calls(self) -> list[str]:
         path = self.root / "calls.log"
@@ -207,7 +220,7 @@ class Booter:
                     "node": name, "token": token, "kind": kind, "detail": detail})
             return
         node.boot(self.server, label, token)
-        proc = cli("enroll", "--munge-key", env=node.env)
+        proc = node.command("enroll", "--munge-key")
         if proc.returncode != 0:
             raise RuntimeError(f"{name}: enroll failed: {proc.stderr.strip()}")
         for kind in ("booting", "ready"):
