@@ -61,8 +61,15 @@ def alias_parser(verb: str) -> argparse.ArgumentParser:
                                            "runs this program without arguments of ours.",
         epilog="Exit status: 0 ok, 1 failed or refused, 2 bad input. See dynprov-slurm(1).")
     _add_args(verb, p)
+    _debug_flag(p)
     p.set_defaults(command=verb)
     return p
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
 
 
 def build_helper_parser() -> argparse.ArgumentParser:
@@ -94,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(default /). The slurm.conf side (config, resume, suspend) reads the site "
                "config: --site-config, else $DYNPROV_CONFIG, else /etc/dynprov/dynprov.toml. "
                "Exit status: 0 ok, 1 failed or refused, 2 bad input.")
+    _debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("config", help="print (or -install) the slurm.conf and helpers.conf "
                                       "lines for this site")
@@ -111,16 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
          ) -> int:
-    try:
-        args = (parser or build_parser()).parse_args(argv)
-        return _dispatch(args)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except BrokenPipeError:
-        return 0
+    from pxe.cli import guard
+
+    p = parser or build_parser()
+    return guard.run(p.prog, lambda args: _dispatch(p.parse_args(args)), argv)
 
 
 def helper_main() -> int:
