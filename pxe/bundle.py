@@ -124,7 +124,8 @@ class Manifest:
         if fmt != FORMAT:
             raise InputError(f"{MANIFEST}: format {fmt!r} is not supported (expected {FORMAT!r})")
         label = checked("label", lambda v: validate.label(v, "image label"))
-        os_name = checked("os_name", lambda v: validate.label(v, "OS name"), "") or label
+        os_name = checked("os_name", lambda v: validate.label(v, "OS name") if v else v,
+                          None) or label
         arch = checked("arch", lambda v: validate.choice(v, validate.ARCHES, "arch"), "x86_64")
         mode = checked("mode", lambda v: validate.choice(v, validate.IMAGE_MODES, "mode"),
                        "stateless")
@@ -212,14 +213,17 @@ class Bundle:
     rootfs_kind: str | None
 
 
-def open_bundle(path: Path, directory: Path, max_bytes: int | None = None) -> Bundle:
+def open_bundle(path: Path, directory: Path, max_bytes: int | None = None,
+                name: str | None = None) -> Bundle:
     """Check ``path`` as a bundle and unpack its members into the new directory ``directory``.
+
+    ``name`` is what messages call the bundle (the user's file name; default ``path``'s).
 
     Raises InputError (bad content) or OSError (e.g. ENOSPC while writing) and leaves
     whatever it wrote in ``directory`` for the caller to remove.
     """
     path = Path(path)
-    where = f"bundle {path.name}"
+    where = f"bundle {name or path.name}"
     directory.mkdir(mode=0o700)
     raw_manifest: bytes | None = None
     digests: dict[str, str] = {}
@@ -355,22 +359,23 @@ _COMPRESSED: dict[bytes, tuple[str, Callable[[Path, str], IO[bytes]]]] = {
     b"BZh": ("bz2", bz2.open)}  # type: ignore[dict-item]
 
 
-def rootfs_kind(path: Path) -> str | None:
+def rootfs_kind(path: Path, name: str | None = None) -> str | None:
     """One of STATELESS_KINDS / STATEFUL_KINDS by content (the node sees only blobs/<sha>)."""
+    name = name or path.name
     with open(path, "rb") as fh:
         head = fh.read(512)
     if head[:4] == b"hsqs":
         return "squashfs"
     suffix = ""
-    for magic, (name, opener) in _COMPRESSED.items():
+    for magic, (kind, opener) in _COMPRESSED.items():
         if head.startswith(magic):
             try:
                 with opener(path, "rb") as inner:
                     head = inner.read(512)
             except (*_CORRUPT, OSError, EOFError) as exc:
-                raise InputError(f"root filesystem {path.name!r}: corrupt {name} data ({exc})") \
+                raise InputError(f"root filesystem {name!r}: corrupt {kind} data ({exc})") \
                     from None
-            suffix = "." + name
+            suffix = "." + kind
             break
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar" + suffix
@@ -379,7 +384,8 @@ def rootfs_kind(path: Path) -> str | None:
     return None
 
 
-def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = None) -> str:
+def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = None,
+                 name: str | None = None) -> str:
     """Check a root filesystem member and return its kind.
 
     ``mode`` (stateless/stateful), when given, must match the kind: the node unpacks or mounts
@@ -389,8 +395,9 @@ def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = 
     may be absolute: in a root filesystem they mean the node's own root. Device files are
     allowed here (``dev/console``): only the node unpacks this.
     """
-    label = f"{where}: root filesystem {path.name!r}"
-    kind = rootfs_kind(path)
+    name = name or path.name  # what the user called it, not our working copy
+    label = f"{where}: root filesystem {name!r}"
+    kind = rootfs_kind(path, name)
     if kind is None:
         raise InputError(f"{label} is neither squashfs, a tar archive nor a raw disk image "
                          "(plain, gzip, xz or bzip2)")
@@ -543,13 +550,14 @@ class TreeWriter:
             source = tf.extractfile(member)
             assert source is not None
             _write_member(source, member.size, dest, where)
-            os.chmod(dest, mode)
         else:  # device or FIFO, allowed only with devices=True (and root for devices)
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() \
                 else stat.S_IFIFO
             os.mknod(dest, kind | mode, os.makedev(member.devmajor, member.devminor))
         if os.geteuid() == 0:
             os.lchown(dest, member.uid, member.gid)
+        if not member.issym():
+            os.chmod(dest, mode)  # after chown, which clears setuid/setgid bits
         if not member.issym():
             os.utime(dest, (member.mtime, member.mtime))
 

@@ -46,13 +46,18 @@ class Spooled:
 class ApiRepository(repository.Repository):
     """The repository acting for an API user whose group membership the API has checked."""
 
-    def __init__(self, cfg: Config, user: str, spooled: Spooled | None = None):
+    def __init__(self, cfg: Config, user: str, spooled: Spooled | None = None,
+                 admin: bool = False):
         super().__init__(cfg)
         self.api_user = user
         self.spooled = spooled
+        self.admin = admin
 
     def _require(self, action: str) -> str:
         return self.api_user
+
+    def _is_admin(self, user: str) -> bool:
+        return self.admin  # the API's own roles decided it (root or [api] admin_group)
 
     def _copy_in(self, fh: IO[bytes], dest: Path, name: str) -> tuple[str, int]:
         if self.spooled is not None:
@@ -102,7 +107,7 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
     with label_lock(state.settings.api_dir / "locks", label):
         repo = ApiRepository(cfg, user)
         if await anyio.to_thread.run_sync(repo._exists, label):
-            raise ApiError(409, f"image label {label!r} already exists; delete it first")
+            raise ApiError(409, str(repo._taken(label)))
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
         try:
