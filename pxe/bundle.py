@@ -156,6 +156,13 @@ class Manifest:
                    rootfs=rootfs, format=fmt)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An archive library's complaint on one line (tarfile lists every method it tried)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    tar = [x for x in lines if x.startswith("- method tar:")]
+    return (tar[0][2:] if tar else " ".join(lines))[:200]
+
+
 def member_name(name: str) -> str:
     """A bundle member's name: flat, [A-Za-z0-9._-], not the manifest's."""
     if not isinstance(name, str) or not _MEMBER.match(name) or ".." in name or name == MANIFEST:
@@ -231,7 +238,8 @@ def open_bundle(path: Path, directory: Path, max_bytes: int | None = None,
     try:
         tf = tarfile.open(path, mode="r:*")
     except _CORRUPT as exc:
-        raise InputError(f"{where}: not a bundle: not a (gzip/xz) tar archive ({exc})") from None
+        raise InputError(f"{where}: not a bundle: not a (gzip/xz) tar archive "
+                         f"({_one_line(exc)})") from None
     with tf:
         try:
             for member in _members(tf):
@@ -278,7 +286,7 @@ def open_bundle(path: Path, directory: Path, max_bytes: int | None = None,
                     raise InputError(f"{where}: {exc}") from None
                 digests[name] = _write_member(source, member.size, directory / name, where)
         except _CORRUPT as exc:
-            raise InputError(f"{where}: truncated or corrupt archive ({exc})") from None
+            raise InputError(f"{where}: truncated or corrupt archive ({_one_line(exc)})") from None
     if raw_manifest is None:
         if not digests and total == 0:
             raise InputError(f"{where}: not a bundle: empty archive")
@@ -373,7 +381,7 @@ def rootfs_kind(path: Path, name: str | None = None) -> str | None:
                 with opener(path, "rb") as inner:
                     head = inner.read(512)
             except (*_CORRUPT, OSError, EOFError) as exc:
-                raise InputError(f"root filesystem {name!r}: corrupt {kind} data ({exc})") \
+                raise InputError(f"root filesystem {name!r}: corrupt {kind} data ({_one_line(exc)})") \
                     from None
             suffix = "." + kind
             break
@@ -429,7 +437,7 @@ def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = 
                 else:
                     symlinks.discard(rel)
     except _CORRUPT as exc:
-        raise InputError(f"{label}: truncated or corrupt tar archive ({exc})") from None
+        raise InputError(f"{label}: truncated or corrupt tar archive ({_one_line(exc)})") from None
     return kind
 
 
@@ -577,7 +585,8 @@ def extract_rootfs(rootfs: Path, tree: Path) -> TreeWriter:
         with tarfile.open(rootfs, mode="r|*") as tf:
             writer.apply(tf, f"root filesystem {rootfs.name!r}")
     except _CORRUPT as exc:
-        raise InputError(f"root filesystem {rootfs.name!r}: truncated or corrupt ({exc})") from None
+        raise InputError(f"root filesystem {rootfs.name!r}: truncated or corrupt "
+                         f"({_one_line(exc)})") from None
     writer.finish()
     return writer
 
@@ -620,7 +629,7 @@ def tree_from_container(tarball: Path, tree: Path) -> ContainerImage:
     try:
         outer = tarfile.open(tarball, mode="r:*")
     except _CORRUPT as exc:
-        raise InputError(f"{where}: not a tar archive ({exc})") from None
+        raise InputError(f"{where}: not a tar archive ({_one_line(exc)})") from None
     with outer:
         try:
             entries = {}
@@ -634,7 +643,7 @@ def tree_from_container(tarball: Path, tree: Path) -> ContainerImage:
                 _apply_layer(outer, entries, blob, digest, writer, f"{where}: layer {index}")
             writer.finish()
         except _CORRUPT as exc:
-            raise InputError(f"{where}: truncated or corrupt archive ({exc})") from None
+            raise InputError(f"{where}: truncated or corrupt archive ({_one_line(exc)})") from None
     arch = ARCH_FROM_OCI.get(str(config.get("architecture", "amd64")))
     if arch is None:
         raise InputError(f"{where}: architecture {config.get('architecture')!r} is not "
@@ -737,7 +746,7 @@ def _apply_layer(outer: tarfile.TarFile, entries: dict[str, tarfile.TarInfo], bl
         with tarfile.open(fileobj=buffered, mode="r|*") as layer:
             writer.apply(layer, where, whiteouts=True)
     except _CORRUPT as exc:
-        raise InputError(f"{where}: truncated or corrupt layer ({exc})") from None
+        raise InputError(f"{where}: truncated or corrupt layer ({_one_line(exc)})") from None
     while buffered.read(1 << 20):
         pass
     actual = reader.drain()

@@ -246,6 +246,11 @@ class Repository:
                 raise self._taken(label)
         scripts = customize.select(self.settings.customize_dir, groups)
         fh = _open_source(Path(source))
+        size = os.fstat(fh.fileno()).st_size
+        if size > self.settings.max_bundle_bytes:  # measured before a byte is copied
+            fh.close()
+            raise InputError(f"{Path(source).name} is {size} bytes, larger than the limit of "
+                             f"{self.settings.max_bundle_bytes} bytes ([images] max_bundle_bytes)")
         self._prepare()
         work: Path | None = None
         try:

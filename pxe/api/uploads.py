@@ -107,7 +107,8 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
     with label_lock(state.settings.api_dir / "locks", label):
         repo = ApiRepository(cfg, user)
         if await anyio.to_thread.run_sync(repo._exists, label):
-            raise ApiError(409, str(repo._taken(label)))
+            taken = await anyio.to_thread.run_sync(repo._taken, label)
+            raise ApiError(409, str(taken))
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
         try:
