@@ -105,10 +105,12 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
             raise ApiError(413, f"bundle of {length} bytes is larger than the limit of {most} "
                                 "bytes ([api] max_upload_bytes / [images] max_bundle_bytes)")
     with label_lock(state.settings.api_dir / "locks", label):
-        repo = ApiRepository(cfg, user)
-        if await anyio.to_thread.run_sync(repo._exists, label):
-            taken = await anyio.to_thread.run_sync(repo._taken, label)
+        # One repository (and so one SQLite connection) per worker-thread call: a connection
+        # belongs to the thread that opened it.
+        taken = await anyio.to_thread.run_sync(_taken_by, cfg, user, label)
+        if taken is not None:
             raise ApiError(409, str(taken))
+        repo = ApiRepository(cfg, user)
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
         try:
@@ -126,6 +128,11 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
     return {"label": image.label, "os_name": image.os_name, "arch": image.arch,
             "mode": image.mode, "bundle_sha256": done.bundle_sha256,
             "bundle_bytes": done.bundle_bytes, "customized": done.customized, "owner": user}
+
+
+def _taken_by(cfg: Config, user: str, label: str) -> InputError | None:
+    repo = ApiRepository(cfg, user)
+    return repo._taken(label) if repo._exists(label) else None
 
 
 async def _spool(request: Request, path: Path, most: int) -> Spooled:
