@@ -48,6 +48,34 @@ def test_a_checkout_reads_its_top_level_folders():
     assert assets.systemd() == ROOT / "contrib" / "systemd"
 
 
+@pytest.mark.integration
+def test_link_scripts_makes_every_command_callable_from_a_path_folder(tmp_path):
+    """tools/install-deps runs it for /usr/local/bin; here into a throw-away folder."""
+    import sysconfig
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fg-pool").write_text("#!/bin/sh\necho someone else's\n")  # not ours: kept
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "link-scripts"), str(bin_dir)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and f"{bin_dir}/fg-pool is another file; not replaced" in proc.stderr
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in scripts:
+        link = bin_dir / name
+        if name == "fg-pool":
+            assert not link.is_symlink()
+            continue
+        assert link.is_symlink() and link.readlink() == Path(sysconfig.get_path("scripts")) / name
+    (bin_dir / "fg-pool").unlink()
+    again = subprocess.run([sys.executable, str(ROOT / "tools" / "link-scripts"), str(bin_dir)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(scripts)} commands in {bin_dir}" in again.stdout
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run(["pxe-stage", "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 0 and "usage: pxe-stage" in run.stdout, run.stderr
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
     """sdist, then the wheel built from the unpacked sdist (so the sdist must be complete)."""
