@@ -214,10 +214,11 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         check_command=r.argv("dhcp", "check_command", None),
     )
     state_dir = Path(r.get("paths", "state_dir", str))
-    if "templates" in (r.data.get("paths") or {}) and "templates_dir" in (r.data.get("paths") or {}):
+    given = r.data.get("paths") or {}
+    if "templates" in given and "templates_dir" in given:
         raise r.fail("paths.templates", "older name of paths.templates_dir; give only one")
-    templates_dir = r.get("paths", "templates_dir", str, None) or r.get("paths", "templates", str,
-                                                                        DEFAULT_TEMPLATES_DIR)
+    templates_key = "templates" if "templates" in given else "templates_dir"
+    templates_dir = r.get("paths", templates_key, str, DEFAULT_TEMPLATES_DIR)
     paths = Paths(
         tftp_root=Path(r.get("paths", "tftp_root", str)),
         http_root=Path(r.get("paths", "http_root", str)),
