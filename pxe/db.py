@@ -1,7 +1,9 @@
 """The state database: one SQLite file (WAL) under the state dir, shared by every command.
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
-All schema lives here so that a reader can see every table in one place.
+All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
+each later one a change to it), applied by connect(), which refuses a database from a newer
+dynprov. How to add one: docs/ARCHITECTURE.md, "Changing the database schema".
 """
 
 from __future__ import annotations
