@@ -22,6 +22,7 @@ from pxe.images import Catalog
 from pxe.inventory import Inventory
 
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
+    from pxe import render
     from pxe.images import Image
 
 
@@ -32,6 +33,7 @@ class RenderReport:
     boot_changed: int
     pruned: list[str]
     loaders: dict[str, str]
+    sources: dict[str, render.TemplateSource] = field(default_factory=dict)  # template -> file
 
 
 @dataclass(frozen=True)
@@ -106,21 +108,30 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
     pxe.serve.standard_configs."""
-    from pxe import dhcp, stage
-    from pxe.render import Renderer
+    from pxe import dhcp, render, stage
 
     inv = Inventory(cfg)
     nodes = inv.all()
-    renderer = Renderer(cfg)
+    renderer = render.Renderer(cfg)
     text = renderer.dhcp_config(nodes)
-    if check_only:
-        dhcp.check(cfg, text)
-        return RenderReport(False, 0, 0, [], {})
+
+    def images() -> dict[str, Image]:
+        return {i.label: i for i in Catalog(cfg, inv.conn).all()}
+
+    if check_only:  # every output rendered in memory (a broken template fails here), none written
+        with render.naming_template(renderer):
+            dhcp.check(cfg, text)
+        files = renderer.all_boot_files(nodes, images())
+        if servers:
+            from pxe.serve import standard_configs
+
+            standard_configs.render(cfg, renderer)
+        return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        dhcp_changed = dhcp.install(cfg, text, reload=reload)
+        with render.naming_template(renderer):
+            dhcp_changed = dhcp.install(cfg, text, reload=reload)
         if cfg.boot.write_files or servers:
-            images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
-            files = renderer.all_boot_files(nodes, images)
+            files = renderer.all_boot_files(nodes, images())
             changed = stage.write_files(cfg, files)
             pruned = stage.prune(cfg, files)
         else:  # pxe-stage serve renders them per request: no files (and none left stale)
@@ -132,4 +143,4 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             from pxe.serve import standard_configs
 
             standard_configs.write(cfg)
-    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders)
+    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders, renderer.sources)
