@@ -119,6 +119,7 @@ class _Explainer:
         self.steps: list[Step] = []
         self.image: Image | None = None
         self.expected: dict[str, str] = {}
+        self.shared: dict[str, str] = {}
         self._fetched: dict[tuple[str, str], bootfetch.Fetched] = {}
         self.down: dict[str, str] = {}  # protocol -> why its server is taken as down
 
@@ -258,6 +259,7 @@ class _Explainer:
                                    "kernel args": redact(self.renderer.kernel_args(node,
                                                                                    self.image))})
         self.expected = self.renderer.node_boot_files(node, self.image)
+        self.shared = self.renderer.shared_boot_files()
 
     def _fetch_step(self, link: str, proto: str, rel: str, fix_missing: str,
                     expect_text: str | None = None) -> Step:
@@ -304,14 +306,15 @@ class _Explainer:
                          "run `pxe-stage render` to copy the boot loaders into the TFTP root "
                          "(Debian: apt install grub-efi-amd64-bin)")
         self._fetch_step("loader dispatcher (GRUB)", "tftp", "grub/grub.cfg",
-                         "run `pxe-stage render`")
+                         "run `pxe-stage render`", self.shared["grub/grub.cfg"])
         rel = boot_file_names(mac)["grub"]
         self._fetch_step(f"loader config ({mac})", "tftp", rel,
                          "run `pxe-stage render` (or `pxe-stage set-boot`) for this node",
                          self.expected.get(rel))
 
     def ipxe_chain(self, mac: str) -> None:
-        self._fetch_step("iPXE script (shared)", "http", "boot.ipxe", "run `pxe-stage render`")
+        self._fetch_step("iPXE script (shared)", "http", "boot.ipxe", "run `pxe-stage render`",
+                         self.shared["boot.ipxe"])
         rel = boot_file_names(mac)["ipxe"]
         self._fetch_step(f"iPXE script ({mac})", "http", rel,
                          "run `pxe-stage render` (or `pxe-stage set-boot`) for this node",

@@ -26,16 +26,18 @@ MAC = "52:54:00:20:00:01"
 
 
 @pytest.fixture
-def lo_site(tmp_path: Path) -> Site:
+def lo_site(tmp_path: Path, request) -> Site:
     """A site whose provisioning network is loopback, its ports fresh: the node's chain is then
-    exactly what explain can fetch."""
+    exactly what explain can fetch. ``@pytest.mark.parametrize("lo_site", [...],
+    indirect=True)`` adds lines to [boot]."""
     root = tmp_path / "site"
     root.mkdir()
     path = root / "dynprov.toml"
     tftp_port, http_port = free_port(), free_port()
+    extra = getattr(request, "param", "")
     path.write_text(config.example(root, interface="lo", subnet="127.0.0.0/24",
                                    server="127.0.0.1")
-                    + f"\n[boot]\nhttp_port = {http_port}\n")
+                    + f"\n[boot]\nhttp_port = {http_port}\n{extra}\n")
     site = Site(root, path)
     serve_section(site, tftp_address="127.0.0.1", tftp_port=tftp_port,
                   http_address="127.0.0.1", http_port=http_port)
@@ -44,6 +46,10 @@ def lo_site(tmp_path: Path) -> Site:
 
 @pytest.fixture
 def image(lo_site: Site, tmp_path: Path) -> dict[str, str]:
+    return add_image_and_node(lo_site, tmp_path)
+
+
+def add_image_and_node(lo_site: Site, tmp_path: Path, *node_flags: str) -> dict[str, str]:
     kernel = fake_bzimage(tmp_path / "vmlinuz", os.urandom(70_000))
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(os.urandom(150_000))
@@ -51,7 +57,8 @@ def image(lo_site: Site, tmp_path: Path) -> dict[str, str]:
     rootfs.write_bytes(os.urandom(30_000))
     lo_site.run("images", "add", "centos5", "--kernel", str(kernel), "--initrd", str(initrd),
                 "--rootfs", str(rootfs), check=True)
-    lo_site.run("nodes", "add", "n001", "--mac", MAC, "--ip", "127.0.0.10", check=True)
+    lo_site.run("nodes", "add", "n001", "--mac", MAC, "--ip", "127.0.0.10", *node_flags,
+                check=True)
     lo_site.run("set-boot", "n001", "--os", "centos5", check=True)
     lo_site.run("render", check=True)
     out = json.loads(lo_site.run("images", "show", "centos5", "--json", check=True).stdout)
@@ -175,3 +182,22 @@ def test_unknown_node_and_bad_name(lo_site, image):
     assert bad.returncode == 2 and bad.stderr.startswith("pxe-stage: ")
     assert len(bad.stderr.strip().splitlines()) == 1
     assert lo_site.snapshot() == before
+
+
+@pytest.mark.parametrize("lo_site", ["ipxe_http = true"], indirect=True)
+def test_uefi_node_grub_chain_and_ipxe_over_http(lo_site, tmp_path):
+    image = add_image_and_node(lo_site, tmp_path, "--firmware", "uefi")
+    with serving(lo_site):
+        proc, data = explain(lo_site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by = steps(data)
+    assert by["dhcp"]["facts"]["options"]["filename (UEFI PXE ROM)"] == "grubx64.efi"
+    assert by["dhcp"]["facts"]["options"]["filename (iPXE, option 175)"].endswith("/boot.ipxe")
+    assert "configfile /grub/grub.cfg-${net_default_mac}" in \
+        by["loader dispatcher (GRUB)"]["facts"]["content"]
+    assert f"linux /blobs/{image['kernel_sha']}" in by[f"loader config ({MAC})"]["facts"]["content"]
+    assert "chain --autofree" in by["iPXE script (shared)"]["facts"]["content"]
+    assert f"/blobs/{image['kernel_sha']}" in by[f"iPXE script ({MAC})"]["facts"]["content"]
+    for what in ("kernel", "initrd"):
+        for proto in ("TFTP", "HTTP"):
+            assert by[f"{what} over {proto}"]["facts"]["sha256"] == image[f"{what}_sha"]
