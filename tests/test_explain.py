@@ -25,23 +25,27 @@ pytestmark = pytest.mark.integration
 MAC = "52:54:00:20:00:01"
 
 
-@pytest.fixture
-def lo_site(tmp_path: Path, request) -> Site:
+def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
     """A site whose provisioning network is loopback, its ports fresh: the node's chain is then
-    exactly what explain can fetch. ``@pytest.mark.parametrize("lo_site", [...],
-    indirect=True)`` adds lines to [boot]."""
+    exactly what explain can fetch. ``boot_extra``: more lines for [boot]."""
     root = tmp_path / "site"
     root.mkdir()
     path = root / "dynprov.toml"
     tftp_port, http_port = free_port(), free_port()
-    extra = getattr(request, "param", "")
     path.write_text(config.example(root, interface="lo", subnet="127.0.0.0/24",
                                    server="127.0.0.1")
-                    + f"\n[boot]\nhttp_port = {http_port}\n{extra}\n")
+                    + f"\n[boot]\nhttp_port = {http_port}\n{boot_extra}\n")
     site = Site(root, path)
     serve_section(site, tftp_address="127.0.0.1", tftp_port=tftp_port,
                   http_address="127.0.0.1", http_port=http_port)
     return site
+
+
+@pytest.fixture
+def lo_site(tmp_path: Path, request) -> Site:
+    """make_lo_site; ``@pytest.mark.parametrize("lo_site", [...], indirect=True)`` adds [boot]
+    lines."""
+    return make_lo_site(tmp_path, getattr(request, "param", ""))
 
 
 @pytest.fixture

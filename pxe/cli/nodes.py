@@ -90,15 +90,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _facts(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
+    """Hardware facts the nodes reported (pxe.hwfacts); none through --server yet."""
+    if remote.for_args(args) is not None:
+        return {}
+    from pxe import db, hwfacts
+
+    return hwfacts.load(db.connect(load_config(args).db_path), names)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     nodes = _read(args, args.nodes)
+    facts = _facts(args, [n.name for n in nodes])
     if args.json:
-        print_json([n.public() for n in nodes])
+        print_json([n.public() | {"hardware": facts.get(n.name)} for n in nodes])
         return 0
+    from pxe.hwfacts import summary
+
     for i, n in enumerate(nodes):
         if i:
             print()
-        for key, value in n.public().items():
+        lines = {**n.public(), **summary(facts.get(n.name, {}))}
+        if n.name not in facts:
+            lines["hardware"] = "not reported yet (sent at the node's next dynprov boot)"
+        for key, value in lines.items():
             if isinstance(value, list):
                 value = ",".join(value)
             print(f"{key:<13} {'-' if value in (None, '') else value}")
