@@ -66,8 +66,8 @@ dp_valid() {
 		esac
 		DP_ERROR="bad dynprov.$what '$value'" ;;
 	mode)
-		case $value in stateless | stateful) return 0 ;; esac
-		DP_ERROR="bad dynprov.mode '$value' (expected stateless or stateful)" ;;
+		case $value in stateless | stateful | discover) return 0 ;; esac
+		DP_ERROR="bad dynprov.mode '$value' (expected stateless, stateful or discover)" ;;
 	token)
 		case $value in "" | *[!A-Za-z0-9._~-]*) ;; *) return 0 ;; esac
 		DP_ERROR="missing or malformed dynprov.token" ;;
@@ -140,7 +140,8 @@ dp_report() {
 }
 
 # dp_facts: this machine's hardware, one `key value` line per fact (pxe/hwfacts.py reads them):
-# cpus, cpu_model, memory_kib, disk NAME BYTES, nic NAME MAC, serial/vendor/product (DMI),
+# cpus, cpu_model, memory_kib, disk NAME BYTES, nic NAME MAC, firmware bios|uefi,
+# serial/vendor/product (DMI),
 # bmc_address (only if ipmitool is there). Reads $DYNPROV_PROC and $DYNPROV_SYS (tests point
 # them at fake trees); prints what it can read and never fails.
 dp_facts() {
@@ -165,6 +166,7 @@ dp_facts() {
 		value=$(cat "$dev/address" 2>/dev/null) || continue
 		[ -n "$value" ] && echo "nic $name $value"
 	done
+	if [ -d "$sys/firmware/efi" ]; then echo "firmware uefi"; else echo "firmware bios"; fi
 	for key in serial:product_serial vendor:sys_vendor product:product_name; do
 		value=$(head -c 200 "$sys/class/dmi/id/${key#*:}" 2>/dev/null | head -n 1)
 		[ -n "$value" ] && echo "${key%%:*} $value"
@@ -175,6 +177,25 @@ dp_facts() {
 		[ -n "$value" ] && echo "bmc_address $value"
 	fi
 	return 0
+}
+
+# dp_discover_report MAC: a machine the inventory does not know (dynprov.mode=discover) sends
+# its MAC and dp_facts to $DP_SERVER/discover (pxe/serve/discover.py). 0 stored, 1 refused or
+# not stored (403 off, 409 known, 429 too soon, 507 full: all final), 2 unreachable.
+dp_discover_report() {
+	local mac=$1 data err
+	dp_valid server "$DP_SERVER" || { dp_log "cannot report discovery: $DP_ERROR"; return 1; }
+	data="mac=$(dp_urlencode "$mac")&facts=$(dp_urlencode "$(dp_facts)")"
+	if err=$(timeout "$DYNPROV_REPORT_TIMEOUT" wget -q -O /dev/null --post-data "$data" \
+		"$DP_SERVER/discover" 2>&1); then
+		dp_log "discovery: reported $mac to $DP_SERVER"
+		return 0
+	fi
+	case $err in
+	*" 4"[0-9][0-9]* | *" 5"[0-9][0-9]*) dp_log "discovery: $DP_SERVER answered ${err#wget: }"; return 1 ;;
+	esac
+	dp_log "discovery: $DP_SERVER unreachable: ${err:-timed out}"
+	return 2
 }
 
 # dp_fetch URL DEST: download with bounded retries; 0 ok, 1 failed (DP_ERROR set).

@@ -259,7 +259,8 @@ class _Explainer:
                                    "kernel args": redact(self.renderer.kernel_args(node,
                                                                                    self.image))})
         self.expected = self.renderer.node_boot_files(node, self.image)
-        self.shared = self.renderer.shared_boot_files()
+        catalog = Catalog(self.cfg, self.conn)
+        self.shared = self.renderer.shared_boot_files({i.label: i for i in catalog.all()})
 
     def _fetch_step(self, link: str, proto: str, rel: str, fix_missing: str,
                     expect_text: str | None = None) -> Step:

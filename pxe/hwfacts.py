@@ -50,6 +50,8 @@ def parse(text: str) -> dict[str, Any]:
             facts["memory_mib"] = n // 1024
         elif key in _TEXT_KEYS and _text(rest):
             facts[_TEXT_KEYS[key]] = _text(rest)
+        elif key == "firmware" and rest in ("bios", "uefi"):
+            facts["firmware"] = rest
         elif key == "bmc_address" and _IPV4.match(rest):
             facts["bmc_address"] = rest
         elif key == "disk" and len(facts["disks"]) < MAX_ITEMS:
@@ -117,7 +119,7 @@ def summary(facts: dict[str, Any]) -> dict[str, str]:
         lines["disks"] = ", ".join(f"{d['name']} {d['bytes'] / 1e9:.1f} GB" for d in facts["disks"])
     if facts.get("nics"):
         lines["nics"] = ", ".join(f"{n['name']} {n['mac']}" for n in facts["nics"])
-    for key in ("serial", "vendor", "product", "bmc_address"):
+    for key in ("firmware", "serial", "vendor", "product", "bmc_address"):
         if facts.get(key):
             lines[key] = facts[key]
     if facts.get("reported"):

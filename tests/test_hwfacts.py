@@ -56,7 +56,7 @@ EXPECTED = {
     "disks": [{"name": "nvme0n1", "bytes": 2000409264 * 512},
               {"name": "sda", "bytes": 976773168 * 512}],
     "nics": [{"name": "eth0", "mac": MAC}, {"name": "eth1", "mac": "52:54:00:20:00:02"}],
-    "serial": "SN-4711", "vendor": "Dell Inc.", "product": "PowerEdge R620",
+    "firmware": "bios", "serial": "SN-4711", "vendor": "Dell Inc.", "product": "PowerEdge R620",
 }
 
 
@@ -67,7 +67,7 @@ def test_dp_facts_reads_proc_and_sys_with_busybox(bbpath, tmp_path):
     assert hwfacts.parse(proc.stdout) == EXPECTED
     empty = bbsh(bbpath, "dp_facts", env={"DYNPROV_PROC": str(tmp_path / "none"),
                                           "DYNPROV_SYS": str(tmp_path / "none")})
-    assert empty.returncode == 0 and empty.stdout == "cpus 0\n"
+    assert empty.returncode == 0 and empty.stdout == "cpus 0\nfirmware bios\n"
 
 
 @pytest.mark.unit
