@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def add_image_and_node(lo_site: Site, tmp_path: Path, *node_flags: str) -> dict[
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(os.urandom(150_000))
     rootfs = tmp_path / "root.tar"
-    rootfs.write_bytes(os.urandom(30_000))
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(30_000))
+    with tarfile.open(rootfs, "w") as tar:
+        tar.add(payload, arcname="bin/payload")
     lo_site.run("images", "add", "centos5", "--kernel", str(kernel), "--initrd", str(initrd),
                 "--rootfs", str(rootfs), check=True)
     lo_site.run("nodes", "add", "n001", "--mac", MAC, "--ip", "127.0.0.10", *node_flags,
@@ -126,7 +130,7 @@ def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
         assert facts["sha256"] == image[f"{what}_sha"] == facts["image sha256"]
         assert facts["size"] == facts["size on disk"]
     rootfs = by["rootfs over HTTP"]["facts"]
-    assert rootfs["sha256"] == image["rootfs_sha"] and rootfs["size"] == 30_000
+    assert rootfs["sha256"] == image["rootfs_sha"] and rootfs["size"] == rootfs["size on disk"]
     assert by["call-home"]["facts"]["url"].endswith("/report")
     assert by["call-home"]["facts"]["live"] == "serve answers /healthz"
     assert text.returncode == 0 and "no problems found" in text.stdout
