@@ -45,7 +45,11 @@ def boot_file_names(mac: str) -> dict[str, str]:
 
 class Renderer:
     def __init__(self, cfg: Config):
+        from pxe import discovery
+
         self.cfg = cfg
+        # Checked here, before a render writes anything: a bad [discovery] stops it whole.
+        self.discovery = discovery.load(cfg)
 
     @cached_property
     def env(self):
@@ -128,9 +132,7 @@ class Renderer:
     def discovery_boot(self, images: Mapping[str, Image] | None) -> dict[str, str] | None:
         """What an unknown MAC boots with `[discovery] enabled`: the discovery image's kernel and
         initrd (the provisioning initramfs) in discover mode; None = the local disk."""
-        from pxe import discovery
-
-        settings = discovery.load(self.cfg)
+        settings = self.discovery
         image = (images or {}).get(settings.image or "") if settings.enabled else None
         if image is None:
             return None

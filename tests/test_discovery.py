@@ -178,3 +178,18 @@ def test_discovery_off_stores_nothing_and_config_is_checked(tmp_path):
         path.write_text(site.config_path.read_text() + "\n[discovery]\n" + section)
         with pytest.raises(InputError, match=message):
             discovery.load(load_config(path))
+
+
+@pytest.mark.integration
+def test_render_refuses_a_bad_discovery_section_before_writing(tmp_path):
+    site = make_lo_site(tmp_path)
+    site.run("nodes", "add", "n001", "--mac", "52:54:00:99:00:01", check=True)
+    site.run("render", check=True)
+    with open(site.config_path, "a") as fh:
+        fh.write("\n[discovery]\nenabled = true\n")
+    site.run("nodes", "add", "n002", "--mac", "52:54:00:99:00:02", check=True)
+    before = site.snapshot()
+    proc = site.run("render")
+    assert proc.returncode == 2 and "discovery.image" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert site.snapshot() == before  # the DHCP config does not get n002 half-way
