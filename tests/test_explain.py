@@ -109,6 +109,15 @@ def steps(data: dict) -> dict[str, dict]:
 
 
 def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
+    from pxe import db
+
+    conn = db.connect(lo_site.cfg.db_path)  # the node's run, as pxe.run records it
+    with db.transaction(conn):
+        run = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos5', "
+                           "'ondemand', 1.0)").lastrowid
+        conn.execute("INSERT INTO run_nodes VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
+                     (run,))
+    conn.close()
     with serving(lo_site):
         proc, data = explain(lo_site, "n001")
         text = lo_site.run("explain", "n001")
@@ -133,6 +142,8 @@ def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     assert rootfs["sha256"] == image["rootfs_sha"] and rootfs["size"] == rootfs["size on disk"]
     assert by["call-home"]["facts"]["url"].endswith("/report")
     assert by["call-home"]["facts"]["live"] == "serve answers /healthz"
+    assert by["run"]["facts"]["current run"] == {"id": run, "image": "centos5",
+                                                 "state": "power-cycled", "reason": ""}
     assert text.returncode == 0 and "no problems found" in text.stdout
     assert f"|   KERNEL blobs/{image['kernel_sha']}" in text.stdout
     assert "HTTP Request" not in text.stderr
@@ -209,3 +220,15 @@ def test_uefi_node_grub_chain_and_ipxe_over_http(lo_site, tmp_path):
     for what in ("kernel", "initrd"):
         for proto in ("TFTP", "HTTP"):
             assert by[f"{what} over {proto}"]["facts"]["sha256"] == image[f"{what}_sha"]
+
+
+def test_node_set_to_its_local_disk_has_no_image_links(lo_site, image):
+    lo_site.run("set-boot", "n001", "--local", check=True)
+    lo_site.run("render", check=True)
+    with serving(lo_site):
+        proc, data = explain(lo_site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by = steps(data)
+    assert by["image"]["facts"]["boot target"] == "local"
+    assert "LOCALBOOT 0" in by[f"loader config ({MAC})"]["facts"]["content"]
+    assert not [link for link in by if link.startswith(("kernel", "initrd", "rootfs"))]
