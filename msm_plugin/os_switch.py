@@ -161,7 +161,7 @@ def _refresh(cfg: Config) -> None:
 
     Not done after a request: the driver rewrites it within a second, and Moab is blocked here.
     """
-    from pxe import wiki
+    from msm_plugin import wiki
 
     try:
         wiki.refresh_cfg(cfg)

@@ -90,7 +90,7 @@ _KNOWN: dict[str, set[str]] = {
     "groups": {"image", "pool", "scheduler_pool"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab"}
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "hooks"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:

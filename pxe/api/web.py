@@ -18,7 +18,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from pxe import pools, wiki
+from pxe import pools, states
 
 WEB_DIR = "web"
 POLL_SECONDS = 5
@@ -65,13 +65,11 @@ def active_runs(conn: sqlite3.Connection, now: float | None = None,
         steps: dict[str, int] = {}
         for n in conn.execute("SELECT node, state, reason, deadline, updated FROM run_nodes "
                               "WHERE run_id = ? ORDER BY node", (r[0],)):
-            state = n[1]
-            if state in wiki.RUN_ACTIVE and n[3] is not None and now > n[3]:
-                state = "timed out"  # past its deadline, before a writer records it
+            state = states.effective(n[1], n[3], now)  # past its deadline: timed out
             steps[state] = steps.get(state, 0) + 1
             members.append({"node": n[0], "state": state, "reason": n[2], "deadline": n[3],
                             "updated": n[4]})
-        done = sum(v for k, v in steps.items() if k in wiki.RUN_FINAL)
+        done = sum(v for k, v in steps.items() if k in states.FINAL)
         out.append({"id": r[0], "label": r[1], "mode": r[2], "created": r[3], "finished": r[4],
                     "state": r[5], "steps": steps, "done": done, "total": len(members),
                     "nodes": members})
