@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pxe import db, pools, run, wiki
+from msm_plugin import wiki
+from pxe import db, pools, run
 
 pytestmark = pytest.mark.unit
 
