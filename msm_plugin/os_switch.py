@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pxe.errors import DynprovError, InputError
-
-if TYPE_CHECKING:
-    from pxe.config import Config
 
 PROG = "os-switch"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -128,8 +124,7 @@ def _main(argv: Sequence[str] | None) -> int:
         cancelled = provision.cancel(cfg, names)
         print(f"{fold(cancelled)}: provisioning cancelled" if cancelled
               else f"{fold(names)}: no provisioning run to cancel")
-        _refresh(cfg)
-        return EXIT_OK
+        return EXIT_OK  # the report is rewritten through pxe.hooks by provision.cancel
 
     conn.close()
     req = provision.start(cfg, names, value, force=args.force,
@@ -151,19 +146,6 @@ def _main(argv: Sequence[str] | None) -> int:
             reason = f": {res.reason}" if res and res.reason else ""
             print(f"{name}: {state}{reason}")
     return EXIT_OK if req.ok else EXIT_FAILED
-
-
-def _refresh(cfg: Config) -> None:
-    """Rewrite the WIKI report (for file:// readers) right away; failures only delay it.
-
-    Not done after a request: the driver rewrites it within a second, and Moab is blocked here.
-    """
-    from msm_plugin import wiki
-
-    try:
-        wiki.refresh_cfg(cfg)
-    except Exception:  # noqa: BLE001 - the driver and cluster-query rebuild it anyway
-        pass
 
 
 if __name__ == "__main__":

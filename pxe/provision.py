@@ -124,9 +124,22 @@ def cancel(cfg: Config, nodes: str | Iterable[str]) -> list[str]:
     names = node_names(nodes)
     conn = _connect(cfg)
     try:
-        return run.cancel(cfg, conn, names)
+        cancelled = run.cancel(cfg, conn, names)
     finally:
         conn.close()
+    if cancelled:
+        _announce(cfg, cancelled)
+    return cancelled
+
+
+def _announce(cfg: Config, names: Sequence[str]) -> None:
+    """Tell the faces at once (a running driver would within a second; none may run)."""
+    from pxe import hooks
+
+    try:
+        hooks.announce(cfg, hooks.Event(hooks.NODES, tuple(names)))
+    except Exception:  # noqa: BLE001 - the change is committed; the faces' readers catch up
+        pass
 
 
 def cancel_run(cfg: Config, run_id: int) -> list[str]:

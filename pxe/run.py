@@ -277,22 +277,8 @@ def request(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], label: 
             if max_seconds is not None:
                 seconds = min(seconds, max_seconds)
             deadline = now + max(1.0, seconds)
-            cur = conn.execute("INSERT INTO runs(label, mode, created, state) "
-                               "VALUES (?, ?, ?, ?)", (label, mode, now, states.RUN_RUNNING))
-            run_id = int(cur.lastrowid or 0)
-            conn.executemany(
-                "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
-                "VALUES (?, ?, ?, '', ?, ?)",
-                [(run_id, n, states.REQUESTED, deadline, now) for n in to_start])
-            conn.executemany(
-                "UPDATE nodes SET state = ?, state_reason = ?, updated = ? WHERE name = ?",
-                [(states.REQUESTED, f"run {run_id}: {label} requested", now, n)
-                 for n in to_start])
-            conn.executemany(
-                "INSERT INTO events(ts, node, run_id, kind, detail) "
-                "VALUES (?, ?, ?, 'run-requested', ?)",
-                [(now, n, run_id, f"{label} ({mode}, deadline {seconds:.0f} s)")
-                 for n in to_start])
+            run_id = states.enter(conn, label, mode, to_start, deadline, now,
+                                  detail=f"{label} ({mode}, deadline {seconds:.0f} s)")
             result.run_id = run_id
             result.started = to_start
     _reset_boot(cfg, conn, expired, keep_tokens=True)

@@ -10,10 +10,12 @@ written and the node reboots into it, so its next boot must be the disk.
 word afterwards; outside runs it is also ``unknown`` (never seen) or ``off`` (powered off by us),
 and the workload side may write ``busy``/``running`` (pxe.pools reads those).
 
-Writers: transition() is the only code that changes a run node's state (pxe.run for the driver's
-steps, pxe.reports for what a node reports). Readers that must not write (the Moab report, the
-status page, ``pxe-stage run list``) show a node past its deadline as timed out through
-effective(); the writer records it through overdue_sql() - both with the same rule, is_overdue().
+Writers: enter() starts a run and transition() is the only code that changes a run node's state
+afterwards (pxe.run for the driver's steps, pxe.reports for what a node reports); set_node()
+writes a node's state outside runs (off, unknown: pxe.run.power). Readers that must not write
+(the Moab report, the status page, ``pxe-stage run list``) show a node past its deadline as timed
+out through effective(); the writer records it through overdue_sql() - both with the same rule,
+is_overdue().
 
 Standard library only: cluster-query imports this on its fast path.
 """
@@ -106,6 +108,26 @@ def overdue_sql(alias: str = "rn") -> str:
 
 
 # -- the one writer ---------------------------------------------------------------------------------
+def enter(conn: sqlite3.Connection, label: str, mode: str, nodes: Sequence[str],
+          deadline: float, now: float, detail: str = "") -> int:
+    """A new run with ``nodes`` in its first step (requested): the run row, the run nodes,
+    their mirror and a ``run-requested`` event each. The caller holds a transaction and has
+    checked that none of the nodes is in an active run. Returns the run's id."""
+    cur = conn.execute("INSERT INTO runs(label, mode, created, state) VALUES (?, ?, ?, ?)",
+                       (label, mode, now, RUN_RUNNING))
+    run_id = int(cur.lastrowid or 0)
+    conn.executemany(
+        "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
+        "VALUES (?, ?, ?, '', ?, ?)", [(run_id, n, REQUESTED, deadline, now) for n in nodes])
+    conn.executemany(
+        "UPDATE nodes SET state = ?, state_reason = ?, updated = ? WHERE name = ?",
+        [(REQUESTED, f"run {run_id}: {label} requested", now, n) for n in nodes])
+    conn.executemany(
+        "INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, 'run-requested', ?)",
+        [(now, n, run_id, detail) for n in nodes])
+    return run_id
+
+
 def transition(conn: sqlite3.Connection, run_id: int, node: str, new: str, reason: str = "",
                now: float | None = None, *, only_from: Sequence[str] | None = None,
                node_fields: Mapping[str, object] | None = None, event: str | None = None,
