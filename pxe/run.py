@@ -520,19 +520,16 @@ def _left_on_network(conn: sqlite3.Connection) -> list[sqlite3.Row]:
         "ORDER BY rn.node").fetchall()
 
 
-def _unsettled(conn: sqlite3.Connection, names: Sequence[str]) -> list[str]:
-    """Nodes whose last run ended but whose boot was not set since (files written, event
-    logged: pxe.setboot logs after staging), or that still wait for an "installed" follow-up."""
-    out = []
-    for chunk in _chunks(list(names)):
-        out += [r[0] for r in conn.execute(
-            "SELECT rn.node FROM run_nodes rn WHERE rn.node IN "
-            f"({_marks(chunk)}) AND rn.run_id = (SELECT MAX(run_id) FROM run_nodes "
-            f"WHERE node = rn.node) AND (rn.state = ? OR (rn.state IN ({states.FINAL_SQL}) "
-            "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.node = rn.node "
-            "AND e.kind IN ('set-boot', 'set-boot-failed') AND e.ts >= rn.updated)))",
-            (*chunk, states.INSTALLED))]
-    return out
+def _unsettled(cfg: Config, conn: sqlite3.Connection, names: Sequence[str]) -> list[str]:
+    """Which of the nodes still wait for a follow-up (see follow_ups). Taken under the render
+    lock: a set-boot in progress (boot target already changed, files not yet staged) is
+    finished before the answer is "none"."""
+    from pxe import atomic
+
+    wanted = set(names)
+    with atomic.locked(cfg.lock_path, shared=True):
+        return sorted({r["node"] for r in (*_installed(conn), *_left_on_network(conn))
+                       if r["node"] in wanted})
 
 
 def pending(conn: sqlite3.Connection) -> bool:
@@ -690,7 +687,7 @@ def wait(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *, poll: f
             deadline = max((r["deadline"] or 0.0) for r in active)
             time.sleep(max(0.05, min(poll, deadline - time.time() + 0.05)))
             continue
-        left = _unsettled(conn, names)
+        left = _unsettled(cfg, conn, names)
         if not left:
             break
         end = end if end is not None else time.monotonic() + FOLLOW_UP_GRACE

@@ -50,15 +50,14 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
     renderer = Renderer(cfg)
     with atomic.locked(cfg.lock_path):
         inv.set_boot(names, "os" if image else "local", label, tokens)
+        with db.transaction(inv.conn):
+            for name in names:
+                db.log_event(inv.conn, "set-boot", name, label or "local")
         updated = inv.select(names)
         files: dict[str, str] = {}
         for node in updated:
             files.update(renderer.node_boot_files(node, image))
         stage.write_files(cfg, files)
-        # Logged once the files are in place: a reader of the event finds them (pxe.run.wait).
-        with db.transaction(inv.conn):
-            for name in names:
-                db.log_event(inv.conn, "set-boot", name, label or "local")
     return updated
 
 
