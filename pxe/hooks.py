@@ -14,6 +14,7 @@ Subscribers come from, in this order, without duplicates:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import re
@@ -69,14 +70,20 @@ def _settings(cfg: Config) -> tuple[bool, list[str]]:
     return use_eps, subs
 
 
+@functools.cache
+def _entry_points() -> tuple[str, ...]:
+    """The installed subscribers (scanning the installed distributions once per process)."""
+    from importlib.metadata import entry_points
+
+    return tuple(ep.value for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name))
+
+
 def targets(cfg: Config) -> list[str]:
     """The subscribers' ``module:function`` names for this site, in calling order."""
     use_eps, subs = _settings(cfg)
     out: list[str] = []
     if use_eps:
-        from importlib.metadata import entry_points
-
-        out += [ep.value for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)]
+        out += list(_entry_points())
     for target in subs:
         if target not in out:
             out.append(target)
