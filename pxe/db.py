@@ -347,6 +347,12 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
         migrate(conn, path, create)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        # Even a read needs write access in WAL mode (the -shm index): name the file, not SQLite.
+        if "readonly" in str(exc) or "unable to open" in str(exc):
+            raise DynprovError(f"permission denied: {path} (run as root or through sudo)") from exc
+        raise
     except BaseException:
         conn.close()
         raise

@@ -338,15 +338,15 @@ def unprivileged() -> Iterator[Unprivileged]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-DB_READ_ONLY = "the state database cannot be written by this user"
+DB_READ_ONLY = "permission denied: {site}/state/dynprov.db (run as root or through sudo)"
 AS_USER = [
     ("nodes-add", "pxe-stage", ("nodes", "add", "n010", "--mac", "52:54:00:00:00:10"),
      DB_READ_ONLY),
     ("nodes-remove", "pxe-stage", ("nodes", "remove", "n001"), DB_READ_ONLY),
     ("images-remove", "pxe-stage", ("images", "remove", "base", "--force"),
-     "permission denied: {site}/state/images.lock (run as root or through sudo)"),
+     "permission denied: {site}/state/dynprov.db (run as root or through sudo)"),
     ("set-boot", "pxe-stage", ("set-boot", "n001", "--local"),
-     "permission denied: {site}/state/render.lock (run as root or through sudo)"),
+     "permission denied: {site}/state/dynprov.db (run as root or through sudo)"),
     ("fg-moab-mode", "fg-moab", ("-mode", "perjob"), DB_READ_ONLY),
     ("fg-moab-image-upload", "fg-moab-image", ("-upload", "-image", "/etc/hostname"),
      "permission denied: uploading an image needs membership of group"),

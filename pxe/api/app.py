@@ -144,6 +144,11 @@ async def node_show(request: Request, who: Identity) -> Response:
     return Json(node.public())
 
 
+def _is_admin(request: Request, who: Identity) -> bool:
+    state = request.app.state
+    return "admin" in who.roles(state.cfg.groups, state.settings.admin_group)
+
+
 # -- images ------------------------------------------------------------------------------------
 @endpoint("read")
 async def images_list(request: Request, who: Identity) -> Response:
@@ -210,12 +215,12 @@ async def image_delete(request: Request, who: Identity) -> Response:
     """
     summary: Delete an image and its bundle (refused while in use unless force=true)
     parameters: [{name: force, in: query, schema: {type: boolean}}]
-    responses: {200: {description: deleted}, 404: {description: unknown label},
-                409: {description: in use}}
+    responses: {200: {description: deleted}, 403: {description: "not the image's owner nor an
+                admin"}, 404: {description: unknown label}, 409: {description: in use}}
     """
     label = validate.label(request.path_params["label"], "image label")
     force = flag(request, "force")
-    repo = uploads.ApiRepository(request.app.state.cfg, who.user)
+    repo = uploads.ApiRepository(request.app.state.cfg, who.user, admin=_is_admin(request, who))
     still = await run_in_threadpool(repo.delete, label, force)
     return Json({"deleted": label, "forced": force, "still_used_by": still})
 
