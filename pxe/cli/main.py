@@ -17,6 +17,7 @@ COMMANDS = (
     "setboot",
     "render",
     "power",
+    "run",
     "initramfs",
     "lab",
     "serve",
