@@ -1,17 +1,17 @@
-"""`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see pxe/wiki.py).
+"""`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see msm_plugin/wiki.py).
 
 Moab runs it on every poll, with no argument. It always exits 0 and prints what it has: a failing
 query would make Moab mark the whole provisioning resource manager corrupt and stop calling
-os-switch. It imports nothing but the standard library and pxe.wiki (pxe.config too when it
+os-switch. It imports nothing but the standard library and msm_plugin.wiki (pxe.config too when it
 rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
 
 1. find ``paths.state_dir`` (and ``groups.scheduler_pool``) with a line scan of the site
    config (no tomllib, no pxe.config on the poll; tomllib when the scan cannot be sure);
 2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change
-   stamp (pxe.wiki.change_key: the stamp writers bump after COMMIT, pxe.stamp, and a stat of
+   stamp (msm_plugin.wiki.change_key: the stamp writers bump after COMMIT, pxe.stamp, and a stat of
    the config; no SQLite), print it as it is;
 3. otherwise read one snapshot of the state database (the common line formatted by SQLite,
-   pxe.wiki.build), rebuild the file atomically (keyed), print it.
+   msm_plugin.wiki.build), rebuild the file atomically (keyed), print it.
 
 The same file serves ``CLUSTERQUERYURL=file://...`` (no process at all); ``cluster-query
 --refresh`` (from a timer) keeps it fresh when nothing else writes it. If the database cannot be
@@ -103,7 +103,7 @@ def _state_dir_fast(config_path: str) -> str | None:
 
 def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
     """The report (never raises: problems become comment lines or STATE=Unknown lines)."""
-    from pxe import wiki
+    from msm_plugin import wiki
 
     if not refresh_only:
         try:

@@ -46,7 +46,7 @@ def test_set_boot_writes_no_files_and_the_server_renders_what_the_file_would_say
     inv = Inventory(cfg)
     expected = {**renderer.node_boot_files(inv.get("n001"), image),
                 **renderer.node_boot_files(inv.get("n002"), image),
-                **renderer.shared_boot_files()}
+                **renderer.shared_boot_files({image.label: image})}
     for name, text in expected.items():
         assert configs.lookup(name) == text.encode(), name
     assert f"KERNEL blobs/{image.kernel_sha}" in configs.lookup(

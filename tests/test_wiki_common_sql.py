@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from msm_plugin import cluster_query
-from pxe import config, db, stamp, wiki
+from msm_plugin import cluster_query, wiki
+from pxe import config, db, stamp
 
 pytestmark = pytest.mark.unit
 

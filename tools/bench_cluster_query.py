@@ -41,7 +41,8 @@ import bench_common as bc  # noqa: E402
 
 launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
-from pxe import config, db, wiki  # noqa: E402
+from msm_plugin import wiki  # noqa: E402
+from pxe import config, db  # noqa: E402
 
 # The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER).
 FLOOR_SQL = """

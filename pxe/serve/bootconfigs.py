@@ -121,8 +121,12 @@ class BootConfigs:
         if self._renderer is None:
             self._renderer = Renderer(self.cfg)
         renderer = self._renderer
-        if mac is None:
-            ctx = {"base_url": renderer.base_url}
+        if mac is None:  # the unknown-MAC default may boot the discovery image
+            from pxe.images import Catalog
+
+            assert self._conn is not None
+            images = {i.label: i for i in Catalog(self.cfg, self._conn).all()}
+            ctx = renderer.shared_context(images)
             return renderer.template(SHARED_TEMPLATES[kind[7:]]).render(ctx).encode()
         node = self._node(mac)
         if node is None:
