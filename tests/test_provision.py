@@ -257,11 +257,12 @@ def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: 
         assert "cannot reset it to the disk" in row["state_reason"], row["state_reason"]
         assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'set-boot-failed' "
                             "AND node = 'n001'").fetchone()[0] >= 1
-        view = parse_wiki((c.cfg.paths.state_dir / wiki.REPORT_NAME).read_text())
-        assert view["n001"]["STATE"] == "Down" and "cannot reset" in view["n001"]["MESSAGE"]
-        # the hook's event carries the change (what the Slurm face turns into DOWN)
+        # the hook's event carries the change (what the Slurm face turns into DOWN); the Moab
+        # face, called before it, shows the node Down
         wait_for(lambda: any(n == "n001" and s == "failed" and "cannot reset" in r
                              for n, s, r in _changes(c.cfg)))
+        view = parse_wiki((c.cfg.paths.state_dir / wiki.REPORT_NAME).read_text())
+        assert view["n001"]["STATE"] == "Down" and "cannot reset" in view["n001"]["MESSAGE"]
         blocker.joinpath("keep").unlink()
         blocker.rmdir()
         wait_for(lambda: not run.driver_running(c.cfg), 60)
