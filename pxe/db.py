@@ -11,6 +11,7 @@ cluster-query's report and serve's rendered boot configs are keyed by.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -364,6 +365,10 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not os.access(path, os.W_OK):
+        # Checked up front: whether SQLite fails at open (WAL's -shm) or only at the first write
+        # depends on what other connections hold; the message must not.
+        raise DynprovError(f"permission denied: {path} (run as root or through sudo)")
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
