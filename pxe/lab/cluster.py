@@ -62,6 +62,7 @@ class NodeSpec:
     memory_mb: int = 512
     disk_mb: int = 0           # >0: a raw virtual disk (stateful images)
     bmc_port: int | None = None
+    registered: bool = True    # false: a machine the site does not know (not in the inventory)
 
     @property
     def tap(self) -> str:
@@ -208,7 +209,7 @@ def register_nodes(cfg: Config, spec: LabSpec) -> list[str]:
     inv = Inventory(cfg)
     have = {n.name: n for n in inv.all()}
     new = []
-    for node in spec.nodes:
+    for node in (n for n in spec.nodes if n.registered):
         raw: dict[str, Any] = {"name": node.name, "macs": [node.mac], "ip": node.ip,
                                "firmware": node.firmware, "bmc_type": node.power}
         if node.power == "ipmi":
