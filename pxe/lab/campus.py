@@ -23,7 +23,7 @@ default-lease-time 600;
 max-lease-time 600;
 subnet {network} netmask {netmask} {{
   range {first} {last};
-}}
+{boot}}}
 """
 
 
@@ -36,6 +36,7 @@ class Campus:
     address: str = "198.18.0.2/24"
     pool: tuple[str, str] = ("198.18.0.150", "198.18.0.199")
     name: str = ""
+    boot_file: str | None = None  # a campus server that ALSO answers boot options (a mistake)
     pid: int | None = None
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -51,6 +52,11 @@ class Campus:
     def leases(self) -> Path:
         return self.work / "campus-dhcpd.leases"
 
+    def _boot_lines(self, net) -> str:
+        if not self.boot_file:
+            return ""
+        return f'  next-server {net.ip};\n  filename "{self.boot_file}";\n'
+
     def start(self) -> None:
         import netaddr
 
@@ -59,7 +65,8 @@ class Campus:
         net = netaddr.IPNetwork(self.address)
         self.work.mkdir(parents=True, exist_ok=True)
         self.conf.write_text(CONF.format(network=net.network, netmask=net.netmask,
-                                         first=self.pool[0], last=self.pool[1]))
+                                         first=self.pool[0], last=self.pool[1],
+                                         boot=self._boot_lines(net)))
         self.leases.touch()
         netns.run(["ip", "netns", "add", self.name])
         try:
@@ -91,5 +98,8 @@ class Campus:
             if self._proc is not None:
                 self._proc.poll()
             self.pid = None
+        # The veth pair goes with its lab end (synchronous; a namespace's deletion is deferred).
+        if netns.exists(self.lab):
+            netns.run(["ip", "-n", self.lab, "link", "del", "campus1"], check=False)
         if netns.exists(self.name):
             netns.Netns(self.name).destroy()
