@@ -91,7 +91,19 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_node ON events(node, ts);
+-- node agents in booted images (pxe/power/agent.py)
+CREATE TABLE IF NOT EXISTS agents (
+    node             TEXT PRIMARY KEY,
+    token_sha        TEXT NOT NULL,
+    seq              INTEGER NOT NULL DEFAULT 0,
+    adopted          REAL NOT NULL,
+    last_seen        REAL,
+    reboot_requested REAL,
+    reboot_taken     REAL
+);
 """
+# Databases created before the agents table existed get it on first use (pxe/power/agent.py).
+AGENTS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS agents"):]
 
 
 def connect(path: Path, create: bool = True) -> sqlite3.Connection:

@@ -84,6 +84,9 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
                          (f"{kind}: {detail}" if detail else kind, now, node))
         elif kind == "ready":
             state = "ready"
+            from pxe.power import agent
+
+            agent.adopt(conn, node, token, now)  # the token lives on as the image agent's
             conn.execute("UPDATE nodes SET state = 'ready', state_reason = '', current_os = ?, "
                          "used = 0, boot_token = NULL, updated = ? WHERE name = ?",
                          (image, now, node))

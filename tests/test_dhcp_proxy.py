@@ -69,7 +69,7 @@ def test_isc_cannot_proxy_and_mode_is_checked(tmp_path):
         _ = site.cfg
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_isc_proxy_is_refused_by_the_cli_with_exit_2(tmp_path):
     site = proxy_site(tmp_path, backend="isc")
     proc = site.run("render")

@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Route
 
 from pxe.config import Config
-from pxe.serve import callhome, files, http, metrics
+from pxe.serve import agent, callhome, files, http, metrics
 from pxe.serve.settings import ServeSettings
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a TFTP worker counts as stuck
@@ -101,6 +101,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
     """The ASGI app; ``counters``/``row_index`` come from the daemon (None: no metrics)."""
     app = Starlette(routes=[
         Route("/report", callhome.report, methods=["POST"]),
+        Route("/agent", agent.poll, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         *routes,
