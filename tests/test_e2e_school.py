@@ -1,10 +1,12 @@
 """e2e: a school network. The campus DHCP server (an ISC dhcpd the test starts, addresses only)
 keeps handing out every address; dynprov runs in proxyDHCP mode and answers only the PXE part, and
-only for MACs in its inventory.
+only for MACs in its inventory. The workstations have no BMC: Wake-on-LAN wakes them when off, and
+a running one is rebooted by its image's agent, or refused at once when it has none.
 
-One lab, one round of boots (CI time: 2 cores, TCG): a BIOS node and a UEFI node are re-imaged
-through proxyDHCP and reach ready, while a machine that is not in the inventory wakes on the same
-wire, gets its address from the campus server and no boot offer from us.
+One lab, few boots (CI time: 2 cores, TCG): a BIOS and a UEFI workstation are re-imaged through
+proxyDHCP while a machine that is not in the inventory wakes on the same wire (campus address, no
+boot offer from us); then the running UEFI one (its image runs no agent) is refused within the
+3-second return, and the running BIOS one is switched to the exam image by its agent.
 """
 
 from __future__ import annotations
@@ -14,18 +16,27 @@ import re
 import time
 
 import pytest
-from test_e2e_stack import images, lab_up  # noqa: F401 - images is a fixture
-from test_e2e_support import need_root_tools
+from test_e2e_stack import lab_up
+from test_e2e_support import build_test_image, need_root_tools
 
+from pxe import db
 from pxe.lab import cluster
 from pxe.lab.campus import Campus
 
 pytestmark = pytest.mark.e2e
 
-SCHOOL = """  {name = "ws1", mac = "52:54:00:5c:01:01", ip = "198.18.0.11", power = "ipmi"},
-  {name = "ws2", mac = "52:54:00:5c:01:02", ip = "198.18.0.12", power = "ipmi", firmware = "uefi"},
+SCHOOL = """  {name = "ws1", mac = "52:54:00:5c:01:01", ip = "198.18.0.11", power = "wol"},
+  {name = "ws2", mac = "52:54:00:5c:01:02", ip = "198.18.0.12", power = "wol", firmware = "uefi"},
   {name = "guest", mac = "52:54:00:5c:01:09", ip = "198.18.0.19", power = "wol", registered = false},"""
 CAMPUS_POOL = re.compile(r"198\.18\.0\.1[5-9][0-9]")
+NO_WAY = "running, no way to reboot it (Wake-on-LAN only wakes a machine that is off)"
+
+
+@pytest.fixture(scope="session")
+def school_images(tmp_path_factory):
+    need_root_tools()
+    cache = tmp_path_factory.mktemp("school-images")
+    return {label: build_test_image(cache, label) for label in ("centos5", "quiet", "exam")}
 
 
 def proxy_mode(site) -> None:
@@ -47,7 +58,7 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"{what} not seen within {timeout:.0f} s")
 
 
-def test_proxy_dhcp_beside_the_campus_server(site, images, tmp_path):  # noqa: F811
+def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
     need_root_tools()
     proxy_mode(site)
     with lab_up(site, SCHOOL) as lab:
@@ -55,21 +66,28 @@ def test_proxy_dhcp_beside_the_campus_server(site, images, tmp_path):  # noqa: F
         campus.start()
         try:
             conf_sha = _sha(campus.conf)
-            lab.add_image("centos5", images["centos5"])
-            sw = lab.os_switch("ws1,ws2", "centos5")
-            assert sw.returncode == 0, sw.stderr
+            lab.add_image("centos5", school_images["centos5"])
+            lab.add_image("exam", school_images["exam"])
+            lab.add_image("quiet", school_images["quiet"],  # an image that runs no agent
+                          cmdline="console=ttyS0,115200 dynprov.agent=off")
+            t0 = time.monotonic()
+            for node, label in (("ws1", "centos5"), ("ws2", "quiet")):
+                sw = lab.os_switch(node, label)
+                assert sw.returncode == 0, sw.stderr
             # The stranger powers up on the same wire (its magic packet, sent inside the lab).
             wake = lab.exec("python3", "-c", "from pxe.power.wol import send_magic; "
                             "send_magic(['52:54:00:5c:01:09'], '198.18.0.255', 9)")
             assert wake.returncode == 0, wake.stderr
-            t0 = time.monotonic()
             states = lab.wait_final(["ws1", "ws2"])
-            print(f"proxyDHCP: BIOS + UEFI os-switch -> ready: {time.monotonic() - t0:.1f} s")
+            print(f"proxyDHCP + WoL: BIOS + UEFI os-switch -> ready: {time.monotonic() - t0:.1f} s")
             assert states == {"ws1": "ready", "ws2": "ready"}, states
             q = lab.query()
-            assert (q["ws1"]["OS"], q["ws2"]["OS"]) == ("centos5", "centos5"), q
+            assert (q["ws1"]["OS"], q["ws2"]["OS"]) == ("centos5", "quiet"), q
             serial = cluster.lab_dir(site.cfg) / "serial"
-            leases = lambda: campus.leases.read_text()  # noqa: E731
+
+            def leases() -> str:
+                return campus.leases.read_text()
+
             # Every address came from the campus server, none from us.
             for mac in ("52:54:00:5c:01:01", "52:54:00:5c:01:02"):
                 assert f"hardware ethernet {mac}" in leases(), leases()
@@ -78,8 +96,7 @@ def test_proxy_dhcp_beside_the_campus_server(site, images, tmp_path):  # noqa: F
             # The stranger: a campus address, no boot offer, no boot file fetched from us.
             _wait_for(lambda: "hardware ethernet 52:54:00:5c:01:09" in leases(), 120,
                       "the stranger's campus lease")
-            guest = _wait_for(lambda: re.search(r"Nothing to boot|No bootable device|"
-                                                r"No configuration methods",
+            guest = _wait_for(lambda: re.search(r"Nothing to boot|No bootable device",
                                                 (serial / "guest.log").read_text(errors="replace"))
                               and (serial / "guest.log").read_text(errors="replace"), 120,
                               "the stranger giving up on the network boot")
@@ -89,6 +106,32 @@ def test_proxy_dhcp_beside_the_campus_server(site, images, tmp_path):  # noqa: F
                 assert re.search(rf"PXE\(br0\) {mac} proxy$", dhcp_log, re.M), dhcp_log[-3000:]
             assert not re.search(r"PXE\(br0\) 52:54:00:5c:01:09 proxy$", dhcp_log, re.M)
             assert re.search(r"PXE\(br0\) 52:54:00:5c:01:09 proxy-ignored", dhcp_log)
+
+            # ws2 runs an image without an agent and the site has no soft reboot command.
+            t0 = time.monotonic()
+            refused = lab.os_switch("ws2", "exam")
+            took = time.monotonic() - t0
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            assert f"ws2: {NO_WAY}" in refused.stderr
+            assert took < 3.0, f"refusal took {took:.1f} s"
+            print(f"running WoL node without agent or soft path refused in {took:.2f} s")
+            conn = db.connect(site.cfg.db_path)
+            assert tuple(conn.execute("SELECT state, current_os FROM nodes WHERE name = 'ws2'"
+                                      ).fetchone()) == ("ready", "quiet")
+
+            # ws1 is running centos5 and its agent polls: switched to the exam image by it.
+            _wait_for(lambda: conn.execute("SELECT seq FROM agents WHERE node = 'ws1' AND seq > 0"
+                                           ).fetchone(), 60, "ws1's agent heartbeat")
+            t0 = time.monotonic()
+            sw = lab.os_switch("ws1", "exam")
+            assert sw.returncode == 0, sw.stderr
+            assert lab.wait_final(["ws1"]) == {"ws1": "ready"}
+            print(f"running WoL node re-imaged by its agent: {time.monotonic() - t0:.1f} s")
+            assert lab.query()["ws1"]["OS"] == "exam"
+            log1 = (serial / "ws1.log").read_text(errors="replace")
+            assert "the server asks for a reboot into the network" in log1
+            assert conn.execute("SELECT 1 FROM events WHERE node = 'ws1' AND "
+                                "kind = 'agent-reboot-taken'").fetchone()
             # The campus server's config untouched by us.
             assert _sha(campus.conf) == conf_sha
         finally:
