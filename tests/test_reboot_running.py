@@ -130,3 +130,19 @@ def test_a_soft_reboot_command_that_hangs_is_killed_and_reported(tmp_path):
     ok = wol_site(tmp_path / "ok", 'soft_reboot_command = ["true", "{node}", "{ip}"]\n')
     boot_ready(ok, "w1")
     assert ok.run("w1", "CYCLE", cmd="node-power").returncode == 0
+
+
+@pytest.mark.integration
+def test_unknown_and_powered_off_stateless_nodes_report_consistently(tmp_path):
+    """Documented in the admin guide: fresh import -> Idle, _none, no POWER (nobody knows);
+    a stateless node powered off -> Idle, _none, POWER=Off (its OS lived in memory)."""
+    from test_e2e_support import wiki_lines
+
+    site = wol_site(tmp_path, 'soft_off_command = ["true", "{node}"]\n')
+    boot_ready(site, "w1")
+    q = wiki_lines(site.run(cmd="cluster-query", check=True).stdout)
+    assert (q["w1"]["STATE"], q["w1"]["OS"], q["w1"]["POWER"]) == ("Idle", "img1", "On")
+    assert (q["w2"]["STATE"], q["w2"]["OS"], "POWER" in q["w2"]) == ("Idle", "_none", False)
+    assert site.run("w1", "OFF", cmd="node-power").returncode == 0
+    q = wiki_lines(site.run(cmd="cluster-query", check=True).stdout)
+    assert (q["w1"]["STATE"], q["w1"]["OS"], q["w1"]["POWER"]) == ("Idle", "_none", "Off")
