@@ -3,6 +3,8 @@ server, and a campus server that answers boot options too, are each refused with
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_e2e_support import need_root_tools
 from test_lab_cluster import lab_site
@@ -63,3 +65,35 @@ def test_probe_needs_the_campus_server_and_refuses_two_boot_answers(site, tmp_pa
         assert site.cfg.dhcp.config_file.read_bytes() == conf  # a probe changes nothing
     finally:
         site.run("lab", "down")
+
+
+@pytest.mark.integration
+def test_lab_school_profile_brings_the_campus_server_and_takes_it_down(site, tmp_path):
+    import json
+
+    from pxe.lab import netns
+
+    need_root_tools()
+    name = f"dpt-{os.urandom(4).hex()}"
+    with open(site.config_path, "a") as fh:
+        fh.write(f'\n[lab]\nnetns = "{name}"\n')
+    refused = site.run("lab", "up", "--profile", "school")
+    assert refused.returncode == 2 and 'set [dhcp] mode = "proxy"' in refused.stderr
+    assert not netns.exists(name)
+    site.config_path.write_text(site.config_path.read_text().replace(
+        "[dhcp]\n", '[dhcp]\nmode = "proxy"\n'))
+    try:
+        up = site.run("lab", "up", "--profile", "school")
+        assert up.returncode == 0, up.stderr
+        st = json.loads(site.run("lab", "status", "--json", check=True).stdout)
+        assert [n["name"] for n in st["nodes"]] == ["ws1", "ws2", "ws3"]
+        assert {n["bmc"].split()[0] for n in st["nodes"]} == {"wol"}
+        assert st["services"]["campus-dhcpd"]["alive"]
+        probe = site.run("lab", "exec", "--", "python3", "-m", "pxe.cli.main", "dhcp", "probe",
+                         "--wait", "2")
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        assert 'fits [dhcp] mode = "proxy"' in probe.stdout
+    finally:
+        down = site.run("lab", "down")
+    assert down.returncode == 0, down.stderr
+    assert not netns.exists(name) and not netns.exists(f"{name}-c")
