@@ -10,11 +10,29 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from pxe.errors import DynprovError
 
-SCHEMA = """
+# -- schema migrations ----------------------------------------------------------------------------
+# The schema is the result of applying MIGRATIONS in order; a fresh database runs all of them, an
+# older one the ones it lacks. Each entry is frozen once it has landed on main: never edit an old
+# migration, append a new one (docs/ARCHITECTURE.md, "Changing the database schema"). The SQL is
+# plain statements (no executescript: the runner executes them one by one inside its own
+# transaction) so that the list keeps the same shape when a PostgreSQL backend arrives.
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: str
+
+
+# Version 1: the schema as it was before migrations existed (such databases carry
+# PRAGMA user_version = 1 and no schema_version table; they are recognised as version 1).
+SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS pools (
     name     TEXT PRIMARY KEY,
     created  REAL NOT NULL
@@ -105,26 +123,193 @@ CREATE TABLE IF NOT EXISTS agents (
 # Databases created before the agents table existed get it on first use (pxe/power/agent.py).
 AGENTS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS agents"):]
 
+# Version 2: CHECK constraints on the state columns (the vocabulary of pxe.run, pxe.reports,
+# pxe.pools and pxe.wiki). SQLite cannot add a constraint to a table, so the three tables are
+# rebuilt (create new, copy, drop old, rename: https://sqlite.org/lang_altertable.html#otheralter);
+# the runner turns foreign keys off around it so dropping ``nodes`` cannot cascade into ``macs``.
+CHECKS_V2 = """
+CREATE TABLE nodes_v2 (
+    name         TEXT PRIMARY KEY,
+    ip           TEXT UNIQUE,
+    arch         TEXT NOT NULL DEFAULT 'x86_64',
+    firmware     TEXT NOT NULL DEFAULT 'bios' CHECK (firmware IN ('bios', 'uefi')),
+    bmc_type     TEXT NOT NULL DEFAULT 'none'
+                 CHECK (bmc_type IN ('ipmi', 'redfish', 'wol', 'none')),
+    bmc_address  TEXT,
+    bmc_port     INTEGER,
+    bmc_user     TEXT,
+    bmc_secret   TEXT,            -- a reference (secrets-file key or file:/path), never a password
+    groups       TEXT NOT NULL DEFAULT '',
+    pool         TEXT NOT NULL DEFAULT 'hpc' REFERENCES pools(name),
+    current_os   TEXT,            -- what the node last reported running
+    desired_os   TEXT,            -- what set-boot asked for
+    boot_target  TEXT NOT NULL DEFAULT 'local' CHECK (boot_target IN ('local', 'os')),
+    boot_token   TEXT,            -- one-time token for the node's call-home (issued by set-boot)
+    state        TEXT NOT NULL DEFAULT 'unknown'
+                 CHECK (state IN ('unknown', 'requested', 'power-cycled', 'booting', 'ready',
+                                  'failed', 'timed out', 'cancelled', 'off', 'busy', 'running')),
+    state_reason TEXT NOT NULL DEFAULT '',
+    used         INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),
+    updated      REAL NOT NULL DEFAULT 0
+);
+INSERT INTO nodes_v2 SELECT name, ip, arch, firmware, bmc_type, bmc_address, bmc_port, bmc_user,
+    bmc_secret, groups, pool, current_os, desired_os, boot_target, boot_token, state, state_reason,
+    used, updated FROM nodes;
+DROP TABLE nodes;
+ALTER TABLE nodes_v2 RENAME TO nodes;
+
+CREATE TABLE runs_v2 (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    label     TEXT NOT NULL,
+    mode      TEXT NOT NULL CHECK (mode IN ('perjob', 'ondemand')),
+    created   REAL NOT NULL,
+    finished  REAL,
+    state     TEXT NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done', 'failed'))
+);
+INSERT INTO runs_v2 SELECT id, label, mode, created, finished, state FROM runs;
+UPDATE sqlite_sequence SET seq = (SELECT seq FROM sqlite_sequence WHERE name = 'runs')
+    WHERE name = 'runs_v2' AND EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'runs');
+DROP TABLE runs;
+ALTER TABLE runs_v2 RENAME TO runs;
+
+CREATE TABLE run_nodes_v2 (
+    run_id   INTEGER NOT NULL REFERENCES runs(id),
+    node     TEXT NOT NULL,
+    state    TEXT NOT NULL CHECK (state IN ('requested', 'power-cycled', 'booting', 'ready',
+                                            'failed', 'timed out', 'cancelled')),
+    reason   TEXT NOT NULL DEFAULT '',
+    deadline REAL,
+    updated  REAL NOT NULL,
+    PRIMARY KEY (run_id, node)
+);
+INSERT INTO run_nodes_v2 SELECT run_id, node, state, reason, deadline, updated FROM run_nodes;
+DROP TABLE run_nodes;
+ALTER TABLE run_nodes_v2 RENAME TO run_nodes;
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", SCHEMA_V1
+              + "INSERT OR IGNORE INTO pools(name, created) "
+                "VALUES ('hpc', CAST(strftime('%s', 'now') AS REAL));"),
+    Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs
+
+# Bookkeeping, not part of any migration: one row per applied migration.
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER PRIMARY KEY,
+    description TEXT NOT NULL,
+    applied     REAL NOT NULL
+)"""
+
+
+class SchemaError(DynprovError):
+    """The database's schema cannot be used by this code (too new) or could not be upgraded."""
+
+
+def statements(sql: str) -> Iterator[str]:
+    """Split a migration's SQL into single statements (semicolons in strings/comments are safe)."""
+    buf = ""
+    for piece in sql.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            if _has_code(buf):
+                yield buf.strip()
+            buf = ""
+    if _has_code(buf.rstrip(";")):
+        raise ValueError(f"incomplete SQL statement: {buf.strip()[:60]!r}")
+
+
+def _has_code(text: str) -> bool:
+    lines = (line.split("--", 1)[0] for line in text.splitlines())
+    return any(line.strip(" \t;") for line in lines)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The database's schema version: 0 for an empty file (legacy databases: PRAGMA user_version)."""
+    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                             "AND name = 'schema_version'").fetchone()
+    if has_table:
+        return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _too_new(path: Path, version: int) -> SchemaError:
+    return SchemaError(f"{path}: the state database has schema version {version}, newer than this "
+                       f"dynprov understands ({SCHEMA_VERSION}); install the dynprov release that "
+                       f"wrote it (or newer), or restore a backup made for this one")
+
+
+def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version it had. All pending migrations run
+    in one BEGIN IMMEDIATE transaction: a concurrent process waits and then finds nothing to do, and
+    a failure leaves the database exactly as it was."""
+    found = schema_version(conn)
+    if found > SCHEMA_VERSION:
+        raise _too_new(path, found)
+    if found == SCHEMA_VERSION or (found == 0 and not create):
+        return found
+    if found == 0:
+        conn.execute("PRAGMA journal_mode = WAL")  # persistent; cannot change inside a transaction
+    conn.execute("PRAGMA foreign_keys = OFF")  # a table rebuild must not cascade or fail half-way
+    step = None
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = schema_version(conn)  # another process may have upgraded it meanwhile
+            if found > SCHEMA_VERSION:
+                raise _too_new(path, found)
+            conn.execute(_VERSION_TABLE)
+            if found:  # a legacy database: record the version it had
+                conn.execute("INSERT OR IGNORE INTO schema_version VALUES (?, ?, ?)",
+                             (found, MIGRATIONS[found - 1].description + " (found)", time.time()))
+            for step in MIGRATIONS[found:]:
+                for statement in statements(step.sql):
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
+                             (step.version, step.description, time.time()))
+            step = None
+            broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+            if broken:
+                raise SchemaError(f"{path}: schema upgrade left a dangling reference in table "
+                                  f"{broken[0]} (row {broken[1]}); nothing was changed")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # some errors (disk full) already rolled back
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        what = (f"migration {step.version} ({step.description})" if step is not None
+                else "the schema upgrade")
+        hint = ("; run it as the database's owner (e.g. any pxe-stage command as root)"
+                if "readonly" in str(exc) else "")
+        raise SchemaError(f"{path}: cannot upgrade the state database from schema version {found} "
+                          f"to {SCHEMA_VERSION}: {what} failed: {' '.join(str(exc).split())}{hint}; "
+                          f"nothing was changed") from exc
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
+    return found
+
 
 def connect(path: Path, create: bool = True) -> sqlite3.Connection:
-    """Open the state database; creates the schema on first use. Safe for concurrent processes."""
+    """Open the state database, creating or upgrading its schema as needed; refuses a database
+    written by a newer dynprov (SchemaError, exit 1). Safe for concurrent processes."""
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 30000")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if create:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < SCHEMA_VERSION:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(
-                "BEGIN IMMEDIATE;" + SCHEMA
-                + f"INSERT OR IGNORE INTO pools(name, created) VALUES ('hpc', {time.time()});"
-                + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-    conn.execute("PRAGMA synchronous = NORMAL")
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 30000")
+        migrate(conn, path, create)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

@@ -8,7 +8,9 @@ One aggregated call (AGGREGATENODEACTIONS TRUE: `os-switch n[0001-1000] --set OS
 the state database is polled until every node of the run is power-cycled or failed. Reported:
 how long the call blocked (Moab's scheduling loop waits that long), the detached driver's start,
 its render + stage of every node's boot files plus the netboot fan-out (from the run's own
-timestamped events), and the whole request -> all power-cycled time.
+timestamped events), and the whole request -> all power-cycled time. The last line is
+`RESULT nodes=N failed=F return_s=S cycled_s=S load1=L` (cycled_s: until every node was
+power-cycled or failed).
 """
 
 from __future__ import annotations
@@ -46,9 +48,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--bmc-processes", type=int, default=32,
-                   help="processes hosting the virtual BMCs (real BMCs are 1,000 machines; "
-                        "with 8 processes and 1,024 sessions in flight, about 40%% of the logins "
-                        "failed here on the BMC side)")
+                   help="processes hosting the virtual BMCs (real BMCs are 1,000 machines)")
     p.add_argument("--sessions", type=int, default=None,
                    help="[power] ipmi_sessions: IPMI sessions in flight (default: the power "
                         "layer's)")
@@ -108,17 +108,25 @@ def main() -> int:
                 time.sleep(0.2)
             conn.close()
     cycled = phases.get("run-power-cycled", (0, 0, 0))
+    failed_events = phases.get("run-failed", (0, 0, 0))
     boot = phases.get("set-boot", (0, 0, 0))
     requested = phases.get("run-requested", (0, 0, 0))
+    # The power phase ends with the last node's outcome, cycled or failed (a failed node's
+    # event can be the last one: never a negative or "-0.00 s" phase).
+    last = max(cycled[1], failed_events[1])
+    power_s = max(0.0, last - boot[1]) if boot[2] else 0.0
     print(f"os-switch on {args.nodes} nodes, {args.nodes} virtual IPMI BMCs in "
-          f"{args.bmc_processes} processes")
+          f"{args.bmc_processes} processes (load average {os.getloadavg()[0]:.2f})")
     print(f"  os-switch call returned (Moab blocked)   {returned - start:7.2f} s")
-    print(f"  request recorded -> driver at set-boot   {boot[0] - requested[0]:7.2f} s")
-    print(f"  boot files rendered + staged, power      {cycled[1] - boot[1]:7.2f} s")
-    print(f"  request -> all power-cycled              {done - start:7.2f} s "
-          f"({cycled[2]} power-cycled, {phases.get('run-failed', (0, 0, 0))[2]} failed)")
+    print(f"  request recorded -> driver at set-boot   {max(0.0, boot[0] - requested[0]):7.2f} s")
+    print(f"  boot files rendered + staged, power      {power_s:7.2f} s")
+    print(f"  request -> every node cycled or failed   {done - start:7.2f} s "
+          f"({cycled[2]} power-cycled, {failed_events[2]} failed)")
     for node, reason in failed:
         print(f"    {node}: {reason}")
+    print(f"RESULT nodes={args.nodes} failed={args.nodes - cycled[2]} "
+          f"return_s={returned - start:.2f} cycled_s={done - start:.2f} "
+          f"load1={os.getloadavg()[0]:.2f}")
     return 0 if cycled[2] == args.nodes else 1
 
 

@@ -11,14 +11,20 @@ Built on pyghmi's server-side ``Bmc`` with two faults of pyghmi 1.6.19 fixed (se
 2. A packet for a session that was just replaced reached ``ServerSession.sessionless_data``
    (which does not exist), raised AttributeError and ended the server loop. ``_Session`` hands
    such packets to its Bmc.
+3. A resent Open Session Request got a new session id, so the client's RAKP2 check failed with
+   the right password under load ("wrong password (RAKP2 check)"); see
+   ``create_open_session_response``.
+4. Each BMC socket's blocking mode was flipped per call by two threads, which left the I/O
+   thread blocked on one socket and the whole process deaf; see ``quiet_io``.
 
 Also, beyond stock pyghmi: RAKP is done here for suite 3 and, when asked for
 (``cipher_suites=(3, 17)``), suite 17 (HMAC-SHA256, HMAC-SHA256-128, AES-CBC-128), so clients can
 be tested on both; an unknown user name gets RAKP2 status 0x0D (unauthorized name) instead
 of silence; the boot-flags parameter (5) is parsed in full (valid, persistent and EFI bits are kept
 and reported back by Get System Boot Options); a closed session is forgotten; ``drop_first`` makes
-the BMC ignore its first N datagrams (a BMC that is slow to wake up); every change is appended to
-a JSON-lines journal so a test can see what the BMC side observed.
+the BMC ignore its first N datagrams (a BMC that is slow to wake up) and ``Faults`` adds others
+(crossed logins, lost chassis-control answers); every change is appended to a JSON-lines journal
+so a test can see what the BMC side observed.
 
 Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
 ``tools/vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
@@ -33,7 +39,9 @@ import hashlib
 import hmac
 import json
 import os
+import select
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -58,6 +66,21 @@ SUITE_RECORDS = {3: b"\xc0\x03\x01\x41\x81", 17: b"\xc0\x11\x03\x44\x81"}
 FLAG_VALID, FLAG_PERSISTENT, FLAG_EFI = 0x80, 0x40, 0x20
 DEVICE_CODES = {1: "network", 2: "disk"}  # 0001b force PXE, 0010b force default hard disk
 CC_NOT_IN_STATE = 0xD5  # "command not supported in present state" (cycle/reset while off)
+CROSS_PAUSE = 0.5  # s a crossed login waits before answering (clients resend meanwhile)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults a BMC shows on purpose, for the client's tests (each BMC counts its own).
+
+    ``cross_logins``: the first N logins are answered late (CROSS_PAUSE) and then handled as
+    stock pyghmi did - every resent Open Session Request gets a new session id - so the client
+    meets a RAKP2 signed for another session id (its "wrong password" under load).
+    ``lose_control_answers``: the first N chassis controls are carried out, their answers lost.
+    """
+
+    cross_logins: int = 0
+    lose_control_answers: int = 0
 
 
 class Journal:
@@ -84,6 +107,44 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _io_sendto(sock: Any, packet: bytes, sockaddr: Any) -> None:
+    """pyghmi's ``_io_sendto`` without its ``setblocking(1)``: see ``quiet_io``."""
+    sock = getattr(sock, "fd", sock)
+    for _ in range(50):  # bounded: a full send buffer on loopback drains in microseconds
+        try:
+            sock.sendto(packet, socket.MSG_DONTWAIT, sockaddr)
+            return
+        except BlockingIOError:
+            select.select([], [sock], [], 0.01)
+        except OSError:
+            return  # as pyghmi: a send error is a lost datagram, never a dead server loop
+
+
+def _io_recvfrom(sock: Any, size: int) -> tuple[bytes, Any] | None:
+    """pyghmi's ``_io_recvfrom`` without its ``setblocking(0)``: see ``quiet_io``."""
+    try:
+        return sock.recvfrom(size, socket.MSG_DONTWAIT)
+    except OSError:
+        return None
+
+
+def quiet_io() -> None:
+    """Stop pyghmi's server I/O from going deaf (a whole vbmc process, >15 s).
+
+    pyghmi shares each BMC's UDP socket between two threads and flips its blocking mode per call:
+    the main thread's ``_io_sendto`` does ``setblocking(1)`` before each answer, the I/O thread's
+    ``_io_recvfrom`` does ``setblocking(0)`` before each read and drains every socket until a read
+    fails. When the flip to blocking lands between the I/O thread's ``setblocking(0)`` and its
+    ``recvfrom``, that last "until empty" read blocks until a datagram arrives for *that one* BMC
+    - which, once its node is done, may be never - and every other BMC of the process is deaf
+    meanwhile. Reproduced with 256 BMCs in 2 processes (one process lost 44 nodes at once).
+    Here no call changes a socket's mode: each call says non-blocking itself (MSG_DONTWAIT)."""
+    import pyghmi.ipmi.private.session as ipmisession
+
+    ipmisession._io_sendto = _io_sendto
+    ipmisession._io_recvfrom = _io_recvfrom
+
+
 def _build_classes() -> tuple[type, type]:
     """Import pyghmi lazily (and only here): the classes need its server modules."""
     import pyghmi.ipmi.bmc as pbmc
@@ -95,24 +156,42 @@ def _build_classes() -> tuple[type, type]:
 
         bmc: Any  # the VirtualBmc below
         kg: bytes | None
+        crossed = False  # behave as stock pyghmi at login (VirtualBmc.cross_logins)
+        open_request: bytes | None = None
+        open_answer = bytearray()
 
         def create_open_session_response(self, request: bytearray) -> bytearray:
             # Fix 1: answer only what we implement; anything else gets 0x11 ("no cipher suite
             # match") instead of a yes followed by SHA-1 signatures, and the client falls back.
+            # Fix 3 (the "wrong password (RAKP2 check)" under load): pyghmi gave every Open
+            # Session Request a new managed session id, a retransmitted one too, and keeps one
+            # session per client address. A client that resent its request while the BMC was
+            # slow took the first answer's id into RAKP1, but the BMC had since switched to the
+            # last id and signed RAKP2 with that: the client's check failed although the
+            # password was right. A repeated request now gets the same answer (the same id), and
+            # RAKP1 must name this session's id (below). ``crossed`` keeps pyghmi's behaviour
+            # for the tests of the client's retry.
+            request = bytearray(request)
+            if bytes(request) == self.open_request and not self.crossed:
+                return bytearray(self.open_answer)
+            self.open_request = bytes(request)
             proposal = (request[12] & 0x3F, request[20] & 0x3F, request[28] & 0x3F)
             suite = SUITE_OF.get(proposal)
             self.clientsessionid = request[4:8]
             self.managedsessionid = os.urandom(4)
+            self.Rc = None
             if suite not in self.bmc.cipher_suites:
-                return bytearray([request[0], 0x11, 0, 0]) + request[4:8]
+                self.open_answer = bytearray([request[0], 0x11, 0, 0]) + request[4:8]
+                return bytearray(self.open_answer)
             self.currhashlib = hashlib.sha1 if suite == 3 else hashlib.sha256
             self.currhashlen = 12 if suite == 3 else 16  # HMAC-SHA1-96 / HMAC-SHA256-128
             self.privlevel = 4
             auth, integrity, conf = proposal
-            return (bytearray([request[0], 0, self.privlevel, 0]) + self.clientsessionid
-                    + self.managedsessionid
-                    + bytearray([0, 0, 0, 8, auth, 0, 0, 0, 1, 0, 0, 8, integrity, 0, 0, 0,
-                                 2, 0, 0, 8, conf, 0, 0, 0]))
+            self.open_answer = (bytearray([request[0], 0, self.privlevel, 0])
+                                + self.clientsessionid + self.managedsessionid
+                                + bytearray([0, 0, 0, 8, auth, 0, 0, 0, 1, 0, 0, 8, integrity,
+                                             0, 0, 0, 2, 0, 0, 8, conf, 0, 0, 0]))
+            return bytearray(self.open_answer)
 
         def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
             # Fix 2: a packet routed to a replaced session belongs to the BMC's session-less path.
@@ -129,7 +208,14 @@ def _build_classes() -> tuple[type, type]:
 
         def _got_rakp1(self, data: bytearray) -> None:
             # As pyghmi's, with the suite's hash; an unknown user gets RAKP2 status 0x0D
-            # (unauthorized name), as real BMCs answer, instead of silence.
+            # (unauthorized name), as real BMCs answer, instead of silence. A RAKP1 for another
+            # session id gets 0x02 (invalid session id); a resent RAKP1 (same random number)
+            # gets the same RAKP2, so RAKP3 matches whichever copy the client used.
+            if bytes(data[4:8]) != bytes(self.managedsessionid) and not self.crossed:
+                reply = bytearray([data[0], 0x02, 0, 0]) + self.clientsessionid
+                self.send_payload(reply, 0x13, retry=False)
+                return
+            resent = bytes(data[8:24]) == getattr(self, "Rm", None) and self.Rc is not None
             self.Rm = bytes(data[8:24])
             self.rolem = data[24]
             self.maxpriv = self.rolem & 0b111
@@ -141,7 +227,8 @@ def _build_classes() -> tuple[type, type]:
                 self.send_payload(reply, 0x13, retry=False)
                 return
             self.uuiddata = self.uuid.bytes
-            self.Rc = os.urandom(16)
+            if not resent or self.crossed:
+                self.Rc = os.urandom(16)
             self.kuid = password.encode("utf-8")
             if self.kg is None:
                 self.kg = self.kuid
@@ -187,10 +274,14 @@ def _build_classes() -> tuple[type, type]:
     class VirtualBmc(VirtualBmcBase, pbmc.Bmc):
         def __init__(self, name: str, machine: Machine, user: str, password: str, port: int,
                      address: str = "127.0.0.1", drop_first: int = 0,
-                     journal: Journal | None = None, cipher_suites: Sequence[int] = (3,)):
+                     journal: Journal | None = None, cipher_suites: Sequence[int] = (3,),
+                     faults: Faults | None = None):
             VirtualBmcBase.__init__(self, name, machine, drop_first, journal or Journal(None))
             pbmc.Bmc.__init__(self, {user: password}, port=port, address=address)
             self.cipher_suites = tuple(cipher_suites)
+            faults = faults or Faults()
+            self.cross_logins = faults.cross_logins
+            self.lose_control_answers = faults.lose_control_answers
 
         def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
             if request["netfn"] == 6 and request["command"] == 0x54:  # inside a session too
@@ -227,13 +318,43 @@ def _build_classes() -> tuple[type, type]:
         def is_active(self) -> bool:
             return self.machine.power_state() == "on"
 
+        def control_chassis(self, request: dict[str, Any], session: Any) -> None:
+            if self.lose_control_answers <= 0:
+                super().control_chassis(request, session)
+                return
+            # Act, then lose the answer (as a datagram lost on the way back).
+            self.lose_control_answers -= 1
+            session.send_ipmi_response = lambda *args, **kwargs: None
+            try:
+                super().control_chassis(request, session)
+            finally:
+                del session.send_ipmi_response
+            self.journal.write(bmc=self.name, event="answer-lost", command="chassis-control")
+
         def sessionless_data(self, data: bytes, sockaddr: Any) -> None:
             if self.should_drop():
                 return
             if len(data) >= 22 and data[0] == 6 and data[4] == 6 and data[5] == 16:
                 # A new RMCP+ session: same as pyghmi, with the fixed session class.
-                _Session(self.authdata, self.kg, sockaddr, self.serversocket,
-                         bytearray(data)[16:], self.uuid, bmc=self)
+                handlers = ipmisession.Session.bmc_handlers.get(sockaddr) or {}
+                known = handlers.get(self.port)
+                if (isinstance(known, _Session) and not known.crossed
+                        and known.open_request == bytes(data[16:])):
+                    # The request was resent before the first copy was answered (both waited
+                    # in the queue): the same session answers again, with the same id.
+                    known.send_payload(bytearray(known.open_answer), 0x11, retry=False)
+                    return
+                # A crossed login: slow to answer, so the client resends; then, like stock
+                # pyghmi, a new session (id) for every copy of the request.
+                crossed = isinstance(known, _Session) and known.crossed
+                if self.cross_logins > 0 and not crossed:
+                    self.cross_logins -= 1
+                    self.journal.write(bmc=self.name, event="login-crossed")
+                    time.sleep(CROSS_PAUSE)
+                    crossed = True
+                session = _Session(self.authdata, self.kg, sockaddr, self.serversocket,
+                                   bytearray(data)[16:], self.uuid, bmc=self)
+                session.crossed = crossed
                 return
             super().sessionless_data(data, sockaddr)
 
@@ -348,10 +469,11 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
           drop_first: int = 0, power_on: bool = False, journal: Journal | None = None,
           lifetime: float = 3600.0, ready: Callable[[], None] | None = None,
           stop: threading.Event | None = None, parent: int | None = None,
-          cipher_suites: Sequence[int] = (3,)) -> None:
+          cipher_suites: Sequence[int] = (3,), faults: Faults | None = None) -> None:
     """Run one pyghmi event loop serving a BMC per spec, for at most ``lifetime`` seconds."""
     import pyghmi.ipmi.private.session as ipmisession
 
+    quiet_io()
     bmc_class, _ = _build_classes()
     journal = journal or Journal(None)
     bmcs = []
@@ -359,7 +481,7 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
         machine = SimulatedMachine(spec.name, state="on" if power_on else "off")
         bmcs.append(bmc_class(spec.name, machine, user, password, spec.port, address=address,
                               drop_first=drop_first, journal=journal,
-                              cipher_suites=cipher_suites))
+                              cipher_suites=cipher_suites, faults=faults))
     if ready:
         ready()
     deadline = time.monotonic() + lifetime
@@ -387,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--drop-first", type=int, default=0, metavar="N",
                    help="each BMC ignores its first N datagrams")
     p.add_argument("--power-on", action="store_true", help="machines start powered on")
+    p.add_argument("--cross-logins", type=int, default=0, metavar="N",
+                   help="fault: each BMC answers its first N logins late and gives every resent "
+                        "Open Session Request a new session id (stock pyghmi)")
+    p.add_argument("--lose-control-answers", type=int, default=0, metavar="N",
+                   help="fault: each BMC carries out its first N chassis controls and loses "
+                        "their answers")
     p.add_argument("--journal", type=Path, help="append BMC-side events (JSON lines) here")
     p.add_argument("--lifetime", type=float, default=3600.0, help="exit after S seconds")
     p.add_argument("--cipher-suites", default="3", metavar="LIST",
@@ -405,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = specs_for(args.nodes, args.base_port)
     nproc = max(1, min(args.processes, len(specs)))
     kwargs = dict(address=args.address, drop_first=args.drop_first, power_on=args.power_on,
-                  journal=Journal(args.journal), lifetime=args.lifetime, cipher_suites=suites)
+                  journal=Journal(args.journal), lifetime=args.lifetime, cipher_suites=suites,
+                  faults=Faults(args.cross_logins, args.lose_control_answers))
     if nproc == 1:
         serve(specs, args.user, password, ready=lambda: print(f"ready {len(specs)}", flush=True),
               **kwargs)  # type: ignore[arg-type]
@@ -466,12 +595,16 @@ class VbmcProcess:
     def __init__(self, nodes: str, base_port: int, password_file: Path, *, user: str = "admin",
                  processes: int = 1, drop_first: int = 0, power_on: bool = False,
                  journal: Path | None = None, lifetime: float = 600.0,
-                 start_timeout: float = 60.0, cipher_suites: Sequence[int] = (3,)):
+                 start_timeout: float = 60.0, cipher_suites: Sequence[int] = (3,),
+                 faults: Faults | None = None):
         self.argv = [sys.executable, str(LAUNCHER), "--nodes", nodes, "--base-port",
                      str(base_port), "--user", user, "--password-file", str(password_file),
                      "--processes", str(processes), "--drop-first", str(drop_first),
                      "--lifetime", str(lifetime),
                      "--cipher-suites", ",".join(str(n) for n in cipher_suites)]
+        faults = faults or Faults()
+        self.argv += ["--cross-logins", str(faults.cross_logins),
+                      "--lose-control-answers", str(faults.lose_control_answers)]
         if power_on:
             self.argv.append("--power-on")
         if journal:

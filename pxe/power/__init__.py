@@ -29,18 +29,21 @@ if TYPE_CHECKING:
 
 def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int | None = None,
         timeout: float | None = None, retries: int | None = None,
-        progress: Callable[[PowerResult], None] | None = None) -> dict[str, PowerResult]:
+        progress: Callable[[PowerResult], None] | None = None,
+        time_limit: float | None = None) -> dict[str, PowerResult]:
     """Do ``action`` on every node; a PowerResult per node name, in the order given.
 
     Per-node ``timeout`` (seconds per attempt) and ``retries`` (after a timeout or an unreachable
     BMC); ``workers`` bounds the thread pool of the per-node drivers. Defaults come from [power].
     Raises InputError for an unknown action, NotFound for unknown node names (nothing is done),
     SecretError for an unsafe secrets file (nothing is done). Every other failure is a result.
+    ``time_limit`` (s) bounds the whole call instead of the bound derived from the settings; a
+    node still running then gets a "timeout" result and nothing more is sent to it.
     """
     from pxe.power import fanout
 
     return fanout.run(cfg, nodes, action, workers=workers, timeout=timeout, retries=retries,
-                      progress=progress)
+                      progress=progress, time_limit=time_limit)
 
 
 __all__ = ["run", "PowerResult", "PowerError", "ACTIONS", "KINDS"]

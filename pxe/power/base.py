@@ -13,8 +13,9 @@ sessions) implements ``BatchInterface`` instead.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from pxe.errors import DynprovError
@@ -67,10 +68,20 @@ def boot_action(action: str) -> tuple[str, bool] | None:
 
 @dataclass(frozen=True)
 class Job:
-    """One node to act on, with its BMC password already resolved (None when none is needed)."""
+    """One node to act on, with its BMC password already resolved (None when none is needed).
+
+    ``cancelled`` is set when the call gives up on its nodes (its time limit): a driver thread
+    still running then must not change the node, so drivers call ``go_ahead`` before every step
+    that changes it (power, boot device, a magic packet, a soft-off command)."""
 
     node: Node
     secret: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False)
+
+    def go_ahead(self, step: str) -> None:
+        if self.cancelled.is_set():
+            raise PowerError("timeout", f"cancelled before {step}: the call's time limit was "
+                                        "reached, so nothing more is sent to this node")
 
     def __repr__(self) -> str:  # never print the secret
         return f"Job({self.node.name})"
@@ -114,7 +125,8 @@ class BatchInterface(Protocol):
     def validate(self, node: Node, settings: Settings) -> list[str]: ...
 
     def run_many(self, jobs: Sequence[Job], action: str, settings: Settings,
-                 done: Callable[[PowerResult], None]) -> None: ...
+                 done: Callable[[PowerResult], None],
+                 cancelled: threading.Event | None = None) -> None: ...
 
 
 def bmc_address_problems(node: Node) -> list[str]:

@@ -7,7 +7,9 @@
 - Every other node runs on a pool of ``workers`` threads (default 64): one node at a time per
   thread, ``timeout`` per attempt, ``retries`` more attempts after a timeout or an unreachable BMC.
 - The whole call is bounded: a node that is still running when the call's time limit is reached
-  gets a "timeout" result; the daemon thread left behind cannot keep the process alive.
+  gets a "timeout" result; the daemon thread left behind cannot keep the process alive, and the
+  call's ``cancelled`` flag (checked by the drivers before every step that changes a node, and by
+  the IPMI event loop) keeps it from acting on a node after the call has answered for it.
 So 500 dead BMCs cost about one timeout times (retries + 1), not 500 of them.
 """
 
@@ -76,6 +78,7 @@ def attempt_all(driver: Any, job: Job, action: str, s: Settings) -> PowerResult:
     name = job.node.name
     for attempt in range(s.retries + 1):
         try:
+            job.go_ahead(action)
             return PowerResult(name, True, value=perform(driver, job, action, s))
         except PowerError as exc:
             if exc.retryable and attempt < s.retries:
@@ -93,7 +96,10 @@ def attempt_all(driver: Any, job: Job, action: str, s: Settings) -> PowerResult:
 
 def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int | None = None,
         timeout: float | None = None, retries: int | None = None,
-        progress: Callable[[PowerResult], None] | None = None) -> dict[str, PowerResult]:
+        progress: Callable[[PowerResult], None] | None = None,
+        time_limit: float | None = None) -> dict[str, PowerResult]:
+    """``action`` on every node; a result per node. ``time_limit`` (s) replaces the call's
+    computed bound (see the module's notes), e.g. a caller's own deadline."""
     if action not in ACTIONS:
         raise InputError(f"unknown power action {action!r} (expected one of {', '.join(ACTIONS)})")
     s = power_settings.load(cfg).with_overrides(workers=workers, timeout=timeout, retries=retries)
@@ -101,6 +107,7 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
     table = drivers()
     results: dict[str, PowerResult] = {}
     lock = threading.Lock()
+    cancelled = threading.Event()
 
     def done(result: PowerResult) -> None:
         with lock:
@@ -138,7 +145,7 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
                     raise
                 failed_secrets.append(PowerResult(node.name, False, kind="auth", error=str(exc)))
                 continue
-        jobs.append((Job(node, secret), driver))
+        jobs.append((Job(node, secret, cancelled), driver))
     for result in failed_secrets:
         done(result)
 
@@ -151,7 +158,7 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
 
         def run_batch() -> None:
             try:
-                ipmi.run_many(batch, action, s, done)
+                ipmi.run_many(batch, action, s, done, cancelled=cancelled)
             except Exception as exc:  # never leave IPMI nodes without a result
                 log.debug("IPMI fan-out failed", exc_info=True)
                 for job in batch:
@@ -165,6 +172,8 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
 
     def worker() -> None:
         for _ in range(len(single)):  # bounded by the number of jobs
+            if cancelled.is_set():
+                return
             try:
                 job, driver = work.get_nowait()
             except queue.Empty:
@@ -179,10 +188,11 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
     # the IPMI engine bounds itself (rounds of ipmi_sessions) and is given the same slack.
     rounds = -(-len(single) // s.workers) + 1
     ipmi_rounds = -(-len(batch) // s.ipmi_sessions) + 1
-    limit = time.monotonic() + max(rounds * (4 * s.timeout + 1),
-                                   ipmi_rounds * (s.timeout + 1)) * (s.retries + 1) + 10
+    bound = max(rounds * (4 * s.timeout + 1), ipmi_rounds * (s.timeout + 1)) * (s.retries + 2) + 10
+    limit = time.monotonic() + (bound if time_limit is None else max(0.0, time_limit))
     for t in threads:
         t.join(max(0.0, limit - time.monotonic()))
+    cancelled.set()  # a thread still running must not act on a node from now on
     for node in node_list:
         if node.name not in results:
             done(PowerResult(node.name, False, kind="timeout",

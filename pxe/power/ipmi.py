@@ -13,6 +13,12 @@ Hardware knowledge that bit other tools, kept here:
   minutes later by someone else. Some BMCs reject parameter 3: that is not an error.
 - Chassis control "cycle" (and "reset") on a node that is off is refused (0xD5) by most BMCs, so
   cycle and netboot read the power state first and power on instead.
+- A chassis control is never sent twice blindly: a second copy of "cycle" cycles the node again
+  (nothing in IPMI makes a BMC drop a duplicate). Its request is not retransmitted; when its
+  answer is lost the attempt times out, and the next attempt reads the power state first: "on" /
+  "off" already reached is success; a "cycle" or "reset" whose answer was lost is not repeated
+  (at most once: the node's power state cannot tell whether it happened, and a node that did not
+  boot is caught by the run's watch), see ``after_lost_answer``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import os
 import select
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pxe.errors import InputError
 from pxe.inventory import Node
@@ -43,46 +51,87 @@ def status() -> Action:
     return "on" if resp.data[0] & 0x01 else "off"
 
 
-def control(state: str) -> Action:
-    if state in ("cycle", "reset"):
+@dataclass
+class Unanswered:
+    """The chassis control an earlier attempt sent whose answer never came (shared by the
+    attempts of one node in one call)."""
+
+    command: str | None = None
+
+
+def after_lost_answer(command: str, power: str) -> str | None:
+    """What an unanswered ``command`` achieved, judged by the power state read now; None: it
+    did not happen, send it again."""
+    if command in ("on", "off") and power == command:
+        return command
+    if command == "soft-off" and power == "off":
+        return "soft-off sent"
+    if command in ("cycle", "reset"):  # never twice: see the module's notes
+        done = "cycled" if command == "cycle" else "reset"
+        return f"{done} (its answer was lost; not sent twice)"
+    return None
+
+
+def chassis(command: str, sent: Unanswered) -> Action:
+    sent.command = command
+    resp = yield Request(0x00, 0x02, bytes([CONTROL[command]]), changes=True, resend=False)
+    sent.command = None
+    check(resp, f"chassis control {command}")
+    return {"cycle": "cycled", "soft-off": "soft-off sent", "on": "on", "off": "off",
+            "reset": "reset"}[command]
+
+
+def control(state: str, sent: Unanswered | None = None) -> Action:
+    sent = sent if sent is not None else Unanswered()
+    current = None
+    if sent.command is not None:  # an earlier attempt's chassis control lost its answer
         current = yield from status()
+        done = after_lost_answer(sent.command, current)
+        if done is not None:
+            lost, sent.command = sent.command, None
+            return "on (was off)" if lost == "on" and state == "cycle" else done
+    if state in ("cycle", "reset"):
+        if current is None:
+            current = yield from status()
         if current == "off":
             if state == "reset":
                 raise rmcp.IpmiFailure("error", "reset: the node is off (reset needs a running "
                                                 "node; use 'on')")
-            check((yield Request(0x00, 0x02, bytes([CONTROL["on"]]))), "chassis power on")
+            yield from chassis("on", sent)
             return "on (was off)"
-    resp = yield Request(0x00, 0x02, bytes([CONTROL[state]]))
-    check(resp, f"chassis control {state}")
-    return {"cycle": "cycled", "soft-off": "soft-off sent"}.get(state, state)
+    return (yield from chassis(state, sent))
 
 
 def set_boot(device: str, persistent: bool, uefi: bool) -> Action:
-    resp: Response = yield Request(0x00, 0x08, b"\x03\x08")  # no 60 s expiry (see above)
+    # no 60 s expiry (see above)
+    resp: Response = yield Request(0x00, 0x08, b"\x03\x08", changes=True)
     if resp.code not in (0x00, 0x80, 0xC1, 0xCC):
         check(resp, "set boot flag valid-bit clearing")
     flags = 0x80 | (0x40 if persistent else 0) | (0x20 if uefi else 0)
     data = bytes([0x05, flags, BOOT_SELECTOR[device] << 2, 0, 0, 0])
-    check((yield Request(0x00, 0x08, data)), f"set boot device {device}")
+    check((yield Request(0x00, 0x08, data, changes=True)), f"set boot device {device}")
     mode = " (UEFI)" if uefi else ""
     return f"{device}{mode}, {'persistent' if persistent else 'next boot only'}"
 
 
-def netboot(uefi: bool) -> Action:
-    yield from set_boot("network", False, uefi)
-    done = yield from control("cycle")
+def netboot(uefi: bool, sent: Unanswered | None = None) -> Action:
+    sent = sent if sent is not None else Unanswered()
+    if sent.command is None:  # the flags were set by the attempt that sent the control
+        yield from set_boot("network", False, uefi)
+    done = yield from control("cycle", sent)
     return f"next boot network; {done}"
 
 
 def action_for(action: str, node: Node) -> tuple[Callable[[], Action], int]:
     """The generator factory and the privilege level an action needs."""
     uefi = node.firmware == "uefi"
+    sent = Unanswered()  # one per node and call: what a timed-out attempt may have done
     if action == "status":
         return status, rmcp.PRIV_USER
     if action in CONTROL:
-        return (lambda: control(action)), rmcp.PRIV_OPERATOR
+        return (lambda: control(action, sent)), rmcp.PRIV_OPERATOR
     if action == "netboot":
-        return (lambda: netboot(uefi)), rmcp.PRIV_OPERATOR
+        return (lambda: netboot(uefi, sent)), rmcp.PRIV_OPERATOR
     boot = boot_action(action)
     if boot:
         device, persistent = boot
@@ -100,7 +149,10 @@ class IpmiDriver:
         return problems
 
     def run_many(self, jobs: Sequence[Job], action: str, settings: Settings,
-                 done: Callable[[PowerResult], None]) -> None:
+                 done: Callable[[PowerResult], None],
+                 cancelled: threading.Event | None = None) -> None:
+        if cancelled is None and jobs:
+            cancelled = jobs[0].cancelled
         targets = []
         for job in jobs:
             if len((job.secret or "").encode()) > 20:
@@ -118,7 +170,7 @@ class IpmiDriver:
 
         rmcp.Engine(timeout=settings.timeout, retries=settings.retries,
                     window=settings.ipmi_sessions, suite=settings.ipmi_cipher_suite,
-                    done=finished).run(targets)
+                    done=finished, cancelled=cancelled).run(targets)
 
     # -- per-node forms of the same (PowerInterface / BootInterface) ----------------------------
     def _one(self, job: Job, action: str, settings: Settings) -> str:

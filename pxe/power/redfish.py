@@ -79,12 +79,12 @@ class RedfishDriver:
         return self._call(job, settings, _power_state)
 
     def set_power_state(self, job: Job, state: str, settings: Settings) -> str:
-        return self._call(job, settings, lambda system: _set_power(system, state))
+        return self._call(job, settings, lambda system: _set_power(system, state, job))
 
     def netboot(self, job: Job, settings: Settings) -> str:
         def go(system: Any) -> str:
-            _set_boot(system, "network", False, job.node.firmware == "uefi")
-            return "next boot network; " + _set_power(system, "cycle")
+            _set_boot(system, "network", False, job.node.firmware == "uefi", job)
+            return "next boot network; " + _set_power(system, "cycle", job)
 
         return self._call(job, settings, go)
 
@@ -92,7 +92,7 @@ class RedfishDriver:
     def set_next_boot(self, job: Job, device: str, persistent: bool, settings: Settings) -> str:
         uefi = job.node.firmware == "uefi"
         return self._call(job, settings, lambda system: _set_boot(system, device, persistent,
-                                                                  uefi))
+                                                                  uefi, job))
 
 
 def _power_state(system: Any) -> str:
@@ -106,7 +106,7 @@ def _power_state(system: Any) -> str:
     return str(getattr(state, "value", state)).lower()
 
 
-def _set_power(system: Any, state: str) -> str:
+def _set_power(system: Any, state: str, job: Job) -> str:
     import sushy
 
     rt = sushy.ResetType
@@ -115,20 +115,23 @@ def _set_power(system: Any, state: str) -> str:
             if state == "reset":
                 raise PowerError("error", "reset: the node is off (reset needs a running node; "
                                           "use 'on')")
+            job.go_ahead("power on")
             system.reset_system(rt.ON)
             return "on (was off)"
         allowed = system.get_allowed_reset_system_values()
+        job.go_ahead(state)
         if state == "cycle" and rt.POWER_CYCLE in allowed:
             system.reset_system(rt.POWER_CYCLE)
         else:
             system.reset_system(rt.FORCE_RESTART)
         return "cycled" if state == "cycle" else "reset"
     reset = {"on": rt.ON, "off": rt.FORCE_OFF, "soft-off": rt.GRACEFUL_SHUTDOWN}[state]
+    job.go_ahead(state)
     system.reset_system(reset)
     return "soft-off sent" if state == "soft-off" else state
 
 
-def _set_boot(system: Any, device: str, persistent: bool, uefi: bool) -> str:
+def _set_boot(system: Any, device: str, persistent: bool, uefi: bool, job: Job) -> str:
     import sushy
 
     target = sushy.BootSource.PXE if device == "network" else sushy.BootSource.HDD
@@ -136,5 +139,6 @@ def _set_boot(system: Any, device: str, persistent: bool, uefi: bool) -> str:
                else sushy.BootSourceOverrideEnabled.ONCE)
     # Only UEFI nodes get a mode: forcing "Legacy" on a BIOS node's BMC is refused by some.
     mode = sushy.BootSourceOverrideMode.UEFI if uefi else None
+    job.go_ahead(f"set boot device {device}")
     system.set_system_boot_options(target=target, enabled=enabled, mode=mode)
     return f"{device}{' (UEFI)' if uefi else ''}, {'persistent' if persistent else 'next boot only'}"

@@ -17,7 +17,12 @@ An action is a generator (see ``ipmi.py``): it yields ``Request``s and receives 
 - within an attempt, a lost packet is sent again after ``retransmit`` s (doubling, at most 1 s);
 - an attempt that does not finish within ``timeout`` s, or that the network refuses (ICMP
   unreachable on the connected socket), is retried from scratch on a new socket, ``retries`` times;
-- a wrong password, an unknown user or a refused command is final at once.
+- a wrong password, an unknown user or a refused command is final at once - except a RAKP2
+  that fails its check after we resent Open Session or RAKP1 (or says "invalid session ID"):
+  that can be a BMC that answered another copy of our request, so it gets one fresh session;
+- a chassis control (``Request.resend`` False) is never retransmitted: a second copy can cycle
+  a node twice. Its attempt waits out the timeout, and the action reads the state first in the
+  next attempt (``ipmi.py``). Nothing that changes a node is sent once ``cancelled`` is set.
 The password is only ever used as an HMAC key in this process; it is never logged.
 """
 
@@ -33,6 +38,7 @@ import os
 import selectors
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -78,9 +84,16 @@ SUITES = {
 
 @dataclass(frozen=True)
 class Request:
+    """One IPMI request of an action. ``changes``: it changes the node (boot flags, power), so
+    it is never sent once the call is cancelled. ``resend``: a lost answer may be asked for by
+    sending it again; False for chassis control, where a second copy can cycle a node twice -
+    the attempt then waits out its timeout and the action reads the state before deciding."""
+
     netfn: int
     command: int
     data: bytes = b""
+    changes: bool = False
+    resend: bool = True
 
 
 @dataclass(frozen=True)
@@ -92,10 +105,12 @@ class Response:
 class IpmiFailure(Exception):
     """A final, classified failure: ``kind`` is one of PowerResult's kinds."""
 
-    def __init__(self, kind: str, message: str, retryable: bool = False):
+    def __init__(self, kind: str, message: str, retryable: bool = False,
+                 fresh_once: bool = False):
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
+        self.fresh_once = fresh_once  # may be an artefact of a lost packet: one fresh session
 
 
 def describe_code(code: int) -> str:
@@ -203,6 +218,7 @@ class Session:
         self.sock: socket.socket | None = None
         self.state = "new"
         self.heard = False  # any valid packet from the BMC in this attempt
+        self.login_resent = False  # Open Session or RAKP1 went out more than once
         self.token = 0  # invalidates older timer-heap entries
         self.resend: Callable[[], None] | None = None
         self.retx = engine.retransmit
@@ -298,8 +314,10 @@ class Session:
         if len(p) < 8 or p[0] != self.tag or p[4:8] != self.sidm:
             return
         if p[1] != 0:
+            if self.state == "rakp4":
+                return  # a late answer to a resent RAKP1; the one we used was good
             raise IpmiFailure("auth", f"login refused: {RMCPP_STATUS.get(p[1], 'RAKP status')} "
-                                      f"(0x{p[1]:02x})")
+                                      f"(0x{p[1]:02x})", fresh_once=p[1] == 0x02)
         if len(p) < 40 + hlen:
             return
         rc, guid, code = p[8:24], p[24:40], p[40:40 + hlen]
@@ -308,8 +326,15 @@ class Session:
         expect = hmac.new(kuid, self.sidm + self.sidc + self.rm + rc + guid
                           + bytes([self.role, len(user)]) + user, self.suite.hash).digest()
         if not hmac.compare_digest(expect, code):
+            if self.state == "rakp4":
+                return  # a stray late RAKP2; the one we already checked stands
+            # After a resend, a BMC may have signed this RAKP2 for another session id or random
+            # number than the ones we hold (a slow BMC that opened a session per copy of our
+            # request): that is a lost-packet artefact, not a wrong password. One fresh session
+            # tells the two apart; a second mismatch is final.
             raise IpmiFailure("auth", "authentication failed: wrong password for user "
-                                      f"{self.t.user!r} (RAKP2 check)")
+                                      f"{self.t.user!r} (RAKP2 check)",
+                              fresh_once=self.login_resent)
         self.rc, self.guid, self.heard = rc, guid, True
         sik = hmac.new(kuid, self.rm + rc + bytes([self.role, len(user)]) + user,
                        self.suite.hash).digest()
@@ -332,8 +357,10 @@ class Session:
         icv = hmac.new(self.sik, self.rm + self.sidc + self.guid,
                        self.suite.hash).digest()[:self.suite.icv_len]
         if not hmac.compare_digest(icv, p[8:8 + self.suite.icv_len]):
+            # After a resent RAKP1 this RAKP4 may answer the RAKP3 of the other RAKP2 (another
+            # random number, other keys): one fresh session, as for RAKP2 above.
             raise IpmiFailure("auth", "authentication failed: the BMC's RAKP4 check is wrong "
-                                      "(a BMC key, Kg, is set?)")
+                                      "(a BMC key, Kg, is set?)", fresh_once=self.login_resent)
         self.state = "session"
         if self.t.privilege > PRIV_USER:
             self._command(Request(0x06, 0x3B, bytes([self.t.privilege])), internal=True)
@@ -341,6 +368,9 @@ class Session:
             self._step(None)
 
     def _command(self, req: Request, internal: bool = False) -> None:
+        if req.changes and self.engine.cancelled.is_set():
+            raise IpmiFailure("timeout", "cancelled: the call's time limit was reached before "
+                                         "this node was changed; nothing was sent")
         self.pending = req
         self.internal = internal
         self.rq_seq = (self.rq_seq + 1) & 0x3F
@@ -446,7 +476,11 @@ class Session:
             what = "no answer" if not self.heard else f"no answer in state {self.state}"
             raise IpmiFailure("timeout", f"{what} from BMC {self.t.host}:{self.t.port} within "
                                          f"{self.engine.timeout:g} s", retryable=True)
+        if self.pending is not None and not self.pending.resend:
+            self.engine.arm(self, self.deadline)  # wait for the answer; never send it twice
+            return
         if self.resend is not None:
+            self.login_resent = self.login_resent or self.state in ("open", "rakp2")
             self.resend()
             self.retx = min(self.retx * 2, 1.0)
             self.engine.arm(self, min(self.deadline, now + self.retx))
@@ -485,12 +519,14 @@ class Engine:
     """
 
     def __init__(self, *, timeout: float, retries: int, window: int,
-                 done: Callable[[Outcome], None], suite: int = 3):
+                 done: Callable[[Outcome], None], suite: int = 3,
+                 cancelled: threading.Event | None = None):
         self.timeout = timeout
         self.retries = retries
         self.window = max(1, window)
         self.done = done
         self.suite = SUITES[suite]
+        self.cancelled = cancelled or threading.Event()  # set: send nothing that changes a node
         self.retransmit = min(max(timeout / 8, 0.05), 1.0)
         self.close_timeout = min(timeout, 1.0)
         self.backoff = min(max(timeout / 4, 0.05), 1.0)
@@ -500,6 +536,7 @@ class Engine:
         self._seq = 0
         self.active: set[Session] = set()
         self.waiting: list[tuple[float, Target, int]] = []  # (not before, target, attempt)
+        self.refreshed: set[str] = set()  # targets that had their one fresh-session retry
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0x3F
@@ -547,6 +584,10 @@ class Engine:
         if failure.retryable and s.attempt < self.retries:
             self.waiting.append((time.monotonic() + self.backoff, s.t, s.attempt + 1))
             return
+        if failure.fresh_once and s.t.key not in self.refreshed:
+            self.refreshed.add(s.t.key)
+            self.waiting.append((time.monotonic() + self.backoff, s.t, s.attempt + 1))
+            return
         tries = f" ({s.attempt + 1} attempts)" if s.attempt else ""
         self.report(s, Outcome(s.t.key, False, kind=failure.kind, error=str(failure) + tries))
 
@@ -573,10 +614,11 @@ class Engine:
         # The whole call is bounded: every target has at most (retries + 1) attempts of
         # ``timeout`` plus back-off, and at most ``window`` run at once.
         rounds = -(-total // self.window)
-        limit = time.monotonic() + rounds * (self.retries + 1) * (self.timeout + self.backoff) + 5
-        for _ in range(100 * total * (self.retries + 1) + 10_000):
+        # (retries + 2): one more for a login that may have met a lost packet (``fresh_once``).
+        limit = time.monotonic() + rounds * (self.retries + 2) * (self.timeout + self.backoff) + 5
+        for _ in range(100 * total * (self.retries + 2) + 10_000):
             now = time.monotonic()
-            if now > limit:
+            if now > limit or self.cancelled.is_set():
                 break
             ready = [w for w in self.waiting if w[0] <= now]
             if ready:

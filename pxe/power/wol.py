@@ -49,6 +49,7 @@ class WolDriver:
         return problems
 
     def _wake(self, job: Job, settings: Settings) -> str:
+        job.go_ahead("Wake-on-LAN")
         try:
             n = send_magic(job.node.macs, settings.wol_broadcast, settings.wol_port)
         except InputError as exc:
@@ -66,6 +67,7 @@ class WolDriver:
                                             "power.soft_off_command (e.g. [\"ssh\", \"root@{ip}\","
                                             " \"poweroff\"]) or do it by hand")
         argv = soft_off_argv(settings.soft_off_command, job.node.name, job.node.ip)
+        job.go_ahead("soft-off command")
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=settings.timeout,
                                   stdin=subprocess.DEVNULL)
