@@ -109,19 +109,7 @@ CREATE TABLE IF NOT EXISTS events (
     detail  TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_node ON events(node, ts);
--- node agents in booted images (pxe/power/agent.py)
-CREATE TABLE IF NOT EXISTS agents (
-    node             TEXT PRIMARY KEY,
-    token_sha        TEXT NOT NULL,
-    seq              INTEGER NOT NULL DEFAULT 0,
-    adopted          REAL NOT NULL,
-    last_seen        REAL,
-    reboot_requested REAL,
-    reboot_taken     REAL
-);
 """
-# Databases created before the agents table existed get it on first use (pxe/power/agent.py).
-AGENTS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS agents"):]
 
 # Version 2: CHECK constraints on the state columns (the vocabulary of pxe.run, pxe.reports,
 # pxe.pools and pxe.wiki). SQLite cannot add a constraint to a table, so the three tables are
@@ -187,11 +175,26 @@ DROP TABLE run_nodes;
 ALTER TABLE run_nodes_v2 RENAME TO run_nodes;
 """
 
+# Version 3: the node agents of booted images (pxe/power/agent.py): the hash of the call-home token
+# each adopted at its ready report, its last poll (heartbeat, replay guard) and a pending reboot.
+AGENTS_V3 = """
+CREATE TABLE IF NOT EXISTS agents (
+    node             TEXT PRIMARY KEY,
+    token_sha        TEXT NOT NULL,
+    seq              INTEGER NOT NULL DEFAULT 0,
+    adopted          REAL NOT NULL,
+    last_seen        REAL,
+    reboot_requested REAL,
+    reboot_taken     REAL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
                 "VALUES ('hpc', CAST(strftime('%s', 'now') AS REAL));"),
     Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
+    Migration(3, "node agents (heartbeat, reboot requests)", AGENTS_V3),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

@@ -28,20 +28,14 @@ def _sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def ensure_table(conn: sqlite3.Connection) -> None:
-    conn.execute(db.AGENTS_TABLE)
-
-
 def adopt(conn: sqlite3.Connection, node: str, token: str, now: float) -> None:
     """The ``ready`` boot's token becomes the agent's (caller holds the report's transaction)."""
-    ensure_table(conn)
     conn.execute("INSERT OR REPLACE INTO agents(node, token_sha, seq, adopted) VALUES (?, ?, 0, ?)",
                  (node, _sha(token), now))
 
 
 def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
     """One heartbeat; returns ``reboot`` when a reboot was requested, else ``ok``."""
-    ensure_table(conn)
     with db.transaction(conn):
         row = conn.execute("SELECT token_sha, seq, reboot_requested FROM agents WHERE node = ?",
                            (node,)).fetchone()
@@ -70,7 +64,6 @@ def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
 
 def heartbeat_age(conn: sqlite3.Connection, node: str, now: float | None = None) -> float | None:
     """Seconds since the node's agent last polled; None if no agent of this boot ever did."""
-    ensure_table(conn)
     row = conn.execute("SELECT last_seen FROM agents WHERE node = ? AND seq > 0",
                        (node,)).fetchone()
     if row is None or row["last_seen"] is None:
@@ -79,7 +72,6 @@ def heartbeat_age(conn: sqlite3.Connection, node: str, now: float | None = None)
 
 
 def request_reboot(conn: sqlite3.Connection, names: list[str]) -> None:
-    ensure_table(conn)
     now = time.time()
     with db.transaction(conn):
         for name in names:
@@ -106,7 +98,6 @@ def wait_taken(conn: sqlite3.Connection, names: list[str], timeout: float,
 
 def forget(conn: sqlite3.Connection, names: list[str]) -> None:
     """A node that is rebooting has no agent until its next ``ready``."""
-    ensure_table(conn)
     with db.transaction(conn):
         for name in names:
             conn.execute("DELETE FROM agents WHERE node = ?", (name,))
