@@ -22,6 +22,7 @@ from test_e2e_support import build_test_image, need_root_tools
 from pxe import db
 from pxe.lab import cluster
 from pxe.lab.campus import Campus
+from pxe.power import reboot
 
 pytestmark = pytest.mark.e2e
 
@@ -107,7 +108,12 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
             assert not re.search(r"PXE\(br0\) 52:54:00:5c:01:09 proxy$", dhcp_log, re.M)
             assert re.search(r"PXE\(br0\) 52:54:00:5c:01:09 proxy-ignored", dhcp_log)
 
-            # ws2 runs an image without an agent and the site has no soft reboot command.
+            # ws2 runs an image without an agent and the site has no soft reboot command (and its
+            # ready report is older than the grace for an agent's first poll).
+            conn = db.connect(site.cfg.db_path)
+            _wait_for(lambda: time.time() - conn.execute(
+                "SELECT adopted FROM agents WHERE node = 'ws2'").fetchone()[0]
+                > reboot.FIRST_POLL_GRACE, 30, "ws2's first-poll grace to pass")
             t0 = time.monotonic()
             refused = lab.os_switch("ws2", "exam")
             took = time.monotonic() - t0
@@ -115,7 +121,6 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
             assert f"ws2: {NO_WAY}" in refused.stderr
             assert took < 3.0, f"refusal took {took:.1f} s"
             print(f"running WoL node without agent or soft path refused in {took:.2f} s")
-            conn = db.connect(site.cfg.db_path)
             assert tuple(conn.execute("SELECT state, current_os FROM nodes WHERE name = 'ws2'"
                                       ).fetchone()) == ("ready", "quiet")
 

@@ -45,6 +45,13 @@ def boot_ready(site, name: str, label: str = "img1") -> str:
     return token
 
 
+def age_agent(site) -> None:
+    """The ready report was a while ago: no agent first poll is due any more."""
+    conn = db.connect(site.cfg.db_path)
+    conn.execute("UPDATE agents SET adopted = adopted - 60")
+    conn.close()
+
+
 def form(**fields) -> dict:
     return {"content": "&".join(f"{k}={v}" for k, v in fields.items()),
             "headers": {"content-type": "application/x-www-form-urlencoded"}}
@@ -59,6 +66,8 @@ def test_the_way_to_reboot_is_decided_from_agent_heartbeat_and_call_home(tmp_pat
     plain, soft = Settings(), Settings(soft_reboot_command=("true",))
     assert reboot.decide(conn, plain, row("w1")).kind == "wake"  # never booted: wake it
     token = boot_ready(site, "w1")
+    assert reboot.decide(conn, plain, row("w1")).kind == "agent"  # first poll due
+    conn.execute("UPDATE agents SET adopted = adopted - 60")
     assert reboot.decide(conn, plain, row("w1")) == reboot.Way("none", MSG)
     assert reboot.decide(conn, soft, row("w1")).kind == "soft"
     assert agent.poll(conn, "w1", token, 1) == "ok"
@@ -97,6 +106,7 @@ def test_agent_polls_are_authenticated_and_take_a_reboot_once(tmp_path):
 def test_running_wol_node_with_no_way_is_refused_at_once_and_nothing_recorded(tmp_path):
     site = wol_site(tmp_path)
     boot_ready(site, "w1")
+    age_agent(site)
     before = site.snapshot()
     t0 = time.monotonic()
     sw = site.run("w1,w2", "--set", "OS=exam", cmd="os-switch")
@@ -122,6 +132,7 @@ def test_running_wol_node_with_no_way_is_refused_at_once_and_nothing_recorded(tm
 def test_a_soft_reboot_command_that_hangs_is_killed_and_reported(tmp_path):
     site = wol_site(tmp_path, 'soft_reboot_command = ["sleep", "60"]\nsoft_reboot_timeout = 1\n')
     boot_ready(site, "w1")
+    age_agent(site)
     t0 = time.monotonic()
     np = site.run("w1", "CYCLE", cmd="node-power")
     assert time.monotonic() - t0 < 30
@@ -129,6 +140,7 @@ def test_a_soft_reboot_command_that_hangs_is_killed_and_reported(tmp_path):
     assert "ERROR: w1: soft reboot command sleep still running after 1 s: killed" in np.stdout
     ok = wol_site(tmp_path / "ok", 'soft_reboot_command = ["true", "{node}", "{ip}"]\n')
     boot_ready(ok, "w1")
+    age_agent(ok)
     assert ok.run("w1", "CYCLE", cmd="node-power").returncode == 0
 
 

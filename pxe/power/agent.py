@@ -71,6 +71,15 @@ def heartbeat_age(conn: sqlite3.Connection, node: str, now: float | None = None)
     return max(0.0, (time.time() if now is None else now) - row["last_seen"])
 
 
+def adopted_age(conn: sqlite3.Connection, node: str, now: float | None = None) -> float | None:
+    """Seconds since this boot's ready report handed the token to an agent that has not polled
+    yet; None if there is no such agent."""
+    row = conn.execute("SELECT adopted FROM agents WHERE node = ? AND seq = 0", (node,)).fetchone()
+    if row is None:
+        return None
+    return max(0.0, (time.time() if now is None else now) - row["adopted"])
+
+
 def request_reboot(conn: sqlite3.Connection, names: list[str]) -> None:
     now = time.time()
     with db.transaction(conn):

@@ -2,7 +2,8 @@
 
 A magic packet only wakes a machine that is off; a running one ignores it. So before a run (or
 ``node-power ... cycle``) touches a WoL node, this module says which way applies:
-- ``agent``: its image's agent polled within ``power.agent_stale`` seconds: ask it to reboot;
+- ``agent``: its image's agent polled within ``power.agent_stale`` seconds (or the node reported
+  ready less than FIRST_POLL_GRACE seconds ago: its agent's first poll is due): ask it to reboot;
 - ``soft``: it is running (it called home ``ready``; no live agent) and ``power.soft_reboot_command``
   is set: run that (argv, bounded by ``power.soft_reboot_timeout``; a hanging one is killed);
 - ``none``: it is running and neither exists: refuse at once, never pretend (NO_WAY);
@@ -24,6 +25,8 @@ from pxe.power.settings import Settings, soft_off_argv
 
 NO_WAY = "running, no way to reboot it (Wake-on-LAN only wakes a machine that is off)"
 RUNNING_STATES = ("ready",)  # what the call-home last said of a node that is up
+# An agent polls at once after its ready report: for this long after it, a first poll is still due.
+FIRST_POLL_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ def decide(conn: sqlite3.Connection, settings: Settings, row: sqlite3.Row) -> Wa
         if age <= settings.agent_stale:
             return Way("agent", f"agent heard {age:.0f} s ago")
         return Way("wake", f"agent silent for {age:.0f} s: taken to be off")
+    new = agent.adopted_age(conn, row["name"])
+    if new is not None and new <= FIRST_POLL_GRACE and row["state"] in RUNNING_STATES:
+        return Way("agent", f"ready {new:.0f} s ago: its agent's first poll is due")
     if row["state"] in RUNNING_STATES and row["current_os"]:
         if settings.soft_reboot_command:
             return Way("soft", f"called home ready ({row['current_os']})")
