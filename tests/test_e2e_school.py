@@ -67,9 +67,10 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
         campus.start()
         try:
             conf_sha = _sha(campus.conf)
-            lab.add_image("centos5", school_images["centos5"])
-            lab.add_image("exam", school_images["exam"])
-            lab.add_image("quiet", school_images["quiet"],  # an image that runs no agent
+            # Generous provisioning times: other QEMU boots on this 2-core machine slow TCG a lot.
+            lab.add_image("centos5", school_images["centos5"], prov_seconds=300)
+            lab.add_image("exam", school_images["exam"], prov_seconds=300)
+            lab.add_image("quiet", school_images["quiet"], prov_seconds=300,  # runs no agent
                           cmdline="console=ttyS0,115200 dynprov.agent=off")
             t0 = time.monotonic()
             for node, label in (("ws1", "centos5"), ("ws2", "quiet")):
@@ -79,7 +80,7 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
             wake = lab.exec("python3", "-c", "from pxe.power.wol import send_magic; "
                             "send_magic(['52:54:00:5c:01:09'], '198.18.0.255', 9)")
             assert wake.returncode == 0, wake.stderr
-            states = lab.wait_final(["ws1", "ws2"])
+            states = lab.wait_final(["ws1", "ws2"], timeout=360)
             print(f"proxyDHCP + WoL: BIOS + UEFI os-switch -> ready: {time.monotonic() - t0:.1f} s")
             assert states == {"ws1": "ready", "ws2": "ready"}, states
             q = lab.query()
@@ -130,7 +131,7 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
             t0 = time.monotonic()
             sw = lab.os_switch("ws1", "exam")
             assert sw.returncode == 0, sw.stderr
-            assert lab.wait_final(["ws1"]) == {"ws1": "ready"}
+            assert lab.wait_final(["ws1"], timeout=360) == {"ws1": "ready"}
             print(f"running WoL node re-imaged by its agent: {time.monotonic() - t0:.1f} s")
             assert lab.query()["ws1"]["OS"] == "exam"
             log1 = (serial / "ws1.log").read_text(errors="replace")
