@@ -30,13 +30,23 @@ PROG = "cluster-query"
 DEFAULT_CONFIG = "/etc/dynprov/dynprov.toml"  # the same default as pxe.config.DEFAULT_PATH
 
 
+def _regular(config_path: str) -> str:
+    """The path, if it is a regular file: a FIFO or device given as the config must not block
+    Moab's poll."""
+    import stat
+
+    if not stat.S_ISREG(os.stat(config_path).st_mode):
+        raise ValueError(f"{config_path}: not a regular file")
+    return config_path
+
+
 def _site(config_path: str) -> tuple[str, str]:
     """(state_dir, scheduler_pool) from the site config, read without the full config checks."""
     import tomllib
 
     from pxe.config import Groups  # the defaults; importing pxe.config costs no netaddr
 
-    with open(config_path, "rb") as fh:
+    with open(_regular(config_path), "rb") as fh:
         data = tomllib.load(fh)
     state_dir = (data.get("paths") or {}).get("state_dir")
     if not isinstance(state_dir, str) or not os.path.isabs(state_dir):
@@ -55,7 +65,7 @@ def _state_dir_fast(config_path: str) -> str | None:
     mtime) - i.e. it was written for the state_dir tomllib found."""
     found = []
     section = ""
-    with open(config_path, encoding="utf-8") as fh:
+    with open(_regular(config_path), encoding="utf-8") as fh:
         for raw in fh:
             line = raw.strip()
             if line.startswith("["):
@@ -76,7 +86,7 @@ def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
     if not refresh_only:
         try:
             state_dir = _state_dir_fast(config_path)
-        except (OSError, UnicodeDecodeError):
+        except (OSError, UnicodeDecodeError, ValueError):
             state_dir = None
         if state_dir:
             db_path = os.path.join(state_dir, "dynprov.db")
@@ -124,11 +134,20 @@ def build_parser():  # type: ignore[no-untyped-def]  # argparse only when asked 
     p.add_argument("--refresh", action="store_true",
                    help="rebuild the report file if it is stale and print nothing (for a timer "
                         "keeping a file:// URL fresh)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    from pxe.cli import guard
+
+    # Always 0 for Moab's poll (2 only for a bad option, which Moab never passes).
+    return guard.run(PROG, _main, argv, remap=lambda code: code if code in (0, 2) else 0)
+
+
+def _main(args: list[str]) -> int:
     config_path = os.environ.get("DYNPROV_CONFIG") or DEFAULT_CONFIG
     refresh_only = False
     if args:  # Moab passes none: the poll never pays for argparse

@@ -271,18 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mark NODES as having run a job (per-job mode re-images them)")
     p.add_argument("-job", "--job", default="", metavar="ID", help="the job id, for the log")
     p.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except BrokenPipeError:
-        return 0
+    from pxe.cli import guard
+
+    return guard.run(PROG, lambda args: _run(build_parser().parse_args(args)), argv)
 
 
 def _refresh(cfg: Config) -> None:
@@ -328,9 +326,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print(f"{args.install}: already up to date")
         return 0
-    from pxe.nodeset import expand, fold
+    from pxe.nodeset import expand, fold, max_nodes
 
-    names = expand(args.used)
+    names = expand(args.used, max_nodes(cfg))
     if args.job and not re.fullmatch(r"[A-Za-z0-9._\[\]@-]{1,128}", args.job):
         raise InputError(f"invalid job id {args.job!r}")
     prun.mark_used(conn, names, args.job)

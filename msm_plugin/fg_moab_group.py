@@ -12,8 +12,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pxe.errors import DynprovError
-
 PROG = "fg-moab-group"
 
 
@@ -31,35 +29,40 @@ def build_parser() -> argparse.ArgumentParser:
     acts.add_argument("-remove", "--remove", metavar="USER", help="remove USER from the group")
     acts.add_argument("-list", "--list", action="store_true", help="list the members")
     p.add_argument("-config", "--config", metavar="FILE", help="site configuration (TOML)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from pxe import audit, authz, groupadmin, repository
+    from pxe.cli import guard
 
-        cfg = repository.load_config(args.config)
-        group = cfg.groups.image
-        if args.list:
-            for name in groupadmin.members(group):
-                print(name)
-            return 0
-        if args.add:
-            created = groupadmin.add(group, args.add)
-            audit.append(cfg.paths.state_dir, authz.real_user(), "group-add", group=group,
-                         member=args.add)
-            print(("created group " + group + "; " if created else "")
-                  + f"added {args.add} to {group}")
-        else:
-            groupadmin.remove(group, args.remove)
-            audit.append(cfg.paths.state_dir, authz.real_user(), "group-remove", group=group,
-                         member=args.remove)
-            print(f"removed {args.remove} from {group}")
+    return guard.run(PROG, _main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from pxe import audit, authz, groupadmin, repository
+
+    cfg = repository.load_config(args.config)
+    group = cfg.groups.image
+    if args.list:
+        for name in groupadmin.members(group):
+            print(name)
         return 0
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if args.add:
+        created = groupadmin.add(group, args.add)
+        audit.append(cfg.paths.state_dir, authz.real_user(), "group-add", group=group,
+                     member=args.add)
+        print(("created group " + group + "; " if created else "")
+              + f"added {args.add} to {group}")
+    else:
+        groupadmin.remove(group, args.remove)
+        audit.append(cfg.paths.state_dir, authz.real_user(), "group-remove", group=group,
+                     member=args.remove)
+        print(f"removed {args.remove} from {group}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pxe.errors import DynprovError
-
 PROG = "fg-moab-image"
 ACTIONS = ("upload", "delete", "list", "get", "sudoers")
 
@@ -71,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-server", "--server", metavar="URL",
                    help="use the dynprov service at https://HOST:PORT instead of local files "
                         "(default: $DYNPROV_SERVER; no sudo needed)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
@@ -98,19 +99,14 @@ def _action(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    action = _action(parser, args)
-    try:
-        return _run(action, args)
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    from pxe.cli import guard
+
+    def body(args: list[str]) -> int:
+        parser = build_parser()
+        parsed = parser.parse_args(args)
+        return _run(_action(parser, parsed), parsed)
+
+    return guard.run(PROG, body, argv)
 
 
 def _run(action: str, args: argparse.Namespace) -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pxe.errors import DynprovError
-
 PROG = "node-power"
 VERBS = {"on": "on", "off": "off", "reset": "cycle", "reboot": "cycle", "cycle": "cycle"}
 
@@ -34,23 +32,26 @@ def build_parser():  # type: ignore[no-untyped-def]
     p.add_argument("nodes", help="node list: n001,n002 or n[001-016]")
     p.add_argument("verb", help="ON, OFF, RESET, REBOOT, CYCLE, or the node list again")
     p.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 2
-        if code:
-            print(f"ERROR: {PROG}: bad usage")
-        return code
-    except DynprovError as exc:
-        print(f"ERROR: {PROG}: {exc}")
-        return 2 if exc.exit_code == 2 else 1
-    except Exception as exc:  # noqa: BLE001 - Moab reads stdout; say it there
-        print(f"ERROR: {PROG}: internal failure: {type(exc).__name__}: {exc}")
-        return 1
+    from pxe.cli import guard
+
+    def body(args: list[str]) -> int:
+        try:
+            return _main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+            if code:
+                print(f"ERROR: {PROG}: bad usage")
+            return code
+
+    # Moab reads stdout for the word ERROR: failures are said there.
+    return guard.run(PROG, body, argv, prefix="ERROR: ", stream=sys.stdout)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -58,20 +59,20 @@ def _main(argv: Sequence[str] | None) -> int:
     from pxe import config, db
     from pxe import run as prun
     from pxe.errors import InputError
-    from pxe.nodeset import expand, fold
+    from pxe.nodeset import expand, fold, max_nodes
 
-    names = expand(args.nodes)
+    cfg = config.load(args.config)
+    names = expand(args.nodes, max_nodes(cfg))
     action = VERBS.get(args.verb.strip().lower())
     if action is None:
         try:
-            again = expand(args.verb)
+            again = expand(args.verb, max_nodes(cfg))
         except InputError:
             again = []
         if again != names:
             raise InputError(f"unknown power verb {args.verb!r}: expected ON, OFF, RESET, "
                              "REBOOT, CYCLE or the node list again")
         action = "cycle"
-    cfg = config.load(args.config)
     conn = db.connect(cfg.db_path)
     results = prun.power(cfg, conn, names, action)
     bad = {n: e for n, e in results.items() if e}

@@ -24,7 +24,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pxe.errors import DynprovError, InputError
+from pxe.cli.guard import add_debug_flag
+from pxe.errors import InputError
 
 if TYPE_CHECKING:
     from pxe.config import Config
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="block until the run ends and print each node's result (for admins)")
     p.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    add_debug_flag(p)
     return p
 
 
@@ -84,19 +86,10 @@ def parse_action(sets: Sequence[str], clears: Sequence[str]) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        code = _main(argv)
-    except SystemExit as exc:  # argparse: 2 on bad usage, 0 for --help
-        code = exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except BrokenPipeError:
-        code = EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - whatever happens, Moab must not see 4 or a trace
-        print(f"{PROG}: internal failure: {type(exc).__name__}: {exc}", file=sys.stderr)
-        code = EXIT_FAILED
-    return EXIT_FAILED if code == 4 else code
+    from pxe.cli import guard
+
+    # Whatever happens, Moab sees one line and never exit 4 ("resource manager died").
+    return guard.run(PROG, _main, argv, remap=lambda code: EXIT_FAILED if code == 4 else code)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -105,11 +98,12 @@ def _main(argv: Sequence[str] | None) -> int:
     from msm_plugin.fg_moab import settings
     from pxe import config, db
     from pxe import run as prun
-    from pxe.nodeset import expand, fold
+    from pxe.nodeset import expand, fold, max_nodes
     from pxe.pools import scheduler_pool
 
-    names = expand(args.nodes)  # InputError (exit 2) for an empty or malformed list
     cfg = config.load(args.config)
+    # InputError (exit 2) for an empty, malformed or oversized list, counted before expanding
+    names = expand(args.nodes, max_nodes(cfg))
     ms = settings(cfg)
     conn = db.connect(cfg.db_path)
 

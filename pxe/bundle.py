@@ -124,7 +124,8 @@ class Manifest:
         if fmt != FORMAT:
             raise InputError(f"{MANIFEST}: format {fmt!r} is not supported (expected {FORMAT!r})")
         label = checked("label", lambda v: validate.label(v, "image label"))
-        os_name = checked("os_name", lambda v: validate.label(v, "OS name"), "") or label
+        os_name = checked("os_name", lambda v: validate.label(v, "OS name") if v else v,
+                          None) or label
         arch = checked("arch", lambda v: validate.choice(v, validate.ARCHES, "arch"), "x86_64")
         mode = checked("mode", lambda v: validate.choice(v, validate.IMAGE_MODES, "mode"),
                        "stateless")
@@ -153,6 +154,13 @@ class Manifest:
         return cls(label=label, kernel=kernel, sha256=dict(sums), os_name=os_name, arch=arch,
                    mode=mode, cmdline=cmdline, prov_seconds=prov_seconds, initrd=initrd,
                    rootfs=rootfs, format=fmt)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An archive library's complaint on one line (tarfile lists every method it tried)."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    tar = [x for x in lines if x.startswith("- method tar:")]
+    return (tar[0][2:] if tar else " ".join(lines))[:200]
 
 
 def member_name(name: str) -> str:
@@ -212,14 +220,17 @@ class Bundle:
     rootfs_kind: str | None
 
 
-def open_bundle(path: Path, directory: Path, max_bytes: int | None = None) -> Bundle:
+def open_bundle(path: Path, directory: Path, max_bytes: int | None = None,
+                name: str | None = None) -> Bundle:
     """Check ``path`` as a bundle and unpack its members into the new directory ``directory``.
+
+    ``name`` is what messages call the bundle (the user's file name; default ``path``'s).
 
     Raises InputError (bad content) or OSError (e.g. ENOSPC while writing) and leaves
     whatever it wrote in ``directory`` for the caller to remove.
     """
     path = Path(path)
-    where = f"bundle {path.name}"
+    where = f"bundle {name or path.name}"
     directory.mkdir(mode=0o700)
     raw_manifest: bytes | None = None
     digests: dict[str, str] = {}
@@ -227,7 +238,8 @@ def open_bundle(path: Path, directory: Path, max_bytes: int | None = None) -> Bu
     try:
         tf = tarfile.open(path, mode="r:*")
     except _CORRUPT as exc:
-        raise InputError(f"{where}: not a bundle: not a (gzip/xz) tar archive ({exc})") from None
+        raise InputError(f"{where}: not a bundle: not a (gzip/xz) tar archive "
+                         f"({_one_line(exc)})") from None
     with tf:
         try:
             for member in _members(tf):
@@ -274,7 +286,7 @@ def open_bundle(path: Path, directory: Path, max_bytes: int | None = None) -> Bu
                     raise InputError(f"{where}: {exc}") from None
                 digests[name] = _write_member(source, member.size, directory / name, where)
         except _CORRUPT as exc:
-            raise InputError(f"{where}: truncated or corrupt archive ({exc})") from None
+            raise InputError(f"{where}: truncated or corrupt archive ({_one_line(exc)})") from None
     if raw_manifest is None:
         if not digests and total == 0:
             raise InputError(f"{where}: not a bundle: empty archive")
@@ -355,22 +367,23 @@ _COMPRESSED: dict[bytes, tuple[str, Callable[[Path, str], IO[bytes]]]] = {
     b"BZh": ("bz2", bz2.open)}  # type: ignore[dict-item]
 
 
-def rootfs_kind(path: Path) -> str | None:
+def rootfs_kind(path: Path, name: str | None = None) -> str | None:
     """One of STATELESS_KINDS / STATEFUL_KINDS by content (the node sees only blobs/<sha>)."""
+    name = name or path.name
     with open(path, "rb") as fh:
         head = fh.read(512)
     if head[:4] == b"hsqs":
         return "squashfs"
     suffix = ""
-    for magic, (name, opener) in _COMPRESSED.items():
+    for magic, (kind, opener) in _COMPRESSED.items():
         if head.startswith(magic):
             try:
                 with opener(path, "rb") as inner:
                     head = inner.read(512)
             except (*_CORRUPT, OSError, EOFError) as exc:
-                raise InputError(f"root filesystem {path.name!r}: corrupt {name} data ({exc})") \
+                raise InputError(f"root filesystem {name!r}: corrupt {kind} data ({_one_line(exc)})") \
                     from None
-            suffix = "." + name
+            suffix = "." + kind
             break
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "tar" + suffix
@@ -379,7 +392,8 @@ def rootfs_kind(path: Path) -> str | None:
     return None
 
 
-def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = None) -> str:
+def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = None,
+                 name: str | None = None) -> str:
     """Check a root filesystem member and return its kind.
 
     ``mode`` (stateless/stateful), when given, must match the kind: the node unpacks or mounts
@@ -389,8 +403,9 @@ def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = 
     may be absolute: in a root filesystem they mean the node's own root. Device files are
     allowed here (``dev/console``): only the node unpacks this.
     """
-    label = f"{where}: root filesystem {path.name!r}"
-    kind = rootfs_kind(path)
+    name = name or path.name  # what the user called it, not our working copy
+    label = f"{where}: root filesystem {name!r}"
+    kind = rootfs_kind(path, name)
     if kind is None:
         raise InputError(f"{label} is neither squashfs, a tar archive nor a raw disk image "
                          "(plain, gzip, xz or bzip2)")
@@ -422,7 +437,7 @@ def check_rootfs(path: Path, where: str = "root filesystem", mode: str | None = 
                 else:
                     symlinks.discard(rel)
     except _CORRUPT as exc:
-        raise InputError(f"{label}: truncated or corrupt tar archive ({exc})") from None
+        raise InputError(f"{label}: truncated or corrupt tar archive ({_one_line(exc)})") from None
     return kind
 
 
@@ -543,13 +558,14 @@ class TreeWriter:
             source = tf.extractfile(member)
             assert source is not None
             _write_member(source, member.size, dest, where)
-            os.chmod(dest, mode)
         else:  # device or FIFO, allowed only with devices=True (and root for devices)
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() \
                 else stat.S_IFIFO
             os.mknod(dest, kind | mode, os.makedev(member.devmajor, member.devminor))
         if os.geteuid() == 0:
             os.lchown(dest, member.uid, member.gid)
+        if not member.issym():
+            os.chmod(dest, mode)  # after chown, which clears setuid/setgid bits
         if not member.issym():
             os.utime(dest, (member.mtime, member.mtime))
 
@@ -569,7 +585,8 @@ def extract_rootfs(rootfs: Path, tree: Path) -> TreeWriter:
         with tarfile.open(rootfs, mode="r|*") as tf:
             writer.apply(tf, f"root filesystem {rootfs.name!r}")
     except _CORRUPT as exc:
-        raise InputError(f"root filesystem {rootfs.name!r}: truncated or corrupt ({exc})") from None
+        raise InputError(f"root filesystem {rootfs.name!r}: truncated or corrupt "
+                         f"({_one_line(exc)})") from None
     writer.finish()
     return writer
 
@@ -612,7 +629,7 @@ def tree_from_container(tarball: Path, tree: Path) -> ContainerImage:
     try:
         outer = tarfile.open(tarball, mode="r:*")
     except _CORRUPT as exc:
-        raise InputError(f"{where}: not a tar archive ({exc})") from None
+        raise InputError(f"{where}: not a tar archive ({_one_line(exc)})") from None
     with outer:
         try:
             entries = {}
@@ -626,7 +643,7 @@ def tree_from_container(tarball: Path, tree: Path) -> ContainerImage:
                 _apply_layer(outer, entries, blob, digest, writer, f"{where}: layer {index}")
             writer.finish()
         except _CORRUPT as exc:
-            raise InputError(f"{where}: truncated or corrupt archive ({exc})") from None
+            raise InputError(f"{where}: truncated or corrupt archive ({_one_line(exc)})") from None
     arch = ARCH_FROM_OCI.get(str(config.get("architecture", "amd64")))
     if arch is None:
         raise InputError(f"{where}: architecture {config.get('architecture')!r} is not "
@@ -729,7 +746,7 @@ def _apply_layer(outer: tarfile.TarFile, entries: dict[str, tarfile.TarInfo], bl
         with tarfile.open(fileobj=buffered, mode="r|*") as layer:
             writer.apply(layer, where, whiteouts=True)
     except _CORRUPT as exc:
-        raise InputError(f"{where}: truncated or corrupt layer ({exc})") from None
+        raise InputError(f"{where}: truncated or corrupt layer ({_one_line(exc)})") from None
     while buffered.read(1 << 20):
         pass
     actual = reader.drain()

@@ -15,6 +15,7 @@ from pxe import validate
 from pxe.errors import InputError
 
 DEFAULT_PATH = "/etc/dynprov/dynprov.toml"
+DEFAULT_TEMPLATES_DIR = "/etc/dynprov/templates"  # site overrides of the packaged templates
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +46,7 @@ class Paths:
     tftp_root: Path
     http_root: Path
     state_dir: Path
-    templates: Path
+    templates_dir: Path  # a file here replaces the packaged template of the same name (pxe.render)
     secrets_file: Path
 
 
@@ -68,6 +69,14 @@ class Groups:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Caps on what one command may be asked to do (a typo must not exhaust the server)."""
+
+    max_nodes: int = 100_000  # names one node set may expand to; counted before expanding
+    import_max_bytes: int = 64 * 1024 * 1024  # a `nodes import` file (CSV/YAML)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     network: Network
@@ -75,6 +84,7 @@ class Config:
     paths: Paths
     boot: Boot = field(default_factory=Boot)
     groups: Groups = field(default_factory=Groups)
+    limits: Limits = field(default_factory=Limits)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -89,12 +99,13 @@ class Config:
 _KNOWN: dict[str, set[str]] = {
     "network": {"interface", "subnet", "server", "dynamic_range", "gateway", "dns"},
     "dhcp": {"backend", "config_file", "reload_command", "check_command", "mode", "proxy_unknown"},
-    "paths": {"tftp_root", "http_root", "state_dir", "templates", "secrets_file"},
+    "paths": {"tftp_root", "http_root", "state_dir", "templates_dir", "templates", "secrets_file"},
     "boot": {"bios_loader", "uefi_loader", "http_port", "default_target", "ipxe_http"},
     "groups": {"image", "pool", "scheduler_pool"},
+    "limits": {"max_nodes", "import_max_bytes"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab"}
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -102,6 +113,10 @@ def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
         return Path(explicit)
     env = os.environ.get("DYNPROV_CONFIG")
     return Path(env) if env else Path(DEFAULT_PATH)
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               list: "a list", dict: "a table"}
 
 
 class _Reader:
@@ -134,7 +149,14 @@ class _Reader:
         if kind is float and isinstance(value, int):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.fail(f"{sec}.{key}", f"must be a {kind.__name__}, got {value!r}")
+            raise self.fail(f"{sec}.{key}", f"must be {_KIND_NAMES.get(kind, kind.__name__)}, "
+                                             f"got {value!r}")
+        return value
+
+    def bounded(self, sec: str, key: str, low: int, high: int, default: int) -> int:
+        value = self.get(sec, key, int, default)
+        if not low <= value <= high:
+            raise self.fail(f"{sec}.{key}", f"must be between {low} and {high}, got {value}")
         return value
 
     def checked(self, sec: str, key: str, check, default: Any = ...) -> Any:
@@ -155,25 +177,79 @@ class _Reader:
         return tuple(value)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a site config is a few KiB; refuse to parse a stray huge file
+
+
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:
     """Load and check the configuration; every problem is an InputError naming file and key."""
     path = locate(explicit)
+    text = read_text_file(path, MAX_CONFIG_BYTES, "configuration file",
+                          missing_hint=" (set --config or DYNPROV_CONFIG)")
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise InputError(
-            f"{path}: configuration file not found (set --config or DYNPROV_CONFIG)"
-        ) from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML: {exc}") from None
     return from_dict(data, path)
+
+
+def read_text_file(path: str | os.PathLike[str], max_bytes: int, what: str,
+                   missing_hint: str = "", follow_symlinks: bool = True) -> str:
+    """The UTF-8 text of a regular file the caller may read, or an InputError naming it.
+
+    Opened with O_NONBLOCK (and O_NOFOLLOW unless ``follow_symlinks``) and checked with fstat
+    before reading, so a FIFO, a device or a directory is refused at once instead of blocking.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found{missing_hint}") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied reading the {what} "
+                         "(run as a user who may read it, or as root)") from None
+    except OSError as exc:
+        if not follow_symlinks and os.path.islink(path):
+            raise InputError(f"{path}: {what} is a symbolic link; give the real file") from None
+        raise InputError(f"{path}: cannot open the {what}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"{path}: {what} is a directory, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: {what} is not a regular file (a FIFO, socket or device)")
+        if st.st_size > max_bytes:
+            raise InputError(f"{path}: {what} is too large ({st.st_size} bytes; at most {max_bytes})")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise InputError(f"{path}: {what} is too large (more than {max_bytes} bytes)")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if b"\0" in data:
+        raise InputError(f"{path}: {what} is binary (contains NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise InputError(f"{path}: {what} is not UTF-8 text (bad byte at line {line})") from None
 
 
 def from_dict(data: dict[str, Any], path: Path) -> Config:
     r = _Reader(path, data)
     for sec, value in data.items():
         if sec in _OPEN_SECTIONS:
+            if not isinstance(value, dict):
+                raise r.fail(f"[{sec}]", "must be a table")
             continue
         if sec not in _KNOWN:
             raise r.fail(sec, f"unknown section or key (known: {', '.join(sorted(_KNOWN))})")
@@ -223,21 +299,26 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         raise r.fail("dhcp.mode", 'proxy needs backend = "dnsmasq" (ISC dhcpd cannot answer as '
                      "a proxyDHCP server: it always hands out addresses)")
     state_dir = Path(r.get("paths", "state_dir", str))
+    given = r.data.get("paths") or {}
+    if "templates" in given and "templates_dir" in given:
+        raise r.fail("paths.templates", "older name of paths.templates_dir; give only one")
+    templates_key = "templates" if "templates" in given else "templates_dir"
+    templates_dir = r.get("paths", templates_key, str, DEFAULT_TEMPLATES_DIR)
     paths = Paths(
         tftp_root=Path(r.get("paths", "tftp_root", str)),
         http_root=Path(r.get("paths", "http_root", str)),
         state_dir=state_dir,
-        templates=Path(r.get("paths", "templates", str, str(PROJECT_ROOT / "templates"))),
+        templates_dir=Path(templates_dir),
         secrets_file=Path(r.get("paths", "secrets_file", str, "/etc/dynprov/bmc-secrets")),
     )
     for key, value in (("tftp_root", paths.tftp_root), ("http_root", paths.http_root),
-                       ("state_dir", paths.state_dir)):
+                       ("state_dir", paths.state_dir), ("templates_dir", paths.templates_dir)):
         if not value.is_absolute():
             raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
     boot = Boot(
         bios_loader=r.checked("boot", "bios_loader", _loader_name, Boot.bios_loader),
         uefi_loader=r.checked("boot", "uefi_loader", _loader_name, Boot.uefi_loader),
-        http_port=r.get("boot", "http_port", int, Boot.http_port),
+        http_port=r.bounded("boot", "http_port", 1, 65535, Boot.http_port),
         default_target=r.checked(
             "boot", "default_target", lambda v: validate.choice(v, ("local", "none"), "target"),
             Boot.default_target),
@@ -249,8 +330,13 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         scheduler_pool=r.checked("groups", "scheduler_pool", lambda v: validate.label(v, "pool"),
                                  Groups.scheduler_pool),
     )
+    limits = Limits(
+        max_nodes=r.bounded("limits", "max_nodes", 1, 10_000_000, Limits.max_nodes),
+        import_max_bytes=r.bounded("limits", "import_max_bytes", 1024, 1 << 34,
+                                   Limits.import_max_bytes),
+    )
     return Config(path=path, network=network, dhcp=dhcp, paths=paths, boot=boot, groups=groups,
-                  raw=data)
+                  limits=limits, raw=data)
 
 
 def _loader_name(value: str) -> str:
@@ -284,5 +370,6 @@ reload_command = ["/bin/true"]
 tftp_root = "{root / 'tftp'}"
 http_root = "{root / 'http'}"
 state_dir = "{root / 'state'}"
+templates_dir = "{root / 'templates'}"
 secrets_file = "{root / 'bmc-secrets'}"
 """

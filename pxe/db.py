@@ -1,7 +1,9 @@
 """The state database: one SQLite file (WAL) under the state dir, shared by every command.
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
-All schema lives here so that a reader can see every table in one place.
+All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
+each later one a change to it), applied by connect(), which refuses a database from a newer
+dynprov. How to add one: docs/ARCHITECTURE.md, "Changing the database schema".
 """
 
 from __future__ import annotations
@@ -310,6 +312,12 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
         migrate(conn, path, create)
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA synchronous = NORMAL")
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        # Even a read needs write access in WAL mode (the -shm index): name the file, not SQLite.
+        if "readonly" in str(exc) or "unable to open" in str(exc):
+            raise DynprovError(f"permission denied: {path} (run as root or through sudo)") from exc
+        raise
     except BaseException:
         conn.close()
         raise

@@ -15,9 +15,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from pxe import atomic, db, validate
+from pxe import atomic, db, userfile, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 
@@ -54,11 +54,15 @@ def check_kernel(path: Path) -> None:
             head = fh.read(0x240)
     except OSError as exc:
         raise InputError(f"kernel {path}: {exc.strerror}") from None
+    check_kernel_header(head, str(path))
+
+
+def check_kernel_header(head: bytes, name: str) -> None:
     if len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
         return
     if len(head) >= 0x3C and head[0x38:0x3C] == b"ARM\x64":
         return
-    raise InputError(f"{path} is not a Linux kernel (no bzImage 'HdrS' header or arm64 Image magic)")
+    raise InputError(f"{name} is not a Linux kernel (no bzImage 'HdrS' header or arm64 Image magic)")
 
 
 def sha256_file(path: Path) -> str:
@@ -69,31 +73,83 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _store(src: Path, roots: list[Path]) -> str:
-    """Copy ``src`` into each root's blob store under its sha256, atomically. Returns the sha."""
-    first = roots[0] / BLOBS
-    first.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=first)
-    digest = hashlib.sha256()
+# -- [images] size caps ---------------------------------------------------------------------
+CAP_KEYS = {"kernel": "max_kernel_bytes", "initrd": "max_initrd_bytes",
+            "rootfs": "max_rootfs_bytes"}
+CAP_DEFAULTS = {"kernel": 256 << 20, "initrd": 4 << 30, "rootfs": 64 << 30}
+WHAT = {"kernel": "kernel", "initrd": "initrd", "rootfs": "root filesystem"}
+PROV_SECONDS = (30, 86400)
+
+
+def size_caps(cfg: Config) -> dict[str, int]:
+    """``[images] max_kernel_bytes / max_initrd_bytes / max_rootfs_bytes``, checked."""
+    raw = cfg.raw.get("images", {})
+    raw = raw if isinstance(raw, dict) else {}
+    caps = {}
+    for role, key in CAP_KEYS.items():
+        value = raw.get(key, CAP_DEFAULTS[role])
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1024:
+            raise InputError(f"{cfg.path}: images.{key}: must be an integer >= 1024, "
+                             f"got {value!r}")
+        caps[role] = value
+    return caps
+
+
+def check_prov_seconds(value: object, what: str = "--prov-seconds") -> int:
+    """A provisioning time a person gave: a whole number of seconds within 30..86400."""
+    low, high = PROV_SECONDS
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InputError(f"{what} {value!r} is outside {low}..{high} seconds")
+    return value
+
+
+# -- the blob store ---------------------------------------------------------------------------
+@dataclass
+class _Staged:
+    """One input copied into a private temp file inside the first root's blob store."""
+
+    role: str
+    tmp: Path
+    sha: str
+    roots: list[Path]
+
+
+def _stage(fh: IO[bytes], role: str, name: str, roots: list[Path], cap: int) -> _Staged:
+    """Copy an opened input into ``<roots[0]>/blobs/.incoming.*``, hashing it and refusing it
+    past ``cap`` bytes (a file can grow after it was measured); the temp file never stays."""
+    store = roots[0] / BLOBS
+    store.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=store)
+    digest, size = hashlib.sha256(), 0
     try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            for chunk in iter(lambda: fin.read(1 << 20), b""):
+        with os.fdopen(fd, "wb") as fout:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                size += len(chunk)
+                if size > cap:
+                    raise InputError(f"{WHAT[role]} {name} is larger than the limit of {cap} "
+                                     f"bytes ([images] {CAP_KEYS[role]})")
                 digest.update(chunk)
                 fout.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
         os.chmod(tmp, 0o644)
-        sha = digest.hexdigest()
-        os.replace(tmp, first / sha)
     except OSError as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise DynprovError(f"cannot store {src}: {exc.strerror or exc}") from None
+        raise DynprovError(f"cannot store {name}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    for root in roots[1:]:
+    return _Staged(role, Path(tmp), digest.hexdigest(), roots)
+
+
+def _commit(staged: _Staged) -> str:
+    """Rename a staged copy to ``blobs/<sha>`` in each of its roots (hard links when they share
+    a file system, else a copy, each by temp + rename)."""
+    sha, first = staged.sha, staged.roots[0] / BLOBS
+    os.replace(staged.tmp, first / sha)
+    for root in staged.roots[1:]:
         dest = root / BLOBS / sha
         if dest.exists():
             continue
@@ -134,28 +190,51 @@ class Catalog:
     def add(self, label: str, kernel: Path, initrd: Path | None = None,
             rootfs: Path | None = None, *, os_name: str = "", arch: str = "x86_64",
             mode: str = "stateless", cmdline: str = "", prov_seconds: int = 600,
-            owner: str = "root", replace: bool = False) -> Image:
-        """Check every input, copy files into the store, then record the image in one step."""
+            owner: str = "root", replace: bool = False, from_user: bool = False) -> Image:
+        """Check every input, copy files into the store, then record the image in one step.
+
+        Inputs are opened once (regular files only, never through a final symlink) and copied
+        from those descriptors, each against its ``[images]`` size cap, measured before copying
+        and counted while copying. ``from_user``: the paths come from a person (`pxe-stage
+        images add`): they are opened with that person's own rights (SUDO_USER under sudo), the
+        root filesystem is checked as a bundle's is, and prov_seconds must be 30..86400.
+        Any failure leaves the store and the catalog as they were.
+        """
         label = validate.label(label)
         validate.choice(mode, validate.IMAGE_MODES, "image mode")
         validate.choice(arch, validate.ARCHES, "arch")
         cmdline = validate.cmdline(cmdline)
         if os_name:
             validate.label(os_name, "OS name")
-        if not replace and self.conn.execute("SELECT 1 FROM images WHERE label = ?",
-                                             (label,)).fetchone():
-            raise InputError(f"image label {label!r} already exists")
-        for what, path in (("kernel", kernel), ("initrd", initrd), ("root filesystem", rootfs)):
-            if path is not None and not Path(path).is_file():
-                raise InputError(f"{what} {path}: no such file")
-        check_kernel(Path(kernel))
+        if from_user:
+            check_prov_seconds(prov_seconds)
+        if not replace:
+            row = self.conn.execute("SELECT owner FROM images WHERE label = ?", (label,)).fetchone()
+            if row:
+                raise InputError(f"image label {label!r} already exists (owner {row[0]})")
         if mode == "stateful" and rootfs is None:
             raise InputError("a stateful image needs a root filesystem to write to disk")
-        with atomic.locked(self.lock_path):
-            return self._add_locked(dict(
-                label=label, kernel=Path(kernel), initrd=initrd, rootfs=rootfs, os_name=os_name,
-                arch=arch, mode=mode, cmdline=cmdline, prov_seconds=prov_seconds, owner=owner,
-                replace=replace))
+        caps = size_caps(self.cfg)
+        paths = {"kernel": kernel, "initrd": initrd, "rootfs": rootfs}
+        with contextlib.ExitStack() as stack:
+            opened: dict[str, IO[bytes]] = {}
+            for role, path in paths.items():
+                if path is None:
+                    continue
+                fh = stack.enter_context(
+                    userfile.open_input(Path(path), WHAT[role], as_user=from_user,
+                                        follow_links=not from_user))
+                size = os.fstat(fh.fileno()).st_size
+                if size > caps[role]:
+                    raise InputError(f"{WHAT[role]} {path}: {size} bytes is larger than the "
+                                     f"limit of {caps[role]} bytes ([images] {CAP_KEYS[role]})")
+                opened[role] = fh
+            check_kernel_header(os.pread(opened["kernel"].fileno(), 0x240, 0), str(kernel))
+            with atomic.locked(self.lock_path):
+                return self._add_locked(dict(
+                    label=label, opened=opened, paths=paths, caps=caps, os_name=os_name,
+                    arch=arch, mode=mode, cmdline=cmdline, prov_seconds=prov_seconds,
+                    owner=owner, replace=replace, from_user=from_user))
 
     @property
     def lock_path(self) -> Path:
@@ -163,27 +242,41 @@ class Catalog:
         return self.cfg.paths.state_dir / "images.lock"
 
     def _add_locked(self, a: dict[str, Any]) -> Image:
-        label, kernel, initrd, rootfs = a["label"], a["kernel"], a["initrd"], a["rootfs"]
+        label, paths, opened = a["label"], a["paths"], a["opened"]
         tftp, http = self.cfg.paths.tftp_root, self.cfg.paths.http_root
-        kernel_sha = _store(Path(kernel), [tftp, http])
-        initrd_sha = _store(Path(initrd), [tftp, http]) if initrd else None
-        rootfs_sha = _store(Path(rootfs), [http]) if rootfs else None
-        image = Image(label=label, kernel_sha=kernel_sha, initrd_sha=initrd_sha,
-                      rootfs_sha=rootfs_sha, rootfs_name=Path(rootfs).name if rootfs else None,
-                      os_name=a["os_name"] or label, arch=a["arch"], mode=a["mode"],
-                      cmdline=a["cmdline"], prov_seconds=int(a["prov_seconds"]), owner=a["owner"],
-                      created=time.time())
-        with db.transaction(self.conn):
-            if a["replace"]:
-                self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
-            try:
-                fields = image.public()
-                self.conn.execute(
-                    f"INSERT INTO images({', '.join(fields)}) "
-                    f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
-            except sqlite3.IntegrityError:
-                raise InputError(f"image label {label!r} already exists") from None
-            db.log_event(self.conn, "image-added", detail=label)
+        staged: list[_Staged] = []
+        try:
+            for role, fh in opened.items():
+                roots = [http] if role == "rootfs" else [tftp, http]
+                staged.append(_stage(fh, role, str(paths[role]), roots, a["caps"][role]))
+            if a["from_user"] and paths["rootfs"] is not None:
+                from pxe.bundle import check_rootfs
+
+                check_rootfs(staged[-1].tmp, "--rootfs", a["mode"], name=str(paths["rootfs"]))
+            shas = {s.role: _commit(s) for s in staged}
+            image = Image(label=label, kernel_sha=shas["kernel"], initrd_sha=shas.get("initrd"),
+                          rootfs_sha=shas.get("rootfs"),
+                          rootfs_name=Path(paths["rootfs"]).name if paths["rootfs"] else None,
+                          os_name=a["os_name"] or label, arch=a["arch"], mode=a["mode"],
+                          cmdline=a["cmdline"], prov_seconds=int(a["prov_seconds"]),
+                          owner=a["owner"], created=time.time())
+            with db.transaction(self.conn):
+                if a["replace"]:
+                    self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
+                try:
+                    fields = image.public()
+                    self.conn.execute(
+                        f"INSERT INTO images({', '.join(fields)}) "
+                        f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
+                except sqlite3.IntegrityError:
+                    raise InputError(f"image label {label!r} already exists") from None
+                db.log_event(self.conn, "image-added", detail=label)
+        except BaseException:
+            for s in staged:
+                with contextlib.suppress(FileNotFoundError):
+                    s.tmp.unlink()
+            self._collect_garbage()  # blobs renamed in but never recorded
+            raise
         self._collect_garbage()
         return image
 

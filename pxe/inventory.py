@@ -75,7 +75,7 @@ def build(cfg: Config, raw: dict[str, Any]) -> Node:
 
     unknown = set(raw) - set(FIELDS) - {"mac"}
     if unknown:
-        raise InputError(f"unknown node field(s): {', '.join(sorted(unknown))}")
+        raise InputError(f"unknown node field(s): {', '.join(sorted(str(k)[:40] for k in unknown))}")
     name = validate.hostname(str(raw.get("name", "")))
     macs_in = raw.get("macs", raw.get("mac"))
     if isinstance(macs_in, str):
@@ -150,9 +150,9 @@ class Inventory:
 
     def select(self, spec: str | Iterable[str]) -> list[Node]:
         """Nodes named by a node set; every unknown name is reported at once."""
-        from pxe.nodeset import expand
+        from pxe.nodeset import expand, max_nodes
 
-        wanted = expand(spec)
+        wanted = expand(spec, max_nodes(self.cfg))
         found = {n.name: n for n in self._load_names(wanted)}
         missing = [w for w in wanted if w not in found]
         if missing:
@@ -283,26 +283,59 @@ class Inventory:
 # -- node lists the way sites keep them ----------------------------------------------------
 def parse_csv(text: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames or "name" not in reader.fieldnames:
-        raise InputError("CSV node list needs a header row with at least 'name' and 'mac'")
-    rows = []
-    for lineno, row in enumerate(reader, start=2):
-        if None in row:
-            raise InputError(f"CSV line {lineno}: more fields than the header")
-        rows.append({k.strip(): v for k, v in row.items() if k and not _blank(v)})
+    try:
+        if not reader.fieldnames or "name" not in reader.fieldnames:
+            raise InputError("CSV node list needs a header row with at least 'name' and 'mac'")
+        rows = []
+        for lineno, row in enumerate(reader, start=2):
+            if None in row:
+                raise InputError(f"CSV line {lineno}: more fields than the header")
+            rows.append({k.strip(): v for k, v in row.items() if k and not _blank(v)})
+    except csv.Error as exc:
+        raise InputError(f"CSV node list, line {reader.line_num}: {exc}") from None
     return rows
+
+
+class _NoAliasLoader:
+    """A safe YAML loader that refuses anchors and aliases: a 12-line file of nested aliases
+    (a "billion laughs") otherwise expands to gigabytes. Node lists never need them."""
+
+    _cls = None
+
+    @classmethod
+    def make(cls):  # type: ignore[no-untyped-def]
+        if cls._cls is None:
+            import yaml
+
+            class Loader(yaml.SafeLoader):
+                def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+                    if self.check_event(yaml.AliasEvent):
+                        mark = self.peek_event().start_mark
+                        raise yaml.YAMLError(f"aliases (*name) are not allowed (line {mark.line + 1})")
+                    event = self.peek_event()
+                    if getattr(event, "anchor", None):
+                        raise yaml.YAMLError(
+                            f"anchors (&name) are not allowed (line {event.start_mark.line + 1})")
+                    return super().compose_node(parent, index)
+
+            cls._cls = Loader
+        return cls._cls
 
 
 def parse_yaml(text: str) -> list[dict[str, Any]]:
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoAliasLoader.make())
     except yaml.YAMLError as exc:
         raise InputError(f"YAML node list: {exc}") from None
     if isinstance(data, dict) and "nodes" in data:
         data = data["nodes"]
     if isinstance(data, dict):  # {name: {mac: ..., ip: ...}}
+        bad = [k for k, v in data.items() if v is not None and not isinstance(v, dict)]
+        if bad:
+            raise InputError(f"YAML node list: the entry for {str(bad[0])[:60]!r} must be a "
+                             "mapping of fields (mac: ..., ip: ...), not a single value")
         data = [{"name": k, **(v or {})} for k, v in data.items()]
     if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
         raise InputError("YAML node list must be a list of mappings or a mapping of node names")
@@ -310,11 +343,11 @@ def parse_yaml(text: str) -> list[dict[str, Any]]:
 
 
 def load_file(cfg: Config, path: str, fmt: str | None = None) -> list[Node]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except OSError as exc:
-        raise InputError(f"{path}: {exc.strerror}") from None
+    """Nodes from a CSV or YAML file: a regular file (no FIFO, device or symlink), UTF-8, at
+    most ``[limits] import_max_bytes``; every entry checked before any is returned."""
+    from pxe.config import read_text_file
+
+    text = read_text_file(path, cfg.limits.import_max_bytes, "node list", follow_symlinks=False)
     fmt = fmt or ("yaml" if path.endswith((".yaml", ".yml")) else "csv")
     rows = parse_yaml(text) if fmt == "yaml" else parse_csv(text)
     nodes = []

@@ -208,12 +208,12 @@ def move(cfg: Config, conn: sqlite3.Connection, nodes: str | Iterable[str], to: 
     names the nodes that are not. Nodes already in ``to`` are left alone (reported in
     ``already``). Busy nodes (see busy()) stop the whole move unless ``force``.
     """
-    from pxe.nodeset import expand
+    from pxe.nodeset import expand, max_nodes
 
     validate.label(to, "pool name")
     if from_pool is not None:
         validate.label(from_pool, "pool name")
-    names = expand(nodes) if isinstance(nodes, str) else expand(list(nodes))
+    names = expand(nodes if isinstance(nodes, str) else list(nodes), max_nodes(cfg))
     ensure_scheduler_pool(cfg, conn, user)
     with db.transaction(conn):
         for pool in (to, from_pool):

@@ -27,22 +27,20 @@ import hashlib
 import json
 import logging
 import os
-import pwd
 import shutil
 import sqlite3
-import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pxe import atomic, audit, authz, bundle, config, customize, validate
+from pxe import atomic, audit, authz, bundle, config, customize, userfile, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
-from pxe.images import Catalog, Image
+from pxe.images import CAP_KEYS, Catalog, Image, size_caps
 
 log = logging.getLogger("dynprov.repository")
 
@@ -60,7 +58,7 @@ class Settings:
 
 
 _KEYS = ("repository_dir", "max_bundle_bytes", "customize_dir", "customize_timeout",
-         "provisioning_initrd")
+         "provisioning_initrd", *CAP_KEYS.values())  # the size caps: pxe.images.size_caps
 
 
 def settings(cfg: Config) -> Settings:
@@ -90,6 +88,7 @@ def settings(cfg: Config) -> Settings:
             raise fail(f"images.{key}", f"must be an integer >= {low}, got {value!r}")
         return value
 
+    size_caps(cfg)
     repo = path("repository_dir", cfg.paths.state_dir / "images")
     assert repo is not None
     return Settings(
@@ -101,39 +100,9 @@ def settings(cfg: Config) -> Settings:
     )
 
 
-# -- running for a user through sudo --------------------------------------------------------
-def _sudo_caller() -> pwd.struct_passwd | None:
-    """The user behind sudo, when root runs us for someone else; else None."""
-    user = os.environ.get("SUDO_USER")
-    if os.geteuid() != 0 or not user or user == "root":
-        return None
-    try:
-        return pwd.getpwnam(user)
-    except KeyError:
-        raise authz.PermissionDenied(f"permission denied: unknown SUDO_USER {user!r}") from None
-
-
-@contextlib.contextmanager
-def as_caller() -> Iterator[str]:
-    """Inside this block, act with the real user's permissions when run through sudo.
-
-    So a member can upload only files they can read, and ``-get -o`` writes only where they
-    may write: root's rights are used for the repository, never for the user's paths.
-    """
-    caller = _sudo_caller()
-    if caller is None:
-        yield authz.real_user()
-        return
-    saved_groups = os.getgroups()
-    os.setgroups(os.getgrouplist(caller.pw_name, caller.pw_gid))
-    os.setegid(caller.pw_gid)
-    os.seteuid(caller.pw_uid)
-    try:
-        yield caller.pw_name
-    finally:
-        os.seteuid(0)
-        os.setegid(0)
-        os.setgroups(saved_groups)
+# -- running for a user through sudo (pxe.userfile) ------------------------------------------
+_sudo_caller = userfile.sudo_caller
+as_caller = userfile.as_caller
 
 
 def load_config(explicit: str | None = None) -> Config:
@@ -151,20 +120,8 @@ def load_config(explicit: str | None = None) -> Config:
 
 
 def _open_source(path: Path) -> IO[bytes]:
-    with as_caller() as user:
-        try:
-            fh = open(path, "rb")  # noqa: SIM115 - handed to the caller, closed there
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such file") from None
-        except PermissionError:
-            raise authz.PermissionDenied(f"permission denied: user {user} cannot read {path}") \
-                from None
-        except IsADirectoryError:
-            raise InputError(f"{path}: is a directory, not a bundle") from None
-    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-        fh.close()
-        raise InputError(f"{path}: not a regular file")
-    return fh
+    """The bundle to upload: a regular file the caller can read, not through a symlink."""
+    return userfile.open_input(path, "bundle")
 
 
 # -- the repository -------------------------------------------------------------------------
@@ -244,6 +201,34 @@ class Repository:
     def _exists(self, label: str) -> bool:
         return label in self.catalog.labels() or self.bundle_path(label).exists()
 
+    # -- ownership: the uploader, or root for `pxe-stage images add` and older images --------
+    def owner_of(self, label: str) -> str:
+        if label in self.catalog.labels():
+            return self.catalog.get(label).owner
+        return str(self._meta(label).get("owner") or "root")
+
+    def admin_group(self) -> str:
+        """The admins' unix group: ``[api] admin_group`` (default fgadmin), for the CLI too."""
+        api = self.cfg.raw.get("api", {})
+        group = api.get("admin_group", "fgadmin") if isinstance(api, dict) else "fgadmin"
+        return group if isinstance(group, str) else "fgadmin"
+
+    def _is_admin(self, user: str) -> bool:
+        return user == "root" or self.admin_group() in authz.user_groups(user)
+
+    def _require_owner(self, user: str, label: str, action: str) -> None:
+        """Only an image's owner or an admin may delete (or force-delete) it."""
+        owner = self.owner_of(label)
+        if user != owner and not self._is_admin(user):
+            raise authz.PermissionDenied(
+                f"permission denied: image {label!r} belongs to {owner}; only its owner or an "
+                f"admin (root or group {self.admin_group()!r}) may {action} it (you are {user})")
+
+    def _taken(self, label: str) -> InputError:
+        return InputError(f"image label {label!r} already exists (owner {self.owner_of(label)}); "
+                          "its owner or an admin deletes it first (fg-moab-image -delete "
+                          "-label ...)")
+
     def users_of(self, label: str) -> tuple[list[str], list[int]]:
         """Nodes that run or are switching to ``label``, and provisioning runs asking for it."""
         nodes = self.catalog.in_use(label)
@@ -258,10 +243,14 @@ class Repository:
         if label is not None:
             validate.label(label, "image label")
             if self._exists(label):
-                raise InputError(f"image label {label!r} already exists; delete it first "
-                                 "(fg-moab-image -delete -label ...)")
+                raise self._taken(label)
         scripts = customize.select(self.settings.customize_dir, groups)
         fh = _open_source(Path(source))
+        size = os.fstat(fh.fileno()).st_size
+        if size > self.settings.max_bundle_bytes:  # measured before a byte is copied
+            fh.close()
+            raise InputError(f"{Path(source).name} is {size} bytes, larger than the limit of "
+                             f"{self.settings.max_bundle_bytes} bytes ([images] max_bundle_bytes)")
         self._prepare()
         work: Path | None = None
         try:
@@ -269,7 +258,8 @@ class Repository:
                 work = Path(tempfile.mkdtemp(prefix="upload.", dir=self.incoming))
                 incoming = work / "bundle"
                 sha, size = self._copy_in(fh, incoming, Path(source).name)
-            found = bundle.open_bundle(incoming, work / "members", self.settings.max_bundle_bytes)
+            found = bundle.open_bundle(incoming, work / "members", self.settings.max_bundle_bytes,
+                                       name=Path(source).name)
             man = found.manifest
             label = label or man.label
             validate.label(label, "image label")
@@ -345,8 +335,7 @@ class Repository:
         man = found.manifest
         with atomic.locked(self.lock_path):
             if self._exists(label):
-                raise InputError(f"image label {label!r} already exists; delete it first "
-                                 "(fg-moab-image -delete -label ...)")
+                raise self._taken(label)
             try:
                 atomic.write_text(meta_path, json.dumps(meta, indent=2) + "\n", mode=0o640)
                 os.replace(incoming, final)
@@ -371,6 +360,7 @@ class Repository:
         with atomic.locked(self.lock_path) if self.root.is_dir() else contextlib.nullcontext():
             if not self._exists(label):
                 raise NotFound(f"unknown image label {label!r}")
+            self._require_owner(user, label, "force-delete" if force else "delete")
             nodes, runs = self.users_of(label)
             if (nodes or runs) and not force:
                 from pxe.nodeset import fold

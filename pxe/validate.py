@@ -24,7 +24,11 @@ IMAGE_MODES = ("stateless", "stateful")
 
 
 def _show(value: object) -> str:
-    return repr(value) if isinstance(value, str) else repr(str(value))
+    """The bad value as the message shows it: quoted, and cut short when huge (one line)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > 80:
+        return f"{text[:60]!r}... ({len(text)} characters)"
+    return repr(text)
 
 
 def hostname(value: str) -> str:

@@ -569,3 +569,10 @@ def test_make_bundle_usage_errors(tmp_path):
     proc = make_bundle("--check", str(bad))
     assert proc.returncode == 2 and "not a bundle" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("os_name", [..., None, ""], ids=["absent", "null", "empty"])
+def test_manifest_os_name_is_optional(os_name):
+    """docs/images.md: os_name defaults to the label."""
+    man = bundle.Manifest.parse(manifest(good_files(), os_name=os_name))
+    assert man.os_name == "tiny"

@@ -1,6 +1,7 @@
 """Image catalog: kernel check, content-addressed store, garbage collection."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,24 @@ def test_remove_in_use_needs_force(site, kernel):
 def test_stateful_needs_rootfs(site, tmp_path):
     with pytest.raises(InputError, match="stateful"):
         Catalog(site.cfg).add("disk1", fake_bzimage(tmp_path / "k"), mode="stateful")
+
+
+def test_inputs_are_regular_files_opened_without_following_links(site, kernel, tmp_path):
+    import os
+
+    cat = Catalog(site.cfg)
+    link = tmp_path / "vmlinuz-link"
+    link.symlink_to(kernel)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    before = site.snapshot()
+    with pytest.raises(InputError, match="is a symbolic link"):
+        cat.add("centos5", link, from_user=True)
+    with pytest.raises(InputError, match="is a FIFO, not a regular file"):
+        cat.add("centos5", kernel, fifo)
+    with pytest.raises(InputError, match="is a device"):
+        cat.add("centos5", kernel, rootfs=Path("/dev/zero"))
+    with pytest.raises(InputError, match="outside 30..86400"):
+        cat.add("centos5", kernel, prov_seconds=-5, from_user=True)
+    assert site.snapshot() == before
+    assert cat.add("centos5", link).kernel_sha  # the site's own paths may be links

@@ -4,7 +4,8 @@ The commands run as those users through `runuser -u USER --` (a real uid, a real
 When the test interpreter lives under a directory other users cannot enter (a pyenv under
 /root, mode 0700), the command runs in a private mount namespace in which that directory is a
 tmpfs holding only the interpreter's tree: the user still runs with its own uid and groups,
-and nothing outside that short-lived namespace changes.
+and nothing outside that short-lived namespace changes. The checkout itself may be anywhere (a
+clone in a 0700 home): the code the users run is a copy staged in a temp dir they can read.
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import Site, make_site
+from unprivileged_support import readable_tempdir, run_as, staged_code, user_wrap
 
 from pxe import audit, db
 from pxe.inventory import Inventory, build
@@ -35,28 +35,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Runs as root inside `unshare -m`: hide BLOCKED behind a tmpfs that holds only CHILD (bound from
-# the real one), then become the user. argv: BLOCKED CHILD USER -- COMMAND...
-_EXPOSE = r"""
-import os, subprocess, sys, tempfile
-blocked, child, user = sys.argv[1:4]
-command = sys.argv[5:]
-def run(*argv): subprocess.run(argv, check=True)
-keep = tempfile.mkdtemp(prefix="dynprov-expose-")
-run("mount", "--bind", blocked, keep)
-run("mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", blocked)
-os.mkdir(os.path.join(blocked, child))
-run("mount", "--bind", os.path.join(keep, child), os.path.join(blocked, child))
-run("umount", "-l", keep)
-os.rmdir(keep)
-os.execvp("runuser", ["runuser", "-u", user, "--", *command])
-"""
-
-
-def _blocked_ancestors(path: Path) -> list[Path]:
-    """Directories on the way to ``path`` that other users may not enter."""
-    return [p for p in reversed(path.parents) if not os.stat(p).st_mode & stat.S_IXOTH]
-
 
 @dataclass
 class Users:
@@ -64,12 +42,16 @@ class Users:
     member: str
     outsider: str
     wrap: list[str]  # prefix that makes an argv run as a user: [..., USER-placeholder, ...]
+    code: Path  # a copy of the code the users can read (PYTHONPATH and cwd of their commands)
 
-    def as_user(self, user: str, argv: list[str], env: dict[str, str] | None = None,
-                ) -> subprocess.CompletedProcess:
-        prefix = [user if part == "{user}" else part for part in self.wrap]
-        return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120,
-                              cwd=ROOT, env=env)
+    def as_user(self, user: str, argv: list[str]) -> subprocess.CompletedProcess:
+        return run_as(self.wrap, user, self.code, argv)
+
+
+@pytest.fixture(scope="module")
+def code() -> Iterator[Path]:
+    with staged_code() as path:
+        yield path
 
 
 def _sh(*argv: str) -> None:
@@ -77,7 +59,7 @@ def _sh(*argv: str) -> None:
 
 
 @pytest.fixture
-def users() -> Iterator[Users]:
+def users(code: Path) -> Iterator[Users]:
     tag = secrets.token_hex(3)
     group, member, outsider = f"dpg{tag}", f"dpm{tag}", f"dpo{tag}"
     created: list[tuple[str, str]] = []
@@ -88,19 +70,10 @@ def users() -> Iterator[Users]:
         created.insert(0, ("userdel", member))
         _sh("useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", outsider)
         created.insert(0, ("userdel", outsider))
-        wrap = ["runuser", "-u", "{user}", "--"]
-        blocked = [p for p in _blocked_ancestors(Path(sys.executable).resolve())
-                   if p != Path(sys.executable).resolve()]
-        if blocked:
-            inner = Path(sys.executable).resolve().relative_to(blocked[0]).parts[0]
-            if len(blocked) > 1 or not shutil.which("unshare"):
-                pytest.skip(f"the test interpreter under {blocked[0]} is not reachable by "
-                            "other users and cannot be exposed here")
-            wrap = ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
-                    "-c", _EXPOSE, str(blocked[0]), inner, "{user}", "--"]
-        if _blocked_ancestors(ROOT / "pxe" / "pools.py"):
-            pytest.skip(f"{ROOT} is not readable by other users")
-        found = Users(group=group, member=member, outsider=outsider, wrap=wrap)
+        wrap = user_wrap()
+        if isinstance(wrap, str):
+            pytest.skip(wrap)
+        found = Users(group=group, member=member, outsider=outsider, wrap=wrap, code=code)
         probe = found.as_user(outsider, [sys.executable, "-c", "import pxe.cli.fg_pool"])
         if probe.returncode != 0:
             pytest.skip(f"a test user cannot run the interpreter: {probe.stderr.strip()[-200:]}")
@@ -113,9 +86,8 @@ def users() -> Iterator[Users]:
 @pytest.fixture
 def shared_site(users: Users) -> Iterator[Site]:
     """A site other users can read (pytest's tmp dirs are private), pool changes for `group`."""
-    root = Path(tempfile.mkdtemp(prefix="dynprov-pools-authz-"))
+    root = readable_tempdir("dynprov-pools-authz-")
     try:
-        root.chmod(0o755)
         site = make_site(root / "site")
         with open(site.config_path, "a") as fh:
             fh.write(f'\n[groups]\npool = "{users.group}"\n')

@@ -100,7 +100,7 @@ async def nodes_list(request: Request, who: Identity) -> Response:
     from pxe.inventory import Inventory
 
     spec = request.query_params.get("nodes")
-    names = nodeset(spec) if spec is not None else None
+    names = nodeset(spec, request.app.state.cfg) if spec is not None else None
     cfg = request.app.state.cfg
 
     def read() -> list[dict[str, Any]]:
@@ -142,6 +142,11 @@ async def node_show(request: Request, who: Identity) -> Response:
     cfg = request.app.state.cfg
     node = await run_in_threadpool(lambda: Inventory(cfg, connection(cfg)).get(name))
     return Json(node.public())
+
+
+def _is_admin(request: Request, who: Identity) -> bool:
+    state = request.app.state
+    return "admin" in who.roles(state.cfg.groups, state.settings.admin_group)
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -210,12 +215,12 @@ async def image_delete(request: Request, who: Identity) -> Response:
     """
     summary: Delete an image and its bundle (refused while in use unless force=true)
     parameters: [{name: force, in: query, schema: {type: boolean}}]
-    responses: {200: {description: deleted}, 404: {description: unknown label},
-                409: {description: in use}}
+    responses: {200: {description: deleted}, 403: {description: "not the image's owner nor an
+                admin"}, 404: {description: unknown label}, 409: {description: in use}}
     """
     label = validate.label(request.path_params["label"], "image label")
     force = flag(request, "force")
-    repo = uploads.ApiRepository(request.app.state.cfg, who.user)
+    repo = uploads.ApiRepository(request.app.state.cfg, who.user, admin=_is_admin(request, who))
     still = await run_in_threadpool(repo.delete, label, force)
     return Json({"deleted": label, "forced": force, "still_used_by": still})
 
@@ -282,12 +287,12 @@ async def pool_show(request: Request, who: Identity) -> Response:
                 404: {description: unknown pool}}
     """
     from pxe import pools
-    from pxe.nodeset import expand, fold
+    from pxe.nodeset import expand, fold, max_nodes
 
     name = validate.label(request.path_params["name"], "pool name")
     cfg = request.app.state.cfg
     names = await run_in_threadpool(lambda: pools.members(cfg, connection(cfg), name))
-    ordered = expand(names) if names else []
+    ordered = expand(names, max_nodes(cfg)) if names else []
     return Json({"pool": name, "nodeset": fold(ordered) if ordered else "",
                  "count": len(ordered), "nodes": ordered,
                  "scheduler": pools.is_usable_for_scheduler(cfg, name)})
@@ -338,7 +343,7 @@ async def pool_move(request: Request, who: Identity) -> Response:
 
     to = validate.label(request.path_params["name"], "pool name")
     data = await json_body(request, ("nodes", "from", "force"), ("nodes",))
-    names = nodeset(typed(data, "nodes", str))
+    names = nodeset(typed(data, "nodes", str), request.app.state.cfg)
     from_pool = typed(data, "from", str)
     if from_pool is not None:
         validate.label(from_pool, "pool name")
@@ -363,7 +368,7 @@ async def power_status(request: Request, who: Identity) -> Response:
     spec = request.query_params.get("nodes")
     if spec is None:
         raise ApiError(400, "query parameter nodes is required (a node set)")
-    names = nodeset(spec)
+    names = nodeset(spec, request.app.state.cfg)
     cfg = request.app.state.cfg
     from pxe.inventory import Inventory
 
@@ -387,7 +392,7 @@ async def run_request(request: Request, who: Identity) -> Response:
     from pxe import run as prun
 
     data = await json_body(request, ("nodes", "label", "force", "pool"), ("nodes", "label"))
-    names = nodeset(typed(data, "nodes", str))
+    names = nodeset(typed(data, "nodes", str), request.app.state.cfg)
     label = validate.label(typed(data, "label", str), "OS label")
     force = bool(typed(data, "force", bool, False))
     pool = typed(data, "pool", str)

@@ -29,13 +29,22 @@ class ApiDaemon(daemon.Daemon):
         self.api = api
 
     def _http_child(self, row: int) -> None:
+        from asyncio import constants as asyncio_constants
+
         import uvicorn
+        from uvicorn.protocols.http.h11_impl import H11Protocol
 
         from pxe.api.app import create_app
+        from pxe.serve.deadlines import guarded
 
+        # uvicorn passes no TLS handshake timeout, so asyncio uses this module constant (60 s):
+        # a client that connects and never says hello would hold its socket that long. This is
+        # the worker process of this service only.
+        asyncio_constants.SSL_HANDSHAKE_TIMEOUT = self.api.timeout
         app = create_app(self.cfg, self.api)
+        protocol = guarded(H11Protocol, self.api.timeout, self.api.timeout, self.api.max_per_client)
         config = uvicorn.Config(
-            app, ws="none", lifespan="off", loop="asyncio", log_config=None,
+            app, http=protocol, ws="none", lifespan="off", loop="asyncio", log_config=None,
             access_log=self.api.access_log, server_header=False, proxy_headers=False,
             ssl_certfile=str(self.api.cert), ssl_keyfile=str(self.api.key),
             timeout_keep_alive=5)

@@ -19,6 +19,9 @@ service is started; `cert` and `key` are then required):
     public_status                    status page and its JSON readable without login (false)
     frame_ancestors                  origins that may embed the status page (CSP), ["'self'"]
     access_log                       log every request (false)
+    timeout                          seconds a client may take to send a request's headers, and
+                                     may stay silent in the middle of a body (default 10)
+    max_per_client                   open connections one client address may hold, per worker (64)
     server, ca_file                  for the remote CLI on this host: the service's URL and the
                                      CA file that verifies its certificate
 """
@@ -60,6 +63,8 @@ class ApiSettings:
     public_status: bool = False
     frame_ancestors: tuple[str, ...] = ("'self'",)
     access_log: bool = False
+    timeout: float = 10.0
+    max_per_client: int = 64
     server: str | None = None
     ca_file: Path | None = None
     state_dir: Path = Path("/var/lib/dynprov")
@@ -161,6 +166,8 @@ def load(cfg: Config, **overrides: Any) -> ApiSettings:
         public_status=get("public_status", bool, d.public_status),
         frame_ancestors=tuple(ancestors),
         access_log=get("access_log", bool, d.access_log),
+        timeout=number("timeout", float, d.timeout, 0.1, 3600.0),
+        max_per_client=number("max_per_client", int, d.max_per_client, 1, 100_000),
         server=server,
         ca_file=path("ca_file"),
         state_dir=cfg.paths.state_dir,

@@ -46,13 +46,18 @@ class Spooled:
 class ApiRepository(repository.Repository):
     """The repository acting for an API user whose group membership the API has checked."""
 
-    def __init__(self, cfg: Config, user: str, spooled: Spooled | None = None):
+    def __init__(self, cfg: Config, user: str, spooled: Spooled | None = None,
+                 admin: bool = False):
         super().__init__(cfg)
         self.api_user = user
         self.spooled = spooled
+        self.admin = admin
 
     def _require(self, action: str) -> str:
         return self.api_user
+
+    def _is_admin(self, user: str) -> bool:
+        return self.admin  # the API's own roles decided it (root or [api] admin_group)
 
     def _copy_in(self, fh: IO[bytes], dest: Path, name: str) -> tuple[str, int]:
         if self.spooled is not None:
@@ -100,9 +105,12 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
             raise ApiError(413, f"bundle of {length} bytes is larger than the limit of {most} "
                                 "bytes ([api] max_upload_bytes / [images] max_bundle_bytes)")
     with label_lock(state.settings.api_dir / "locks", label):
+        # One repository (and so one SQLite connection) per worker-thread call: a connection
+        # belongs to the thread that opened it.
+        taken = await anyio.to_thread.run_sync(_taken_by, cfg, user, label)
+        if taken is not None:
+            raise ApiError(409, str(taken))
         repo = ApiRepository(cfg, user)
-        if await anyio.to_thread.run_sync(repo._exists, label):
-            raise ApiError(409, f"image label {label!r} already exists; delete it first")
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
         try:
@@ -120,6 +128,11 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
     return {"label": image.label, "os_name": image.os_name, "arch": image.arch,
             "mode": image.mode, "bundle_sha256": done.bundle_sha256,
             "bundle_bytes": done.bundle_bytes, "customized": done.customized, "owner": user}
+
+
+def _taken_by(cfg: Config, user: str, label: str) -> InputError | None:
+    repo = ApiRepository(cfg, user)
+    return repo._taken(label) if repo._exists(label) else None
 
 
 async def _spool(request: Request, path: Path, most: int) -> Spooled:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -78,27 +77,24 @@ def active_runs(conn: sqlite3.Connection, now: float | None = None,
     return out
 
 
-def _template_dir(request: Request) -> Path:
-    return Path(request.app.state.cfg.paths.templates) / WEB_DIR
-
-
 def page(request: Request) -> Response:
-    import jinja2
+    from pxe import render
 
     env = request.app.state.jinja
-    if env is None:
-        env = request.app.state.jinja = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(_template_dir(request))),
-            autoescape=True, undefined=jinja2.StrictUndefined)
+    if env is None:  # site overrides in [paths] templates_dir apply here too
+        env = request.app.state.jinja = render.template_env(request.app.state.cfg, autoescape=True)
     embed = request.query_params.get("embed", "") in ("1", "true", "yes")
-    html = env.get_template("status.html.j2").render(
+    html = env.get_template(f"{WEB_DIR}/status.html.j2").render(
         embed=embed, poll_seconds=POLL_SECONDS, public=request.app.state.settings.public_status,
         site=request.app.state.cfg.network.server)
     return HTMLResponse(html, headers=page_headers(request))
 
 
 def script(request: Request) -> Response:
-    text = (_template_dir(request) / "status.js").read_text()
+    from pxe import render
+
+    source = render.find_template(request.app.state.cfg, f"{WEB_DIR}/status.js")
+    text = render.read_template(source)
     return Response(text, media_type="text/javascript; charset=utf-8",
                     headers={"cache-control": "no-cache"})
 

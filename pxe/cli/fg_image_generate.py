@@ -17,8 +17,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pxe.errors import DynprovError
-
 PROG = "fg-image-generate"
 
 EPILOG = """\
@@ -108,20 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="site configuration, to refuse a label already in its repository")
     p.add_argument("-quiet", "--quiet", action="store_true", help="no progress display")
     p.add_argument("-json", "--json", action="store_true", help="print the result as JSON")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _run(args)
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    from pxe.cli import guard
+
+    def body(args: list[str]) -> int:
+        parsed = build_parser().parse_args(args)
+        try:
+            return _run(parsed)
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+            return 130
+
+    return guard.run(PROG, body, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -10,15 +10,13 @@ The original FutureGrid syntax (single dash) is kept; every option also has a --
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from pxe import config, db, pools
 from pxe.cli.common import print_json, print_table
-from pxe.errors import DynprovError
-from pxe.nodeset import expand, fold
+from pxe.nodeset import expand, fold, max_nodes
 
 PROG = "fg-pool"
 
@@ -68,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="site configuration (default $DYNPROV_CONFIG, else "
                              "/etc/dynprov/dynprov.toml)")
+    from pxe.cli.guard import add_debug_flag
+
+    add_debug_flag(parser)
     return parser
 
 
@@ -93,28 +94,16 @@ def _reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    _reject_unknown_options(parser, argv)
-    args = parser.parse_args(argv)
-    _check_combination(parser, args)
-    try:
-        return _run(args)
-    except DynprovError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except sqlite3.Error as exc:
-        print(f"{PROG}: state database: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"{PROG}: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    from pxe.cli import guard
+
+    def body(args: list[str]) -> int:
+        parser = build_parser()
+        _reject_unknown_options(parser, args)
+        parsed = parser.parse_args(args)
+        _check_combination(parser, parsed)
+        return _run(parsed)
+
+    return guard.run(PROG, body, argv)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -135,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
                 print_table(("POOL", "NODES", "SCHEDULER"),
                             [(p.name, p.nodes, "yes" if p.scheduler else "") for p in listed])
         elif args.list is not None:
-            ordered = expand(names) if (names := pools.members(cfg, conn, args.list)) else []
+            ordered = (expand(names, max_nodes(cfg))
+                       if (names := pools.members(cfg, conn, args.list)) else [])
             if args.json:
                 print_json({"pool": args.list, "nodeset": fold(ordered) if ordered else "",
                             "count": len(ordered), "nodes": ordered,

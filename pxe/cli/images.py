@@ -15,17 +15,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Manage OS images: kernel, initrd, root filesystem.")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    add = verbs.add_parser("add", help="add an image (files are copied, content-addressed)")
+    add = verbs.add_parser(
+        "add", help="add an image (files are copied, content-addressed)",
+        description="Add an image owned by root. Inputs must be regular files (no symbolic "
+                    "links, FIFOs or devices) that the invoking user (SUDO_USER under sudo) "
+                    "can read; each is refused above its [images] size cap "
+                    "(max_kernel_bytes, max_initrd_bytes, max_rootfs_bytes).")
     add.add_argument("label", help="the name users write in `msub -l os=LABEL`")
     add.add_argument("--kernel", required=True, type=Path, help="Linux kernel (bzImage)")
     add.add_argument("--initrd", type=Path)
-    add.add_argument("--rootfs", type=Path, help="root filesystem (squashfs or tarball)")
+    add.add_argument("--rootfs", type=Path,
+                     help="root filesystem: squashfs or tar (stateless), raw disk image "
+                          "(stateful); checked as a bundle's is")
     add.add_argument("--cmdline", default="", help="extra kernel command line")
     add.add_argument("--mode", default="stateless", choices=("stateless", "stateful"))
     add.add_argument("--arch", default="x86_64", choices=("x86_64", "aarch64"))
     add.add_argument("--os-name", default="", help="OS family/version, for humans")
     add.add_argument("--prov-seconds", type=int, default=600,
-                     help="expected provisioning time (default 600, Moab's PROVDURATION)")
+                     help="expected provisioning time, 30..86400 (default 600, Moab's "
+                          "PROVDURATION)")
     add.set_defaults(func=cmd_add)
 
     lst = verbs.add_parser("list", help="list images")
@@ -48,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_add(args: argparse.Namespace) -> int:
     image = Catalog(load_config(args)).add(
         args.label, args.kernel, args.initrd, args.rootfs, os_name=args.os_name, arch=args.arch,
-        mode=args.mode, cmdline=args.cmdline, prov_seconds=args.prov_seconds)
+        mode=args.mode, cmdline=args.cmdline, prov_seconds=args.prov_seconds, from_user=True)
     print(f"added image {image.label} (kernel sha256 {image.kernel_sha[:12]})")
     return 0
 

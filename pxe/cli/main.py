@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pxe.errors import DynprovError
+from pxe.cli import guard
 
 # Each entry is a module in pxe/cli/ exposing register(subparsers). Order = order in --help.
 COMMANDS = (
@@ -22,10 +22,12 @@ COMMANDS = (
     "lab",
     "serve",
     "api",
+    "units",
 )
 # Command words registered by a module of another name. Only the module of the command being
 # run is imported: start-up cost matters when a command runs on thousands of nodes or on a poll.
-MODULE_OF = {"set-boot": "setboot", "bootdev": "power", "console": "power"}
+MODULE_OF = {"set-boot": "setboot", "bootdev": "power", "console": "power",
+             "install-units": "units"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -49,11 +51,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         prog="pxe-stage",
         description="dynprov admin toolkit: node inventory, OS images, DHCP and boot configs, "
                     "power, and the provisioning server.",
-        epilog="Exit status: 0 ok, 1 failed, 2 bad usage or input. "
+        epilog="Exit status: 0 ok, 1 failed (also permission denied), 2 bad usage or input, "
+               "130 interrupted. "
                "Config: --config, else $DYNPROV_CONFIG, else /etc/dynprov/dynprov.toml.",
     )
     parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    guard.add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     word = _command_word(argv) if argv is not None else None
     module = MODULE_OF.get(word, word) if word else None
@@ -63,21 +67,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return guard.run("pxe-stage", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="pxe-stage: %(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        return int(args.func(args) or 0)
-    except DynprovError as exc:
-        print(f"pxe-stage: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("pxe-stage: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

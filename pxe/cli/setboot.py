@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pxe import validate
 from pxe.cli.common import load_config
 from pxe.nodeset import fold
 from pxe.setboot import set_boot
@@ -21,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_set_boot(args: argparse.Namespace) -> int:
+    if args.os is not None:
+        validate.label(args.os, "image label")  # bad input (exit 2) before any lookup
     nodes = set_boot(load_config(args), args.nodes, None if args.local else args.os)
     print(f"{fold(n.name for n in nodes)}: next boot {args.os or 'local disk'}")
     return 0

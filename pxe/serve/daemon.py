@@ -133,13 +133,15 @@ class Daemon:
         import uvicorn
 
         from pxe.serve.app import create_app
+        from pxe.serve.deadlines import guarded
         from pxe.serve.http import ZeroCopyH11Protocol
 
         if self.tftp_sock is not None:
             self.tftp_sock.close()  # not ours to serve
         app = create_app(self.cfg, self.s, self.counters, row, self.tftp_rows)
         config = uvicorn.Config(
-            app, http=ZeroCopyH11Protocol, ws="none", lifespan="off", loop="asyncio",
+            app, http=guarded(ZeroCopyH11Protocol, self.s.http_timeout, self.s.http_timeout,
+                              self.s.http_max_per_client), ws="none", lifespan="off", loop="asyncio",
             log_config=None, access_log=self.s.access_log, server_header=False,
             timeout_keep_alive=max(1, round(self.s.http_timeout)),
             timeout_graceful_shutdown=max(1, round(STOP_GRACE / 2)))

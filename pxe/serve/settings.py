@@ -35,7 +35,8 @@ class ServeSettings:
     http_address: str
     http_port: int
     http_workers: int
-    http_timeout: float  # keep-alive idle timeout, seconds
+    http_timeout: float  # keep-alive idle, request-header and body-idle timeout, seconds
+    http_max_per_client: int  # open HTTP connections one client address may hold (per worker)
     access_log: bool
     standard_configs_dir: Path  # where `pxe-stage render --servers` writes dnsmasq/tftpd-hpa/nginx
 
@@ -107,6 +108,7 @@ def load(cfg: Config, **overrides: Any) -> ServeSettings:
         http_port=number("http_port", int, cfg.boot.http_port, 1, 65535),
         http_workers=number("http_workers", int, _default_workers(), 1, 64),
         http_timeout=number("http_timeout", float, 5.0, 0.1, 3600.0),
+        http_max_per_client=number("http_max_per_client", int, 128, 1, 100_000),
         access_log=get("access_log", bool, False),
         standard_configs_dir=Path(get("standard_configs_dir", str,
                                       str(cfg.paths.state_dir / "servers"))),

@@ -1,0 +1,104 @@
+"""Request deadlines and a per-client connection cap for uvicorn's h11 protocol.
+
+uvicorn times out only idle keep-alive connections *after* a response: a client that sends half
+a request line, or headers and then half a body, holds its connection (and a slot of the
+worker) forever. Found by a load run (issue 15): 50 half-sent requests were still open after
+20 s with `http_timeout` 5 s. This protocol adds, per connection:
+
+- a header deadline: the request line and headers must be complete within ``header_timeout``
+  seconds of the connection (or of the previous response);
+- a body idle deadline: while a request body is incomplete, no ``body_timeout`` seconds may pass
+  without a byte arriving (an idle limit, not a total one: image uploads are GiBs). Time spent
+  with reading paused by us (the app not consuming the body yet) does not count;
+- a cap of ``max_per_client`` open connections per client address (per worker process); the
+  next one gets `503` and is closed.
+Used by `pxe-stage serve` (boot files) and the REST service (pxe/api/server.py), which also
+bounds the TLS handshake by the same timeout (it happens before this protocol sees the
+connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+log = logging.getLogger("dynprov.serve.http")
+
+_REFUSAL_BODY = b"too many connections from this client\n"
+_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (len(_REFUSAL_BODY), _REFUSAL_BODY))
+
+
+def guarded(base: type, header_timeout: float, body_timeout: float, max_per_client: int) -> type:
+    """A subclass of uvicorn's ``base`` h11 protocol enforcing the deadlines and the cap."""
+    open_per_client: Counter[str] = Counter()  # this worker process's connections per address
+
+    class Guarded(base):  # type: ignore[misc, valid-type]
+        _peer: str | None = None
+        _timer: asyncio.TimerHandle | None = None
+        _waiting_since = 0.0
+        _last_data = 0.0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            peer = self.client[0] if self.client else "?"
+            if open_per_client[peer] >= max_per_client:
+                log.warning("HTTP %s: refused: more than %d connections", peer, max_per_client)
+                transport.write(_REFUSAL)
+                transport.close()
+                return
+            self._peer = peer
+            open_per_client[peer] += 1
+            self._waiting_since = self._last_data = time.monotonic()
+            self._arm(header_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._peer is not None:
+                open_per_client[self._peer] -= 1
+                if open_per_client[self._peer] <= 0:
+                    del open_per_client[self._peer]
+                self._peer = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            self._last_data = time.monotonic()
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            self._waiting_since = time.monotonic()  # the next request's headers are due
+            super().on_response_complete()
+
+        def _arm(self, delay: float) -> None:
+            self._timer = self.loop.call_later(max(0.05, delay), self._check)
+
+        def _check(self) -> None:
+            self._timer = None
+            if self._peer is None or self.transport.is_closing():
+                return
+            now = time.monotonic()
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:  # waiting for a request's headers
+                left = header_timeout - (now - self._waiting_since)
+                what = "request headers"
+            elif cycle.more_body and not self.flow.read_paused:  # waiting for body bytes
+                left = body_timeout - (now - self._last_data)
+                what = "request body"
+            else:  # the app is working or answering: not the client's fault
+                self._last_data = now
+                self._arm(min(header_timeout, body_timeout))
+                return
+            if left > 0:
+                self._arm(left)
+                return
+            log.info("HTTP %s: closed: %s not received in time", self._peer, what)
+            self.transport.close()
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{base.__name__}"
+    return Guarded
