@@ -9,7 +9,7 @@ import pytest
 
 from pxe.errors import InputError
 from pxe.inventory import Inventory, build
-from pxe.render import Renderer
+from pxe.render import Renderer, find_template
 from pxe.setboot import render_all
 from tests.conftest import make_site
 
@@ -100,12 +100,11 @@ def test_a_proxy_config_dnsmasq_rejects_is_never_installed(tmp_path):
     add_nodes(cfg)
     render_all(cfg)
     good = cfg.dhcp.config_file.read_text()
-    templates = tmp_path / "templates"
-    shutil.copytree(cfg.paths.templates, templates)
-    proxy = templates / "dhcp" / "dnsmasq-proxy.conf.j2"
-    proxy.write_text(proxy.read_text().replace(",proxy,", ",prxy,"))
-    site.config_path.write_text(site.config_path.read_text().replace(
-        "[paths]\n", f'[paths]\ntemplates = "{templates}"\n'))
+    # a site override of the proxy template that dnsmasq refuses
+    proxy = cfg.paths.templates_dir / "dhcp" / "dnsmasq-proxy.conf.j2"
+    proxy.parent.mkdir(parents=True)
+    proxy.write_text(find_template(cfg, "dhcp/dnsmasq-proxy.conf.j2").path.read_text()
+                     .replace(",proxy,", ",prxy,"))
     Inventory(site.cfg).add([build(site.cfg, {"name": "ws3", "macs": ["52:54:00:5c:00:09"]})])
     proc = site.run("render")
     assert proc.returncode == 1
