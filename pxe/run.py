@@ -398,8 +398,6 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
                 row = rows[name]
                 if action == "off":
                     fields: dict[str, Any] = {"state": "off", "state_reason": "powered off"}
-                    if row["mode"] != "stateful":  # a stateless OS lived in memory: gone
-                        fields["current_os"] = None
                 else:
                     os_now = row["current_os"] if row["mode"] == "stateful" else None
                     fields = {"current_os": os_now}

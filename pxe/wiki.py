@@ -16,7 +16,8 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
       node reported ready from inside it) and a MESSAGE with the run's step; past its deadline,
       ``timed out`` even before a writer has recorded it;
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
-    - powered off by us: ``STATE=Idle;POWER=Off``; otherwise ``STATE=Idle``.
+    - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
+      stateless OS lived in memory); otherwise ``STATE=Idle``.
 ``OS`` is the OS the node last reported ready in; ``_none`` when there is none; in per-job mode a
 node that ran a job since its re-image reports ``_used-<os>``. Both markers start with ``_``, which
 no image label may (``validate.label``), so they match no OSLIST entry and no job request: the
@@ -114,8 +115,12 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
         mode_row = conn.execute("SELECT value FROM settings WHERE key = ?",
                                 (MODE_SETTING,)).fetchone()
         oslists: dict[str, list[str]] = {}
-        for label, arch in conn.execute("SELECT label, arch FROM images ORDER BY label"):
+        stateful: set[str] = set()
+        for label, arch, mode in conn.execute("SELECT label, arch, mode FROM images "
+                                              "ORDER BY label"):
             oslists.setdefault(arch, []).append(label)
+            if mode == "stateful":
+                stateful.add(label)
         active: dict[str, tuple[int, str, str, float | None]] = {}
         active_marks = ",".join(f"'{s}'" for s in RUN_ACTIVE)
         for node, run_id, state, deadline, label in conn.execute(
@@ -156,6 +161,8 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             wiki_state, message = DOWN, f"{state} outside a provisioning run"
         elif state == "off":
             wiki_state, power = IDLE, POWER_OFF
+            if current not in stateful:  # a stateless OS lived in memory: none while off
+                os_value = NO_OS
         else:
             wiki_state = IDLE
             if state == "unknown":
