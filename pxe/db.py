@@ -177,9 +177,78 @@ DROP TABLE run_nodes;
 ALTER TABLE run_nodes_v2 RENAME TO run_nodes;
 """
 
-# Version 3: the node agents of booted images (pxe/power/agent.py): the hash of the call-home token
+# Version 3 (issue 16, pxe.states): the stateful image's run step ``installed`` (disk written,
+# the run driver sends the next boot to the disk) joins the node and run-node vocabularies.
+# Same rebuild as version 2, for the two tables whose CHECK lists change.
+CHECKS_V3 = """
+CREATE TABLE nodes_v3 (
+    name         TEXT PRIMARY KEY,
+    ip           TEXT UNIQUE,
+    arch         TEXT NOT NULL DEFAULT 'x86_64',
+    firmware     TEXT NOT NULL DEFAULT 'bios' CHECK (firmware IN ('bios', 'uefi')),
+    bmc_type     TEXT NOT NULL DEFAULT 'none'
+                 CHECK (bmc_type IN ('ipmi', 'redfish', 'wol', 'none')),
+    bmc_address  TEXT,
+    bmc_port     INTEGER,
+    bmc_user     TEXT,
+    bmc_secret   TEXT,            -- a reference (secrets-file key or file:/path), never a password
+    groups       TEXT NOT NULL DEFAULT '',
+    pool         TEXT NOT NULL DEFAULT 'hpc' REFERENCES pools(name),
+    current_os   TEXT,            -- what the node last reported running
+    desired_os   TEXT,            -- what set-boot asked for
+    boot_target  TEXT NOT NULL DEFAULT 'local' CHECK (boot_target IN ('local', 'os')),
+    boot_token   TEXT,            -- one-time token for the node's call-home (issued by set-boot)
+    state        TEXT NOT NULL DEFAULT 'unknown'
+                 CHECK (state IN ('unknown', 'requested', 'power-cycled', 'booting', 'installed',
+                                  'ready', 'failed', 'timed out', 'cancelled', 'off', 'busy',
+                                  'running')),
+    state_reason TEXT NOT NULL DEFAULT '',
+    used         INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),
+    updated      REAL NOT NULL DEFAULT 0
+);
+INSERT INTO nodes_v3 SELECT name, ip, arch, firmware, bmc_type, bmc_address, bmc_port, bmc_user,
+    bmc_secret, groups, pool, current_os, desired_os, boot_target, boot_token, state, state_reason,
+    used, updated FROM nodes;
+DROP TABLE nodes;
+ALTER TABLE nodes_v3 RENAME TO nodes;
+
+CREATE TABLE run_nodes_v3 (
+    run_id   INTEGER NOT NULL REFERENCES runs(id),
+    node     TEXT NOT NULL,
+    state    TEXT NOT NULL CHECK (state IN ('requested', 'power-cycled', 'booting',
+                                            'installed', 'ready', 'failed',
+                                            'timed out', 'cancelled')),
+    reason   TEXT NOT NULL DEFAULT '',
+    deadline REAL,
+    updated  REAL NOT NULL,
+    PRIMARY KEY (run_id, node)
+);
+INSERT INTO run_nodes_v3 SELECT run_id, node, state, reason, deadline, updated FROM run_nodes;
+DROP TABLE run_nodes;
+ALTER TABLE run_nodes_v3 RENAME TO run_nodes;
+"""
+
+# Version 4: hardware facts nodes report at call-home (pxe.hwfacts), one row per node, and the
+# machines that PXE-booted with a MAC the inventory does not know (pxe.discovery), capped there.
+FACTS_V4 = """
+CREATE TABLE node_facts (
+    node     TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+    facts    TEXT NOT NULL,           -- JSON written by pxe.hwfacts (bounded there)
+    reported REAL NOT NULL
+);
+CREATE TABLE discovered (
+    mac        TEXT PRIMARY KEY,      -- colon form, lower case (pxe.validate.mac)
+    ip         TEXT,                  -- where its report came from
+    facts      TEXT NOT NULL DEFAULT '{}',
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    reports    INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX discovered_last_seen ON discovered(last_seen);
+
+# Version 5: the node agents of booted images (pxe/power/agent.py): the hash of the call-home token
 # each adopted at its ready report, its last poll (heartbeat, replay guard) and a pending reboot.
-AGENTS_V3 = """
+AGENTS_V5 = """
 CREATE TABLE IF NOT EXISTS agents (
     node             TEXT PRIMARY KEY,
     token_sha        TEXT NOT NULL,
@@ -196,7 +265,9 @@ MIGRATIONS: tuple[Migration, ...] = (
               + "INSERT OR IGNORE INTO pools(name, created) "
                 "VALUES ('hpc', CAST(strftime('%s', 'now') AS REAL));"),
     Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
-    Migration(3, "node agents (heartbeat, reboot requests)", AGENTS_V3),
+    Migration(3, "run step 'installed' in the node and run-node states", CHECKS_V3),
+    Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
+    Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs
