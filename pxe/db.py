@@ -245,6 +245,7 @@ CREATE TABLE discovered (
     reports    INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX discovered_last_seen ON discovered(last_seen);
+"""
 
 # Version 5: the node agents of booted images (pxe/power/agent.py): the hash of the call-home token
 # each adopted at its ready report, its last poll (heartbeat, replay guard) and a pending reboot.
