@@ -27,7 +27,7 @@ dp_log() {
 dp_parse_cmdline() {
 	local arg
 	DP_SERVER= DP_NODE= DP_IMAGE= DP_MODE= DP_ROOTFS= DP_SHA256= DP_TOKEN= DP_DISK=
-	DP_BOOTIF= DP_INIT=
+	DP_BOOTIF= DP_INIT= DP_AGENT=
 	[ -r "$DYNPROV_CMDLINE_FILE" ] || return 0
 	set -f
 	for arg in $(cat "$DYNPROV_CMDLINE_FILE"); do
@@ -42,6 +42,7 @@ dp_parse_cmdline() {
 		dynprov.disk=*) DP_DISK=${arg#*=} ;;
 		BOOTIF=*) DP_BOOTIF=${arg#*=} ;;
 		init=*) DP_INIT=${arg#*=} ;;
+		dynprov.agent=*) DP_AGENT=${arg#*=} ;;
 		esac
 	done
 	set +f

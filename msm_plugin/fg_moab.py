@@ -51,6 +51,10 @@ COMMANDS = ("os-switch", "cluster-query", "node-power")
 # moab.cfg keys we own: a line setting one of these outside our block is worth a warning.
 _OURS = re.compile(r"^\s*(RMCFG\[prov\]|QOSCFG\[prov\]|AGGREGATENODEACTIONS\b)", re.IGNORECASE)
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+# Left by xCAT's Moab integration (MSM): a second provisioning resource manager, and a default
+# QOS list that our own USERCFG[DEFAULT] QLIST line replaces (Moab keeps the last one it reads).
+_XCAT_MSM = re.compile(r"^\s*RMCFG\[msm\]", re.IGNORECASE)
+_QLIST = re.compile(r"^\s*USERCFG\[DEFAULT\]\s+.*\bQLIST\s*=\s*(\S+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class MoabSettings:
     margin: int = 60
     timeout: int = 30
     tools_dir: Path | None = None
+    revert_to: str | None = None  # re-image to this label at job end (`fg-moab -used`)
 
     @property
     def max_run_seconds(self) -> float:
@@ -71,7 +76,7 @@ def settings(cfg: Config) -> MoabSettings:
     raw: dict[str, Any] = cfg.raw.get("moab") or {}
     if not isinstance(raw, dict):
         raise InputError(f"{cfg.path}: [moab]: must be a table")
-    known = {"provduration", "margin", "timeout", "tools_dir"}
+    known = {"provduration", "margin", "timeout", "tools_dir", "revert_to"}
     for key in raw:
         if key not in known:
             raise InputError(f"{cfg.path}: moab.{key}: unknown key (known: "
@@ -90,6 +95,15 @@ def settings(cfg: Config) -> MoabSettings:
             raise InputError(f"{cfg.path}: moab.tools_dir: must be an absolute path of "
                              f"[A-Za-z0-9._/+-], got {value!r}")
         values["tools_dir"] = Path(value)
+    if "revert_to" in raw:
+        from pxe import validate
+
+        value = raw["revert_to"]
+        try:
+            values["revert_to"] = validate.label(value if isinstance(value, str) else "",
+                                                 "OS label")
+        except InputError as exc:
+            raise InputError(f"{cfg.path}: moab.revert_to: {exc}") from None
     result = MoabSettings(**values)
     if result.margin >= result.provduration:
         raise InputError(f"{cfg.path}: moab.margin ({result.margin}) must be smaller than "
@@ -182,10 +196,21 @@ def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
         raise DynprovError("the dynprov block markers are damaged (expected one BEGIN line, then "
                            f"one END line): fix them by hand ({BEGIN!r} ... {END!r})")
     warnings = []
+    msm = 0
     for ln in outside:
         if _OURS.match(ln):
             warnings.append(f"also set outside the dynprov block (Moab reads both): "
                             f"{ln.strip()}")
+        elif _XCAT_MSM.match(ln):
+            msm += 1
+        elif (q := _QLIST.match(ln)) and q.group(1).lower() != "prov":
+            warnings.append(f"{ln.strip()} is overridden by the dynprov block's "
+                            f"USERCFG[DEFAULT] QLIST=prov (Moab keeps the last); to keep both, "
+                            f"set QLIST={q.group(1)},prov there by hand")
+    if msm:
+        warnings.append(f"xCAT's MSM is configured ({msm} RMCFG[msm] line(s)): two provisioning "
+                        "resource managers would both answer OS requests; comment its RMCFG[msm] "
+                        "lines out (admin guide: \"Moving from xCAT's MSM\")")
     return "".join(out_lines), warnings
 
 
@@ -307,9 +332,31 @@ def _run(args: argparse.Namespace) -> int:
     if args.job and not re.fullmatch(r"[A-Za-z0-9._\[\]@-]{1,128}", args.job):
         raise InputError(f"invalid job id {args.job!r}")
     prun.mark_used(conn, names, args.job)
-    _refresh(cfg)
     print(f"{fold(names)}: marked used" + (f" by job {args.job}" if args.job else ""))
-    return 0
+    code = _revert(cfg, conn, names)
+    _refresh(cfg)
+    return code
+
+
+def _revert(cfg: Config, conn: Any, names: list[str]) -> int:
+    """``[moab] revert_to``: re-image the nodes to the site default right after the job."""
+    from pxe import run as prun
+    from pxe.nodeset import fold
+    from pxe.pools import scheduler_pool
+
+    ms = settings(cfg)
+    if not ms.revert_to:
+        return 0
+    req = prun.request(cfg, conn, names, ms.revert_to, force=True,
+                       max_seconds=ms.max_run_seconds, pool=scheduler_pool(cfg))
+    if req.started or req.joined:
+        prun.spawn_driver(cfg)
+    if req.accepted:
+        print(f"{fold(req.accepted)}: reverting to {ms.revert_to}")
+    for refusal in req.refused:
+        print(f"{PROG}: {refusal.node}: cannot revert to {ms.revert_to}: {refusal.reason}",
+              file=sys.stderr)
+    return 1 if req.refused else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
       node reported ready from inside it) and a MESSAGE with the run's step; past its deadline,
       ``timed out`` even before a writer has recorded it;
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
-    - powered off by us: ``STATE=Idle;POWER=Off``; otherwise ``STATE=Idle``.
+    - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
+      stateless OS lived in memory); otherwise ``STATE=Idle``.
 ``OS`` is the OS the node last reported ready in; ``_none`` when there is none; in per-job mode a
 node that ran a job since its re-image reports ``_used-<os>``. Both markers start with ``_``, which
 no image label may (``validate.label``), so they match no OSLIST entry and no job request: the
@@ -146,8 +147,12 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
                                 (MODE_SETTING,)).fetchone()
         perjob = bool(mode_row) and mode_row[0] == "perjob"
         oslists: dict[str, list[str]] = {}
-        for label, arch in conn.execute("SELECT label, arch FROM images ORDER BY label"):
+        stateful: set[str] = set()
+        for label, arch, mode in conn.execute("SELECT label, arch, mode FROM images "
+                                              "ORDER BY label"):
             oslists.setdefault(arch, []).append(label)
+            if mode == "stateful":
+                stateful.add(label)
         joined = {arch: ",".join(labels) for arch, labels in oslists.items()}
         active: dict[str, tuple[int, str, str, float | None]] = {}
         active_marks = states.ACTIVE_SQL
@@ -159,7 +164,8 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
         columns = "name, arch, pool, state, state_reason, current_os, used, updated"
         if common_in_sql:
             osl = " UNION ALL ".join("SELECT ?, ?" for _ in joined) or "SELECT NULL, NULL"
-            slow = ",".join(f"'{s}'" for s in (*NODE_DOWN, *RUN_ACTIVE))
+            # 'off' too: whether its OS survived depends on the image (stateless: none while off)
+            slow = ",".join(f"'{s}'" for s in (*NODE_DOWN, *RUN_ACTIVE, "off"))
             sql = (f"WITH osl(arch, labels) AS ({osl})"
                    + _COMMON_SQL.format(slow=slow, active=active_marks))
             # ?1 and ?2 are numbered; the osl pairs follow as ?3, ?4, ...
@@ -205,6 +211,8 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             wiki_state, message = DOWN, f"{state} outside a provisioning run"
         elif state == "off":
             wiki_state, power = IDLE, POWER_OFF
+            if current not in stateful:  # a stateless OS lived in memory: none while off
+                os_value = NO_OS
         else:
             wiki_state = IDLE
             if state == "unknown":

@@ -35,6 +35,10 @@ class Dhcp:
     config_file: Path
     reload_command: tuple[str, ...]
     check_command: tuple[str, ...] | None = None  # overrides the daemon binary for the check
+    # "server": we hand out addresses and boot options; "proxy": the site's (campus) DHCP server
+    # hands out addresses and dnsmasq answers only the PXE part (proxyDHCP, docs/admin-guide.md).
+    mode: str = "server"
+    proxy_unknown: bool = False  # proxy mode: answer PXE for MACs not in the inventory too
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class Config:
 
 _KNOWN: dict[str, set[str]] = {
     "network": {"interface", "subnet", "server", "dynamic_range", "gateway", "dns"},
-    "dhcp": {"backend", "config_file", "reload_command", "check_command"},
+    "dhcp": {"backend", "config_file", "reload_command", "check_command", "mode", "proxy_unknown"},
     "paths": {"tftp_root", "http_root", "state_dir", "templates_dir", "templates", "secrets_file"},
     "boot": {"bios_loader", "uefi_loader", "http_port", "default_target", "ipxe_http",
              "write_files"},
@@ -297,7 +301,13 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         config_file=Path(r.get("dhcp", "config_file", str)),
         reload_command=r.argv("dhcp", "reload_command"),
         check_command=r.argv("dhcp", "check_command", None),
+        mode=r.checked("dhcp", "mode", lambda v: validate.choice(v, ("server", "proxy"), "mode"),
+                       Dhcp.mode),
+        proxy_unknown=r.get("dhcp", "proxy_unknown", bool, Dhcp.proxy_unknown),
     )
+    if dhcp.mode == "proxy" and dhcp.backend != "dnsmasq":
+        raise r.fail("dhcp.mode", 'proxy needs backend = "dnsmasq" (ISC dhcpd cannot answer as '
+                     "a proxyDHCP server: it always hands out addresses)")
     state_dir = Path(r.get("paths", "state_dir", str))
     given = r.data.get("paths") or {}
     if "templates" in given and "templates_dir" in given:

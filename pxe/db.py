@@ -250,6 +250,20 @@ CREATE TABLE discovered (
 CREATE INDEX discovered_last_seen ON discovered(last_seen);
 """
 
+# Version 5: the node agents of booted images (pxe/power/agent.py): the hash of the call-home token
+# each adopted at its ready report, its last poll (heartbeat, replay guard) and a pending reboot.
+AGENTS_V5 = """
+CREATE TABLE IF NOT EXISTS agents (
+    node             TEXT PRIMARY KEY,
+    token_sha        TEXT NOT NULL,
+    seq              INTEGER NOT NULL DEFAULT 0,
+    adopted          REAL NOT NULL,
+    last_seen        REAL,
+    reboot_requested REAL,
+    reboot_taken     REAL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -257,6 +271,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
     Migration(3, "run step 'installed' in the node and run-node states", CHECKS_V3),
     Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
+    Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

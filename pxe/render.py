@@ -220,8 +220,11 @@ class Renderer:
     def dhcp_config(self, nodes: Iterable[Node], backend: str | None = None) -> str:
         backend = backend or self.cfg.dhcp.backend
         name = "dhcp/dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcp/dhcpd.conf.j2"
+        if backend == "dnsmasq" and self.cfg.dhcp.mode == "proxy":
+            name = "dhcp/dnsmasq-proxy.conf.j2"
         hosts = [n for n in nodes if n.macs]
-        return self.template(name).render(net=self.net, boot=self.cfg.boot, hosts=hosts)
+        return self.template(name).render(net=self.net, boot=self.cfg.boot, hosts=hosts,
+                                          dhcp=self.cfg.dhcp)
 
     # -- boot loaders ----------------------------------------------------------------------
     def kernel_args(self, node: Node, image: Image) -> str:

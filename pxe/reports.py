@@ -84,6 +84,9 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
         elif kind in ("progress", "installed"):
             fields = {"state_reason": f"{kind}: {detail}" if detail else kind}
         elif kind == "ready":
+            from pxe.power import agent
+
+            agent.adopt(conn, node, token, now)  # the token lives on as the image agent's
             fields = {"state_reason": "", "current_os": image, "used": 0, "boot_token": None}
         elif kind == "failed":
             fields = {"state_reason": detail or "failed", "boot_token": None}

@@ -273,6 +273,12 @@ def request(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], label: 
                 result.current.append(name)
             else:
                 to_start.append(name)
+        if to_start:  # a running WoL machine nothing can reboot: say so now (pxe.power.reboot)
+            from pxe.power import reboot
+
+            for name, why in reboot.refusals(cfg, conn, to_start).items():
+                to_start.remove(name)
+                result.refused.append(Refusal(name, why))
         if to_start:
             seconds = float(image["prov_seconds"])
             if max_seconds is not None:
@@ -360,7 +366,8 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
         else:
             todo.append(name)
     if todo:
-        results = _power_run(cfg, todo, action)
+        results, rest = _reboot_running(cfg, conn, todo) if action == "cycle" else ({}, todo)
+        results.update(_power_run(cfg, rest, action) if rest else {})
         now = time.time()
         with db.transaction(conn):
             for name in todo:
@@ -380,6 +387,20 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
                 states.set_node(conn, name, now, **fields)
                 db.log_event(conn, f"power-{action}", name)
     return {n: out[n] for n in names}
+
+
+def _reboot_running(cfg: Config, conn: sqlite3.Connection, names: Sequence[str]
+                    ) -> tuple[dict[str, str | None], list[str]]:
+    """Running WoL nodes rebooted by their agent or the soft command (pxe.power.reboot); the
+    rest left for the power fan-out."""
+    if not names:
+        return {}, []
+    from pxe.power import reboot
+
+    try:
+        return reboot.reboot_running(cfg, conn, names)
+    except Exception as exc:  # noqa: BLE001 - fails the nodes, not the run
+        return {n: f"reboot: {exc}" for n in names}, []
 
 
 def _power_run(cfg: Config, names: Sequence[str], action: str) -> dict[str, str | None]:
@@ -475,7 +496,8 @@ def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) 
         # A node cancelled meanwhile is not powered.
         still = {r["node"] for r in _active_rows(conn, names) if r["state"] == states.REQUESTED}
         todo = [n for n in names if n in still and n not in failed]
-        results = _power_run(cfg, todo, "netboot") if todo else {}
+        results, wake = _reboot_running(cfg, conn, todo)
+        results.update(_power_run(cfg, wake, "netboot") if wake else {})
         now = time.time()
         with db.transaction(conn):
             for name in todo:

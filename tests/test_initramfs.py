@@ -402,7 +402,7 @@ def test_agent_reports_ready_with_label(bbpath: Path, listener: Listener,
     osr = tmp_path / "os-release"
     osr.write_text('NAME="dynprov test image"\nID=dynprov-test\nIMAGE_ID="centos5"\n')
     env = {"PATH": str(bbpath), "DYNPROV_LIB": str(LIB), "DYNPROV_OS_RELEASE": str(osr),
-           "DYNPROV_REPORT_PAUSE": "0"}
+           "DYNPROV_REPORT_PAUSE": "0", "DYNPROV_AGENT_POLLS": "0"}
     agent = [str(BUSYBOX), "sh", str(SHELL_DIR / "agent")]
 
     def run(**fields: str) -> subprocess.CompletedProcess:

@@ -102,7 +102,7 @@ def test_report_states(site: Site, tmp_path: Path) -> None:
     assert view["n001"]["STATE"] == "Idle" and view["n001"]["OS"] == "centos5"
     assert view["n001"]["OSLIST"] == "centos5,sles11" and view["n001"]["ARCH"] == "x86_64"
     assert view["n002"] == {**view["n002"], "STATE": "Down", "MESSAGE": "disk: I/O error; bad"}
-    assert view["n003"]["POWER"] == "Off" and view["n003"]["OS"] == "sles11"
+    assert view["n003"]["POWER"] == "Off" and view["n003"]["OS"] == "_none"  # stateless: gone while off
     assert view["n004"]["STATE"] == "Drained" and "cloud" in view["n004"]["MESSAGE"]
     # per-job mode: a node that ran a job reports an OS that matches no OSLIST entry
     run.set_mode(conn, "perjob")

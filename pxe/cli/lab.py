@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     upp.add_argument("--spec", metavar="FILE",
                      help="lab spec (TOML with a [lab] table); default: the site's [lab] section, "
                           "else three nodes (IPMI/BIOS, Redfish/UEFI, WoL/BIOS)")
+    upp.add_argument("--profile", choices=("cluster", "school"),
+                     help="school: three Wake-on-LAN workstations (unless the spec lists "
+                          "nodes) and a campus DHCP server (ISC dhcpd, addresses only) beside "
+                          "dynprov's proxyDHCP; needs [dhcp] mode = \"proxy\"")
     upp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for ready")
     add_json_flag(upp)
     upp.set_defaults(func=cmd_up)
@@ -54,7 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from pxe.lab import cluster
 
     cfg = load_config(args)
-    spec = cluster.load_spec(cfg, args.spec)
+    spec = cluster.load_spec(cfg, args.spec, args.profile)
     state = cluster.up(cfg, spec, ready_timeout=args.timeout)
     if args.json:
         print_json(cluster.status(cfg))

@@ -16,6 +16,7 @@ COMMANDS = (
     "images",
     "setboot",
     "render",
+    "dhcp",
     "power",
     "run",
     "initramfs",

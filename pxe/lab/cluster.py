@@ -62,6 +62,7 @@ class NodeSpec:
     memory_mb: int = 512
     disk_mb: int = 0           # >0: a raw virtual disk (stateful images)
     bmc_port: int | None = None
+    registered: bool = True    # false: a machine the site does not know (not in the inventory)
 
     @property
     def tap(self) -> str:
@@ -74,6 +75,7 @@ class LabSpec:
     nodes: tuple[NodeSpec, ...] = ()
     run_dir: str | None = None   # default /run/dynprov/<netns> (short: QMP socket paths)
     bmc_password: str = "lab-password"
+    campus: bool = False         # a campus DHCP server (pxe/lab/campus.py) beside our proxyDHCP
 
     @property
     def run_path(self) -> Path:
@@ -89,17 +91,34 @@ def default_nodes() -> tuple[NodeSpec, ...]:
     )
 
 
+def school_nodes() -> tuple[NodeSpec, ...]:
+    """The school profile: three Wake-on-LAN workstations (two BIOS, one UEFI), no BMC."""
+    return (
+        NodeSpec("ws1", "52:54:00:5c:00:01", "198.18.0.21", "bios", "wol"),
+        NodeSpec("ws2", "52:54:00:5c:00:02", "198.18.0.22", "bios", "wol"),
+        NodeSpec("ws3", "52:54:00:5c:00:03", "198.18.0.23", "uefi", "wol"),
+    )
+
+
+PROFILES = ("cluster", "school")
+
+
 def parse_spec(data: dict[str, Any], where: str = "lab spec") -> LabSpec:
-    """A ``[lab]`` table (site config or a spec file), checked key by key."""
-    known = {"netns", "nodes", "run_dir", "bmc_password"}
+    """A ``[lab]`` table (site config or a spec file), checked key by key. ``profile = "school"``:
+    the school's workstations by default, and a campus DHCP server beside our proxyDHCP."""
+    known = {"netns", "nodes", "run_dir", "bmc_password", "profile"}
     bad = set(data) - known
     if bad:
         raise InputError(f"{where}: unknown key(s) {', '.join(sorted(bad))} "
                          f"(known: {', '.join(sorted(known))})")
+    profile = data.get("profile", "cluster")
+    if profile not in PROFILES:
+        raise InputError(f"{where}: profile must be one of {', '.join(PROFILES)}, "
+                         f"got {profile!r}")
     nodes_raw = data.get("nodes")
     nodes: list[NodeSpec] = []
     if nodes_raw is None:
-        nodes = list(default_nodes())
+        nodes = list(school_nodes() if profile == "school" else default_nodes())
     else:
         if not isinstance(nodes_raw, list) or not nodes_raw:
             raise InputError(f"{where}: nodes must be a non-empty list of tables")
@@ -129,21 +148,27 @@ def parse_spec(data: dict[str, Any], where: str = "lab spec") -> LabSpec:
             raise InputError(f"{where}: duplicate node {what}: {', '.join(sorted(dup))}")
     spec = LabSpec(netns=str(data.get("netns", LabSpec.netns)), nodes=tuple(nodes),
                    run_dir=data.get("run_dir"),
-                   bmc_password=str(data.get("bmc_password", LabSpec.bmc_password)))
+                   bmc_password=str(data.get("bmc_password", LabSpec.bmc_password)),
+                   campus=profile == "school")
     netns.Netns(spec.netns)  # checks the name
     if len(str(spec.run_path)) > 60:
         raise InputError(f"{where}: run_dir {spec.run_path} is too long (unix socket paths)")
     return spec
 
 
-def load_spec(cfg: Config, path: str | os.PathLike[str] | None = None) -> LabSpec:
+def load_spec(cfg: Config, path: str | os.PathLike[str] | None = None,
+              profile: str | None = None) -> LabSpec:
     if path is None:
-        return parse_spec(dict(cfg.raw.get("lab") or {}), f"{cfg.path} [lab]")
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(f"{path}: {exc}") from None
-    return parse_spec(dict(data.get("lab", data)), str(path))
+        data, where = dict(cfg.raw.get("lab") or {}), f"{cfg.path} [lab]"
+    else:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InputError(f"{path}: {exc}") from None
+        data, where = dict(raw.get("lab", raw)), str(path)
+    if profile is not None:
+        data["profile"] = profile
+    return parse_spec(data, where)
 
 
 # -- the state file ------------------------------------------------------------------------------
@@ -187,6 +212,9 @@ def check_site(cfg: Config, spec: LabSpec) -> None:
     for node in spec.nodes:
         if netaddr.IPAddress(node.ip) not in net:
             raise InputError(f"lab node {node.name}: {node.ip} is outside {net}")
+    if spec.campus and cfg.dhcp.mode != "proxy":
+        raise InputError(f'{cfg.path}: the school profile keeps the campus DHCP server: set '
+                         f'[dhcp] mode = "proxy"')
     redfish = [n.name for n in spec.nodes if n.power == "redfish"]
     scheme = (cfg.raw.get("power") or {}).get("redfish_scheme", "https")
     if redfish and scheme != "http":
@@ -208,7 +236,7 @@ def register_nodes(cfg: Config, spec: LabSpec) -> list[str]:
     inv = Inventory(cfg)
     have = {n.name: n for n in inv.all()}
     new = []
-    for node in spec.nodes:
+    for node in (n for n in spec.nodes if n.registered):
         raw: dict[str, Any] = {"name": node.name, "macs": [node.mac], "ip": node.ip,
                                "firmware": node.firmware, "bmc_type": node.power}
         if node.power == "ipmi":
@@ -277,6 +305,7 @@ def up(cfg: Config, spec: LabSpec, *, ready_timeout: float = 60.0) -> dict[str, 
                        "pid_file": str(spec.run_path / f"{n.name}.pid"),
                        "bmc": bmc_endpoint(spec, n)} for n in spec.nodes],
             "registered": registered,
+            "campus": spec.campus,
         }
         # Written before anything is created: a crash from here on is cleaned by `down`.
         write_state(spath, state)
@@ -372,6 +401,10 @@ def _down_locked(cfg: Config) -> list[str]:
         pid, expect = svc.get("pid"), svc.get("expect")
         if isinstance(pid, int) and netns.stop_pid(pid, expect=expect):
             done.append(f"stopped {name} ({pid})")
+    campus_ns = state.get("campus_netns")
+    if isinstance(campus_ns, str) and campus_ns and netns.exists(campus_ns):
+        netns.Netns(campus_ns).destroy()
+        done.append(f"removed namespace {campus_ns}")
     ns_name = state.get("netns", "")
     if ns_name and netns.exists(ns_name):
         left = netns.Netns(ns_name).destroy()
@@ -443,6 +476,7 @@ class Supervisor:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     dhcp_text: str = ""
     redfish_server: Any = None
+    campus: Any = None
 
     def save(self, **changes: Any) -> None:
         self.state.update(changes)
@@ -476,6 +510,20 @@ class Supervisor:
             f"--dhcp-range=::,constructor:{self.state['bridge']},ra-only,64,1h",
             "--dhcp-leasefile=/dev/null", "--user=root", f"--pid-file={run_dir / 'ra.pid'}",
         ], expect="dnsmasq")
+
+    def start_campus(self) -> None:
+        """The school profile's campus DHCP server (addresses only), before our proxyDHCP."""
+        if not self.state.get("campus"):
+            return
+        from pxe.lab.campus import Campus
+
+        self.campus = Campus(self.state["netns"], work=lab_dir(self.cfg) / "campus")
+        self.save(campus_netns=self.campus.name)
+        self.campus.start()
+        services = dict(self.state.get("services") or {})
+        services["campus-dhcpd"] = {"pid": self.campus.pid, "expect": "dhcpd",
+                                    "argv": ["dhcpd", "-cf", str(self.campus.conf)]}
+        self.save(services=services)
 
     def start_dhcp(self) -> None:
         """dnsmasq (or ISC dhcpd) with exactly the config `pxe-stage render` installed."""
@@ -611,6 +659,7 @@ class Supervisor:
         listener = None
         try:
             self.start_ra()
+            self.start_campus()
             self.start_dhcp()
             self.start_serve()
             self.build_machines()
@@ -637,6 +686,9 @@ class Supervisor:
                     machine.power_off()
             for name in list(self.procs):
                 self._stop_service(name)
+            if self.campus is not None:
+                with contextlib.suppress(Exception):
+                    self.campus.stop()
         return 0
 
 

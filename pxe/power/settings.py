@@ -12,8 +12,12 @@ redfish_verify = true   # or the path of a CA bundle
 wol_broadcast = "198.18.0.255"  # default: the broadcast address of [network] subnet
 wol_port = 9
 soft_off_command = ["ssh", "-o", "BatchMode=yes", "root@{ip}", "poweroff"]  # WoL nodes: off
+soft_reboot_command = ["ssh", "-o", "BatchMode=yes", "root@{ip}", "reboot"]  # WoL nodes that run
+soft_reboot_timeout = 30.0  # seconds before a hanging soft_reboot_command is killed
+agent_stale = 30.0      # a node agent silent this long: its machine is taken to be off
 ```
-``{node}`` and ``{ip}`` in soft_off_command are replaced inside single argv items (no shell).
+``{node}`` and ``{ip}`` in soft_off_command and soft_reboot_command are replaced inside single
+argv items (no shell).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pxe.config import Config
 from pxe.errors import InputError
 
 KEYS = ("workers", "timeout", "retries", "ipmi_sessions", "ipmi_cipher_suite", "redfish_scheme",
-        "redfish_verify", "wol_broadcast", "wol_port", "soft_off_command")
+        "redfish_verify", "wol_broadcast", "wol_port", "soft_off_command", "soft_reboot_command",
+        "soft_reboot_timeout", "agent_stale")
 PLACEHOLDERS = ("{node}", "{ip}")
 
 
@@ -42,6 +47,9 @@ class Settings:
     wol_broadcast: str = "255.255.255.255"
     wol_port: int = 9
     soft_off_command: tuple[str, ...] | None = None
+    soft_reboot_command: tuple[str, ...] | None = None
+    soft_reboot_timeout: float = 30.0
+    agent_stale: float = 30.0
 
     def with_overrides(self, *, workers: int | None = None, timeout: float | None = None,
                        retries: int | None = None) -> Settings:
@@ -121,22 +129,31 @@ def _load(cfg: Config) -> Settings:
         s = replace(s, wol_broadcast=addr)
     if "wol_port" in raw:
         s = replace(s, wol_port=_int_range("wol_port", raw["wol_port"], 1, 65535))
-    if "soft_off_command" in raw:
-        argv = raw["soft_off_command"]
-        if (not isinstance(argv, list) or not argv
-                or not all(isinstance(a, str) and a for a in argv)):
-            raise InputError("power.soft_off_command: must be a non-empty list of strings "
-                             "(an argv, not a shell line), e.g. [\"ssh\", \"root@{ip}\", "
-                             "\"poweroff\"]")
-        if "{" in argv[0]:
-            raise InputError("power.soft_off_command: the program (first item) cannot be a "
-                             "placeholder")
-        s = replace(s, soft_off_command=tuple(argv))
+    for key in ("soft_off_command", "soft_reboot_command"):
+        if key in raw:
+            s = replace(s, **{key: _argv(key, raw[key])})
+    for key in ("soft_reboot_timeout", "agent_stale"):
+        if key in raw:
+            value = _seconds(key, raw[key])
+            if value > 600:
+                raise InputError(f"power.{key}: at most 600 seconds, got {value:g}")
+            s = replace(s, **{key: value})
     return s
+
+
+def _argv(key: str, argv: Any) -> tuple[str, ...]:
+    if (not isinstance(argv, list) or not argv
+            or not all(isinstance(a, str) and a for a in argv)):
+        raise InputError(f"power.{key}: must be a non-empty list of strings "
+                         "(an argv, not a shell line), e.g. [\"ssh\", \"root@{ip}\", "
+                         "\"poweroff\"]")
+    if "{" in argv[0]:
+        raise InputError(f"power.{key}: the program (first item) cannot be a placeholder")
+    return tuple(argv)
 
 
 def soft_off_argv(argv: tuple[str, ...], node: str, ip: str | None) -> list[str]:
     """Substitute {node} and {ip} inside argv items; each item stays exactly one argument."""
     if any("{ip}" in a for a in argv) and not ip:
-        raise InputError(f"node {node}: power.soft_off_command uses {{ip}} but the node has no IP")
+        raise InputError(f"node {node}: the power command uses {{ip}} but the node has no IP")
     return [a.replace("{node}", node).replace("{ip}", ip or "") for a in argv]

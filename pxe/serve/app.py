@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Route
 
 from pxe.config import Config
-from pxe.serve import callhome, discover, files, http, metrics, nodeapi
+from pxe.serve import agent, callhome, discover, files, http, metrics, nodeapi
 from pxe.serve.bootconfigs import BootConfigs
 from pxe.serve.settings import ServeSettings
 
@@ -104,6 +104,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
     """The ASGI app; ``counters``/``row_index`` come from the daemon (None: no metrics)."""
     app = Starlette(routes=[
         Route("/report", callhome.report, methods=["POST"]),
+        Route("/agent", agent.poll, methods=["POST"]),
         Route("/discover", discover.report, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
