@@ -325,7 +325,12 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
                        ("state_dir", paths.state_dir), ("templates_dir", paths.templates_dir)):
         if not value.is_absolute():
             raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
-    ipxe_http = r.get("boot", "ipxe_http", bool, Boot.ipxe_http)
+    # proxyDHCP boots through the pxelinux/GRUB chain (what the lab proved): an iPXE loader
+    # would be offered itself again by the proxy (no option-175 answer in proxy mode) and loop.
+    ipxe_http = r.get("boot", "ipxe_http", bool, Boot.ipxe_http and dhcp.mode != "proxy")
+    if ipxe_http and dhcp.mode == "proxy":
+        raise r.fail("boot.ipxe_http", '[dhcp] mode = "proxy" boots through the pxelinux/GRUB '
+                     "chain over TFTP; leave ipxe_http unset (or false) in proxy mode")
     # With iPXE over HTTP, TFTP carries only the first loader: iPXE itself (Debian package ipxe).
     bios_default, uefi_default = (IPXE_BIOS_LOADER, IPXE_UEFI_LOADER) if ipxe_http else \
         (Boot.bios_loader, Boot.uefi_loader)

@@ -110,3 +110,17 @@ def test_a_proxy_config_dnsmasq_rejects_is_never_installed(tmp_path):
     assert proc.returncode == 1
     assert "dnsmasq rejected the rendered config (old config kept)" in proc.stderr
     assert cfg.dhcp.config_file.read_text() == good
+
+
+@pytest.mark.unit
+def test_proxy_mode_boots_the_tftp_chain_and_refuses_ipxe_http(tmp_path):
+    """iPXE over HTTP is the default, but not through a proxy: the proxy would offer iPXE its own
+    loader again. Proxy mode defaults to the pxelinux/GRUB chain; asking for both is refused."""
+    site = proxy_site(tmp_path)
+    assert site.cfg.boot.ipxe_http is False
+    assert (site.cfg.boot.bios_loader, site.cfg.boot.uefi_loader) == ("pxelinux.0", "grubx64.efi")
+    text = site.config_path.read_text()
+    site.config_path.write_text(text + "\n[boot]\nipxe_http = true\n" if "[boot]" not in text
+                                else text.replace("[boot]\n", "[boot]\nipxe_http = true\n"))
+    with pytest.raises(InputError, match="ipxe_http"):
+        site.cfg  # noqa: B018 - loading is the check
