@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("-all-modules", "--all-modules", action="store_true",
                       help="copy all kernel modules into the image (default: NICs, disks, "
                            "squashfs/overlay only; not needed for the image's own kernel)")
+    sl = p.add_argument_group("Slurm (the node joins the cluster at boot)")
+    sl.add_argument("-slurm", "--slurm", action="store_true",
+                    help="add slurmd, munge and dynprov's Slurm node side: at boot the node "
+                         "fetches the munge key with its one-time token, then starts munged and "
+                         "slurmd, before reporting ready")
+    sl.add_argument("-slurm-conf", "--slurm-conf", type=Path, metavar="FILE",
+                    help="the site's slurm.conf to put into the image (helpers.conf beside it "
+                         "too); default: none, slurmd fetches it from slurmctld (configless)")
+    sl.add_argument("-slurm-server", "--slurm-server", default="", metavar="HOST[:PORT]",
+                    help="slurmctld for configless slurmd (default: the provisioning server's "
+                         "host)")
     cust = p.add_argument_group("customization")
     cust.add_argument("-customize", "--customize", type=Path, metavar="DIR",
                       help="run the customization scripts of DIR/all/ (and DIR/GROUP/) on the "
@@ -141,7 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         components=tuple(debian.components(args.components)), slim=not args.keep_docs,
         customize_dir=args.customize, groups=tuple(args.group), compressor=args.comp,
         prov_seconds=args.prov_seconds, force=args.force,
-        config=Path(args.config) if args.config else None)
+        config=Path(args.config) if args.config else None, slurm=args.slurm,
+        slurm_conf=args.slurm_conf, slurm_server=args.slurm_server)
     result = build.generate(req, Progress(0, quiet=args.quiet))
     if args.json:
         import json

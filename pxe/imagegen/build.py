@@ -4,7 +4,8 @@ Steps (each shown by pxe.imagegen.progress):
 
   debian: check the package list (mmdebstrap --simulate) -> bootstrap (mmdebstrap) ->
   oci:    unpack the container image ->
-  both:   kernel modules + node agent + init -> customization scripts (-customize DIR) ->
+  both:   kernel modules + node agent + init (+ the Slurm node side with -slurm:
+          pxe.imagegen.slurm) -> customization scripts (-customize DIR) ->
           provisioning initramfs for the kernel -> squashfs -> bundle (-o, by temp + rename)
 
 All work happens in one fresh directory (``-workdir``, default: next to the output, so the last
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from pxe import bundle, customize, validate
 from pxe.errors import DynprovError, InputError
-from pxe.imagegen import debian, oci, pack
+from pxe.imagegen import debian, oci, pack, slurm
 from pxe.imagegen.progress import Progress
 
 MIB = 1 << 20
@@ -64,6 +65,9 @@ class Request:
     prov_seconds: int = 600
     force: bool = False
     config: Path | None = None  # the site config: refuse a label already in its repository
+    slurm: bool = False         # add slurmd, munge and the Slurm node side (pxe.imagegen.slurm)
+    slurm_conf: Path | None = None
+    slurm_server: str = ""
 
 
 @dataclass
@@ -108,6 +112,11 @@ def check_request(req: Request) -> debian.Request | None:
         from pxe import initramfs
 
         initramfs.kernel_tree(Path(req.kernel_root))
+    if (req.slurm_conf or req.slurm_server) and not req.slurm:
+        raise InputError("-slurm-conf and -slurm-server go with -slurm")
+    if req.slurm:
+        slurm.controller(req.slurm_server)
+        slurm.conf_files(req.slurm_conf)
     out = Path(req.output)
     if out.exists() and not req.force:
         raise InputError(f"{out} exists (use -force to replace it)")
@@ -124,10 +133,17 @@ def check_request(req: Request) -> debian.Request | None:
                          "any Linux as a container image with -from-oci)")
     return debian.Request(
         suite=debian.suite(req.version), arch=debian.arch(req.arch),
-        packages=tuple(debian.packages(list(req.packages))),
+        packages=tuple(debian.packages(wanted_packages(req))),
         components=tuple(req.components), mirror=debian.mirror(req.mirror),
         security_mirror=debian.mirror(req.security_mirror, "security mirror")
         if req.security_mirror else None, slim=req.slim)
+
+
+def wanted_packages(req: Request) -> list[str]:
+    """-packages, plus slurmd and munge with -slurm (not twice)."""
+    extra = [p for p in slurm.PACKAGES if req.slurm and p not in
+             {name.split("=")[0] for name in req.packages}]
+    return [*req.packages, *extra]
 
 
 def check_command(text: str) -> str:
@@ -291,7 +307,9 @@ def _build(req: Request, deb: debian.Request | None, scripts: Sequence[customize
         kernel = _kernel(req, tree, work)
         pack.add_modules(tree, kernel, req.all_modules)
         pack.add_node_side(tree, label=req.label, os_name=os_name, packages=deb.packages
-                           if deb else (), check=req.check)
+                           if deb else wanted_packages(req), check=req.check)
+        if req.slurm:
+            slurm.add(tree, ctld=req.slurm_server, conf=slurm.conf_files(req.slurm_conf))
     customized: list[str] = []
     if scripts:
         with progress.step(f"customize ({len(scripts)} script(s))"):
