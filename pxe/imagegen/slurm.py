@@ -34,6 +34,7 @@ TOOLS = f"{pack.DYNPROV}/slurm"
 HELPER_PATH = f"/{TOOLS}/dynprov-slurm-helper"
 REBOOT_PATH = f"/{TOOLS}/dynprov-slurm-reboot"
 CONF_MAX = 1 << 20
+_DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _CTLD = re.compile(r"^(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?$")
 
 REBOOT = """#!/bin/sh
@@ -105,10 +106,8 @@ def controller(value: str) -> str:
     match = _CTLD.match(value)
     if not match:
         raise InputError(f"invalid -slurm-server {value!r} (expected HOST or HOST:PORT)")
-    try:
-        validate.ipv4(match["host"])
-    except InputError:
-        validate.hostname(match["host"])
+    if not all(_DNS_LABEL.match(part) for part in match["host"].split(".")):
+        raise InputError(f"invalid -slurm-server host {match['host']!r}")
     if match["port"]:
         validate.port(int(match["port"]), "-slurm-server port")
     return value

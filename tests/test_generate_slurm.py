@@ -1,0 +1,128 @@
+"""fg-image-generate -slurm without the network: what the image carries (the Slurm node side,
+slurmd and munge in the package proof, no munge key), how its boot orders enroll -> munged and
+slurmd -> ready, and the bad input refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pxe import bundle
+from pxe.imagegen import build, pack, slurm
+from tests.test_generate_support import fake_kernel_root, generate, tiny_container
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build(tmp_path: Path, *extra: str) -> tuple[Path, str]:
+    image = tiny_container(tmp_path / "img.tar")
+    kroot = fake_kernel_root(tmp_path / "kernel")
+    out = tmp_path / "out" / "sl.bundle"
+    out.parent.mkdir()
+    proc = generate("-from-oci", str(image), "-label", "sl", "-o", str(out), "-kernel-root",
+                    str(kroot), "-comp", "gzip", "-json", "-slurm", *extra)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["label"] == "sl"
+    found = bundle.open_bundle(out, tmp_path / "members")
+    listing = subprocess.run(["unsquashfs", "-lls", str(found.rootfs)], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+    return found.rootfs, listing
+
+
+def _cat(rootfs: Path, rel: str) -> str:
+    return subprocess.run(["unsquashfs", "-cat", str(rootfs), rel], capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+
+
+def _mode(listing: str, rel: str) -> str:
+    lines = [ln for ln in listing.splitlines() if ln.split()[-1] == f"squashfs-root/{rel}"]
+    assert lines, rel
+    return lines[0].split()[0]
+
+
+def test_slurm_image_carries_the_node_side_and_no_munge_key(tmp_path):
+    rootfs, listing = _build(tmp_path, "-slurm-server", "ctl1.example:6817")
+    for name in ("dynprov-slurm-node", "dynprov-slurm-helper", "dynprov-slurm-reboot", "start"):
+        assert _mode(listing, f"usr/lib/dynprov/slurm/{name}") == "-rwxr-xr-x", name
+    # the node side is the shipped one, byte for byte
+    for name in ("dynprov-slurm-node", "dynprov-slurm-helper"):
+        assert _cat(rootfs, f"usr/lib/dynprov/slurm/{name}") == \
+            (ROOT / "contrib/slurm" / name).read_text()
+    # slurmd and munge are proven installed at boot like every requested package
+    assert _cat(rootfs, "etc/dynprov/packages").split() == ["slurmd", "munge"]
+    assert _cat(rootfs, "etc/dynprov/slurm") == "ctl1.example:6817\n".join(["ctld=", ""])
+    assert "ConditionPathExists=\n" in _cat(rootfs, "etc/systemd/system/slurmd.service.d/"
+                                                    "dynprov.conf")
+    # the key comes over the token channel at boot, never in the image; configless slurmd
+    assert "munge.key" not in listing and "etc/slurm/slurm.conf" not in listing
+    init = _cat(rootfs, "usr/lib/dynprov/init")
+    assert init == pack.IMAGE_INIT
+
+
+def test_slurm_conf_goes_into_the_image_with_helpers_conf(tmp_path):
+    conf = tmp_path / "site"
+    conf.mkdir()
+    (conf / "slurm.conf").write_text("ClusterName=c\nSlurmctldHost=head(10.0.0.1)\n")
+    (conf / "helpers.conf").write_text(f"Feature=a Helper={slurm.HELPER_PATH}\n")
+    rootfs, listing = _build(tmp_path, "-slurm-conf", str(conf / "slurm.conf"))
+    assert _cat(rootfs, "etc/slurm/slurm.conf").endswith("SlurmctldHost=head(10.0.0.1)\n")
+    assert _cat(rootfs, "etc/slurm/helpers.conf") == \
+        "Feature=a Helper=/usr/lib/dynprov/slurm/dynprov-slurm-helper\n"
+    assert _cat(rootfs, "etc/dynprov/slurm") == ""  # the controller is in slurm.conf
+
+
+def test_image_init_runs_slurm_start_before_the_agent(tmp_path):
+    init = pack.IMAGE_INIT
+    start = init.index("$D/slurm/start")
+    assert start < init.index("$D/agent") and start < init.index("exec /sbin/init")
+    # start: enroll (munge key) before munged, munged before slurmd
+    text = slurm.START
+    assert text.index("enroll --munge-key") < text.index("/usr/sbin/munged") \
+        < text.index("/usr/sbin/slurmd")
+    for name, script in (("start", slurm.START), ("reboot", slurm.REBOOT),
+                         ("init", pack.IMAGE_INIT)):
+        path = tmp_path / name
+        path.write_text(script)
+        for shell in (["busybox", "sh"], ["sh"]):
+            proc = subprocess.run([*shell, "-n", str(path)], capture_output=True, text=True,
+                                  timeout=30)
+            assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def test_slurm_adds_its_packages_once():
+    req = build.Request(label="x", output=Path("/tmp/none"), slurm=True,
+                        packages=("hello", "munge=0.5.15-2"))
+    assert build.wanted_packages(req) == ["hello", "munge=0.5.15-2", "slurmd"]
+    assert build.wanted_packages(build.Request(label="x", output=Path("/tmp/none"),
+                                               packages=("hello",))) == ["hello"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-slurm-server", "ctl;reboot"], "invalid -slurm-server"),
+    (["-slurm-server", "ctl:99999"], "port"),
+    (["-slurm-server", "ctl..example"], "invalid -slurm-server host"),
+    (["-slurm-conf", "/nonexistent/slurm.conf"], "no such file"),
+    (["-slurm-conf", "EMPTY"], "no SlurmctldHost= line"),
+])
+def test_bad_slurm_input_exits_2_and_writes_nothing(tmp_path, argv, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    empty = tmp_path / "slurm.conf"
+    empty.write_text("ClusterName=c\n")
+    argv = [str(empty) if a == "EMPTY" else a for a in argv]
+    proc = generate("-label", "x", "-slurm", *argv, "-o", str(work / "x.bundle"),
+                    "-workdir", str(work))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.startswith("fg-image-generate: ")
+    assert list(work.iterdir()) == []
+
+
+def test_slurm_options_need_slurm(tmp_path):
+    proc = generate("-label", "x", "-slurm-server", "ctl", "-o", str(tmp_path / "x.bundle"))
+    assert proc.returncode == 2 and "go with -slurm" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
