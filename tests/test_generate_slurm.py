@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _build(tmp_path: Path, *extra: str) -> tuple[Path, str]:
-    image = tiny_container(tmp_path / "img.tar")
+    # as Debian's munge package leaves it: a key generated at install time
+    image = tiny_container(tmp_path / "img.tar", {"etc/munge/munge.key": b"k" * 128,
+                                                  "usr/sbin/munged": b"#!fake\n"})
     kroot = fake_kernel_root(tmp_path / "kernel")
     out = tmp_path / "out" / "sl.bundle"
     out.parent.mkdir()
@@ -59,6 +61,7 @@ def test_slurm_image_carries_the_node_side_and_no_munge_key(tmp_path):
     assert "ConditionPathExists=\n" in _cat(rootfs, "etc/systemd/system/slurmd.service.d/"
                                                     "dynprov.conf")
     # the key comes over the token channel at boot, never in the image; configless slurmd
+    assert "squashfs-root/usr/sbin/munged" in listing  # the container's own files are kept
     assert "munge.key" not in listing and "etc/slurm/slurm.conf" not in listing
     init = _cat(rootfs, "usr/lib/dynprov/init")
     assert init == pack.IMAGE_INIT
@@ -92,6 +95,18 @@ def test_image_init_runs_slurm_start_before_the_agent(tmp_path):
             proc = subprocess.run([*shell, "-n", str(path)], capture_output=True, text=True,
                                   timeout=30)
             assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def test_a_munge_key_symlink_is_removed_not_followed(tmp_path):
+    tree, outside = tmp_path / "tree", tmp_path / "outside"
+    (tree / "etc" / "munge").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "munge.key").write_bytes(b"host key")
+    (tree / "etc" / "munge" / "munge.key").symlink_to(outside / "munge.key")
+    written = slurm.add(tree)
+    assert not (tree / "etc" / "munge" / "munge.key").exists()
+    assert (outside / "munge.key").read_bytes() == b"host key"
+    assert "/usr/lib/dynprov/slurm/start" in written and not slurm.remove_munge_key(tree)
 
 
 def test_slurm_adds_its_packages_once():

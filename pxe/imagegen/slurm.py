@@ -14,25 +14,28 @@ installed at boot like every requested package)::
                                                  (--conf-server, SlurmctldParameters=enable_configless)
     etc/systemd/system/slurmd.service.d/dynprov.conf   lets Debian's unit start configless
 
-The munge key is never in the image: ``start`` fetches it with the node's one-time boot token
-(``dynprov-slurm-node enroll --munge-key`` -> /node/secret) into /etc/munge/munge.key, mode 0400
-owner munge, and enrolls for the node key the helper uses; only then do munged and slurmd start
+The munge key is never in the image (the squashfs is served from the public HTTP root): the one
+Debian's munge package generates when it is installed is removed here, and ``start`` fetches
+the site's with the node's one-time boot token (``dynprov-slurm-node enroll --munge-key`` ->
+/node/secret) into /etc/munge/munge.key, mode 0400 owner munge, and enrolls for the node key the helper uses; only then do munged and slurmd start
 (directly, or by systemd after the image init hands over when the image boots systemd).
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pxe import assets, validate
-from pxe.errors import InputError
+from pxe.bundle import resolve_in_tree
+from pxe.errors import DynprovError, InputError
 from pxe.imagegen import pack
 
 PACKAGES = ("slurmd", "munge")
 TOOLS = f"{pack.DYNPROV}/slurm"
 HELPER_PATH = f"/{TOOLS}/dynprov-slurm-helper"
 REBOOT_PATH = f"/{TOOLS}/dynprov-slurm-reboot"
+MUNGE_KEY = "etc/munge/munge.key"
 CONF_MAX = 1 << 20
 _DNS_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _CTLD = re.compile(r"^(?P<host>[A-Za-z0-9.-]{1,253})(?::(?P<port>[0-9]{1,5}))?$")
@@ -134,6 +137,18 @@ def conf_files(conf: Path | None) -> dict[str, bytes]:
     return out
 
 
+def remove_munge_key(tree: Path) -> bool:
+    """Delete the key munge's postinst made at build time (every copy of the image would share
+    it, and anyone who can fetch the image could forge credentials)."""
+    key = resolve_in_tree(tree, PurePosixPath(MUNGE_KEY), follow_last=False)
+    if key.is_symlink() or key.is_file():
+        key.unlink()
+        return True
+    if key.exists():
+        raise DynprovError(f"image tree: /{MUNGE_KEY} is not a file")
+    return False
+
+
 def add(tree: Path, *, ctld: str = "", conf: dict[str, bytes] | None = None) -> list[str]:
     """Write the Slurm node side into ``tree``; returns the image paths written."""
     source = assets.slurm()
@@ -148,4 +163,5 @@ def add(tree: Path, *, ctld: str = "", conf: dict[str, bytes] | None = None) -> 
     files += [(f"etc/slurm/{name}", data, 0o644) for name, data in (conf or {}).items()]
     for rel, data, mode in files:
         pack.put_file(tree, rel, data, mode)
+    remove_munge_key(tree)
     return [f"/{rel}" for rel, _, _ in files]
