@@ -17,8 +17,9 @@ installed at boot like every requested package)::
 The munge key is never in the image (the squashfs is served from the public HTTP root): the one
 Debian's munge package generates when it is installed is removed here, and ``start`` fetches
 the site's with the node's one-time boot token (``dynprov-slurm-node enroll --munge-key`` ->
-/node/secret) into /etc/munge/munge.key, mode 0400 owner munge, and enrolls for the node key the helper uses; only then do munged and slurmd start
-(directly, or by systemd after the image init hands over when the image boots systemd).
+/node/secret) into /etc/munge/munge.key, mode 0400 owner munge, and enrolls for the node key
+the helper uses; only then do munged and slurmd start (directly, or by systemd after the image
+init hands over when the image boots systemd).
 """
 
 from __future__ import annotations
