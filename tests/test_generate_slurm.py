@@ -141,3 +141,29 @@ def test_slurm_options_need_slurm(tmp_path):
     proc = generate("-label", "x", "-slurm-server", "ctl", "-o", str(tmp_path / "x.bundle"))
     assert proc.returncode == 2 and "go with -slurm" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_build_packed_as_two_labels(tmp_path):
+    """-also-label: the same tree in a second bundle; only the label (IMAGE_ID) differs."""
+    rootfs, _ = _build(tmp_path, "-also-label", "sl2")
+    second = tmp_path / "out" / "sl2.bundle"
+    found = bundle.open_bundle(second, tmp_path / "members2")
+    assert found.manifest.label == "sl2" and found.manifest.os_name == "tiny-1.0"
+    assert _cat(rootfs, "etc/os-release").endswith("IMAGE_ID=sl\n")
+    assert _cat(found.rootfs, "etc/os-release").endswith("IMAGE_ID=sl2\n")
+    assert _cat(found.rootfs, "etc/dynprov/packages") == _cat(rootfs, "etc/dynprov/packages")
+    first = bundle.open_bundle(tmp_path / "out" / "sl.bundle", tmp_path / "members1")
+    assert found.kernel.read_bytes() == first.kernel.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["sl.bundle", "sl2.bundle"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-also-label", "x"], "each label once"),
+    (["-also-label", "../y"], "invalid image label"),
+    (["-also-label", "y", "-also-label", "y"], "each label once"),
+    (["-also-label", "y", "-customize", "."], "cannot go with -customize"),
+])
+def test_bad_also_label_exits_2(tmp_path, argv, message):
+    proc = generate("-label", "x", *argv, "-o", str(tmp_path / "x.bundle"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -68,6 +68,7 @@ class Request:
     slurm: bool = False         # add slurmd, munge and the Slurm node side (pxe.imagegen.slurm)
     slurm_conf: Path | None = None
     slurm_server: str = ""
+    also_labels: tuple[str, ...] = ()  # the same tree packed again as these labels (own IMAGE_ID)
 
 
 @dataclass
@@ -83,6 +84,12 @@ class Result:
     steps: dict[str, float] = field(default_factory=dict)
     customized: list[str] = field(default_factory=list)
     cache_debs: tuple[int, int] = (0, 0)
+    also: list[Path] = field(default_factory=list)
+
+
+def also_output(req: Request, label: str) -> Path:
+    """Where -also-label LABEL's bundle goes: LABEL.bundle beside -o."""
+    return Path(req.output).parent / f"{label}.bundle"
 
 
 SUPPORTED_OS = ("debian",)
@@ -120,6 +127,15 @@ def check_request(req: Request) -> debian.Request | None:
     out = Path(req.output)
     if out.exists() and not req.force:
         raise InputError(f"{out} exists (use -force to replace it)")
+    for other in req.also_labels:
+        validate.label(other, "image label (-also-label)")
+        if other == req.label or req.also_labels.count(other) > 1:
+            raise InputError(f"-also-label {other}: each label once")
+        if req.customize_dir is not None:
+            raise InputError("-also-label cannot go with -customize (the scripts are run for "
+                             "one label)")
+        if also_output(req, other).exists() and not req.force:
+            raise InputError(f"{also_output(req, other)} exists (use -force to replace it)")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such directory for -o")
     if req.from_oci is not None:
@@ -244,14 +260,15 @@ def generate(req: Request, progress: Progress | None = None) -> Result:
     """Build the bundle ``req.output``; raise InputError / DynprovError with nothing left."""
     t0 = time.monotonic()
     deb = check_request(req)
-    where = label_in_use(req.label, req.config)
-    if where:
-        raise InputError(f"image label {req.label!r} is already in use in {where}: choose "
-                         "another -label (or fg-moab-image -delete -label it first)")
+    for label in (req.label, *req.also_labels):
+        where = label_in_use(label, req.config)
+        if where:
+            raise InputError(f"image label {label!r} is already in use in {where}: choose "
+                             "another -label (or fg-moab-image -delete -label it first)")
     scripts = customize.select(Path(req.customize_dir), req.groups) if req.customize_dir else []
     if deb is not None:
         debian.need_root()
-    steps = (2 if deb else 1) + 4 + (1 if scripts else 0)
+    steps = (2 if deb else 1) + 4 + (1 if scripts else 0) + len(req.also_labels)
     progress = progress or Progress(steps, quiet=True)
     progress.total = steps
     parent = Path(req.workdir) if req.workdir else Path(req.output).absolute().parent
@@ -323,18 +340,35 @@ def _build(req: Request, deb: debian.Request | None, scripts: Sequence[customize
     rootfs = work / "rootfs.squashfs"
     with progress.step(f"squashfs ({req.compressor})"):
         pack.squash(tree, rootfs, req.compressor, owners)
-    with progress.step(f"bundle {Path(req.output).name}"):
+    rootfs_of = {req.label: rootfs}
+    for other in req.also_labels:  # one build, several labels: only IMAGE_ID differs
+        with progress.step(f"squashfs of {other} (the same tree, IMAGE_ID={other})"):
+            pack.put_file(tree, "etc/os-release", pack.os_release(
+                pack.read_text(tree, "etc/os-release"), other, os_name).encode())
+            rootfs_of[other] = pack.squash(tree, work / f"rootfs.{other}.squashfs",
+                                           req.compressor, owners)
+    outputs = {req.label: Path(req.output), **{o: also_output(req, o) for o in req.also_labels}}
+    with progress.step(f"bundle {', '.join(p.name for p in outputs.values())}"):
         remove_workdir(tree)  # room for the bundle on a tight disk
         cmdline = " ".join(x for x in ("console=tty0 console=ttyS0,115200", req.cmdline,
                                        f"init={pack.INIT_PATH}") if x)
-        bundle.build_bundle(Path(req.output), label=req.label, kernel=kernel_file,
-                            initrd=initrd, rootfs=rootfs, os_name=os_name, arch=arch,
-                            mode="stateless", cmdline=cmdline, prov_seconds=req.prov_seconds)
+        written: list[Path] = []
+        try:
+            for label, output in outputs.items():
+                bundle.build_bundle(output, label=label, kernel=kernel_file, initrd=initrd,
+                                    rootfs=rootfs_of[label], os_name=os_name, arch=arch,
+                                    mode="stateless", cmdline=cmdline,
+                                    prov_seconds=req.prov_seconds)
+                written.append(output)
+        except BaseException:
+            for path in written:  # all or nothing
+                path.unlink(missing_ok=True)
+            raise
     return Result(output=Path(req.output), label=req.label, os_name=os_name,
                   bundle_bytes=Path(req.output).stat().st_size,
                   rootfs_bytes=rootfs.stat().st_size, kernel=kernel.tree.version,
                   kernel_source=kernel.source, seconds=0.0, customized=customized,
-                  cache_debs=cache_debs)
+                  cache_debs=cache_debs, also=list(outputs.values())[1:])
 
 
 def _kernel(req: Request, tree: Path, work: Path) -> pack.Kernel:
