@@ -89,7 +89,15 @@ esac
 mkdir -p /run/munge /var/log/munge /var/lib/munge /var/log/slurm /var/spool/slurmd
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 runuser -u munge -- /usr/sbin/munged || fail "munged did not start"
-/usr/sbin/slurmd $opts -L /var/log/slurm/slurmd.log || fail "slurmd did not start"
+# slurmd needs a cgroup hierarchy (cgroup/v2) and, without systemd, IgnoreSystemd=yes
+grep -q " /sys/fs/cgroup " /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup \
+	|| fail "cannot mount cgroup2 on /sys/fs/cgroup"
+[ -e /etc/slurm/cgroup.conf ] || printf 'CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n' \
+	> /etc/slurm/cgroup.conf
+if ! /usr/sbin/slurmd $opts -L /var/log/slurm/slurmd.log; then
+	tail -n 5 /var/log/slurm/slurmd.log 2>/dev/null
+	fail "slurmd did not start (/var/log/slurm/slurmd.log)"
+fi
 echo "dynprov: slurm: munged and slurmd started"
 """
 
