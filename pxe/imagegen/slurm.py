@@ -92,6 +92,13 @@ runuser -u munge -- /usr/sbin/munged || fail "munged did not start"
 # slurmd needs a cgroup hierarchy (cgroup/v2) and, without systemd, IgnoreSystemd=yes
 grep -q " /sys/fs/cgroup " /proc/mounts || mount -t cgroup2 cgroup2 /sys/fs/cgroup \
 	|| fail "cannot mount cgroup2 on /sys/fs/cgroup"
+# IgnoreSystemd: slurmd makes its scope under system.slice itself, which must exist
+mkdir -p /sys/fs/cgroup/system.slice
+for dir in /sys/fs/cgroup /sys/fs/cgroup/system.slice; do
+	for c in $(cat /sys/fs/cgroup/cgroup.controllers 2>/dev/null); do
+		echo "+$c" > $dir/cgroup.subtree_control 2>/dev/null
+	done
+done
 [ -e /etc/slurm/cgroup.conf ] || printf 'CgroupPlugin=cgroup/v2\nIgnoreSystemd=yes\n' \
 	> /etc/slurm/cgroup.conf
 if ! /usr/sbin/slurmd $opts -L /var/log/slurm/slurmd.log; then
