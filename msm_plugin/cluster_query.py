@@ -5,12 +5,13 @@ query would make Moab mark the whole provisioning resource manager corrupt and s
 os-switch. It imports nothing but the standard library and msm_plugin.wiki (pxe.config too when it
 rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
 
-1. find ``paths.state_dir`` with a line scan of the site config (no tomllib on the poll);
-2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change key
-   (msm_plugin.wiki.change_key: a few stat() and two small reads, no SQLite), print it as it is;
-3. otherwise read the config with tomllib (``paths.state_dir``, ``groups.scheduler_pool``;
-   pxe.config.load would import netaddr to check the network section), read one snapshot of
-   the state database, rebuild the file atomically (keyed), print it.
+1. find ``paths.state_dir`` (and ``groups.scheduler_pool``) with a line scan of the site
+   config (no tomllib, no pxe.config on the poll; tomllib when the scan cannot be sure);
+2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change
+   stamp (msm_plugin.wiki.change_key: the stamp writers bump after COMMIT, pxe.stamp, and a stat of
+   the config; no SQLite), print it as it is;
+3. otherwise read one snapshot of the state database (the common line formatted by SQLite,
+   msm_plugin.wiki.build), rebuild the file atomically (keyed), print it.
 
 The same file serves ``CLUSTERQUERYURL=file://...`` (no process at all); ``cluster-query
 --refresh`` (from a timer) keeps it fresh when nothing else writes it. If the database cannot be
@@ -57,26 +58,47 @@ def _site(config_path: str) -> tuple[str, str]:
     return state_dir, pool
 
 
-def _state_dir_fast(config_path: str) -> str | None:
-    """paths.state_dir from a plain ``state_dir = "/abs/path"`` line in [paths], else None.
+DEFAULT_POOL = "hpc"  # pxe.config.Groups.scheduler_pool (a unit test keeps them equal)
 
-    Saves importing tomllib on the poll (~10 ms). Safe even if it misreads an odd file: the
-    report it leads to is used only if its key names this very config file (device, inode,
-    mtime) - i.e. it was written for the state_dir tomllib found."""
-    found = []
+
+def _scan(config_path: str) -> dict[str, str] | None:
+    """``paths.state_dir`` and ``groups.scheduler_pool`` from plain ``key = "value"`` lines of
+    their sections, without tomllib (~10 ms) or pxe.config (~10 ms) on the poll.
+
+    None (the caller parses with tomllib) when the file could set either any other way: the key
+    name anywhere else (dotted keys, inline tables, quoted keys), escapes, or twice. A result is
+    used only with a report keyed by this very config file (device, inode, mtime).
+    """
+    wanted = {"state_dir": "[paths]", "scheduler_pool": "[groups]"}
+    found: dict[str, str] = {}
     section = ""
     with open(_regular(config_path), encoding="utf-8") as fh:
         for raw in fh:
             line = raw.strip()
             if line.startswith("["):
-                section = line
-            elif section == "[paths]" and line.startswith("state_dir"):
-                key, _, value = line.partition("=")
+                section = line.split("#", 1)[0].strip()
+                continue
+            if "\\" in line:
+                return None
+            for key, where in wanted.items():
+                if key not in line:
+                    continue
+                name, _, value = line.partition("=")
                 value = value.strip()
-                if (key.strip() == "state_dir" and len(value) > 2 and value[0] == '"'
-                        and value.count('"') == 2 and value[-1] == '"' and "\\" not in value):
-                    found.append(value[1:-1])
-    return found[0] if len(found) == 1 and os.path.isabs(found[0]) else None
+                if (section != where or name.strip() != key or key in found or len(value) < 2
+                        or value[0] != '"' or value.count('"') != 2 or value[-1] != '"'):
+                    return None
+                found[key] = value[1:-1]
+    state_dir = found.get("state_dir")
+    if not state_dir or not os.path.isabs(state_dir):
+        return None
+    return {"state_dir": state_dir, "scheduler_pool": found.get("scheduler_pool", DEFAULT_POOL)}
+
+
+def _state_dir_fast(config_path: str) -> str | None:
+    """paths.state_dir from the plain scan (see _scan), else None."""
+    site = _scan(config_path)
+    return site["state_dir"] if site else None
 
 
 def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
@@ -94,7 +116,9 @@ def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
             if data is not None:
                 return data
     try:
-        state_dir, pool = _site(config_path)
+        site = _scan(config_path)
+        state_dir, pool = (site["state_dir"], site["scheduler_pool"]) if site else \
+            _site(config_path)
     except Exception as exc:  # noqa: BLE001 - always answer
         return f"# {PROG}: cannot read the configuration: {_one_line(exc)}\n"
     db_path = os.path.join(state_dir, "dynprov.db")

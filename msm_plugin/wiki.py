@@ -25,9 +25,9 @@ scheduler re-images such a node before it gives it to a job that asks for an OS.
 The report file (``<state_dir>/wiki/nodes.wiki``) is what a ``file://`` CLUSTERQUERYURL points at:
 rewritten atomically (temp + rename) whenever the toolkit announces a change (pxe.hooks; this
 face subscribes with on_event, see pyproject.toml), and by ``cluster-query`` whenever it finds it
-stale. Its first line is a comment holding the database's
-change key at the time of the read (see change_key) and the time it stops being true (the earliest
-deadline of a node in a run). This module imports only the standard library; sqlite3 only when a
+stale. Its first line is a comment holding the database's change stamp at the time of the read
+(see change_key, pxe.stamp) and the time it stops being true (the earliest deadline of a node in
+a run). This module imports only the standard library (and pxe.stamp); sqlite3 only when a
 report is built.
 """
 
@@ -110,16 +110,45 @@ class Report:
         self.until = until
 
 
-def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = None) -> Report:
-    """The WIKI lines for every node, read in one transaction (a consistent snapshot)."""
+# The common line (an Idle node in the scheduler's pool, no run, no message) is formatted by
+# SQLite itself, as the sqlite3 CLI floor does: a Python loop over 10,000 rows costs more than
+# the query. Everything else (runs, failures, other pools, per-job markers, values that need
+# escaping) comes back as NUL + the node's name and is built in Python below.
+# ?1 = scheduler pool, ?2 = per-job.
+# An OS value containing anything else takes the Python path (escaping); names and arches are
+# validated before they are stored (pxe.validate), as the Python fast path below assumes too.
+_SAFE_GLOB = "'*[^A-Za-z0-9._+-]*'"
+_COMMON_SQL = f"""
+SELECT CASE WHEN n.pool = ?1 AND n.state NOT IN ({{slow}})
+    AND n.name NOT IN (SELECT rn.node FROM runs r JOIN run_nodes rn ON rn.run_id = r.id
+                       WHERE r.finished IS NULL AND rn.state IN ({{active}}))
+    AND NOT (?2 AND n.used)
+    AND (n.current_os IS NULL OR n.current_os NOT GLOB {_SAFE_GLOB})
+  THEN n.name || ' {STATE}={IDLE};{OS}=' || COALESCE(NULLIF(n.current_os, ''), '{NO_OS}')
+    || COALESCE(';{OSLIST}=' || osl.labels, '') || ';{ARCH}=' || n.arch
+    || CASE n.state WHEN 'off' THEN ';{POWER}={POWER_OFF}' WHEN 'unknown' THEN ''
+                    ELSE ';{POWER}={POWER_ON}' END
+    || CASE WHEN n.updated THEN ';{UPDATETIME}=' || CAST(n.updated AS INTEGER) ELSE '' END
+  ELSE char(0) || n.name END
+FROM nodes n LEFT JOIN osl ON osl.arch = n.arch ORDER BY n.name"""
+
+
+def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = None, *,
+          common_in_sql: bool = True) -> Report:
+    """The WIKI lines for every node, read in one transaction (a consistent snapshot).
+
+    ``common_in_sql=False`` builds every line in Python (the reference the tests compare with).
+    """
     now = time.time() if now is None else now
     conn.execute("BEGIN")
     try:
         mode_row = conn.execute("SELECT value FROM settings WHERE key = ?",
                                 (MODE_SETTING,)).fetchone()
+        perjob = bool(mode_row) and mode_row[0] == "perjob"
         oslists: dict[str, list[str]] = {}
         for label, arch in conn.execute("SELECT label, arch FROM images ORDER BY label"):
             oslists.setdefault(arch, []).append(label)
+        joined = {arch: ",".join(labels) for arch, labels in oslists.items()}
         active: dict[str, tuple[int, str, str, float | None]] = {}
         active_marks = states.ACTIVE_SQL
         for node, run_id, state, deadline, label in conn.execute(
@@ -127,20 +156,36 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
                 "JOIN run_nodes rn ON rn.run_id = r.id "
                 f"WHERE r.finished IS NULL AND rn.state IN ({active_marks})"):
             active[node] = (run_id, state, label, deadline)
-        nodes = conn.execute(
-            "SELECT name, arch, pool, state, state_reason, current_os, used, updated "
-            "FROM nodes ORDER BY name").fetchall()
+        columns = "name, arch, pool, state, state_reason, current_os, used, updated"
+        if common_in_sql:
+            osl = " UNION ALL ".join("SELECT ?, ?" for _ in joined) or "SELECT NULL, NULL"
+            slow = ",".join(f"'{s}'" for s in (*NODE_DOWN, *RUN_ACTIVE))
+            sql = (f"WITH osl(arch, labels) AS ({osl})"
+                   + _COMMON_SQL.format(slow=slow, active=active_marks))
+            # ?1 and ?2 are numbered; the osl pairs follow as ?3, ?4, ...
+            args = [scheduler_pool, int(perjob), *(v for pair in joined.items() for v in pair)]
+            lines = [row[0] for row in conn.execute(_number_params(sql), args)]
+            rest = [text[1:] for text in lines if text[0] == "\0"]
+            if rest:
+                details = {r[0]: r for r in _select_names(conn, columns, rest)}
+                nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
+            else:
+                nodes = lines
+        else:
+            nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-    perjob = bool(mode_row) and mode_row[0] == "perjob"
-    joined = {arch: ",".join(labels) for arch, labels in oslists.items()}
     until: float | None = None
     out: list[str] = []
     plain_os: dict[str, bool] = {}
-    for name, arch, pool, state, reason, current, used, updated in nodes:
+    for row in nodes:
+        if isinstance(row, str):  # formatted by SQLite
+            out.append(row)
+            continue
+        name, arch, pool, state, reason, current, used, updated = row
         os_value = current or NO_OS
         power: str | None = POWER_ON
         message = None
@@ -190,6 +235,29 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
     return Report("".join(f"{o}\n" for o in out), until)
 
 
+def _number_params(sql: str) -> str:
+    """Number the anonymous '?' after ?1/?2 as ?3, ?4, ... (SQLite numbers mixed ones oddly)."""
+    parts = sql.split("?")
+    out, n = [parts[0]], 3
+    for part in parts[1:]:
+        if part[:1].isdigit():
+            out.append("?" + part)
+        else:
+            out.append(f"?{n}" + part)
+            n += 1
+    return "".join(out)
+
+
+def _select_names(conn: sqlite3.Connection, columns: str, names: list[str]) -> list[tuple]:
+    rows: list[tuple] = []
+    for start in range(0, len(names), 500):
+        chunk = names[start:start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows += conn.execute(f"SELECT {columns} FROM nodes WHERE name IN ({marks})",
+                             chunk).fetchall()
+    return rows
+
+
 def _plain(value: str) -> bool:
     import re
 
@@ -215,50 +283,31 @@ def report_file(state_dir: Path | str) -> str:
 
 
 def change_key(db_path: Path | str, config_path: Path | str | None = None) -> str:
-    """A cheap fingerprint of the database's committed state (no SQLite connection needed).
+    """The database's change stamp (pxe.stamp: every writer rewrites it after COMMIT), which
+    database file (device, inode) and which version of the config file: one small read and two
+    stats, no SQLite file opened.
 
-    The WAL index (``-shm``) header carries a counter SQLite increments on every commit
-    (https://www.sqlite.org/walformat.html, "iChange"), with the WAL's frame count and salts;
-    the database file's header carries its own change counter (bytes 24-27), updated when a
-    checkpoint writes into it. Together with the files' sizes and mtimes this changes with every
-    commit. The header exists twice in the -shm; two different copies mean a writer is mid-update,
-    and the key is "" (never matches: the caller rebuilds).
-
-    Call it ONLY in a process that has no SQLite connection to this database open: closing any
-    descriptor of a file drops every POSIX lock the process holds on it, SQLite's included, and
-    another process may then delete the WAL under the open connection ("disk I/O error", lost
-    writes; https://www.sqlite.org/howtocorrupt.html, section 2.2). cluster-query is such a
-    process; writers refresh with ``keyed=False``.
+    Safe in any process, one holding SQLite connections included (the stamp is not a file
+    SQLite locks), so writers store keyed reports too and Moab's next poll finds them fresh.
+    "" (never matches) while the database has no stamp yet.
     """
-    db = str(db_path)
-    parts: list[str] = []
-    for suffix in ("", "-wal"):
-        try:
-            st = os.stat(db + suffix)
-            parts.append(f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}")
-        except FileNotFoundError:
-            parts.append("-")
+    from pxe import stamp
+
+    mark = stamp.read(db_path)
+    try:  # which database file: one moved away or replaced is another database
+        st = os.stat(db_path)
+    except OSError:
+        return ""
+    if not mark:
+        return ""
+    mark = f"{mark}/{st.st_dev}.{st.st_ino}"
+    if config_path is None:
+        return mark
     try:
-        with open(db + "-shm", "rb") as fh:
-            head = fh.read(96)
-        if head[:48] != head[48:96]:
-            return ""
-        parts.append(head[:48].hex())
-    except FileNotFoundError:
-        parts.append("-")
-    try:
-        with open(db, "rb") as fh:
-            head = fh.read(100)
-        parts.append(head[24:28].hex() + head[92:96].hex())
-    except FileNotFoundError:
-        parts.append("-")
-    if config_path is not None:  # which config file, and which version of it
-        try:
-            st = os.stat(config_path)
-            parts.append(f"{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}")
-        except OSError:
-            parts.append("-")
-    return "/".join(parts)
+        st = os.stat(config_path)
+    except OSError:
+        return mark + "/-"
+    return f"{mark}/{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}"
 
 
 def _header(key: str, until: float | None, now: float) -> str:
@@ -271,22 +320,22 @@ def cached(path: Path | str, key: str, now: float | None = None) -> bytes | None
         return None
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            head = fh.readline(512)  # the key first: a stale report is not read whole
+            first = head.decode("utf-8", "replace")
+            fields = dict(f.split("=", 1) for f in first.split()[4:] if "=" in f)
+            if fields.get("key") != key:
+                return None
+            now = time.time() if now is None else now
+            try:
+                made = float(fields["made"])
+                until = None if fields.get("until", "-") == "-" else float(fields["until"])
+            except (KeyError, ValueError):
+                return None
+            if now - made > MAX_AGE or (until is not None and now >= until):
+                return None
+            return head + fh.read()
     except OSError:
         return None
-    first = data[:data.find(b"\n")].decode("utf-8", "replace")
-    fields = dict(f.split("=", 1) for f in first.split()[4:] if "=" in f)
-    if fields.get("key") != key:
-        return None
-    now = time.time() if now is None else now
-    try:
-        made = float(fields["made"])
-        until = None if fields.get("until", "-") == "-" else float(fields["until"])
-    except (KeyError, ValueError):
-        return None
-    if now - made > MAX_AGE or (until is not None and now >= until):
-        return None
-    return data
 
 
 def write(path: Path | str, key: str, report: Report, now: float | None = None) -> str:
@@ -311,16 +360,14 @@ def write(path: Path | str, key: str, report: Report, now: float | None = None) 
 
 def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
             config_path: Path | str | None = None, *, keyed: bool = True) -> str:
-    """Rebuild the report file (if stale, when ``keyed``) and return its text.
+    """Rebuild the report file (if stale, when ``keyed``; always otherwise) and return its text.
 
-    ``keyed=False`` is for processes that hold SQLite connections (see change_key): the report
-    is rebuilt unconditionally and carries no key, so the next exec-mode poll rebuilds it once
-    more with one; file:// readers get the fresh lines either way.
+    The file always carries the change key read before the database (a later commit changes
+    it), so a writer's rebuild (``keyed=False``) is what the next poll prints as it is.
     """
     path = report_file(state_dir)
-    key = "-"
+    key = change_key(db_path, config_path)  # taken before the read: a later commit changes it
     if keyed:
-        key = change_key(db_path, config_path)  # taken before the read: a later commit changes it
         data = cached(path, key)
         if data is not None:
             return data.decode("utf-8")
@@ -337,15 +384,15 @@ def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
     finally:
         conn.close()
     try:
-        return write(path, key, report)
+        return write(path, key or "-", report)
     except OSError:
         return _header("-", report.until, time.time()) + report.text  # cannot write: still answer
 
 
 def refresh_cfg(cfg: Config, *, force: bool = True) -> str:
     """Rewrite the report for a loaded site configuration, from a process that writes the
-    database (the run driver, os-switch, fg-moab, node-power, pools): always rebuilt, unkeyed
-    (see change_key); ``force`` is accepted for callers and changes nothing."""
+    database (the run driver, os-switch, fg-moab, node-power, pools): always rebuilt, keyed by
+    the stamp (see change_key); ``force`` is accepted for callers and changes nothing."""
     return refresh(cfg.db_path, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path,
                    keyed=False)
 

@@ -46,6 +46,10 @@ class Paths:
     secrets_file: Path
 
 
+IPXE_BIOS_LOADER = "undionly.kpxe"  # the default first loaders when [boot] ipxe_http is on
+IPXE_UEFI_LOADER = "ipxe.efi"
+
+
 @dataclass(frozen=True)
 class Boot:
     bios_loader: str = "pxelinux.0"
@@ -53,8 +57,12 @@ class Boot:
     http_port: int = 8080
     default_target: str = "local"  # what unknown MACs boot
     # iPXE firmware (user class "iPXE", DHCP option 175) gets boot.ipxe over HTTP instead of
-    # pxelinux/GRUB over TFTP: in the lab 4 nodes booted in 65 s instead of 109 s.
-    ipxe_http: bool = False
+    # pxelinux/GRUB over TFTP: in the lab 4 nodes booted in 65 s instead of 109 s. TFTP then
+    # carries only the first loader.
+    ipxe_http: bool = True
+    # Per-node loader configs as files in the TFTP/HTTP roots, for sites serving with tftpd-hpa
+    # or nginx; `pxe-stage serve` renders them from the database per request without them.
+    write_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,8 @@ _KNOWN: dict[str, set[str]] = {
     "network": {"interface", "subnet", "server", "dynamic_range", "gateway", "dns"},
     "dhcp": {"backend", "config_file", "reload_command", "check_command"},
     "paths": {"tftp_root", "http_root", "state_dir", "templates_dir", "templates", "secrets_file"},
-    "boot": {"bios_loader", "uefi_loader", "http_port", "default_target", "ipxe_http"},
+    "boot": {"bios_loader", "uefi_loader", "http_port", "default_target", "ipxe_http",
+             "write_files"},
     "groups": {"image", "pool", "scheduler_pool"},
     "limits": {"max_nodes", "import_max_bytes"},
 }
@@ -306,14 +315,19 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
                        ("state_dir", paths.state_dir), ("templates_dir", paths.templates_dir)):
         if not value.is_absolute():
             raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
+    ipxe_http = r.get("boot", "ipxe_http", bool, Boot.ipxe_http)
+    # With iPXE over HTTP, TFTP carries only the first loader: iPXE itself (Debian package ipxe).
+    bios_default, uefi_default = (IPXE_BIOS_LOADER, IPXE_UEFI_LOADER) if ipxe_http else \
+        (Boot.bios_loader, Boot.uefi_loader)
     boot = Boot(
-        bios_loader=r.checked("boot", "bios_loader", _loader_name, Boot.bios_loader),
-        uefi_loader=r.checked("boot", "uefi_loader", _loader_name, Boot.uefi_loader),
+        bios_loader=r.checked("boot", "bios_loader", _loader_name, bios_default),
+        uefi_loader=r.checked("boot", "uefi_loader", _loader_name, uefi_default),
         http_port=r.bounded("boot", "http_port", 1, 65535, Boot.http_port),
         default_target=r.checked(
             "boot", "default_target", lambda v: validate.choice(v, ("local", "none"), "target"),
             Boot.default_target),
-        ipxe_http=r.get("boot", "ipxe_http", bool, Boot.ipxe_http),
+        ipxe_http=ipxe_http,
+        write_files=r.get("boot", "write_files", bool, Boot.write_files),
     )
     groups = Groups(
         image=r.checked("groups", "image", lambda v: validate.unix_name(v, "group"), Groups.image),

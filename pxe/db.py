@@ -4,11 +4,14 @@ WAL lets the scheduler's poll read a consistent snapshot while a provisioning ru
 All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
 each later one a change to it), applied by connect(), which refuses a database from a newer
 dynprov. How to add one: docs/ARCHITECTURE.md, "Changing the database schema".
+Every write goes through transaction(): its COMMIT bumps the change stamp (pxe.stamp) that
+cluster-query's report and serve's rendered boot configs are keyed by.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -362,6 +365,10 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not os.access(path, os.W_OK):
+        # Checked up front: whether SQLite fails at open (WAL's -shm) or only at the first write
+        # depends on what other connections hold; the message must not.
+        raise DynprovError(f"permission denied: {path} (run as root or through sudo)")
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
     try:
         conn.row_factory = sqlite3.Row
@@ -394,6 +401,21 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+    bump_stamp(conn)
+
+
+def bump_stamp(conn: sqlite3.Connection) -> None:
+    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed."""
+    from pxe import stamp
+
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    if path:
+        try:
+            stamp.bump(path)
+        except OSError:  # a reader then keys on a stale stamp: log loudly, never undo the commit
+            import logging
+
+            logging.getLogger("dynprov.db").error("cannot update the change stamp of %s", path)
 
 
 def get_setting(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
@@ -410,3 +432,11 @@ def log_event(conn: sqlite3.Connection, kind: str, node: str | None = None,
               detail: str = "", run_id: int | None = None) -> None:
     conn.execute("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
                  (time.time(), node, run_id, kind, detail))
+
+
+def log_events(conn: sqlite3.Connection, kind: str, nodes: list[str] | tuple[str, ...],
+               detail: str = "", run_id: int | None = None) -> None:
+    """The same event for many nodes in one statement."""
+    now = time.time()
+    conn.executemany("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
+                     [(now, n, run_id, kind, detail) for n in nodes])

@@ -38,13 +38,26 @@ Subscriber = Callable[["Config", "Event"], object]
 
 
 @dataclass(frozen=True)
+class NodeChange:
+    """One node's new state (pxe.states vocabulary) and why, as recorded in the nodes table."""
+
+    node: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Event:
     """What changed: ``kind`` (nodes: run or node states; images: the catalog; pools: pool
-    membership) and, when known, which nodes (empty: any or all)."""
+    membership) and, when known, which nodes (empty: any or all). A ``nodes`` event from the
+    run driver also carries ``changes``: each node whose state it saw change since its last
+    announcement, with the new state and reason (so a face can act on ``failed`` or
+    ``timed out`` without reading the database)."""
 
     kind: str
     nodes: tuple[str, ...] = ()
     detail: str = ""
+    changes: tuple[NodeChange, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -140,7 +140,7 @@ class Inventory:
         return [r[0] for r in self.conn.execute("SELECT name FROM nodes ORDER BY name")]
 
     def all(self) -> list[Node]:
-        return self._load("SELECT * FROM nodes ORDER BY name", ())
+        return self._load("SELECT * FROM nodes ORDER BY name", (), every_node=True)
 
     def get(self, name: str) -> Node:
         nodes = self._load("SELECT * FROM nodes WHERE name = ?", (name,))
@@ -169,12 +169,12 @@ class Inventory:
             out.extend(self._load(f"SELECT * FROM nodes WHERE name IN ({marks})", tuple(chunk)))
         return out
 
-    def _load(self, sql: str, args: tuple) -> list[Node]:
+    def _load(self, sql: str, args: tuple, every_node: bool = False) -> list[Node]:
         rows = self.conn.execute(sql, args).fetchall()
         if not rows:
             return []
         macs: dict[str, list[str]] = {}
-        if len(rows) > 200:
+        if every_node:  # one scan of the whole table (a chunk of a select asks by name)
             query = self.conn.execute("SELECT node, mac FROM macs ORDER BY node, idx")
         else:
             names = [r["name"] for r in rows]
@@ -276,8 +276,9 @@ class Inventory:
         if bad:
             raise ValueError(f"cannot update {bad}")
         sets = ", ".join(f"{k} = ?" for k in fields)
-        self.conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
-                          (*fields.values(), time.time(), name))
+        with db.transaction(self.conn):  # COMMIT bumps the change stamp (pxe.stamp)
+            self.conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
+                              (*fields.values(), time.time(), name))
 
 
 # -- node lists the way sites keep them ----------------------------------------------------

@@ -30,6 +30,11 @@ from pxe.inventory import Node
 PXELINUX_DIR = "pxelinux.cfg"
 GRUB_DIR = "grub"
 IPXE_DIR = "ipxe"
+NODE_TEMPLATES = {"pxelinux": "boot/pxelinux.cfg.j2", "grub": "boot/grub.cfg.j2",
+                  "ipxe": "boot/ipxe.j2"}
+SHARED_TEMPLATES = {f"{PXELINUX_DIR}/default": "boot/pxelinux-default.cfg.j2",
+                    f"{GRUB_DIR}/grub.cfg": "boot/grub-main.cfg.j2",
+                    "boot.ipxe": "boot/ipxe-main.j2"}
 
 
 @dataclass(frozen=True)
@@ -235,11 +240,11 @@ class Renderer:
             args.append(f"dynprov.token={node.boot_token}")
         return " ".join(args)
 
-    def node_boot_files(self, node: Node, image: Image | None) -> dict[str, str]:
-        """Every per-MAC boot file for one node: its firmware's loader config and an iPXE script."""
+    def node_boot_context(self, node: Node, image: Image | None) -> dict:
+        """What the per-MAC templates see (without ``mac``)."""
         if node.boot_target != "os":
             image = None
-        context = {
+        return {
             "node": node,
             "image": image,
             "base_url": self.base_url,
@@ -247,16 +252,22 @@ class Renderer:
             "initrd_path": image.blob_path(image.initrd_sha) if image and image.initrd_sha else "",
             "append": self.kernel_args(node, image) if image else "",
         }
+
+    def node_boot_file(self, kind: str, context: Mapping, mac: str) -> str:
+        """One loader config (``kind`` pxelinux, grub or ipxe) for one MAC of a node."""
+        return self.template(NODE_TEMPLATES[kind]).render({**context, "mac": mac})
+
+    def node_boot_files(self, node: Node, image: Image | None) -> dict[str, str]:
+        """Every per-MAC boot file for one node: its firmware's loader config and an iPXE script."""
+        context = self.node_boot_context(node, image)
         # Only the loader this node's firmware runs (pxelinux on BIOS, GRUB on UEFI), plus the
         # iPXE script for HTTP boot: each file costs a create + rename, and sites have 10,000s.
-        loader = ("grub", "boot/grub.cfg.j2") if node.firmware == "uefi" else \
-            ("pxelinux", "boot/pxelinux.cfg.j2")
+        loader = "grub" if node.firmware == "uefi" else "pxelinux"
         files: dict[str, str] = {}
         for mac in node.macs:
             names = boot_file_names(mac)
-            ctx = {**context, "mac": mac}
-            files[names[loader[0]]] = self.template(loader[1]).render(ctx)
-            files[names["ipxe"]] = self.template("boot/ipxe.j2").render(ctx)
+            files[names[loader]] = self.node_boot_file(loader, context, mac)
+            files[names["ipxe"]] = self.node_boot_file("ipxe", context, mac)
         return files
 
     def discovery_boot(self, images: Mapping[str, Image] | None) -> dict[str, str] | None:
@@ -279,11 +290,7 @@ class Renderer:
     def shared_boot_files(self, images: Mapping[str, Image] | None = None) -> dict[str, str]:
         """Files every node reads first: the unknown-MAC default and the GRUB/iPXE dispatchers."""
         ctx = self.shared_context(images)
-        return {
-            f"{PXELINUX_DIR}/default": self.template("boot/pxelinux-default.cfg.j2").render(ctx),
-            f"{GRUB_DIR}/grub.cfg": self.template("boot/grub-main.cfg.j2").render(ctx),
-            "boot.ipxe": self.template("boot/ipxe-main.j2").render(ctx),
-        }
+        return {name: self.template(t).render(ctx) for name, t in SHARED_TEMPLATES.items()}
 
     def all_boot_files(self, nodes: Iterable[Node], images: Mapping[str, Image]) -> dict[str, str]:
         files = self.shared_boot_files(images)

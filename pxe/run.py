@@ -69,6 +69,7 @@ POLL = 1.0  # seconds between the driver's full looks at the database
 WAKE = 0.1  # seconds between its cheap looks for a commit (a report to act on)
 FOLLOW_UP_GRACE = 60.0  # wait(): how long after the last deadline follow-ups may still run
 MAX_DRIVE = 7 * 86400.0  # a driver never lives longer than this, whatever the deadlines say
+CHANGE_LOOKBACK = 30.0  # seconds of nodes.updated re-read for the hook's changes (NodeChanges)
 MAX_FAILURES = 300  # steps failing in a row (database gone or locked) before the driver quits
 _CHUNK = 500
 
@@ -595,9 +596,39 @@ def reconcile(cfg: Config, conn: sqlite3.Connection) -> list[str]:
     return touched
 
 
-def _announce(cfg: Config) -> None:
+class NodeChanges:
+    """Which nodes changed state since the last announcement (for hooks.Event.changes).
+
+    Reads nodes.updated, written by several processes with their own clocks and committed a
+    little after it was taken: rows are re-read for CHANGE_LOOKBACK seconds and each
+    (node, updated, state) is reported once. The first read looks back as far, so a failure
+    recorded just before this driver started (a node's report to the server) is reported too.
+    """
+
+    def __init__(self, now: float | None = None) -> None:
+        self.since = (time.time() if now is None else now) - CHANGE_LOOKBACK
+        self.seen: set[tuple[str, float, str]] = set()
+
+    def take(self, conn: sqlite3.Connection) -> tuple[hooks.NodeChange, ...]:
+        now = time.time()
+        out = []
+        rows = conn.execute("SELECT name, state, state_reason, updated FROM nodes "
+                            "WHERE updated >= ? ORDER BY updated, name", (self.since,)).fetchall()
+        for name, state, reason, updated in rows:
+            key = (name, updated, state)
+            if key not in self.seen:
+                self.seen.add(key)
+                out.append(hooks.NodeChange(name, state, reason))
+        self.since = max(self.since, now - CHANGE_LOOKBACK)
+        self.seen = {k for k in self.seen if k[1] >= self.since}
+        return tuple(out)
+
+
+def _announce(cfg: Config, conn: sqlite3.Connection, tracker: NodeChanges) -> None:
     try:
-        hooks.announce(cfg, hooks.Event(hooks.NODES))
+        changes = tracker.take(conn)
+        hooks.announce(cfg, hooks.Event(hooks.NODES, tuple(dict.fromkeys(c.node for c in changes)),
+                                        changes=changes))
     except Exception as exc:  # noqa: BLE001 - a face's trouble never stops the driver
         log.warning("announcing the state change failed: %s", exc)
 
@@ -621,6 +652,7 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
     last_seen: tuple[tuple[int, str, str], ...] = ()
     ran = False
     failures = 0
+    changes = NodeChanges()
     while time.monotonic() - started < MAX_DRIVE:
         with _driver_lock(cfg, mark=True) as mine:
             if not mine:
@@ -661,7 +693,7 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
                 # data_version moves when another connection commits, total_changes with ours.
                 key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
                 if key != last_key:
-                    _announce(cfg)
+                    _announce(cfg, conn, changes)
                     last_key = key
                 if not active and not todo:
                     break

@@ -1,21 +1,29 @@
 """set-boot and render: inventory -> plan what each node boots -> render -> stage.
 
-The only place that writes boot files, always under the render lock so two commands on
-overlapping nodes queue instead of interleaving.
+set-boot is one database transaction: `pxe-stage serve` renders each node's loader config from
+the database when the loader asks (pxe.serve.bootconfigs). Per-node files are written only for
+sites whose TFTP/HTTP come from tftpd-hpa/nginx (`[boot] write_files`, or `render --servers`);
+this is the only place that writes them, under the render lock so two commands on overlapping
+nodes queue instead of interleaving.
 """
 
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pxe import atomic, db, dhcp, render, stage
+from pxe import atomic, db
 from pxe.config import Config
-from pxe.errors import InputError
-from pxe.images import Catalog, Image
-from pxe.inventory import Inventory, Node
-from pxe.render import Renderer
+from pxe.errors import InputError, NotFound
+from pxe.images import Catalog
+from pxe.inventory import Inventory
+
+if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
+    from pxe import render
+    from pxe.images import Image
 
 
 @dataclass
@@ -28,53 +36,92 @@ class RenderReport:
     sources: dict[str, render.TemplateSource] = field(default_factory=dict)  # template -> file
 
 
+@dataclass(frozen=True)
+class BootSet:
+    """What set-boot recorded for one node."""
+
+    name: str
+    boot_target: str
+    desired_os: str | None
+    boot_token: str | None = field(default=None, repr=False)
+
+
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
-             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> list[Node]:
+             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> list[BootSet]:
     """Point the nodes' next network boot at image ``label`` (or at their local disk if None).
 
     A new one-time call-home token is issued for every node sent to an image. ``keep_tokens``
     (local disk only) keeps each node's current token: a stateful node that reported "installed"
-    still reports "ready" from its disk with it.
+    still reports "ready" from its disk with it. Reads only the columns it needs: 10,000 nodes
+    cost one query and one transaction.
     """
+    from pxe.nodeset import expand, fold
+
     inv = inventory or Inventory(cfg)
-    nodes = inv.select(spec)
+    names = expand(spec)
+    rows = _boot_rows(inv.conn, names)
+    missing = [n for n in names if n not in rows]
+    if missing:
+        raise NotFound(f"unknown node(s): {fold(missing)}")
     image: Image | None = None
     if label is not None:
         image = Catalog(cfg, inv.conn).get(label)
-        wrong = [n.name for n in nodes if n.arch != image.arch]
+        wrong = [n for n in names if rows[n][0] != image.arch]
         if wrong:
             raise InputError(f"image {label} is for {image.arch}; not for node(s) {', '.join(wrong)}")
-    names = [n.name for n in nodes]
     tokens = {n: secrets.token_urlsafe(24) for n in names} if image else None
     if keep_tokens and image is None:
-        tokens = {n.name: n.boot_token for n in nodes if n.boot_token}
-    renderer = Renderer(cfg)
+        tokens = {n: rows[n][1] for n in names if rows[n][1]}
+    target = "os" if image else "local"
     with atomic.locked(cfg.lock_path):
-        inv.set_boot(names, "os" if image else "local", label, tokens)
-        with db.transaction(inv.conn):
-            for name in names:
-                db.log_event(inv.conn, "set-boot", name, label or "local")
-        updated = inv.select(names)
-        files: dict[str, str] = {}
-        for node in updated:
-            files.update(renderer.node_boot_files(node, image))
-        stage.write_files(cfg, files)
-    return updated
+        with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
+            inv.set_boot(names, target, label, tokens)
+            db.log_events(inv.conn, "set-boot", names, label or "local")
+        if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
+            from pxe import stage
+            from pxe.render import Renderer
+
+            renderer = Renderer(cfg)
+            files: dict[str, str] = {}
+            for node in inv.select(names):
+                files.update(renderer.node_boot_files(node, image))
+            stage.write_files(cfg, files)
+    return [BootSet(n, target, label or rows[n][2], (tokens or {}).get(n)) for n in names]
+
+
+def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
+    """name -> (arch, boot_token, desired_os) of the named nodes that exist."""
+    out: dict[str, tuple] = {}
+    for start in range(0, len(names), 5000):
+        chunk = names[start:start + 5000]
+        marks = ",".join("?" * len(chunk))
+        for name, arch, token, desired in conn.execute(
+                f"SELECT name, arch, boot_token, desired_os FROM nodes WHERE name IN ({marks})",
+                chunk):
+            out[name] = (arch, token, desired)
+    return out
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                servers: bool = False) -> RenderReport:
-    """Render and install everything: DHCP config (checked by the daemon), boot files, loaders;
-    with ``servers``, also the dnsmasq/tftpd-hpa/nginx configs of pxe.serve.standard_configs."""
+    """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
+    boot-config file tree when files are served by others (``[boot] write_files``); with
+    ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
+    pxe.serve.standard_configs."""
+    from pxe import dhcp, render, stage
+
     inv = Inventory(cfg)
     nodes = inv.all()
-    images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
-    renderer = Renderer(cfg)
+    renderer = render.Renderer(cfg)
     text = renderer.dhcp_config(nodes)
+
+    def images() -> dict[str, Image]:
+        return {i.label: i for i in Catalog(cfg, inv.conn).all()}
+
     if check_only:  # every output rendered in memory (a broken template fails here), none written
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
-        files = renderer.all_boot_files(nodes, images)
+        files = renderer.all_boot_files(nodes, images())
         if servers:
             from pxe.serve import standard_configs
 
@@ -83,9 +130,14 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     with atomic.locked(cfg.lock_path):
         with render.naming_template(renderer):
             dhcp_changed = dhcp.install(cfg, text, reload=reload)
-        files = renderer.all_boot_files(nodes, images)
-        changed = stage.write_files(cfg, files)
-        pruned = stage.prune(cfg, files)
+        if cfg.boot.write_files or servers:
+            files = renderer.all_boot_files(nodes, images())
+            changed = stage.write_files(cfg, files)
+            pruned = stage.prune(cfg, files)
+        else:  # pxe-stage serve renders them per request: no files (and none left stale)
+            files, changed = {}, 0
+            pruned = stage.prune(cfg, ())
+            stage.remove_shared(cfg)
         loaders = stage.install_loaders(cfg)
         if servers:
             from pxe.serve import standard_configs

@@ -1,5 +1,8 @@
 """Put rendered boot files and boot loaders into the TFTP root (and the HTTP root for iPXE).
 
+Loader configs are files only where tftpd-hpa/nginx serve them (`[boot] write_files`);
+`pxe-stage serve` renders them per request.
+
 Every file goes in by temp file + rename, so a node that is booting right now reads either
 the old or the new file, never half of one.
 """
@@ -20,7 +23,8 @@ LOADER_SOURCES: dict[str, tuple[str, ...]] = {
     "pxelinux.0": ("/usr/lib/PXELINUX/pxelinux.0",),
     "ldlinux.c32": ("/usr/lib/syslinux/modules/bios/ldlinux.c32",),
     "grubx64.efi": ("/usr/lib/grub/x86_64-efi/monolithic/grubnetx64.efi",),
-    "ipxe.efi": ("/usr/lib/ipxe/ipxe.efi",),
+    "ipxe.efi": ("/usr/lib/ipxe/ipxe.efi", "/boot/ipxe.efi"),
+    "snponly.efi": ("/usr/lib/ipxe/snponly.efi",),
     "undionly.kpxe": ("/usr/lib/ipxe/undionly.kpxe",),
 }
 
@@ -53,6 +57,18 @@ def prune(cfg: Config, keep: Iterable[str]) -> list[str]:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                     removed.append(rel)
+    return removed
+
+
+def remove_shared(cfg: Config) -> list[str]:
+    """Remove the shared loader configs (default, dispatchers) of an earlier file tree."""
+    from pxe.render import SHARED_TEMPLATES
+
+    removed = []
+    for rel in SHARED_TEMPLATES:
+        with contextlib.suppress(FileNotFoundError):
+            (root_for(cfg, rel) / rel).unlink()
+            removed.append(rel)
     return removed
 
 

@@ -34,8 +34,8 @@ HELP = {
     "resume": "ResumeProgram: power nodes on into the OS their jobs ask for ($SLURM_RESUME_FILE), "
               "else the one they had",
     "suspend": "SuspendProgram: power nodes off",
-    "sync": "slurmctld host, from a timer: set nodes whose re-image failed DOWN in Slurm with "
-            "dynprov's reason (each failed run once)",
+    "sync": "manual fallback (the run driver's hook does it at once): set nodes whose re-image "
+            "failed DOWN in Slurm with dynprov's reason (each failed run once)",
 }
 ALIASES = ("helper", "reboot", "resume", "suspend")  # commands of their own: dynprov-slurm-<verb>
 

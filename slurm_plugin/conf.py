@@ -16,7 +16,8 @@ installed on the nodes and the slurmctld host; default: beside this command, els
 helper
 (the Helper= program; default tools_dir's dynprov-slurm-helper; contrib/slurm/dynprov-slurm-helper
 is a sh fast path for it), resume_timeout (seconds; default the longest image prov_seconds plus
-60), exec_time (helper ExecTime, s, default 10).
+60), exec_time (helper ExecTime, s, default 10), slurm_conf (the slurm.conf the run driver's
+hook hands scontrol as SLURM_CONF when it sets a failed node DOWN; default Slurm's own).
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ class SlurmSettings:
     helper: str | None = None
     resume_timeout: int | None = None
     exec_time: int = 10
+    slurm_conf: str | None = None
 
 
 def settings(cfg: Config) -> SlurmSettings:
     raw: dict[str, Any] = cfg.raw.get("slurm") or {}
     if not isinstance(raw, dict):
         raise InputError(f"{cfg.path}: [slurm]: must be a table")
-    known = {"tools_dir", "helper", "resume_timeout", "exec_time"}
+    known = {"tools_dir", "helper", "resume_timeout", "exec_time", "slurm_conf"}
     for key in raw:
         if key not in known:
             raise InputError(f"{cfg.path}: slurm.{key}: unknown key (known: "
@@ -67,7 +69,7 @@ def settings(cfg: Config) -> SlurmSettings:
                 raise InputError(f"{cfg.path}: slurm.{key}: must be an integer >= {low}, "
                                  f"got {value!r}")
             values[key] = value
-    for key in ("tools_dir", "helper"):
+    for key in ("tools_dir", "helper", "slurm_conf"):
         if key in raw:
             value = raw[key]
             if not isinstance(value, str) or not _SAFE_PATH.match(value):

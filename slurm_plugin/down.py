@@ -4,21 +4,37 @@ Without this slurmctld only learns after ResumeTimeout that a rebooted node neve
 and says "reboot timed out". With it the node is DOWN within a few seconds of the run's failure,
 with our reason (``scontrol show node`` / ``sinfo -R``), and its job is requeued elsewhere.
 
-Each failed run of a node is reported once (settings key ``slurm-down:<node>`` = run id), so an
-admin's ``scontrol update State=RESUME`` is not undone by the next sync. Called as
-`dynprov-slurm sync` (a timer on the slurmctld host) and, once the toolkit's state-change hook
-exists, from it for each node that ends a run failed or timed out.
+Two callers. ``on_event`` is the face's subscriber to the toolkit's state-change hook
+(entry point ``slurm`` in group ``dynprov.hooks``): the run driver calls it with the nodes whose
+state changed, and it sets those that became ``failed`` or ``timed out`` DOWN at once (bounded
+scontrol calls; it reads the state database, never writes it; a failure is logged, the change
+stands). `dynprov-slurm sync` is the manual fallback, for a failure the hook could not pass on
+(slurmctld down at that moment): it reports each failed run once (settings key
+``slurm-down:<node>`` = run id), so running it again does not undo an admin's
+``scontrol update State=RESUME``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 import sqlite3
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from pxe.errors import DynprovError
+
+if TYPE_CHECKING:
+    from pxe.config import Config
+    from pxe.hooks import Event
+
+log = logging.getLogger("dynprov.slurm")
+SCONTROL_TIMEOUT = 10.0  # seconds for one scontrol call from the hook
+HOOK_BUDGET = 20.0  # seconds the hook may spend on one event (it runs inside the run driver)
 
 SETTING = "slurm-down:"
 _REASON_BAD = re.compile(r"[^\x20-\x7e]")
@@ -29,13 +45,19 @@ def reason_text(reason: str) -> str:
     return ("dynprov: " + _REASON_BAD.sub(" ", reason or "re-image failed")).strip()[:200]
 
 
-def mark_down(node: str, reason: str, scontrol: str = "scontrol") -> None:
-    """scontrol update NodeName=NODE State=DOWN Reason="dynprov: ..." (argv, no shell)."""
+def mark_down(node: str, reason: str, scontrol: str = "scontrol", *, timeout: float = 30.0,
+              env: Mapping[str, str] | None = None) -> None:
+    """scontrol update NodeName=NODE State=DOWN Reason="dynprov: ..." (argv, no shell).
+    ``node`` may be a folded list (n[001-004]): one call for nodes with the same reason."""
     if not shutil.which(scontrol):
         raise DynprovError(f"{scontrol} not found: is slurm-client installed?")
-    proc = subprocess.run([scontrol, "update", f"NodeName={node}", "State=DOWN",
-                           f"Reason={reason_text(reason)}"],
-                          capture_output=True, text=True, timeout=30)
+    try:
+        proc = subprocess.run([scontrol, "update", f"NodeName={node}", "State=DOWN",
+                               f"Reason={reason_text(reason)}"], capture_output=True, text=True,
+                              timeout=timeout, env=None if env is None else dict(env),
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise DynprovError(f"scontrol update {node}: no answer within {timeout:g} s") from None
     if proc.returncode != 0:
         raise DynprovError(f"scontrol update {node}: "
                            f"{(proc.stderr or proc.stdout).strip() or proc.returncode}")
@@ -60,3 +82,37 @@ def sync(conn: sqlite3.Connection, failures: Sequence[tuple[str, int, str]],
             db.log_event(conn, "slurm-down", node, reason_text(reason), run_id)
         marked.append(node)
     return marked, errors
+
+
+def on_event(cfg: Config, event: Event) -> None:
+    """The hook subscriber: nodes of the scheduler's pool that became failed or timed out ->
+    DOWN in Slurm with dynprov's reason. Inactive without a ``[slurm]`` section."""
+    from pxe import hooks, states
+
+    if event.kind != hooks.NODES or "slurm" not in (getattr(cfg, "raw", None) or {}):
+        return
+    down = {c.node: c.reason or c.state for c in event.changes if c.state in states.DOWN}
+    if not down:
+        return
+    from slurm_plugin import conf, toolkit
+
+    ss = conf.settings(cfg)
+    pool = toolkit.scheduler_node_names(cfg)
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in sorted(down.items()):
+        if node in pool:
+            by_reason.setdefault(reason, []).append(node)
+    env = {**os.environ, "SLURM_CONF": ss.slurm_conf} if ss.slurm_conf else None
+    end = time.monotonic() + HOOK_BUDGET
+    for reason, names in by_reason.items():
+        folded = toolkit.fold(names)
+        left = end - time.monotonic()
+        if left <= 1:
+            log.warning("slurm: no time left to set %s DOWN (run dynprov-slurm sync)", folded)
+            continue
+        try:
+            mark_down(folded, reason, timeout=min(SCONTROL_TIMEOUT, left), env=env)
+        except DynprovError as exc:
+            log.warning("slurm: %s (run dynprov-slurm sync once slurmctld answers)", exc)
+            continue
+        log.info("slurm: %s DOWN: %s", folded, reason_text(reason))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from pxe.errors import DynprovError, InputError
@@ -21,6 +22,24 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _SERVER = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(?::\d{1,5})?/?")
 TIMEOUT = 8.0  # seconds per server call: slurmd's helper ExecTime default is 10
+
+
+MAX_READ = 65536  # os-release, the command line and the key are tiny; anything bigger is wrong
+
+
+def read_small(path: Path) -> str:
+    """A small regular file's text. Non-blocking open and a size cap: a FIFO or a device where
+    a file belongs must not hang slurmd's helper call (ExecTime) or fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file", str(path))
+        data = os.read(fd, MAX_READ + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_READ:
+        raise OSError(0, f"larger than {MAX_READ} bytes", str(path))
+    return data.decode("utf-8", errors="replace")
 
 
 def root() -> Path:
@@ -39,8 +58,10 @@ def os_label(base: Path | None = None) -> str:
     base = base or root()
     for rel in ("etc/os-release", "usr/lib/os-release"):
         try:
-            text = (base / rel).read_text(encoding="utf-8", errors="replace")
-        except OSError:
+            text = read_small(base / rel)
+        except OSError as exc:
+            if exc.errno == 0:  # there, but not a small regular file: say so, do not guess
+                raise DynprovError(f"{base / rel}: {exc.strerror}") from None
             continue
         values = {}
         for line in text.splitlines():
@@ -60,7 +81,7 @@ def cmdline(base: Path | None = None) -> dict[str, str]:
     """The dynprov.* parameters of this boot's kernel command line."""
     path = (base or root()) / "proc/cmdline"
     try:
-        words = path.read_text(encoding="utf-8", errors="replace").split()
+        words = read_small(path).split()
     except OSError as exc:
         raise DynprovError(f"{path}: {exc.strerror}") from None
     out = {}
@@ -88,7 +109,7 @@ def key_path(base: Path | None = None) -> Path:
 def read_key(base: Path | None = None) -> str:
     path = key_path(base)
     try:
-        key = path.read_text(encoding="ascii").strip()
+        key = read_small(path).strip()
     except OSError as exc:
         raise DynprovError(f"{path}: {exc.strerror}: run 'dynprov-slurm enroll' at boot") from None
     if not key:

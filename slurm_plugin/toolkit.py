@@ -1,8 +1,9 @@
 """The one adapter between the Slurm face and the toolkit (pxe/): everything the face needs.
 
-Kept in one module so that when the toolkit's scheduler-neutral entry point lands
-(``pxe.provision.start``), only this file changes. The node-side commands (helper, reboot) do not
-come here: they talk to the provisioning server over HTTP (pxe.serve.nodeapi).
+Runs start only through the toolkit's one provisioning entry point (``pxe.provision``), with the
+scheduler's pool, like every other face. The node-side commands (helper, reboot) do not come
+here: they talk to the provisioning server over HTTP (pxe.serve.nodeapi), which calls
+``pxe.provision.start`` as well.
 """
 
 from __future__ import annotations
@@ -46,6 +47,19 @@ def scheduler_nodes(cfg: Config, conn: sqlite3.Connection) -> list[tuple[str, st
         "SELECT name, arch FROM nodes WHERE pool = ? ORDER BY name", (scheduler_pool(cfg),))]
 
 
+def scheduler_node_names(cfg: Config) -> set[str]:
+    """Names of the nodes in the scheduler's pool (read on a connection of its own)."""
+    from pxe import db
+    from pxe.pools import scheduler_pool
+
+    conn = db.connect(cfg.db_path)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM nodes WHERE pool = ?",
+                                           (scheduler_pool(cfg),))}
+    finally:
+        conn.close()
+
+
 def node_images(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, str | None]:
     """The image each node runs or is about to boot (its next network boot), if any."""
     out: dict[str, str | None] = {}
@@ -61,15 +75,14 @@ def node_images(conn: sqlite3.Connection, names: Sequence[str]) -> dict[str, str
 def start(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], label: str, *,
           force: bool = False) -> Started:
     """Provision ``names`` into ``label`` (power-cycling them through their BMCs); returns at
-    once, the run driver does the work."""
-    from pxe import run
+    once, the run driver does the work (pxe.provision.start, refusing nodes outside the pool)."""
+    from pxe import provision
     from pxe.pools import scheduler_pool
 
-    req = run.request(cfg, conn, list(names), label, force=force, pool=scheduler_pool(cfg))
-    if req.started or req.joined:
-        run.spawn_driver(cfg)
-    return Started(label=label, run_id=req.run_id, accepted=req.accepted,
-                   refused={r.node: r.reason for r in req.refused})
+    out = provision.start(cfg, list(names), label, force=force, pool=scheduler_pool(cfg),
+                          conn=conn)
+    return Started(label=out.label, run_id=out.run_id, accepted=out.accepted,
+                   refused=dict(out.refused))
 
 
 def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: str
@@ -82,17 +95,25 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
 
 def failed_runs(cfg: Config, conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
     """(node, run_id, reason) of scheduler-pool nodes whose latest run ended failed or timed
-    out and that have not been re-imaged since."""
-    from pxe import run
+    out (a passed deadline counts, pxe.states.effective), or that the driver set failed after
+    it (next boot could not be reset), and that have not been re-imaged since. Reads only."""
+    from pxe import states
     from pxe.pools import scheduler_pool
 
-    names = [r[0] for r in conn.execute(
-        "SELECT name FROM nodes WHERE pool = ? AND state IN ('failed', 'timed out')",
-        (scheduler_pool(cfg),))]
-    run.expire(cfg, conn)  # a due timeout counts now, not when the driver next looks
-    return [(name, row["run_id"], row["reason"] or row["state"])
-            for name, row in sorted(run.latest(conn, names).items())
-            if row["state"] in ("failed", "timed out")]
+    out = []
+    for name, node_state, node_reason in conn.execute(
+            "SELECT name, state, state_reason FROM nodes WHERE pool = ? ORDER BY name",
+            (scheduler_pool(cfg),)).fetchall():
+        row = conn.execute("SELECT run_id, state, reason, deadline FROM run_nodes WHERE node = ? "
+                           "ORDER BY run_id DESC LIMIT 1", (name,)).fetchone()
+        if row is None:
+            continue
+        state = states.effective(row[1], row[3])
+        if state in states.DOWN:
+            out.append((name, row[0], row[2] or state))
+        elif state == states.READY and node_state in states.DOWN:
+            out.append((name, row[0], node_reason or node_state))
+    return out
 
 
 def expand(nodelist: str) -> list[str]:

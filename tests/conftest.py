@@ -64,10 +64,12 @@ class Site:
 def make_site(root: Path, backend: str = "dnsmasq") -> Site:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "dynprov.toml"
-    # The Moab face subscribes through its entry point (pyproject.toml); named here as well so
+    # The faces subscribe through their entry points (pyproject.toml); named here as well so
     # the tests do not depend on how this checkout was installed (pxe.hooks drops duplicates).
+    # The Slurm face's subscriber does nothing without a [slurm] section.
     path.write_text(config.example(root, backend=backend)
-                    + '\n[hooks]\nsubscribers = ["msm_plugin.wiki:on_event"]\n')
+                    + '\n[hooks]\nsubscribers = ["msm_plugin.wiki:on_event", '
+                    '"slurm_plugin.down:on_event"]\n')
     return Site(root=root, config_path=path)
 
 

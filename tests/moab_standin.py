@@ -413,9 +413,17 @@ class NodeSimulator:
                 self.boot(node)
 
     def boot_file(self, node: SimNode) -> str:
-        name = "01-" + node.mac.replace(":", "-")
-        path = Path(self.cfg.paths.tftp_root) / "pxelinux.cfg" / name
-        return path.read_text() if path.exists() else ""
+        """What `pxe-stage serve` answers for the node's pxelinux config (from the database)."""
+        from pxe.serve import files
+        from pxe.serve.bootconfigs import BootConfigs
+
+        configs = BootConfigs(self.cfg)  # one per call: boots come from several threads
+        try:
+            return (configs.lookup("pxelinux.cfg/01-" + node.mac.replace(":", "-")) or b"").decode()
+        except files.Missing:
+            return ""
+        finally:
+            configs.close()
 
     def boot(self, node: SimNode) -> None:
         """A PXE boot: the boot file our set-boot staged decides what runs."""

@@ -35,7 +35,11 @@ MODULES = {"pxe-stage": "pxe.cli.main", "os-switch": "msm_plugin.os_switch",
            "cluster-query": "msm_plugin.cluster_query", "node-power": "msm_plugin.node_power",
            "fg-moab": "msm_plugin.fg_moab", "fg-pool": "pxe.cli.fg_pool",
            "fg-moab-image": "msm_plugin.fg_moab_image", "fg-moab-group": "msm_plugin.fg_moab_group",
-           "fg-image-generate": "pxe.cli.fg_image_generate"}
+           "fg-image-generate": "pxe.cli.fg_image_generate",
+           # The Slurm face: one module, the dynprov-slurm-<verb> scripts are its verbs.
+           "dynprov-slurm": "slurm_plugin.cli", "dynprov-slurm-helper": "slurm_plugin.cli",
+           "dynprov-slurm-reboot": "slurm_plugin.cli", "dynprov-slurm-resume": "slurm_plugin.cli",
+           "dynprov-slurm-suspend": "slurm_plugin.cli"}
 HUGE_SET = "n[1-100000000]"
 LONG = "a" * 130_000  # just under the kernel's limit for one argument (MAX_ARG_STRLEN)
 CAP_MESSAGE = "node set names more than 100000 nodes"
@@ -470,14 +474,21 @@ FIFO_CONFIG_ARGV = {
     "fg-moab-group": ("--config", "{fifo}", "-list"),
     "fg-pool": ("--config", "{fifo}", "-list"),
     "fg-image-generate": ("--config", "{fifo}", "-label", "x", "-o", "{out}"),
+    "dynprov-slurm": ("config", "--site-config", "{fifo}"),
+    "dynprov-slurm-resume": ("resume", "n001", "--site-config", "{fifo}"),
+    "dynprov-slurm-suspend": ("suspend", "n001", "--site-config", "{fifo}"),
 }
+# Run by slurmd on the node: they read no site config, but the node's own files (below
+# $DYNPROV_NODE_ROOT); a FIFO there must not hang slurmd's call either.
+NODE_SIDE_ARGV = {"dynprov-slurm-helper": ("helper",), "dynprov-slurm-reboot": ("reboot",)}
 
 
 def test_every_console_script_is_covered():
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == set(FIFO_CONFIG_ARGV) == set(MODULES)
+    assert set(scripts) == set(FIFO_CONFIG_ARGV) | set(NODE_SIDE_ARGV) == set(MODULES)
+    assert {case[0] for case in NODE_FIFOS} == set(NODE_SIDE_ARGV)
     for name, target in scripts.items():
         assert MODULES[name] == target.split(":")[0]
 
@@ -497,6 +508,37 @@ def test_fifo_config_is_one_line_in_every_console_script(bench, cmd, tmp_path):
         assert proc.returncode == 2 and proc.stdout.startswith("ERROR: node-power: ")
     else:
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, out
-        assert proc.stderr.startswith(f"{cmd}: ")
+        prog = "dynprov-slurm" if cmd.startswith("dynprov-slurm") else cmd  # run as its module
+        assert proc.stderr.startswith(f"{prog}: ")
     assert bench.site.snapshot() == before
     assert not (tmp_path / "o").exists()
+
+
+NODE_FIFOS = [("dynprov-slurm-helper", "etc/os-release", ()),
+              ("dynprov-slurm-helper", "proc/cmdline", ("alpha",)),
+              ("dynprov-slurm-reboot", "proc/cmdline", ()),
+              ("dynprov-slurm-reboot", "etc/dynprov/node-key", ())]
+
+
+@pytest.mark.parametrize(("cmd", "fifo", "extra"), NODE_FIFOS)
+def test_fifo_in_the_node_root_is_one_line_not_a_hang(bench, cmd, fifo, extra, tmp_path):
+    """slurmd runs the helper at every registration: a FIFO where the node's os-release or
+    command line belongs is refused at once, named, one line, exit 1."""
+    node_root = tmp_path / "node"
+    for rel in ("etc/os-release", "proc/cmdline", "etc/dynprov/node-key"):
+        (node_root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (node_root / "etc/os-release").write_text("ID=debian\nIMAGE_ID=alpha\n")
+    (node_root / "proc/cmdline").write_text("dynprov.server=http://127.0.0.1:9 dynprov.node=n001\n")
+    (node_root / "etc/dynprov/node-key").write_text("k" * 64 + "\n")
+    (node_root / fifo).unlink()
+    os.mkfifo(node_root / fifo)
+    argv = [*NODE_SIDE_ARGV[cmd], *extra]  # the no-argument helper reads only os-release
+    env = {**os.environ, "DYNPROV_NODE_ROOT": str(node_root)}
+    env.pop("DYNPROV_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", MODULES[cmd], *argv], capture_output=True,
+                          text=True, env=env, timeout=30, cwd=ROOT, stdin=subprocess.DEVNULL)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out and len(proc.stderr.splitlines()) == 1, out
+    assert proc.stderr.startswith("dynprov-slurm: ") and "not a regular file" in out, out
+    assert str(node_root / fifo) in out, out

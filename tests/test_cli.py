@@ -96,6 +96,8 @@ def test_import_all_or_nothing(site, tmp_path):
 
 
 def test_two_set_boots_at_once_on_overlapping_nodes(site, kernel):
+    # Loader configs as files (tftpd-hpa sites): the files must agree with the database.
+    site.config_path.write_text(site.config_path.read_text() + "\n[boot]\nwrite_files = true\n")
     cfg = site.cfg
     lines = ["name,mac"] + [f"n{i:03d},52:54:00:00:01:{i:02x}" for i in range(1, 81)]
     (site.root / "nodes.csv").write_text("\n".join(lines) + "\n")

@@ -19,7 +19,11 @@ def test_example_loads(tmp_path):
     assert cfg.network.subnet == "198.18.0.0/24"
     assert cfg.dhcp.backend == "dnsmasq"
     assert cfg.paths.state_dir == tmp_path / "state"
-    assert cfg.boot.bios_loader == "pxelinux.0"
+    # iPXE over HTTP by default: TFTP carries only the first loader, iPXE itself.
+    assert cfg.boot.ipxe_http and cfg.boot.write_files is False
+    assert (cfg.boot.bios_loader, cfg.boot.uefi_loader) == ("undionly.kpxe", "ipxe.efi")
+    tftp_only = config.load(write(tmp_path, config.example(tmp_path) + "[boot]\nipxe_http = false\n"))
+    assert (tftp_only.boot.bios_loader, tftp_only.boot.uefi_loader) == ("pxelinux.0", "grubx64.efi")
 
 
 def test_env_variable_is_used(tmp_path, monkeypatch):

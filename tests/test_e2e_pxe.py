@@ -1,9 +1,10 @@
-"""e2e, the bare chain: one QEMU node PXE-boots through OUR rendered dnsmasq config, the boot
-files set-boot staged and `pxe-stage serve`, into a minimal busybox initramfs that calls home.
+"""e2e, the bare chain: one QEMU node PXE-boots through OUR rendered dnsmasq config and
+`pxe-stage serve` (loader configs rendered from the database per request), into a minimal
+busybox initramfs that calls home; over HTTP (iPXE) and over TFTP only, BIOS and UEFI.
 
 No BMC and no run driver here (QEMU is started directly): when the full-stack tests fail, this
-one tells whether the network boot itself works, BIOS (iPXE ROM -> pxelinux) and UEFI (OVMF ->
-GRUB).
+one tells whether the network boot itself works: BIOS (iPXE ROM -> boot.ipxe over HTTP, or
+pxelinux over TFTP) and UEFI (OVMF -> ipxe.efi over TFTP -> HTTP, or GRUB over TFTP).
 """
 
 from __future__ import annotations
@@ -49,9 +50,27 @@ def _wait_for(path: Path, text: str, timeout: float, proc_alive=None) -> bool:
     return False
 
 
-@pytest.mark.parametrize("firmware", ["bios", "uefi"])
-def test_pxe_boot_through_rendered_config(site, tmp_path, firmware):
+def _serve_counters(ns: netns.Netns, url: str) -> dict[str, float]:
+    """serve's /metrics, read from inside the namespace."""
+    out = subprocess.run(ns.argv(["curl", "-s", "-S", "--max-time", "10", url]),
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    values = {}
+    for row in out.splitlines():
+        if row and not row.startswith("#"):
+            name, _, value = row.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+# Both transports, both firmwares: iPXE fetching script, kernel and initrd over HTTP (the
+# default; TFTP carries only the first loader) and the all-TFTP chain (pxelinux / GRUB).
+@pytest.mark.parametrize("firmware,transport", [("bios", "http"), ("uefi", "http"),
+                                                ("bios", "tftp"), ("uefi", "tftp")])
+def test_pxe_boot_through_rendered_config(site, tmp_path, firmware, transport):
     need_root_tools()
+    if transport == "tftp":
+        site.config_path.write_text(site.config_path.read_text()
+                                    + "\n[boot]\nipxe_http = false\n")
     kroot = kernel_root()
     initrd = build_initramfs(tmp_path / "initrd.gz", kroot)
     site.run("images", "add", "tiny", "--kernel", str(kernel_image(kroot)), "--initrd",
@@ -95,7 +114,17 @@ def test_pxe_boot_through_rendered_config(site, tmp_path, firmware):
             text = log.read_text(errors="replace")
             assert "DYNPROV-TEST: node=n1 image=tiny" in text
             assert "DYNPROV-TEST: dhcp 198.18.0.11" in text
-            print(f"{firmware}: power on -> initramfs up in {took:.1f} s")
+            print(f"{firmware} over {transport}: power on -> initramfs up in {took:.1f} s")
+            counters = _serve_counters(ns, f"http://{cfg.network.server}:{cfg.boot.http_port}"
+                                           "/metrics")
+            kernel_size = kernel_image(kroot).stat().st_size
+            tftp_bytes = counters["dynprov_tftp_bytes_total"]
+            http_bytes = counters["dynprov_http_bytes_total"]
+            if transport == "http":  # TFTP carried at most the first loader (iPXE itself)
+                loader = (cfg.paths.tftp_root / cfg.boot.uefi_loader).stat().st_size
+                assert tftp_bytes <= 2 * loader < kernel_size <= http_bytes, counters
+            else:
+                assert tftp_bytes >= kernel_size + initrd.stat().st_size, counters
             # It called home through serve with its one-time token: the node is ready.
             shown = json.loads(site.run("nodes", "show", "n1", "--json", check=True).stdout)[0]
             assert shown["state"] == "ready", shown

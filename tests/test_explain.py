@@ -33,6 +33,8 @@ def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
     root.mkdir()
     path = root / "dynprov.toml"
     tftp_port, http_port = free_port(), free_port()
+    if "ipxe_http" not in boot_extra:  # these tests walk the all-TFTP chain unless they say so
+        boot_extra = "ipxe_http = false\n" + boot_extra
     path.write_text(config.example(root, interface="lo", subnet="127.0.0.0/24",
                                    server="127.0.0.1")
                     + f"\n[boot]\nhttp_port = {http_port}\n{boot_extra}\n")
@@ -164,6 +166,7 @@ def test_missing_blob_is_one_problem_with_its_fix(lo_site, image):
     assert steps(data)["kernel over TFTP"]["problem"] is None
 
 
+@pytest.mark.parametrize("lo_site", ["write_files = true"], indirect=True)  # files on disk
 def test_stale_loader_config_on_disk_is_named(lo_site, image):
     conf = lo_site.root / "tftp" / "pxelinux.cfg" / ("01-" + MAC.replace(":", "-"))
     conf.write_text(conf.read_text().replace("KERNEL blobs/", "KERNEL old/"))
@@ -203,7 +206,8 @@ def test_unknown_node_and_bad_name(lo_site, image):
     assert lo_site.snapshot() == before
 
 
-@pytest.mark.parametrize("lo_site", ["ipxe_http = true"], indirect=True)
+@pytest.mark.parametrize("lo_site", ['ipxe_http = true\nuefi_loader = "grubx64.efi"'],
+                         indirect=True)
 def test_uefi_node_grub_chain_and_ipxe_over_http(lo_site, tmp_path):
     image = add_image_and_node(lo_site, tmp_path, "--firmware", "uefi")
     with serving(lo_site):

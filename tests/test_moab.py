@@ -203,15 +203,17 @@ def test_cluster_query_cache_follows_every_commit(site: Site, tmp_path: Path) ->
     first = site.run(cmd="cluster-query").stdout
     assert site.run(cmd="cluster-query").stdout == first  # served from the report file
     for i in range(5):
-        conn.execute("UPDATE nodes SET state = 'failed', state_reason = ? WHERE name = 'n002'",
-                     (f"change {i}",))
+        with db.transaction(conn):  # every writer's COMMIT bumps the change stamp
+            conn.execute("UPDATE nodes SET state = 'failed', state_reason = ? "
+                         "WHERE name = 'n002'", (f"change {i}",))
         assert parse_wiki(site.run(cmd="cluster-query").stdout)["n002"]["MESSAGE"] == \
             f"change {i}"
     # a new image is in OSLIST at the next poll
     add_images(cfg, tmp_path, rocky9={})
     assert "rocky9" in parse_wiki(site.run(cmd="cluster-query").stdout)["n001"]["OSLIST"]
     # --refresh rewrites the file:// report and prints nothing
-    conn.execute("UPDATE nodes SET state = 'off' WHERE name = 'n003'")
+    with db.transaction(conn):
+        conn.execute("UPDATE nodes SET state = 'off' WHERE name = 'n003'")
     proc = site.run("--refresh", cmd="cluster-query")
     assert proc.returncode == 0 and proc.stdout == ""
     report = cfg.paths.state_dir / wiki.REPORT_NAME

@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 
 # Copied into the venv test's work dir: what the unit tests read besides the code (their own
 # helpers, the tools they run, the hand-written man-page sections, pytest's settings).
-TEST_SUPPORT = ("tests", "tools", "docs", "pyproject.toml")
+TEST_SUPPORT = ("tests", "tools", "docs", "contrib", "pyproject.toml")
 BUILD_JUNK = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "build", "dist", "*.egg-info",
                                     ".pytest_cache", ".ruff_cache", ".venv")
 

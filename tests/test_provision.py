@@ -111,6 +111,11 @@ def test_run_cli_bad_input_changes_nothing(site: Site, tmp_path: Path) -> None:
         assert changed == set(), changed
 
 
+def _changes(cfg) -> list:
+    path = cfg.paths.state_dir / "changes.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
 # -- the hook ------------------------------------------------------------------------------------------
 def _hooks(site: Site, body: str) -> None:
     """Replace the site's [hooks] section (conftest's make_site writes one, last)."""
@@ -220,3 +225,47 @@ def test_start_refuses_bad_input_before_storing(site: Site) -> None:
         with pytest.raises(InputError):
             provision.start(cfg, nodes, label)
     assert site.snapshot() == before
+
+
+@pytest.mark.integration
+def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: Path) -> None:
+    """A node reported ready while no driver ran, but its boot file cannot be rewritten (a
+    directory stands where it goes): the next driver cannot send it back to the disk, so the
+    node is failed (Down, for the scheduler) with the reason, and the hook's event says so."""
+    _hooks(site, 'subscribers = ["msm_plugin.wiki:on_event", '
+                 '"tests.hook_recorder:record_changes"]')
+    with cluster(site, tmp_path, 1, behaviours={"n001": "silent"},
+                 images={"centos5": {"prov_seconds": 600}}) as c:
+        conn = db.connect(c.cfg.db_path)
+        a = provision.start(c.cfg, "n001", "centos5", conn=conn)
+        wait_for(lambda: [r["state"] for r in run_nodes(c.cfg)] == ["power-cycled"])
+        lock = c.cfg.paths.state_dir / "run-driver.lock"
+        pid = int(lock.read_text().split()[0])
+        assert pid == a.driver_pid
+        _reap(pid)
+        record_report(conn, "n001", node_row(c.cfg, "n001")["boot_token"], "ready")
+        mac = c.node("n001").mac
+        blocker = Path(c.cfg.paths.tftp_root) / "pxelinux.cfg" / ("01-" + mac.replace(":", "-"))
+        blocker.unlink()
+        blocker.mkdir()
+        (blocker / "keep").write_text("x")  # a rename onto a non-empty directory fails
+
+        new = run.spawn_driver(c.cfg)
+        assert new is not None
+        wait_for(lambda: node_row(c.cfg, "n001")["state"] == "failed")
+        row = node_row(c.cfg, "n001")
+        assert "cannot reset it to the disk" in row["state_reason"], row["state_reason"]
+        assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'set-boot-failed' "
+                            "AND node = 'n001'").fetchone()[0] >= 1
+        # the hook's event carries the change (what the Slurm face turns into DOWN); the Moab
+        # face, called before it, shows the node Down
+        wait_for(lambda: any(n == "n001" and s == "failed" and "cannot reset" in r
+                             for n, s, r in _changes(c.cfg)))
+        view = parse_wiki((c.cfg.paths.state_dir / wiki.REPORT_NAME).read_text())
+        assert view["n001"]["STATE"] == "Down" and "cannot reset" in view["n001"]["MESSAGE"]
+        blocker.joinpath("keep").unlink()
+        blocker.rmdir()
+        wait_for(lambda: not run.driver_running(c.cfg), 60)
+        if new is not None:
+            os.waitpid(new, 0)
+        conn.close()

@@ -42,8 +42,10 @@ def test_dhcp_configs_have_a_host_per_node_and_arch_boot_files(site):
     dnsmasq_text = Renderer(cfg).dhcp_config(nodes, "dnsmasq")
     assert "dhcp-host=52:54:00:aa:00:01,198.18.0.11,n001,infinite" in dnsmasq_text
     assert "dhcp-host=52:54:00:bb:00:01,52:54:00:bb:00:02,multi,infinite" in dnsmasq_text
-    assert "dhcp-boot=tag:efi64,grubx64.efi,,198.18.0.1" in dnsmasq_text
-    assert "dhcp-boot=tag:!efi64,pxelinux.0,,198.18.0.1" in dnsmasq_text
+    # iPXE over HTTP by default: TFTP carries only the first loader.
+    assert "dhcp-boot=tag:ipxe,http://198.18.0.1:8080/boot.ipxe" in dnsmasq_text
+    assert "dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,198.18.0.1" in dnsmasq_text
+    assert "dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,198.18.0.1" in dnsmasq_text
     isc_text = Renderer(cfg).dhcp_config(nodes, "isc")
     assert "host multi-1 { hardware ethernet 52:54:00:bb:00:02;" in isc_text
     assert "fixed-address 198.18.0.12;" in isc_text
@@ -85,9 +87,17 @@ def test_rejected_config_keeps_the_old_one(tmp_path, backend):
     assert not [p for p in cfg.dhcp.config_file.parent.iterdir() if p.name.endswith(".new")]
 
 
+def write_files(site):
+    """A site whose TFTP/HTTP come from tftpd-hpa/nginx: loader configs as files (and pxelinux
+    and GRUB over TFTP, as such sites boot)."""
+    site.config_path.write_text(site.config_path.read_text()
+                                + "\n[boot]\nwrite_files = true\nipxe_http = false\n")
+    return site
+
+
 @pytest.mark.unit
 def test_boot_files_for_os_and_local(site, kernel, tmp_path):
-    cfg = populate(site)
+    cfg = populate(write_files(site))
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"x" * 100)
     image = Catalog(cfg).add("centos5", kernel, initrd, cmdline="console=ttyS0,115200")
@@ -112,7 +122,7 @@ def test_boot_files_for_os_and_local(site, kernel, tmp_path):
 @pytest.mark.integration
 @needs_daemons
 def test_full_render_writes_defaults_loaders_and_prunes(site, kernel):
-    cfg = populate(site)
+    cfg = populate(write_files(site))
     report = render_all(cfg)
     tftp = cfg.paths.tftp_root
     assert "LOCALBOOT 0" in (tftp / "pxelinux.cfg/default").read_text()
@@ -131,9 +141,13 @@ def test_full_render_writes_defaults_loaders_and_prunes(site, kernel):
 @pytest.mark.parametrize("backend", ["dnsmasq", "isc"])
 def test_ipxe_http_variant_passes_the_daemon_check(tmp_path, backend):
     site = make_site(tmp_path / "s", backend=backend)
-    site.config_path.write_text(site.config_path.read_text() + "\n[boot]\nipxe_http = true\n")
-    cfg = populate(site)
+    cfg = populate(site)  # the default: iPXE over HTTP
     text = Renderer(cfg).dhcp_config(Inventory(cfg).all())
     assert "http://198.18.0.1:8080/boot.ipxe" in text
     dhcp.check(cfg, text)
-    assert "boot.ipxe" not in Renderer(populate(make_site(tmp_path / "t", backend))).dhcp_config([])
+    tftp_only = make_site(tmp_path / "t", backend)
+    tftp_only.config_path.write_text(tftp_only.config_path.read_text()
+                                     + "\n[boot]\nipxe_http = false\n")
+    text = Renderer(populate(tftp_only)).dhcp_config(Inventory(tftp_only.cfg).all())
+    assert "boot.ipxe" not in text
+    dhcp.check(tftp_only.cfg, text)

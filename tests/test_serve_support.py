@@ -22,6 +22,7 @@ import httpx
 
 from pxe.lab.ports import free_port
 from pxe.serve import metrics, settings, tftp
+from pxe.serve.bootconfigs import BootConfigs
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,8 @@ def tftp_thread(site: Any, **overrides: Any) -> Iterator[ThreadServer]:
     sock = tftp.bind(LOOPBACK, 0)
     counters = metrics.Counters(1)
     worker = tftp.Worker(sock, str(cfg.paths.tftp_root), s,
-                         threading.BoundedSemaphore(s.max_transfers), counters.row(0))
+                         threading.BoundedSemaphore(s.max_transfers), counters.row(0),
+                         configs=BootConfigs(cfg))  # as the daemon's workers
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()

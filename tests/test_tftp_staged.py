@@ -45,6 +45,8 @@ def fetch(port: int, name: str) -> bytes:
 
 
 def test_pxe_client_names_fetch_byte_for_byte(site, tftpd, kernel, tmp_path):
+    # tftpd-hpa serves files: the site writes its loader configs as files.
+    site.config_path.write_text(site.config_path.read_text() + "\n[boot]\nwrite_files = true\n")
     cfg = site.cfg
     Inventory(cfg).add([
         build(cfg, {"name": "bios1", "mac": "52:54:00:aa:00:01", "ip": "198.18.0.11"}),

@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_common as bc  # noqa: E402
 
 PASSWORD = "bench-password-123"
 
@@ -192,7 +195,12 @@ def main() -> int:
             print(f"{row['what']:<52} {row['per_second']:>9} {row['requests']:>9} {row['errors']:>7} "
                   f"{row['clients']}")
         print(f"({args.nodes} nodes, {args.workers} server workers, {os.cpu_count()} cores, "
-              f"{args.seconds} s per phase)")
+              f"{args.seconds} s per phase; {bc.load_note()})")
+    fields: dict[str, object] = {"nodes": args.nodes, "workers": args.workers}
+    for i, row in enumerate(results):
+        fields[f"phase{i + 1}_per_s"] = row["per_second"]
+        fields[f"phase{i + 1}_errors"] = row["errors"]
+    bc.result(fields, False)  # --json printed the rows above
     return 0
 
 

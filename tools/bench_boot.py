@@ -9,11 +9,13 @@ Each simulated node does what its firmware and boot loader would, with its own M
   config name (not found, as on real hardware), `pxelinux.cfg/01-<mac>`, then kernel and initrd
   over TFTP from that file;
 then it calls home (`booting`, then `ready`) with the token from its kernel command line.
-Every file's size is checked and every answer must be the expected one. Reported: wall time,
-seconds per 100 nodes, failures, and the median time of each step.
+Every file's size is checked and every answer must be the expected one. Both chains by default,
+in --rounds interleaved rounds (a set-boot before each: new one-time tokens). Reported per
+chain: wall time (median, spread), seconds per 100 nodes, failures, the median time of each
+step, and HTTP / TFTP (goal <= 0.6); ends with `RESULT ...` (tools/bench_common.result).
 
-    python3 tools/bench_boot.py [--nodes 500] [--chain ipxe|pxelinux] [--kernel-mb 8]
-                                [--initrd-mb 16] [--client-procs 2]
+    python3 tools/bench_boot.py [--nodes 500] [--chain both|ipxe|pxelinux] [--rounds 3]
+                                [--kernel-mb 8] [--initrd-mb 16] [--client-procs 2] [--json]
 
 The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). The
 nodes' TFTP/HTTP traffic goes to 127.0.0.1 only; the site is a temp dir, removed at the end.
@@ -281,7 +283,9 @@ def build_site(work: Path, args: argparse.Namespace, ports: dict[str, int]) -> t
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=500)
-    ap.add_argument("--chain", choices=("ipxe", "pxelinux"), default="ipxe")
+    ap.add_argument("--chain", choices=("both", "ipxe", "pxelinux"), default="both")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per chain")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     ap.add_argument("--kernel-mb", type=int, default=8)
     ap.add_argument("--initrd-mb", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=2)
@@ -296,54 +300,84 @@ def main() -> int:
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:
+    from pxe import config
+    from pxe.setboot import set_boot
+
     ports = {"tftp": bc.free_port(), "http": bc.free_port()}
     print(f"building a site with {args.nodes} nodes ...", file=sys.stderr)
     cfg_path, setup = build_site(work, args, ports)
     nodes = setup["nodes"]
-    specs = []
-    for i in range(args.client_procs):
-        spec = {"nodes": nodes[i::args.client_procs], "chain": args.chain, "sizes": setup["sizes"],
-                "tftp_port": ports["tftp"], "http_port": ports["http"]}
-        path = work / f"client-{i}.json"
-        path.write_text(json.dumps(spec))
-        specs.append(path)
+    chains = ("ipxe", "pxelinux") if args.chain == "both" else (args.chain,)
+    specs: dict[str, list[Path]] = {}
+    for chain in chains:
+        for i in range(args.client_procs):
+            spec = {"nodes": nodes[i::args.client_procs], "chain": chain,
+                    "sizes": setup["sizes"], "tftp_port": ports["tftp"],
+                    "http_port": ports["http"]}
+            path = work / f"client-{chain}-{i}.json"
+            path.write_text(json.dumps(spec))
+            specs.setdefault(chain, []).append(path)
+    walls: dict[str, list[float]] = {c: [] for c in chains}
+    failures: dict[str, list[str]] = {c: [] for c in chains}
+    timings: dict[str, dict[str, list[float]]] = {c: {s: [] for s in STEPS} for c in chains}
+    cfg = config.load(cfg_path)
     with bc.server(bc.serve_argv(cfg_path), work / "serve.log"):
         bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{ports['http']}/healthz"),
                       "serve")
-        print(f"booting {args.nodes} nodes ({args.chain} chain) ...", file=sys.stderr)
-        seconds, outs = bc.parallel([[sys.executable, __file__, "--client", str(p)]
-                                     for p in specs], timeout=3600)
+        for r in range(args.rounds):
+            for chain in (chains if r % 2 == 0 else chains[::-1]):
+                # a new one-time token per boot, as a real switch issues (one transaction)
+                set_boot(cfg, [n["name"] for n in nodes], "bench")
+                print(f"round {r + 1}/{args.rounds}: booting {args.nodes} nodes ({chain} "
+                      f"chain) ...", file=sys.stderr)
+                seconds, outs = bc.parallel([[sys.executable, __file__, "--client", str(p)]
+                                             for p in specs[chain]], timeout=3600)
+                walls[chain].append(seconds)
+                for out in outs:
+                    if out.startswith("FAILED"):
+                        failures[chain].append(out)
+                        continue
+                    result = json.loads(out)
+                    failures[chain] += result["failures"]
+                    for s in STEPS:
+                        timings[chain][s] += result["timings"][s]
         metrics = subprocess.run(["curl", "-s", f"http://{bc.LOOPBACK}:{ports['http']}/metrics"],
                                  capture_output=True, text=True, timeout=30).stdout
-    failures: list[str] = []
-    timings: dict[str, list[float]] = {s: [] for s in STEPS}
-    for out in outs:
-        if out.startswith("FAILED"):
-            failures.append(out)
-            continue
-        result = json.loads(out)
-        failures += result["failures"]
-        for s in STEPS:
-            timings[s] += result["timings"][s]
-    booted = args.nodes - len(failures)
-    total_mb = (setup["sizes"]["kernel"] + setup["sizes"]["initrd"]) * booted / 1e6
-    print(f"{args.nodes} simulated PXE nodes, {args.chain} chain, kernel {args.kernel_mb} MiB + "
-          f"initrd {args.initrd_mb} MiB each, {args.client_procs} client processes, "
-          f"serve with defaults ({bc.load_note()})")
-    print(f"all booted: {booted}/{args.nodes} in {seconds:.1f} s = "
-          f"{seconds / args.nodes * 100:.1f} s per 100 nodes ({total_mb / seconds:.0f} MB/s of "
-          f"kernels+initrds)")
-    print(bc.table(["step", "median s", "max s"],
-                   [[s, f"{statistics.median(v):.2f}", f"{max(v):.2f}"]
-                    for s, v in timings.items() if v]))
+    print(f"{args.nodes} simulated PXE nodes, kernel {args.kernel_mb} MiB + initrd "
+          f"{args.initrd_mb} MiB each, {args.client_procs} client processes, serve with "
+          f"defaults, {args.rounds} interleaved rounds ({bc.load_note()})")
+    rows = []
+    for chain in chains:
+        w = walls[chain]
+        rows.append([chain, "HTTP (iPXE)" if chain == "ipxe" else "TFTP only",
+                     f"{statistics.median(w):.2f}", bc.spread(w),
+                     f"{statistics.median(w) / args.nodes * 100:.1f}", len(failures[chain])])
+    print(bc.table(["chain", "kernel+initrd by", "wall s (median)", "spread s",
+                    "s per 100 nodes", "failed"], rows))
+    for chain in chains:
+        print(f"{chain} steps:")
+        print(bc.table(["step", "median s", "max s"],
+                       [[s, f"{statistics.median(v):.2f}", f"{max(v):.2f}"]
+                        for s, v in timings[chain].items() if v]))
     wanted = ("dynprov_tftp_transfers_total", "dynprov_tftp_retransmits_total",
               "dynprov_tftp_requests_total{result=\"busy\"}", "dynprov_reports_total{kind=\"ready\"")
     for line in metrics.splitlines():
         if line.startswith(wanted) and not line.endswith(" 0"):
             print(f"  {line}")
-    for f in failures[:20]:
+    every = [f for c in chains for f in failures[c]]
+    for f in every[:20]:
         print(f"FAILED {f}")
-    return 1 if failures else 0
+    fields: dict[str, object] = {"nodes": args.nodes, "rounds": args.rounds,
+                                 "failed": len(every)}
+    for chain in chains:
+        fields[f"{chain}_s"] = statistics.median(walls[chain])
+    if len(chains) == 2:
+        h, t = walls["ipxe"], walls["pxelinux"]
+        fields["http_vs_tftp"] = statistics.median(h) / statistics.median(t)
+        fields["http_vs_tftp_spread"] = f"{min(h) / max(t):.2f}-{max(h) / min(t):.2f}"
+        print(f"HTTP / TFTP wall time = {fields['http_vs_tftp']:.2f} (goal <= 0.6)")
+    bc.result(fields, args.json)
+    return 1 if every else 0
 
 
 if __name__ == "__main__":

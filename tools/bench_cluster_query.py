@@ -4,15 +4,18 @@ tool printing the same WIKI lines from the same database, in one run (not a time
 
     tools/bench_cluster_query.py [--nodes 10000] [--repeat 7]
 
-Measured, each as the median wall time of --repeat runs of a real process:
+Measured in --repeat interleaved rounds (every case once per round, order alternating), median
+and spread (min-max) of the wall time of a real process:
   floor     sqlite3 -batch DB "<one SELECT producing the same lines>"
   warm      cluster-query as Moab runs it (the console-script wrapper, no argument), the report
             file still true for the database's change key: stat + read + write, no SQLite
   lean      the same entry point from a `python3 -S` launcher (no site-packages processing)
-  cold      the same after a commit: one snapshot read, the report rebuilt and written
+  cold      the same after a commit (a writer's transaction, which bumps the change stamp): one
+            snapshot read, the report rebuilt and written; with pip's wrapper and the launcher
   python    `python3 -c pass` with the same interpreter: what any Python command pays to start
 and `file://` (CLUSTERQUERYURL pointing at the report file): no process at all, Moab reads the
-file; its cost here is one read of it. The aim is warm <= 3x the floor.
+file; its cost here is one read of it. The aim is cold <= 3x the floor with the launcher.
+Ends with `RESULT ...` (tools/bench_common.result).
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+from importlib.machinery import SourceFileLoader  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
 from msm_plugin import wiki  # noqa: E402
 from pxe import config, db  # noqa: E402
@@ -62,17 +73,12 @@ def populate(cfg: config.Config, count: int) -> None:
     conn.close()
 
 
-def timed(argv: list[str], env: dict[str, str], repeat: int, before=None) -> tuple[float, bytes]:
-    times, out = [], b""
-    for _ in range(repeat):
-        if before:
-            before()
-        start = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, env=env,
-                              check=True, timeout=120)
-        times.append(time.perf_counter() - start)
-        out = proc.stdout
-    return statistics.median(times), out
+def run_once(argv: list[str], env: dict[str, str], before=None) -> tuple[float, bytes]:
+    if before:
+        before()
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, env=env, check=True, timeout=120)
+    return time.perf_counter() - start, proc.stdout
 
 
 def body(text: bytes) -> list[bytes]:
@@ -83,6 +89,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, default=10_000)
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = p.parse_args()
     sqlite = shutil.which("sqlite3")
     if not sqlite:
@@ -103,49 +110,73 @@ def main() -> int:
         # The same entry point started without site-packages processing: what a lean launcher
         # (#!/usr/bin/python3 -S, our package on sys.path) costs; the fast path needs nothing
         # from site-packages.
-        lean = root / "cluster-query-lean"
-        lean.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                        "from msm_plugin.cluster_query import main\nsys.exit(main())\n")
-        lean.chmod(0o755)
+        lean = root / "cluster-query-lean"  # what tools/install-deps installs
+        launcher.install(lean, sys.executable, ROOT)
         env = {**os.environ, "DYNPROV_CONFIG": str(cfg_path),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         holder = db.connect(cfg.db_path)  # the server daemon keeps one open, as in production
 
-        def commit() -> None:
-            holder.execute("UPDATE settings SET value = value WHERE key = 'none'")
-            holder.execute("INSERT INTO events(ts, kind) VALUES (?, 'bench')", (time.time(),))
+        def commit() -> None:  # a writer's transaction: COMMIT, then the stamp is bumped
+            with db.transaction(holder):
+                holder.execute("INSERT INTO events(ts, kind) VALUES (?, 'bench')", (time.time(),))
 
-        floor, floor_out = timed([sqlite, "-batch", "-noheader", str(cfg.db_path), FLOOR_SQL],
-                                 env, args.repeat)
-        cold, _ = timed([str(script)], env, args.repeat, before=commit)
+        floor_argv = [sqlite, "-batch", "-noheader", str(cfg.db_path), FLOOR_SQL]
+        cases = {
+            "floor": (floor_argv, None),
+            "cold": ([str(script)], commit),
+            "cold_lean": ([str(lean)], commit),
+            "warm": ([str(script)], None),
+            "warm_lean": ([str(lean)], None),
+            "python": ([sys.executable, "-c", "pass"], None),
+            "python_S": ([sys.executable, "-S", "-c", "pass"], None),
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        outs: dict[str, bytes] = {}
         subprocess.run([str(script)], env=env, stdout=subprocess.DEVNULL, check=True)
-        warm, warm_out = timed([str(script)], env, args.repeat)
-        warm_lean, lean_out = timed([str(lean)], env, args.repeat)
-        python, _ = timed([sys.executable, "-c", "pass"], env, args.repeat)
-        python_s, _ = timed([sys.executable, "-S", "-c", "pass"], env, args.repeat)
+        for r in range(args.repeat):  # interleaved: every case once per round, order alternating
+            order = list(cases) if r % 2 == 0 else list(reversed(cases))
+            for name in order:
+                argv, before = cases[name]
+                if name.startswith("warm"):
+                    run_once(argv, env)  # whatever ran before, the report is now fresh
+                seconds, outs[name] = run_once(argv, env, before)
+                times[name].append(seconds)
         report = wiki.report_path(cfg.paths.state_dir)
-        start = time.perf_counter()
+        reads = []
         for _ in range(args.repeat):
+            start = time.perf_counter()
             report.read_bytes()
-        file_read = (time.perf_counter() - start) / args.repeat
+            reads.append(time.perf_counter() - start)
+        times["file"] = reads
         holder.close()
-    same = body(floor_out) == body(warm_out) == body(lean_out)
-    print(f"cluster-query, {args.nodes} nodes, median of {args.repeat} runs each "
-          f"(same lines as the floor: {'yes' if same else 'NO'})")
-    rows = [
-        ("floor: sqlite3 CLI, same lines", floor),
-        ("cluster-query warm (report still true)", warm),
-        ("cluster-query warm, lean launcher (python -S)", warm_lean),
-        ("cluster-query cold (after a commit)", cold),
-        ("python3 -c pass (interpreter start)", python),
-        ("python3 -S -c pass (no site-packages)", python_s),
-        ("file:// URL: Moab reads the file (no process)", file_read),
-    ]
-    for name, seconds in rows:
-        print(f"  {name:<48} {seconds * 1000:8.1f} ms  {seconds / floor:5.2f}x floor")
-    print(f"warm / floor = {warm / floor:.2f}x, lean launcher {warm_lean / floor:.2f}x, "
-          f"file:// {file_read / floor:.3f}x (aim <= 3x); our own work in the warm call: "
-          f"{max(0.0, warm - python) * 1000:.1f} ms over the interpreter's start-up")
+    same = body(outs["floor"]) == body(outs["warm"]) == body(outs["cold_lean"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor = med["floor"]
+    print(f"cluster-query, {args.nodes} nodes, {args.repeat} interleaved rounds, median and "
+          f"spread (same lines as the floor: {'yes' if same else 'NO'}); {bc.load_note()}")
+    names = {
+        "floor": "floor: sqlite3 CLI, same lines",
+        "cold": "cold (after a commit), pip's wrapper",
+        "cold_lean": "cold, python3 -S launcher",
+        "warm": "warm (report still true), pip's wrapper",
+        "warm_lean": "warm, python3 -S launcher",
+        "python": "python3 -c pass",
+        "python_S": "python3 -S -c pass",
+        "file": "file:// URL: one read, no process",
+    }
+    print(bc.table(["case", "median ms", "spread ms", "x floor"],
+                   [(names[k], f"{med[k] * 1000:.1f}",
+                     bc.spread([t * 1000 for t in times[k]]), f"{med[k] / floor:.2f}")
+                    for k in names]))
+    print(f"cold / floor = {med['cold_lean'] / floor:.2f}x with the launcher Moab runs "
+          f"(aim <= 3x); warm {med['warm_lean'] / floor:.2f}x")
+    bc.result({"nodes": args.nodes, "repeat": args.repeat, "same_lines": same,
+               "floor_ms": floor * 1000, "cold_ms": med["cold_lean"] * 1000,
+               "warm_ms": med["warm_lean"] * 1000, "cold_wrapper_ms": med["cold"] * 1000,
+               "cold_ratio": med["cold_lean"] / floor, "warm_ratio": med["warm_lean"] / floor,
+               "cold_ratio_spread": f"{min(times['cold_lean']) / max(times['floor']):.2f}-"
+                                    f"{max(times['cold_lean']) / min(times['floor']):.2f}"},
+              args.json)
     return 0 if same else 1
 
 

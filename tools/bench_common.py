@@ -158,3 +158,32 @@ def load_note() -> str:
     with contextlib.suppress(OSError):
         return "load average " + open("/proc/loadavg").read().split()[0]
     return ""
+
+
+def spread(values: Sequence[float]) -> str:
+    """min-max of the repeats, for the report next to the median."""
+    return f"{min(values):.4g}-{max(values):.4g}" if values else "-"
+
+
+def result(fields: dict[str, object], as_json: bool = False) -> None:
+    """Print the benchmark's last line: `RESULT key=value ...` (with --json, a JSON line
+    before it). Every tools/bench_*.py ends with this line; tools/bench_readme.py reads it."""
+    import json
+
+    fields = {"load": load_average(), **fields}
+    if as_json:
+        print(json.dumps(fields, sort_keys=True))
+    text = " ".join(f"{k}={_plain(v)}" for k, v in fields.items())
+    print(f"RESULT {text}", flush=True)
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace(" ", "_")
+
+
+def load_average() -> float:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return float(open("/proc/loadavg").read().split()[0])
+    return float("nan")

@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="worker processes of every server")
     ap.add_argument("--all", action="store_true", help="also the two Python references")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args()
     for tool in ("curl", "nginx"):
         if not shutil.which(tool):
@@ -122,6 +123,12 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
           f"{args.workers} worker processes each, median of {args.rounds} alternating rounds "
           f"({bc.load_note()} at the end)")
     print(bc.table(["server", "seconds", "MB/s", "vs nginx", "failed"], rows))
+    ng, ours = times["nginx"], times["serve"]
+    bc.result({"clients": args.clients, "size_mb": args.size_mb, "rounds": args.rounds,
+               "http_ratio": base / bc.median(ours),
+               "http_ratio_spread": f"{min(ng) / max(ours):.2f}-{max(ng) / min(ours):.2f}",
+               "serve_s": bc.median(ours), "nginx_s": base,
+               "failed": sum(failures.values())}, args.json)
     return 1 if any(failures.values()) else 0
 
 

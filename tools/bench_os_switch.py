@@ -8,9 +8,10 @@ One aggregated call (AGGREGATENODEACTIONS TRUE: `os-switch n[0001-1000] --set OS
 the state database is polled until every node of the run is power-cycled or failed. Reported:
 how long the call blocked (Moab's scheduling loop waits that long), the detached driver's start,
 its render + stage of every node's boot files plus the netboot fan-out (from the run's own
-timestamped events), and the whole request -> all power-cycled time. The last line is
-`RESULT nodes=N failed=F return_s=S cycled_s=S load1=L` (cycled_s: until every node was
-power-cycled or failed).
+timestamped events), and the whole request -> every node cycled or failed; then, on the same
+virtual BMCs, the baseline: the same power cycle of every node through FreeIPMI's ipmipower.
+The last line is `RESULT nodes=N failed=F return_s=S cycled_s=S ipmipower_s=S vs_ipmipower=R
+load=L` (tools/bench_common.result; cycled_s: until every node was power-cycled or failed).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_common as bc  # noqa: E402
 
 from pxe import config, db, run  # noqa: E402
 from pxe.images import Catalog  # noqa: E402
@@ -52,6 +57,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=None,
                    help="[power] ipmi_sessions: IPMI sessions in flight (default: the power "
                         "layer's)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-os-switch-") as tmp:
         root = Path(tmp)
@@ -107,6 +113,7 @@ def main() -> int:
             while run.driver_running(cfg) and time.time() < stop:
                 time.sleep(0.2)
             conn.close()
+            baseline = ipmipower_cycle(root, base, args.nodes)
     cycled = phases.get("run-power-cycled", (0, 0, 0))
     failed_events = phases.get("run-failed", (0, 0, 0))
     boot = phases.get("set-boot", (0, 0, 0))
@@ -116,18 +123,44 @@ def main() -> int:
     last = max(cycled[1], failed_events[1])
     power_s = max(0.0, last - boot[1]) if boot[2] else 0.0
     print(f"os-switch on {args.nodes} nodes, {args.nodes} virtual IPMI BMCs in "
-          f"{args.bmc_processes} processes (load average {os.getloadavg()[0]:.2f})")
+          f"{args.bmc_processes} processes ({bc.load_note()})")
     print(f"  os-switch call returned (Moab blocked)   {returned - start:7.2f} s")
     print(f"  request recorded -> driver at set-boot   {max(0.0, boot[0] - requested[0]):7.2f} s")
-    print(f"  boot files rendered + staged, power      {power_s:7.2f} s")
+    print(f"  boot set, power                          {power_s:7.2f} s")
     print(f"  request -> every node cycled or failed   {done - start:7.2f} s "
           f"({cycled[2]} power-cycled, {failed_events[2]} failed)")
+    print(f"  baseline: ipmipower --cycle, same BMCs   {baseline[0]:7.2f} s "
+          f"({baseline[1]} cycled)")
     for node, reason in failed:
         print(f"    {node}: {reason}")
-    print(f"RESULT nodes={args.nodes} failed={args.nodes - cycled[2]} "
-          f"return_s={returned - start:.2f} cycled_s={done - start:.2f} "
-          f"load1={os.getloadavg()[0]:.2f}")
+    fields = {"nodes": args.nodes, "failed": args.nodes - cycled[2],
+              "return_s": returned - start, "cycled_s": done - start,
+              "ipmipower_s": baseline[0], "ipmipower_ok": baseline[1],
+              "vs_ipmipower": (done - start) / baseline[0] if baseline[0] > 0 else "n/a"}
+    if args.json:
+        import json
+
+        print(json.dumps(fields, sort_keys=True))
+    bc.result(fields)
     return 0 if cycled[2] == args.nodes else 1
+
+
+def ipmipower_cycle(root: Path, base: int, count: int) -> tuple[float, int]:
+    """The baseline: the same power cycle of every node through FreeIPMI's ipmipower
+    (password in a 0600 config file, never argv) -> (seconds, nodes that answered ok)."""
+    import shutil
+
+    if not shutil.which("ipmipower"):
+        return float("nan"), 0
+    conf = root / "freeipmi.conf"
+    conf.write_text(f"username admin\npassword {PASSWORD}\n")
+    conf.chmod(0o600)
+    hosts = ",".join(f"127.0.0.1:{base + i}" for i in range(count))
+    start = time.perf_counter()
+    out = subprocess.run(["ipmipower", "-D", "LAN_2_0", "--config-file", str(conf), "-h", hosts,
+                          "--cycle"], capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - start
+    return seconds, sum(1 for line in out.stdout.splitlines() if line.endswith(": ok"))
 
 
 if __name__ == "__main__":

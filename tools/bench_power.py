@@ -12,7 +12,7 @@ time per 1,000 nodes; --json for machines. Passwords go through a 0600 file or t
 (ipmitool -E, ipmipower --config-file), never argv. Traffic stays on 127.0.0.1; the BMC processes
 are ours and are stopped by PID.
 
-    tools/bench_power.py                 # 200 BMCs, best of 3
+    tools/bench_power.py                 # 200 BMCs, median of 3 interleaved rounds
     tools/bench_power.py --count 1000 --skip-ipmitool --repeat 3
 """
 
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_common as bc  # noqa: E402
+
 from pxe.lab.ports import free_udp_base as free_base  # noqa: E402
 from pxe.lab.vbmc import VbmcProcess  # noqa: E402
 
@@ -41,20 +46,22 @@ USER, PASSWORD = "admin", "bench-pw-1"
 
 @dataclass
 class Row:
-    seconds: float  # the best run
+    seconds: float  # the median run
     runs: list[float]
-    answered: int  # nodes that answered in the best run
+    answered: int  # the fewest nodes that answered in a run
     per_1000_nodes_s: float = 0.0
 
 
-def timed(fn: Callable[[], int], repeat: int) -> Row:
-    runs, answers = [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        answers.append(fn())
-        runs.append(time.perf_counter() - t)
-    best = min(range(len(runs)), key=runs.__getitem__)
-    return Row(runs[best], runs, answers[best])
+def interleaved(tools: dict[str, Callable[[], int]], repeat: int) -> dict[str, Row]:
+    """Every tool once per round, the order alternating; median and all runs per tool."""
+    runs: dict[str, list[float]] = {k: [] for k in tools}
+    answers: dict[str, list[int]] = {k: [] for k in tools}
+    for r in range(repeat):
+        for name in (list(tools) if r % 2 == 0 else list(reversed(tools))):
+            t = time.perf_counter()
+            answers[name].append(tools[name]())
+            runs[name].append(time.perf_counter() - t)
+    return {k: Row(statistics.median(runs[k]), runs[k], min(answers[k])) for k in tools}
 
 
 def make_site(tmp: Path, base: int, count: int) -> Path:
@@ -79,7 +86,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--count", type=int, default=200, help="virtual BMCs (default 200)")
     p.add_argument("--processes", type=int, default=4, help="BMC server processes (default 4)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per tool; best is reported")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="interleaved rounds (every tool once each); median and spread")
     p.add_argument("--skip-ipmitool", action="store_true",
                    help="skip the sequential ipmitool loop (about 27 ms per node)")
     p.add_argument("--pyghmi", action="store_true", help="also time pyghmi's client, 32 threads")
@@ -90,6 +98,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-power-"))
     env_pw = {**os.environ, "IPMI_PASSWORD": PASSWORD}
     results: dict[str, Row] = {}
+    tools: dict[str, Callable[[], int]] = {}
     try:
         pwfile = tmp / "vbmc-pw"
         pwfile.write_text(PASSWORD + "\n")
@@ -109,7 +118,7 @@ def main() -> int:
                             capture_output=True, text=True, env=env_pw, timeout=60)
                         ok += "Chassis Power is" in out.stdout
                     return ok
-                results["ipmitool loop"] = timed(ipmitool_loop, 1)  # ~27 ms a node: once is plenty
+                tools["ipmitool loop"] = ipmitool_loop
 
             if shutil.which("ipmipower"):
                 fconf = tmp / "freeipmi.conf"
@@ -123,7 +132,7 @@ def main() -> int:
                                          capture_output=True, text=True, timeout=300)
                     return sum(1 for line in out.stdout.splitlines()
                                if line.endswith((": on", ": off")))
-                results["ipmipower"] = timed(ipmipower, args.repeat)
+                tools["ipmipower"] = ipmipower
 
             conf = make_site(tmp, base, args.count)
             from pxe import config, power
@@ -136,14 +145,14 @@ def main() -> int:
                 res = power.run(cfg, nodes, "status")
                 return sum(1 for r in res.values() if r.ok)
             ours()  # warm-up: imports (cryptography) happen once per process
-            results["dynprov power.run"] = timed(ours, args.repeat)
+            tools["dynprov power.run"] = ours
 
             def cli() -> int:
                 out = subprocess.run([sys.executable, "-m", "pxe.cli.main", "--config", str(conf),
                                       "power", "status", f"b[0001-{args.count:04d}]", "--json"],
                                      capture_output=True, text=True, timeout=300, cwd=ROOT)
                 return sum(1 for r in json.loads(out.stdout or "[]") if r["ok"])
-            results["dynprov pxe-stage CLI"] = timed(cli, args.repeat)
+            tools["dynprov pxe-stage CLI"] = cli
 
             if args.pyghmi:
                 def pyghmi_threads() -> int:
@@ -161,7 +170,8 @@ def main() -> int:
                         map(str, ports)), capture_output=True, text=True, env=env_pw,
                         timeout=300)
                     return int(out.stdout.strip() or 0)
-                results["pyghmi 32 threads"] = timed(pyghmi_threads, args.repeat)
+                tools["pyghmi 32 threads"] = pyghmi_threads
+            results = interleaved(tools, args.repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -184,15 +194,28 @@ def main() -> int:
         summary["ratio_to_ipmipower"] = {"api": api_s / ipp, "cli": cli_s / ipp}
         lines.append(f"  vs ipmipower:     {api_s / ipp:.2f}x its time (API), {cli_s / ipp:.2f}x (CLI)"
                      "   goal <= 3x")
+    fields: dict[str, object] = {"bmcs": n, "repeat": args.repeat}
+    if "ipmipower" in results:
+        ipp = results["ipmipower"]
+        fields["api_vs_ipmipower"] = api_s / ipp.seconds
+        fields["cli_vs_ipmipower"] = cli_s / ipp.seconds
+        api_runs = results["dynprov power.run"].runs
+        fields["api_vs_ipmipower_spread"] = (f"{min(api_runs) / max(ipp.runs):.2f}-"
+                                             f"{max(api_runs) / min(ipp.runs):.2f}")
+    if "ipmitool loop" in results:
+        fields["speedup_vs_ipmitool"] = results["ipmitool loop"].seconds / api_s
+    fields["api_s"], fields["cli_s"] = api_s, cli_s
     if args.json:
         print(json.dumps(summary, indent=2))
+        bc.result(fields, True)
         return 0
-    print(f"power status over {n} virtual BMCs ({args.processes} BMC processes), "
-          f"best of {args.repeat}")
+    print(f"power status over {n} virtual BMCs ({args.processes} BMC processes), median of "
+          f"{args.repeat} interleaved rounds; {bc.load_note()}")
     for name, row in results.items():
-        print(f"  {name:<24} {row.seconds:8.3f} s   {row.answered:>5}/{n} answered   "
-              f"{row.per_1000_nodes_s:7.2f} s per 1,000 nodes")
+        print(f"  {name:<24} {row.seconds:8.3f} s  ({min(row.runs):.3f}-{max(row.runs):.3f})  "
+              f"{row.answered:>5}/{n} answered   {row.per_1000_nodes_s:7.2f} s per 1,000 nodes")
     print("\n".join(lines))
+    bc.result(fields)
     return 0
 
 

@@ -1,14 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark: set-boot + render + validate for 100 / 1,000 / 10,000 nodes, against bare `dhcpd -t`.
+"""Benchmark: set-boot + render (with the daemon's check) for N nodes against bare `dhcpd -t` of
+the same file, and what rendering a loader config per request costs `pxe-stage serve`.
 
-Each measurement runs the real commands as processes (what an admin or a run pays), in one
-throw-away site per size, side by side with the daemon's own check of the same rendered file.
-Usage: tools/bench_render.py [--sizes 100,1000,10000] [--backend isc|dnsmasq] [--repeat 3]
+    tools/bench_render.py [--nodes 10000] [--backend isc|dnsmasq] [--repeat 5] [--rate 500] [--json]
+
+One run, both sides interleaved, the same repeats; median and spread (min-max):
+  set-boot     `pxe-stage set-boot n[00000-N] --os|--local` as a process (one DB transaction;
+               loader configs are rendered per request by serve, no files)
+  render       `pxe-stage render --no-reload` as a process: DHCP config rendered, checked by the
+               daemon (dhcpd -t / dnsmasq --test) and installed, loaders installed
+  bare check   the daemon's own check of the same file (the goal: set-boot + render <= 2x it)
+  python       `python3 -c pass`: what any Python command pays to start (two commands: 2x)
+Per request: every MAC's iPXE script rendered from the database (cache emptied by a set-boot),
+in-process (ms per config), then over HTTP from a running `pxe-stage serve --no-tftp` at --rate
+requests/s, against a static file of the same size from the same server (ms added per config).
+Ends with `RESULT ...` (see tools/bench_common.result).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import statistics
 import subprocess
@@ -19,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import bench_common as bc  # noqa: E402
 
 from pxe import config  # noqa: E402
 from pxe.dhcp import backend as dhcp_backend  # noqa: E402
@@ -36,71 +51,156 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def file_floor(count: int, where: Path) -> float:
-    """The filesystem's own floor: create + rename ``count`` small files (what any per-node tool pays)."""
-    scratch = where / "floor"
-    scratch.mkdir(exist_ok=True)
-    start = time.perf_counter()
-    for i in range(count):
-        tmp = scratch / f".f{i}.tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        os.write(fd, b"x" * 400)
-        os.close(fd)
-        os.replace(tmp, scratch / f"f{i}")
-    os.sync()
-    elapsed = time.perf_counter() - start
-    for i in range(count):
-        (scratch / f"f{i}").unlink()
-    return elapsed
+def mac_of(i: int) -> str:
+    return f"52:54:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:01"
 
 
-def site_with(n: int, backend: str, root: Path) -> config.Config:
+def site_with(n: int, backend: str, root: Path, http_port: int) -> config.Config:
     root.mkdir(parents=True)
+    os.chmod(root, 0o755)
     # a /16 so that 10,000 fixed addresses fit beside the dynamic range
     text = config.example(root, backend=backend, subnet="198.18.0.0/16", server="198.18.0.1")
+    text += (f'\n[serve]\nhttp_address = "{bc.LOOPBACK}"\nhttp_port = {http_port}\n'
+             "http_workers = 1\n")
     (root / "dynprov.toml").write_text(text)
     cfg = config.load(root / "dynprov.toml")
     nodes = []
     for i in range(n):
         hi, lo = divmod(i, 250)
-        nodes.append(build(cfg, {"name": f"n{i:05d}", "mac": f"52:54:{(i >> 16) & 255:02x}:"
-                                 f"{(i >> 8) & 255:02x}:{i & 255:02x}:01",
+        nodes.append(build(cfg, {"name": f"n{i:05d}", "mac": mac_of(i),
                                  "ip": f"198.18.{hi + 2}.{lo + 2}",
                                  "firmware": "uefi" if i % 3 == 0 else "bios"}))
     Inventory(cfg).add(nodes)
-    Catalog(cfg).add("centos5", fake_bzimage(root / "vmlinuz", os.urandom(1024)))
+    Catalog(cfg).add("centos5", fake_bzimage(root / "vmlinuz", os.urandom(1024)),
+                     cmdline="console=ttyS0,115200")
     return cfg
 
 
+def in_process(cfg: config.Config, n: int) -> float:
+    """Seconds per config: every node's iPXE script rendered once from a cold cache."""
+    from pxe.serve.bootconfigs import BootConfigs
+
+    configs = BootConfigs(cfg)
+    configs.lookup("boot.ipxe")  # the connection and the templates, as a running worker has
+    start = time.perf_counter()
+    for i in range(n):
+        configs.lookup(f"ipxe/{mac_of(i).replace(':', '-')}.ipxe")
+    return (time.perf_counter() - start) / n
+
+
+def paced(port: int, paths: list[str], rate: float) -> list[float]:
+    """GET each path at ``rate`` requests/s on one keep-alive connection -> latencies (s)."""
+    conn = http.client.HTTPConnection(bc.LOOPBACK, port, timeout=10)
+    out = []
+    start = time.perf_counter()
+    for i, path in enumerate(paths):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        out.append(time.perf_counter() - t0)
+        if resp.status != 200 or not body:
+            raise SystemExit(f"GET {path}: HTTP {resp.status}")
+    conn.close()
+    return out
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="100,1000,10000")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=10_000)
     ap.add_argument("--backend", default="isc", choices=("isc", "dnsmasq"))
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--rate", type=float, default=500.0, help="requests/s of the HTTP part")
+    ap.add_argument("--requests", type=int, default=1000, help="requests per HTTP series")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args()
-    py = sys.executable
-    print(f"backend {args.backend}; median of {args.repeat} runs; seconds")
-    print("ratio = total / bare daemon check; files = the same number of file creates+renames alone")
-    print(f"{'nodes':>6} {'set-boot':>9} {'render+check':>13} {'total':>7} {'bare check':>11} "
-          f"{'ratio':>7} {'files':>7} {'set-boot/files':>15}")
+    py, n = sys.executable, args.nodes
+    fields: dict[str, object] = {"nodes": n, "backend": args.backend, "repeat": args.repeat}
     with tempfile.TemporaryDirectory(prefix="dynprov-bench-") as tmp:
-        for n in (int(s) for s in args.sizes.split(",")):
-            cfg = site_with(n, args.backend, Path(tmp) / str(n))
-            env = {**os.environ, "DYNPROV_CONFIG": str(cfg.path)}
-            last = f"n{n - 1:05d}"
-            setboot, render, bare, floor = [], [], [], []
-            for r in range(args.repeat):
-                label = "centos5" if r % 2 == 0 else None
-                target = ["--os", "centos5"] if label else ["--local"]
-                setboot.append(timed([py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last[1:]}]",
-                                      *target], env))
-                cfg.dhcp.config_file.unlink(missing_ok=True)  # force a full install every time
-                render.append(timed([py, "-m", "pxe.cli.main", "render", "--no-reload"], env))
-                bare.append(timed(dhcp_backend(args.backend).check_argv(cfg.dhcp.config_file), env))
-                floor.append(file_floor(2 * n, Path(tmp)))  # 2 boot files per node
-            s, r_, b, f = (statistics.median(x) for x in (setboot, render, bare, floor))
-            print(f"{n:>6} {s:>9.3f} {r_:>13.3f} {s + r_:>7.3f} {b:>11.3f} {(s + r_) / b:>6.1f}x "
-                  f"{f:>7.3f} {s / f:>14.1f}x")
+        port = bc.free_port()
+        cfg = site_with(n, args.backend, Path(tmp) / "site", port)
+        env = {**os.environ, "DYNPROV_CONFIG": str(cfg.path), "PYTHONPATH": str(ROOT)}
+        last = f"{n - 1:05d}"
+        setboot, render, bare, python = [], [], [], []
+        for r in range(args.repeat):
+            target = ["--os", "centos5"] if r % 2 == 0 else ["--local"]
+            steps = [("setboot", lambda t=target: timed(
+                          [py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", *t], env)),
+                     ("render", lambda: timed([py, "-m", "pxe.cli.main", "render", "--no-reload"],
+                                              env)),
+                     ("bare", lambda: timed(dhcp_backend(args.backend).check_argv(
+                         cfg.dhcp.config_file), env)),
+                     ("python", lambda: timed([py, "-c", "pass"], env))]
+            if r % 2:  # interleaved both ways: neither side always runs first
+                steps = steps[2:] + steps[:2]
+            for name, step in steps:
+                if name == "render":
+                    cfg.dhcp.config_file.unlink(missing_ok=True)  # a full install every time
+                {"setboot": setboot, "render": render, "bare": bare, "python": python}[name].append(
+                    step())
+        total = [s + r for s, r in zip(setboot, render, strict=True)]
+        med = {k: statistics.median(v) for k, v in
+               (("setboot", setboot), ("render", render), ("total", total), ("bare", bare),
+                ("python", python))}
+        print(f"{n} nodes, backend {args.backend}, {args.repeat} repeats interleaved; "
+              f"{bc.load_note()}")
+        print(bc.table(["step", "median s", "spread s"],
+                       [("set-boot (process)", f"{med['setboot']:.3f}", bc.spread(setboot)),
+                        ("render + daemon check (process)", f"{med['render']:.3f}",
+                         bc.spread(render)),
+                        ("total", f"{med['total']:.3f}", bc.spread(total)),
+                        ("bare daemon check", f"{med['bare']:.3f}", bc.spread(bare)),
+                        ("python3 -c pass", f"{med['python']:.3f}", bc.spread(python))]))
+        ratio = med["total"] / med["bare"]
+        print(f"total / bare check = {ratio:.2f}x (goal <= 2x); two interpreter starts alone are "
+              f"{2 * med['python'] / med['bare']:.2f}x the bare check")
+        fields.update(setboot_s=med["setboot"], render_s=med["render"], total_s=med["total"],
+                      bare_check_s=med["bare"], python_s=med["python"], render_ratio=ratio,
+                      render_ratio_spread=f"{min(total) / max(bare):.2f}-"
+                                          f"{max(total) / min(bare):.2f}")
+
+        # -- per request --------------------------------------------------------------------
+        subprocess.run([py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", "--os",
+                        "centos5"], env=env, check=True, capture_output=True)
+        per_config = in_process(cfg, n)
+        print(f"in-process: {per_config * 1000:.3f} ms per config rendered from the database "
+              f"({n} distinct MACs, cold cache)")
+        fields["render_ms_per_config"] = per_config * 1000
+        sample = Path(tmp) / "sample"
+        from pxe.serve.bootconfigs import BootConfigs
+
+        size_like = BootConfigs(cfg).lookup(f"ipxe/{mac_of(0).replace(':', '-')}.ipxe")
+        static = cfg.paths.http_root / "static.ipxe"
+        static.parent.mkdir(parents=True, exist_ok=True)
+        static.write_bytes(size_like)
+        static.chmod(0o644)
+        count = min(args.requests, n)
+        with bc.server(bc.serve_argv(cfg.path, "--no-tftp"), sample.with_suffix(".log")):
+            bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{port}/healthz"), "serve")
+            rendered_lat, static_lat = [], []
+            for r in range(2):  # two rounds, each a cold rendered series and a static series
+                subprocess.run([py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", "--os",
+                                "centos5"], env=env, check=True, capture_output=True)
+                paths = [f"/ipxe/{mac_of(i % n).replace(':', '-')}.ipxe"
+                         for i in range(r * count // 2, r * count // 2 + count)]
+                series = [("rendered", paths), ("static", ["/static.ipxe"] * count)]
+                for name, p in (series if r % 2 == 0 else series[::-1]):
+                    lat = paced(port, p, args.rate)
+                    (rendered_lat if name == "rendered" else static_lat).extend(lat)
+        med_r, med_s = statistics.median(rendered_lat), statistics.median(static_lat)
+        p95 = lambda v: sorted(v)[int(len(v) * 0.95)]  # noqa: E731
+        added = med_r - med_s
+        print(f"HTTP at {args.rate:.0f} req/s, {len(rendered_lat)} requests each: rendered "
+              f"median {med_r * 1000:.3f} ms (p95 {p95(rendered_lat) * 1000:.3f}), static "
+              f"{med_s * 1000:.3f} ms (p95 {p95(static_lat) * 1000:.3f}); added "
+              f"{added * 1000:.3f} ms per config (goal <= 1 ms)")
+        fields.update(http_rate=args.rate, http_rendered_ms=med_r * 1000,
+                      http_static_ms=med_s * 1000, http_added_ms=added * 1000,
+                      http_rendered_p95_ms=p95(rendered_lat) * 1000)
+    bc.result(fields, args.json)
     return 0
 
 

@@ -4,11 +4,15 @@
 The client is curl's tftp:// (a real, independent TFTP client). Measured, in rounds that
 alternate the servers (so a busy neighbour hurts both alike), medians reported:
 - one transfer of an 8 MiB file at blksize 512, 1468 and 65464;
-- a boot storm: N clients (default 128) each fetching the 8 MiB file at blksize 1468.
+- a boot storm: N clients (default 128) each fetching the 8 MiB file at blksize 1468, warm (the
+  server has served the file before) and cold (a file no server has served yet: a new copy per
+  round, so every worker's first requests for it arrive together).
 Ratio = tftpd-hpa seconds / serve seconds (above 1: serve is faster). Every transfer's size is
 checked; a storm with a failed or short transfer is reported as such.
 
-    python3 tools/bench_tftp.py [--rounds 3] [--clients 128] [--workers N] [--with-tftpy]
+    python3 tools/bench_tftp.py [--rounds 3] [--clients 128] [--workers N] [--with-tftpy] [--json]
+
+Ends with `RESULT storm_ratio=... cold_storm_ratio=... cold_vs_warm=...` (tools/bench_common).
 
 Needs root (tftpd-hpa chroots into its root), curl and in.tftpd. Loopback only.
 """
@@ -29,14 +33,14 @@ SIZE = 8 << 20
 FILE = "storm.bin"
 
 
-def curl_argv(port: int, blksize: int) -> list[str]:
+def curl_argv(port: int, blksize: int, name: str = FILE) -> list[str]:
     return ["curl", "-s", "-S", "--max-time", "600", "--tftp-blksize", str(blksize),
-            "-o", "/dev/null", "-w", "%{size_download}", f"tftp://{bc.LOOPBACK}:{port}/{FILE}"]
+            "-o", "/dev/null", "-w", "%{size_download}", f"tftp://{bc.LOOPBACK}:{port}/{name}"]
 
 
-def run_once(port: int, clients: int, blksize: int) -> tuple[float, int]:
+def run_once(port: int, clients: int, blksize: int, name: str = FILE) -> tuple[float, int]:
     """(seconds, failed transfers) for ``clients`` simultaneous downloads."""
-    seconds, outs = bc.parallel([curl_argv(port, blksize)] * clients)
+    seconds, outs = bc.parallel([curl_argv(port, blksize, name)] * clients)
     failed = sum(1 for o in outs if o.strip() != str(SIZE))
     return seconds, failed
 
@@ -50,6 +54,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="serve's TFTP workers")
     ap.add_argument("--blksizes", default="512,1468,65464")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (server logs)")
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     ap.add_argument("--with-tftpy", action="store_true",
                     help="also measure stock tftpy.TftpServer (the baseline serve improves on)")
     args = ap.parse_args()
@@ -89,7 +94,10 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                             str(ports["tftpy"])]
     blksizes = [int(b) for b in args.blksizes.split(",")]
     tests = [(f"1 client, blksize {b}", 1, b) for b in blksizes]
-    tests.append((f"{args.clients} clients x 8 MiB, blksize 1468", args.clients, 1468))
+    storm = f"{args.clients} clients x 8 MiB, blksize 1468"
+    cold = f"{args.clients} clients x 8 MiB, cold (first requests)"
+    tests.append((storm, args.clients, 1468))
+    tests.append((cold, args.clients, 1468))
     rounds = max(args.rounds, args.single_rounds)
     times: dict[tuple[str, str], list[float]] = {}
     failures: dict[tuple[str, str], int] = {}
@@ -101,7 +109,12 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                 if r >= (args.rounds if clients > 1 else args.single_rounds):
                     continue
                 for server in order:
-                    seconds, failed = run_once(ports[server], clients, blksize)
+                    name_on_disk = FILE
+                    if name == cold:  # a file this server has never served
+                        name_on_disk = f"cold-{r}-{server}.bin"
+                        (root / name_on_disk).write_bytes(data)
+                        os.chmod(root / name_on_disk, 0o644)
+                    seconds, failed = run_once(ports[server], clients, blksize, name_on_disk)
                     times.setdefault((name, server), []).append(seconds)
                     failures[(name, server)] = failures.get((name, server), 0) + failed
                     time.sleep(0.2)
@@ -121,6 +134,17 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
           f"{args.single_rounds} (single) and {args.rounds} (storm) alternating rounds "
           f"({bc.load_note()} at the end)")
     print(bc.table(["test", "server", "seconds", "MB/s", "vs tftpd-hpa", "failed"], rows))
+    fields: dict[str, object] = {"clients": args.clients, "rounds": args.rounds}
+    for key, test in (("storm", storm), ("cold_storm", cold)):
+        hpa, ours = times.get((test, "tftpd-hpa")), times.get((test, "serve"))
+        if hpa and ours:
+            fields[f"{key}_ratio"] = bc.median(hpa) / bc.median(ours)
+            fields[f"{key}_ratio_spread"] = f"{min(hpa) / max(ours):.2f}-{max(hpa) / min(ours):.2f}"
+            fields[f"{key}_serve_s"] = bc.median(ours)
+    if times.get((storm, "serve")) and times.get((cold, "serve")):
+        fields["cold_vs_warm"] = bc.median(times[(cold, "serve")]) / bc.median(times[(storm, "serve")])
+    fields["failed"] = sum(failures.values())
+    bc.result(fields, args.json)
     return 1 if any(failures.values()) else 0
 
 

@@ -1,8 +1,9 @@
 """The HTTP application of `pxe-stage serve`: one Starlette app, run by uvicorn.
 
 Routes: POST /report (call-home), POST /node/* (pxe.serve.nodeapi), GET /healthz,
-GET /metrics (Prometheus text), and every other GET/HEAD path is a file of the HTTP root
-(boot.ipxe, ipxe/<mac>.ipxe, blobs/<sha>...).
+GET /metrics (Prometheus text), and every other GET/HEAD path is a loader config rendered from
+the database (boot.ipxe, ipxe/<mac>.ipxe: pxe.serve.bootconfigs) or a file of the HTTP root
+(blobs/<sha>...).
 More routes (the REST API) go in through ``routes=``; they are matched before the file
 catch-all.
 """
@@ -21,6 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from pxe.config import Config
 from pxe.serve import callhome, discover, files, http, metrics, nodeapi
+from pxe.serve.bootconfigs import BootConfigs
 from pxe.serve.settings import ServeSettings
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a TFTP worker counts as stuck
@@ -113,6 +115,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
     app.state.cfg = cfg
     app.state.settings = settings
     app.state.http_root = files.root_of(cfg.paths.http_root)
+    app.state.boot_configs = BootConfigs(cfg)
     app.state.counters = counters
     app.state.metrics_row = row
     app.state.tftp_rows = tuple(tftp_rows)

@@ -67,7 +67,10 @@ def _child_setup(parent: int, name: str) -> None:
 
 def listen_tcp(address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets that say TCP;
+    # with Nagle on, a keep-alive response written as header + body waits ~40 ms for the
+    # client's delayed ACK (every small boot file, every iPXE script).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((address, port))
@@ -125,8 +128,10 @@ class Daemon:
             return [counters.value(r, active) for r in others
                     if (age := counters.heartbeat_age(r)) is not None and age < PEER_STALE]
 
+        from pxe.serve.bootconfigs import BootConfigs
+
         worker = tftp.Worker(self.tftp_sock, str(self.cfg.paths.tftp_root), self.s, self.slots,
-                             counters.row(row), peers=peers)
+                             counters.row(row), peers=peers, configs=BootConfigs(self.cfg))
         worker.run(stop)
 
     def _http_child(self, row: int) -> None:

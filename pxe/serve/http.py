@@ -19,6 +19,7 @@ import email.utils
 import logging
 import os
 import re
+import sqlite3
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -139,6 +140,9 @@ async def boot_file(request: Request) -> Response:
     root: str = request.app.state.http_root
     name = request.path_params.get("path", "")
     try:
+        text = _rendered(request, name)
+        if text is not None:
+            return Response(text, media_type="text/plain; charset=utf-8")
         fd, st, rel = files.open_file(root, name)
     except files.Missing:
         return PlainTextResponse("not found\n", status_code=404)
@@ -147,6 +151,21 @@ async def boot_file(request: Request) -> Response:
         log.warning("HTTP %s: %r refused: %s", client, name, exc)
         return PlainTextResponse("forbidden\n", status_code=403)
     return BootFileResponse(fd, st, rel, request)
+
+
+def _rendered(request: Request, name: str) -> bytes | None:
+    """A loader config rendered from the database (pxe.serve.bootconfigs), or None."""
+    configs = getattr(request.app.state, "boot_configs", None)
+    if configs is None:
+        return None
+    rel = files.clean_name(name)
+    if not configs.claims(rel):
+        return None
+    try:
+        return configs.lookup(rel)
+    except sqlite3.Error as exc:  # the file tree (if any) rather than no answer
+        log.error("HTTP: %s: state database: %s", rel, exc)
+        return None
 
 
 # -- the server side of the extension -----------------------------------------------------

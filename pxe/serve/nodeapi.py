@@ -210,7 +210,7 @@ def next_image(cfg: Config, conn: sqlite3.Connection, node: str, key: str, image
 def reboot(cfg: Config, conn: sqlite3.Connection, node: str, key: str) -> str:
     """Start a provisioning run into the node's next image (else the one it runs): the run
     driver power-cycles it through its BMC, so a node that cannot reboot itself still does."""
-    from pxe import run
+    from pxe import provision
     from pxe.pools import scheduler_pool
 
     row = _node(conn, node)
@@ -220,10 +220,9 @@ def reboot(cfg: Config, conn: sqlite3.Connection, node: str, key: str) -> str:
         else row["current_os"]
     if not label:
         raise _refuse(conn, node, 409, f"{node}: no image to boot (none requested, none running)")
-    req = run.request(cfg, conn, [node], label, force=True, pool=scheduler_pool(cfg))
+    req = provision.start(cfg, [node], label, force=True, pool=scheduler_pool(cfg), conn=conn)
     if req.refused:
-        raise _refuse(conn, node, 409, req.refused[0].reason)
-    run.spawn_driver(cfg)
+        raise _refuse(conn, node, 409, req.refused[0][1])
     run_id = req.run_id if req.started else req.joined.get(node)
     with db.transaction(conn):
         db.log_event(conn, "node-reboot", node, label, run_id)

@@ -12,7 +12,8 @@ build OACK and ERROR packets. The DATA/ACK loop is our own: stock tftpy's server
 over all sessions, packet objects and debug logging per block, lock-step only) reaches about
 0.6x tftpd-hpa in a 128-client boot storm. Here each worker process runs an epoll loop over its
 transfers with a short path for the lock-step ACK, sends a whole window per ACK, and keeps the
-files it served in memory (an LRU: every node of a storm asks for the same loader). Several
+files it served in memory (an LRU, filled by the first request's one read: every node of a
+storm asks for the same loader). Several
 workers share the one listening socket; each hears of every request (edge-triggered) and only
 the least busy take them, so the transfers spread evenly.
 A request that finds every slot taken (max_transfers, counted across workers) is dropped: the
@@ -26,6 +27,7 @@ import logging
 import os
 import select
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -38,7 +40,7 @@ from tftpy.TftpPacketFactory import TftpPacketFactory
 from tftpy.TftpPacketTypes import TftpPacketERR, TftpPacketOACK, TftpPacketRRQ, TftpPacketWRQ
 from tftpy.TftpShared import TftpErrors, TftpException
 
-from pxe.serve import files, metrics
+from pxe.serve import bootconfigs, files, metrics
 from pxe.serve.settings import ServeSettings
 
 log = logging.getLogger("dynprov.serve.tftp")
@@ -150,10 +152,12 @@ def _pread_all(fd: int, size: int) -> bytes:
 class FileCache:
     """Whole-file contents by (device, inode, size, mtime), per worker, LRU by bytes.
 
-    A file is not read ahead: its first transfer reads it in chunks as it goes (ChunkReader)
-    and hands the whole to the cache at the end; later transfers slice the cached bytes (every
-    node of a storm asks for the same loader). pxe.atomic replaces files by rename, so a new
-    version is a new inode and a new key.
+    A file small enough to keep is read whole by its first request, before its first block
+    goes out: every transfer of a storm that starts after that shares the one copy (reading it
+    in pieces as the first transfer went meant each transfer starting before the first ended
+    read and held the file again: ~1 GiB across the workers for 128 x 8 MiB, and a slower
+    cold storm). Bigger files are read in chunks as they go (ChunkReader). pxe.atomic replaces
+    files by rename, so a new version is a new inode and a new key.
     """
 
     def __init__(self, limit_bytes: int):
@@ -166,14 +170,17 @@ class FileCache:
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def reader(self, fd: int, st: os.stat_result) -> bytes | ChunkReader:
-        """The cached contents (the caller closes ``fd``), else a reader owning ``fd``."""
+        """The contents (cached; the caller closes ``fd``), else a reader owning ``fd``."""
         key = self.key(st)
         data = self._items.get(key)
         if data is not None:
             self._items.move_to_end(key)
             return data
-        keep = self if st.st_size <= self.limit // 2 else None
-        return ChunkReader(fd, st.st_size, keep, key)
+        if st.st_size > self.limit // 2:
+            return ChunkReader(fd, st.st_size)
+        data = _pread_all(fd, st.st_size)
+        self.put(key, data)
+        return data
 
     def put(self, key: tuple[int, int, int, int], data: bytes) -> None:
         if key in self._items:
@@ -186,19 +193,12 @@ class FileCache:
 
 
 class ChunkReader:
-    """Reads a file in CHUNK pieces, keeping the current one; sliced like bytes.
+    """Reads a file in CHUNK pieces, keeping the current one; sliced like bytes."""
 
-    With a cache, it also collects what it read; a complete file goes to the cache on close.
-    """
+    __slots__ = ("fd", "start", "chunk", "size")
 
-    __slots__ = ("fd", "start", "chunk", "size", "cache", "key", "parts", "filled")
-
-    def __init__(self, fd: int, size: int, cache: FileCache | None = None,
-                 key: tuple[int, int, int, int] = (0, 0, 0, 0)):
+    def __init__(self, fd: int, size: int):
         self.fd, self.size, self.start, self.chunk = fd, size, 0, b""
-        self.cache, self.key = cache, key
-        self.parts: list[bytes] | None = [] if cache is not None else None
-        self.filled = 0
 
     def __getitem__(self, sl: slice) -> bytes:
         lo, hi = sl.start, min(sl.stop, self.size)
@@ -209,20 +209,10 @@ class ChunkReader:
             if len(chunk) < hi - lo:
                 raise FileChanged("file shrank while being read")
             self.start, self.chunk = lo, chunk
-            if self.parts is not None:
-                end = self.filled
-                if lo <= end < lo + len(chunk):
-                    self.parts.append(chunk[end - lo:])
-                    self.filled = lo + len(chunk)
-                elif end < lo:
-                    self.parts = None  # not sequential: nothing to keep
         return self.chunk[lo - self.start:hi - self.start]
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.cache is not None and self.parts is not None and self.filled >= self.size:
-            self.cache.put(self.key, b"".join(self.parts)[:self.size])
-        self.parts = None
 
 
 class Transfer:
@@ -254,9 +244,12 @@ class Worker:
 
     def __init__(self, listen: socket.socket, root: str, settings: ServeSettings, slots: Slots,
                  row: metrics.Row | None = None,
-                 peers: Callable[[], list[int]] | None = None):
-        """``peers`` gives the other workers' active transfer counts (for balancing)."""
+                 peers: Callable[[], list[int]] | None = None,
+                 configs: bootconfigs.BootConfigs | None = None):
+        """``peers`` gives the other workers' active transfer counts (for balancing);
+        ``configs`` answers loader-config names from the database (before the file tree)."""
         self.listen = listen
+        self.configs = configs
         self.peers = peers
         self.root = files.root_of(root)
         self.s = settings
@@ -379,6 +372,11 @@ class Worker:
             self._resend(old)  # the client repeated its request: our first answer got lost
             return
         try:
+            rendered = self._rendered(name)
+            if rendered is not None:
+                self._start_rendered(rendered, files.clean_name(name), mode, options, local, peer,
+                                     data, now)
+                return
             fd, st, rel = files.open_file(self.root, name)
         except files.Missing:
             self.counts[_REQ["not_found"]] += 1
@@ -397,6 +395,31 @@ class Worker:
             return
         try:
             self._start(fd, st, rel, mode, options, local, peer, data, now)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def _rendered(self, name: str) -> bytes | None:
+        """A loader config rendered from the database, or None (a file of the root)."""
+        if self.configs is None:
+            return None
+        rel = files.clean_name(name)
+        if not self.configs.claims(rel):
+            return None
+        try:
+            return self.configs.lookup(rel)
+        except sqlite3.Error as exc:  # the file tree (if any) rather than no answer
+            log.error("TFTP: %s: state database: %s", rel, exc)
+            return None
+
+    def _start_rendered(self, text: bytes, rel: str, mode: str, options: dict[str, str],
+                        local: str, peer: tuple, request: bytes, now: float) -> None:
+        if not self.slots.acquire(False):
+            self.counts[_REQ["busy"]] += 1
+            return
+        try:
+            data = netascii(text) if mode == "netascii" else text
+            self._begin(data, len(data), rel, options, local, peer, request, now)
         except BaseException:
             self.slots.release()
             raise
@@ -422,7 +445,12 @@ class Worker:
         if not isinstance(data, ChunkReader):
             os.close(fd)
         size = len(data) if isinstance(data, bytes) else st.st_size
+        self._begin(data, size, rel, options, local, peer, request, now)
 
+    def _begin(self, data: bytes | ChunkReader, size: int, rel: str, options: dict[str, str],
+               local: str, peer: tuple, request: bytes, now: float) -> None:
+        """Negotiate the options, open the transfer's socket, send the first window."""
+        where = f"{peer[0]}:{peer[1]}"
         accepted: dict[str, int] = {}
         blksize, window, timeout = 512, 1, self.s.timeout
         value = _number(options.get("blksize", ""))

@@ -1,0 +1,43 @@
+"""The change stamp: a small file next to the state database that writers rewrite after COMMIT.
+
+Readers that keep a copy derived from the database (cluster-query's report file, the boot
+configs `pxe-stage serve` renders per request) key the copy on it: one open + read, no SQLite
+connection and no parsing of SQLite's private files (-shm headers). Read the stamp BEFORE
+reading the database: a copy is then never older than the key it is stored under.
+"""
+
+from __future__ import annotations
+
+import os
+
+SUFFIX = "-stamp"
+WIDTH = 32
+
+
+def path_for(db_path: str | os.PathLike[str]) -> str:
+    return os.fspath(db_path) + SUFFIX
+
+
+def bump(db_path: str | os.PathLike[str]) -> None:
+    """Give the stamp a new value (a fixed-width overwrite in place: one write, no rename)."""
+    import secrets  # not on the readers' path (cluster-query imports this module)
+    import time
+
+    value = f"{time.time_ns():x}.{secrets.token_hex(6)}".ljust(WIDTH).encode()[:WIDTH]
+    fd = os.open(path_for(db_path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.pwrite(fd, value, 0)
+    finally:
+        os.close(fd)
+
+
+def read(db_path: str | os.PathLike[str]) -> str:
+    """The current stamp ("" if there is none yet: never equal to a stored key)."""
+    try:
+        fd = os.open(path_for(db_path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.pread(fd, WIDTH, 0).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
