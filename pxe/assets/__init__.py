@@ -21,6 +21,7 @@ SOURCE_DIRS = {
     "initramfs": "initramfs",
     "systemd": "contrib/systemd",
     "torque": "contrib/torque",
+    "slurm": "contrib/slurm",
 }
 _CHECKOUT = Path(__file__).resolve().parent.parent.parent
 
@@ -48,3 +49,7 @@ def initramfs() -> Path:
 
 def systemd() -> Path:
     return directory("systemd")
+
+
+def slurm() -> Path:
+    return directory("slurm")

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image label: [A-Za-z0-9._-], what users write in msub -l os=LABEL")
     p.add_argument("-o", "-output", "--output", type=Path, metavar="FILE",
                    help="the bundle to write (default LABEL.bundle)")
+    p.add_argument("-also-label", "--also-label", action="append", default=[], metavar="LABEL",
+                   help="also write LABEL.bundle beside -o: the same build packed again with its "
+                        "own label (repeatable; e.g. two Slurm features from one build)")
     p.add_argument("-force", "--force", action="store_true", help="replace -o if it exists")
     node = p.add_argument_group("on the node")
     node.add_argument("-check", "--check", default="", metavar="CMD",
@@ -80,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("-all-modules", "--all-modules", action="store_true",
                       help="copy all kernel modules into the image (default: NICs, disks, "
                            "squashfs/overlay only; not needed for the image's own kernel)")
+    sl = p.add_argument_group("Slurm (the node joins the cluster at boot)")
+    sl.add_argument("-slurm", "--slurm", action="store_true",
+                    help="add slurmd, munge and dynprov's Slurm node side: at boot the node "
+                         "fetches the munge key with its one-time token, then starts munged and "
+                         "slurmd, before reporting ready")
+    sl.add_argument("-slurm-conf", "--slurm-conf", type=Path, metavar="FILE",
+                    help="the site's slurm.conf to put into the image (helpers.conf beside it "
+                         "too); default: none, slurmd fetches it from slurmctld (configless)")
+    sl.add_argument("-slurm-server", "--slurm-server", default="", metavar="HOST[:PORT]",
+                    help="slurmctld for configless slurmd (default: the provisioning server's "
+                         "host)")
     cust = p.add_argument_group("customization")
     cust.add_argument("-customize", "--customize", type=Path, metavar="DIR",
                       help="run the customization scripts of DIR/all/ (and DIR/GROUP/) on the "
@@ -141,7 +155,9 @@ def _run(args: argparse.Namespace) -> int:
         components=tuple(debian.components(args.components)), slim=not args.keep_docs,
         customize_dir=args.customize, groups=tuple(args.group), compressor=args.comp,
         prov_seconds=args.prov_seconds, force=args.force,
-        config=Path(args.config) if args.config else None)
+        config=Path(args.config) if args.config else None, slurm=args.slurm,
+        slurm_conf=args.slurm_conf, slurm_server=args.slurm_server,
+        also_labels=tuple(args.also_label))
     result = build.generate(req, Progress(0, quiet=args.quiet))
     if args.json:
         import json
@@ -152,12 +168,15 @@ def _run(args: argparse.Namespace) -> int:
                    "kernel_source": result.kernel_source, "seconds": round(result.seconds, 1),
                    "steps": {k: round(v, 1) for k, v in result.steps.items()},
                    "customized": result.customized,
-                   "cache_debs": result.cache_debs[0]}, sys.stdout, indent=2)
+                   "cache_debs": result.cache_debs[0],
+                   "also": [str(path) for path in result.also]}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print(f"wrote {result.output}: image {result.label} ({result.os_name}, kernel "
               f"{result.kernel} [{result.kernel_source}]), {result.bundle_bytes / 1e6:.1f} MB "
               f"(squashfs root {result.rootfs_bytes / 1e6:.1f} MB) in {result.seconds:.0f} s")
+        for path in result.also:
+            print(f"wrote {path}: the same image as {path.name.removesuffix('.bundle')}")
         if result.customized:
             print(f"customized with {', '.join(result.customized)}")
         print(f"next: sudo fg-moab-image -upload -image {result.output}")

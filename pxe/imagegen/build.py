@@ -4,7 +4,8 @@ Steps (each shown by pxe.imagegen.progress):
 
   debian: check the package list (mmdebstrap --simulate) -> bootstrap (mmdebstrap) ->
   oci:    unpack the container image ->
-  both:   kernel modules + node agent + init -> customization scripts (-customize DIR) ->
+  both:   kernel modules + node agent + init (+ the Slurm node side with -slurm:
+          pxe.imagegen.slurm) -> customization scripts (-customize DIR) ->
           provisioning initramfs for the kernel -> squashfs -> bundle (-o, by temp + rename)
 
 All work happens in one fresh directory (``-workdir``, default: next to the output, so the last
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from pxe import bundle, customize, validate
 from pxe.errors import DynprovError, InputError
-from pxe.imagegen import debian, oci, pack
+from pxe.imagegen import debian, oci, pack, slurm
 from pxe.imagegen.progress import Progress
 
 MIB = 1 << 20
@@ -64,6 +65,10 @@ class Request:
     prov_seconds: int = 600
     force: bool = False
     config: Path | None = None  # the site config: refuse a label already in its repository
+    slurm: bool = False         # add slurmd, munge and the Slurm node side (pxe.imagegen.slurm)
+    slurm_conf: Path | None = None
+    slurm_server: str = ""
+    also_labels: tuple[str, ...] = ()  # the same tree packed again as these labels (own IMAGE_ID)
 
 
 @dataclass
@@ -79,6 +84,12 @@ class Result:
     steps: dict[str, float] = field(default_factory=dict)
     customized: list[str] = field(default_factory=list)
     cache_debs: tuple[int, int] = (0, 0)
+    also: list[Path] = field(default_factory=list)
+
+
+def also_output(req: Request, label: str) -> Path:
+    """Where -also-label LABEL's bundle goes: LABEL.bundle beside -o."""
+    return Path(req.output).parent / f"{label}.bundle"
 
 
 SUPPORTED_OS = ("debian",)
@@ -108,9 +119,23 @@ def check_request(req: Request) -> debian.Request | None:
         from pxe import initramfs
 
         initramfs.kernel_tree(Path(req.kernel_root))
+    if (req.slurm_conf or req.slurm_server) and not req.slurm:
+        raise InputError("-slurm-conf and -slurm-server go with -slurm")
+    if req.slurm:
+        slurm.controller(req.slurm_server)
+        slurm.conf_files(req.slurm_conf)
     out = Path(req.output)
     if out.exists() and not req.force:
         raise InputError(f"{out} exists (use -force to replace it)")
+    for other in req.also_labels:
+        validate.label(other, "image label (-also-label)")
+        if other == req.label or req.also_labels.count(other) > 1:
+            raise InputError(f"-also-label {other}: each label once")
+        if req.customize_dir is not None:
+            raise InputError("-also-label cannot go with -customize (the scripts are run for "
+                             "one label)")
+        if also_output(req, other).exists() and not req.force:
+            raise InputError(f"{also_output(req, other)} exists (use -force to replace it)")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such directory for -o")
     if req.from_oci is not None:
@@ -124,10 +149,17 @@ def check_request(req: Request) -> debian.Request | None:
                          "any Linux as a container image with -from-oci)")
     return debian.Request(
         suite=debian.suite(req.version), arch=debian.arch(req.arch),
-        packages=tuple(debian.packages(list(req.packages))),
+        packages=tuple(debian.packages(wanted_packages(req))),
         components=tuple(req.components), mirror=debian.mirror(req.mirror),
         security_mirror=debian.mirror(req.security_mirror, "security mirror")
         if req.security_mirror else None, slim=req.slim)
+
+
+def wanted_packages(req: Request) -> list[str]:
+    """-packages, plus slurmd and munge with -slurm (not twice)."""
+    extra = [p for p in slurm.PACKAGES if req.slurm and p not in
+             {name.split("=")[0] for name in req.packages}]
+    return [*req.packages, *extra]
 
 
 def check_command(text: str) -> str:
@@ -228,14 +260,15 @@ def generate(req: Request, progress: Progress | None = None) -> Result:
     """Build the bundle ``req.output``; raise InputError / DynprovError with nothing left."""
     t0 = time.monotonic()
     deb = check_request(req)
-    where = label_in_use(req.label, req.config)
-    if where:
-        raise InputError(f"image label {req.label!r} is already in use in {where}: choose "
-                         "another -label (or fg-moab-image -delete -label it first)")
+    for label in (req.label, *req.also_labels):
+        where = label_in_use(label, req.config)
+        if where:
+            raise InputError(f"image label {label!r} is already in use in {where}: choose "
+                             "another -label (or fg-moab-image -delete -label it first)")
     scripts = customize.select(Path(req.customize_dir), req.groups) if req.customize_dir else []
     if deb is not None:
         debian.need_root()
-    steps = (2 if deb else 1) + 4 + (1 if scripts else 0)
+    steps = (2 if deb else 1) + 4 + (1 if scripts else 0) + len(req.also_labels)
     progress = progress or Progress(steps, quiet=True)
     progress.total = steps
     parent = Path(req.workdir) if req.workdir else Path(req.output).absolute().parent
@@ -291,7 +324,9 @@ def _build(req: Request, deb: debian.Request | None, scripts: Sequence[customize
         kernel = _kernel(req, tree, work)
         pack.add_modules(tree, kernel, req.all_modules)
         pack.add_node_side(tree, label=req.label, os_name=os_name, packages=deb.packages
-                           if deb else (), check=req.check)
+                           if deb else wanted_packages(req), check=req.check)
+        if req.slurm:
+            slurm.add(tree, ctld=req.slurm_server, conf=slurm.conf_files(req.slurm_conf))
     customized: list[str] = []
     if scripts:
         with progress.step(f"customize ({len(scripts)} script(s))"):
@@ -305,18 +340,35 @@ def _build(req: Request, deb: debian.Request | None, scripts: Sequence[customize
     rootfs = work / "rootfs.squashfs"
     with progress.step(f"squashfs ({req.compressor})"):
         pack.squash(tree, rootfs, req.compressor, owners)
-    with progress.step(f"bundle {Path(req.output).name}"):
+    rootfs_of = {req.label: rootfs}
+    for other in req.also_labels:  # one build, several labels: only IMAGE_ID differs
+        with progress.step(f"squashfs of {other} (the same tree, IMAGE_ID={other})"):
+            pack.put_file(tree, "etc/os-release", pack.os_release(
+                pack.read_text(tree, "etc/os-release"), other, os_name).encode())
+            rootfs_of[other] = pack.squash(tree, work / f"rootfs.{other}.squashfs",
+                                           req.compressor, owners)
+    outputs = {req.label: Path(req.output), **{o: also_output(req, o) for o in req.also_labels}}
+    with progress.step(f"bundle {', '.join(p.name for p in outputs.values())}"):
         remove_workdir(tree)  # room for the bundle on a tight disk
         cmdline = " ".join(x for x in ("console=tty0 console=ttyS0,115200", req.cmdline,
                                        f"init={pack.INIT_PATH}") if x)
-        bundle.build_bundle(Path(req.output), label=req.label, kernel=kernel_file,
-                            initrd=initrd, rootfs=rootfs, os_name=os_name, arch=arch,
-                            mode="stateless", cmdline=cmdline, prov_seconds=req.prov_seconds)
+        written: list[Path] = []
+        try:
+            for label, output in outputs.items():
+                bundle.build_bundle(output, label=label, kernel=kernel_file, initrd=initrd,
+                                    rootfs=rootfs_of[label], os_name=os_name, arch=arch,
+                                    mode="stateless", cmdline=cmdline,
+                                    prov_seconds=req.prov_seconds)
+                written.append(output)
+        except BaseException:
+            for path in written:  # all or nothing
+                path.unlink(missing_ok=True)
+            raise
     return Result(output=Path(req.output), label=req.label, os_name=os_name,
                   bundle_bytes=Path(req.output).stat().st_size,
                   rootfs_bytes=rootfs.stat().st_size, kernel=kernel.tree.version,
                   kernel_source=kernel.source, seconds=0.0, customized=customized,
-                  cache_debs=cache_debs)
+                  cache_debs=cache_debs, also=list(outputs.values())[1:])
 
 
 def _kernel(req: Request, tree: Path, work: Path) -> pack.Kernel:

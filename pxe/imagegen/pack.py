@@ -13,6 +13,8 @@ except ``/etc/os-release``, and ``/etc/inittab`` when the image has no init syst
     etc/dynprov/packages          the requested packages (checked on the node with dpkg-query)
     etc/dynprov/check             the -check command, run on the node at boot
     etc/dynprov/modules           NIC modules to load if the network is not up yet
+    etc/dynprov/slurm             -slurm only: the Slurm face is on (pxe.imagegen.slurm writes
+                                  it, the Slurm node side and its start script)
     etc/os-release                the image's, plus IMAGE_ID=<label> (what the agent reports)
     lib/modules/<version>/        the kernel's modules: the boot set (NICs, disks, squashfs,
                                   overlay) and the indexes, or all of them (-all-modules)
@@ -81,6 +83,14 @@ label=$(dp_os_label /etc/os-release)
 echo "dynprov: image $label is up on ${iface:-no network} $(dp_ipv4 "${iface:-lo}")"
 
 problem=
+if [ -e /etc/dynprov/slurm ] && [ -x $D/slurm/start ]; then
+	# -slurm: the munge key over the node's one-time token, then munged and slurmd (or their
+	# systemd units), all before "ready"
+	out=$($D/slurm/start 2>&1)
+	rc=$?
+	echo "$out"
+	[ "$rc" = 0 ] || problem="slurm: $(echo "$out" | grep -v '^[[:space:]]*$' | tail -n 1 | cut -c1-300)"
+fi
 if [ -s /etc/dynprov/packages ]; then
 	have= missing=
 	for p in $(sed 's/=.*//' /etc/dynprov/packages); do
