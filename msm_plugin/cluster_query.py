@@ -1,13 +1,13 @@
-"""`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see pxe/wiki.py).
+"""`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see msm_plugin/wiki.py).
 
 Moab runs it on every poll, with no argument. It always exits 0 and prints what it has: a failing
 query would make Moab mark the whole provisioning resource manager corrupt and stop calling
-os-switch. It imports nothing but the standard library and pxe.wiki (pxe.config too when it
+os-switch. It imports nothing but the standard library and msm_plugin.wiki (pxe.config too when it
 rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
 
 1. find ``paths.state_dir`` with a line scan of the site config (no tomllib on the poll);
 2. if the report file ``<state_dir>/wiki/nodes.wiki`` is still true for the database's change key
-   (pxe.wiki.change_key: a few stat() and two small reads, no SQLite), print it as it is;
+   (msm_plugin.wiki.change_key: a few stat() and two small reads, no SQLite), print it as it is;
 3. otherwise read the config with tomllib (``paths.state_dir``, ``groups.scheduler_pool``;
    pxe.config.load would import netaddr to check the network section), read one snapshot of
    the state database, rebuild the file atomically (keyed), print it.
@@ -81,7 +81,7 @@ def _state_dir_fast(config_path: str) -> str | None:
 
 def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
     """The report (never raises: problems become comment lines or STATE=Unknown lines)."""
-    from pxe import wiki
+    from msm_plugin import wiki
 
     if not refresh_only:
         try:

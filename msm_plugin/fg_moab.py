@@ -125,7 +125,7 @@ def _tool(ms: MoabSettings, name: str) -> str:
 
 def config_lines(cfg: Config, conn: Any) -> list[str]:
     """The moab.cfg lines for this site (absolute paths, ENV and TIMEOUT explicit)."""
-    from pxe import wiki
+    from msm_plugin import wiki
     from pxe.pools import scheduler_pool
     from pxe.run import oslists
 
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _refresh(cfg: Config) -> None:
-    from pxe import wiki
+    from msm_plugin import wiki
 
     try:
         wiki.refresh_cfg(cfg)

@@ -151,8 +151,11 @@ def _run(action: str, args: argparse.Namespace) -> int:
         if args.output != "-":
             print(f"wrote {args.output} ({size} bytes, sha256 {sha[:16]})")
     if args.init or action == "init":
-        report_file, report = repo.init()
-        where = f" ({report_file})" if report_file else ""
+        from msm_plugin import wiki
+
+        report = repo.init()
+        report_file = wiki.report_path(repo.cfg.paths.state_dir)
+        where = f" ({report_file})" if report_file.exists() else ""
         print(f"re-published the OS list{where}; boot configs: {report.boot_files} files, "
               f"{report.boot_changed} changed")
     return 0

@@ -81,7 +81,7 @@ def _main(argv: Sequence[str] | None) -> int:
     ok = [n for n in names if n not in bad]
     if ok:
         print(f"{fold(ok)}: power {action} done")
-    from pxe import wiki
+    from msm_plugin import wiki
 
     try:
         wiki.refresh_cfg(cfg)

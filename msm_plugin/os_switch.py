@@ -10,8 +10,9 @@ the scheduler's pool, a node already in a run for another OS -> one line per nod
 exit 1; the other nodes of the call still start (a re-sent call finds them in their run and is
 accepted: Moab re-sends aggregated calls that failed). Bad usage (malformed --set, empty node
 list) exits 2 and starts nothing. The same request for a node already in a run for that OS is
-accepted (exit 0) and starts no second run. The work itself runs in the detached run driver
-(pxe/run.py); later failures reach Moab through cluster-query (Down + MESSAGE).
+accepted (exit 0) and starts no second run. The request goes through the toolkit's entry point
+(pxe.provision.start); the work itself runs in the detached run driver, and later failures
+reach Moab through cluster-query (Down + MESSAGE).
 
 Never exit 4 (Moab reads it as "the resource manager died"); never print the word ERROR on
 stderr on success (Moab's CHILDSTDERRCHECK); stdout carries one informational line per node.
@@ -22,13 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from pxe.cli.guard import add_debug_flag
 from pxe.errors import InputError
-
-if TYPE_CHECKING:
-    from pxe.config import Config
 
 PROG = "os-switch"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -96,7 +93,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     action, value = parse_action(args.set, args.clear)
     from msm_plugin.fg_moab import settings
-    from pxe import config, db
+    from pxe import config, db, provision
     from pxe import run as prun
     from pxe.nodeset import expand, fold, max_nodes
     from pxe.pools import scheduler_pool
@@ -118,16 +115,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_FAILED if bad else EXIT_OK
 
     if action == "clear":
-        cancelled = prun.cancel(cfg, conn, names)
+        cancelled = provision.cancel(cfg, names)
         print(f"{fold(cancelled)}: provisioning cancelled" if cancelled
               else f"{fold(names)}: no provisioning run to cancel")
-        _refresh(cfg)
-        return EXIT_OK
+        return EXIT_OK  # the report is rewritten through pxe.hooks by provision.cancel
 
-    req = prun.request(cfg, conn, names, value, force=args.force,
-                       max_seconds=ms.max_run_seconds, pool=scheduler_pool(cfg))
-    if req.started or req.joined:
-        prun.spawn_driver(cfg)  # also revives a run whose driver died
+    conn.close()
+    req = provision.start(cfg, names, value, force=args.force,
+                          max_seconds=ms.max_run_seconds, pool=scheduler_pool(cfg))
     if req.started:
         print(f"{fold(req.started)}: provisioning {value} (run {req.run_id})")
     for run_id in sorted(set(req.joined.values())):
@@ -135,32 +130,16 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{fold(nodes)}: already provisioning {value} (run {run_id})")
     if req.current:
         print(f"{fold(req.current)}: already running {value}")
-    for refusal in req.refused:
-        print(f"{refusal.node}: {refusal.reason}", file=sys.stderr)
+    for node, reason in req.refused:
+        print(f"{node}: {reason}", file=sys.stderr)
     if args.wait and (req.started or req.joined):
-        rows = prun.wait(cfg, conn, [*req.started, *req.joined])
-        failed = False
+        req.results = provision.wait(cfg, [*req.started, *req.joined])
         for name in [*req.started, *req.joined]:
-            row = rows.get(name)
-            state = row["state"] if row else "unknown"
-            reason = f": {row['reason']}" if row and row["reason"] else ""
+            res = req.results.get(name)
+            state = res.state if res else "unknown"
+            reason = f": {res.reason}" if res and res.reason else ""
             print(f"{name}: {state}{reason}")
-            failed = failed or state != "ready"
-        return EXIT_FAILED if failed or req.refused else EXIT_OK
-    return EXIT_FAILED if req.refused else EXIT_OK
-
-
-def _refresh(cfg: Config) -> None:
-    """Rewrite the WIKI report (for file:// readers) right away; failures only delay it.
-
-    Not done after a request: the driver rewrites it within a second, and Moab is blocked here.
-    """
-    from pxe import wiki
-
-    try:
-        wiki.refresh_cfg(cfg)
-    except Exception:  # noqa: BLE001 - the driver and cluster-query rebuild it anyway
-        pass
+    return EXIT_OK if req.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pxe import validate
 from pxe.errors import InputError
 
 DEFAULT_PATH = "/etc/dynprov/dynprov.toml"
+DEFAULT_TEMPLATES_DIR = "/etc/dynprov/templates"  # site overrides of the packaged templates
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,7 +42,7 @@ class Paths:
     tftp_root: Path
     http_root: Path
     state_dir: Path
-    templates: Path
+    templates_dir: Path  # a file here replaces the packaged template of the same name (pxe.render)
     secrets_file: Path
 
 
@@ -94,13 +95,13 @@ class Config:
 _KNOWN: dict[str, set[str]] = {
     "network": {"interface", "subnet", "server", "dynamic_range", "gateway", "dns"},
     "dhcp": {"backend", "config_file", "reload_command", "check_command"},
-    "paths": {"tftp_root", "http_root", "state_dir", "templates", "secrets_file"},
+    "paths": {"tftp_root", "http_root", "state_dir", "templates_dir", "templates", "secrets_file"},
     "boot": {"bios_loader", "uefi_loader", "http_port", "default_target", "ipxe_http"},
     "groups": {"image", "pool", "scheduler_pool"},
     "limits": {"max_nodes", "import_max_bytes"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab"}
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -288,15 +289,20 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         check_command=r.argv("dhcp", "check_command", None),
     )
     state_dir = Path(r.get("paths", "state_dir", str))
+    given = r.data.get("paths") or {}
+    if "templates" in given and "templates_dir" in given:
+        raise r.fail("paths.templates", "older name of paths.templates_dir; give only one")
+    templates_key = "templates" if "templates" in given else "templates_dir"
+    templates_dir = r.get("paths", templates_key, str, DEFAULT_TEMPLATES_DIR)
     paths = Paths(
         tftp_root=Path(r.get("paths", "tftp_root", str)),
         http_root=Path(r.get("paths", "http_root", str)),
         state_dir=state_dir,
-        templates=Path(r.get("paths", "templates", str, str(PROJECT_ROOT / "templates"))),
+        templates_dir=Path(templates_dir),
         secrets_file=Path(r.get("paths", "secrets_file", str, "/etc/dynprov/bmc-secrets")),
     )
     for key, value in (("tftp_root", paths.tftp_root), ("http_root", paths.http_root),
-                       ("state_dir", paths.state_dir)):
+                       ("state_dir", paths.state_dir), ("templates_dir", paths.templates_dir)):
         if not value.is_absolute():
             raise r.fail(f"paths.{key}", f"must be an absolute path, got {str(value)!r}")
     boot = Boot(
@@ -354,5 +360,6 @@ reload_command = ["/bin/true"]
 tftp_root = "{root / 'tftp'}"
 http_root = "{root / 'http'}"
 state_dir = "{root / 'state'}"
+templates_dir = "{root / 'templates'}"
 secrets_file = "{root / 'bmc-secrets'}"
 """

@@ -1,7 +1,9 @@
 """The state database: one SQLite file (WAL) under the state dir, shared by every command.
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
-All schema lives here so that a reader can see every table in one place.
+All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
+each later one a change to it), applied by connect(), which refuses a database from a newer
+dynprov. How to add one: docs/ARCHITECTURE.md, "Changing the database schema".
 """
 
 from __future__ import annotations
@@ -175,11 +177,63 @@ DROP TABLE run_nodes;
 ALTER TABLE run_nodes_v2 RENAME TO run_nodes;
 """
 
+# Version 3 (issue 16, pxe.states): the stateful image's run step ``installed`` (disk written,
+# the run driver sends the next boot to the disk) joins the node and run-node vocabularies.
+# Same rebuild as version 2, for the two tables whose CHECK lists change.
+CHECKS_V3 = """
+CREATE TABLE nodes_v3 (
+    name         TEXT PRIMARY KEY,
+    ip           TEXT UNIQUE,
+    arch         TEXT NOT NULL DEFAULT 'x86_64',
+    firmware     TEXT NOT NULL DEFAULT 'bios' CHECK (firmware IN ('bios', 'uefi')),
+    bmc_type     TEXT NOT NULL DEFAULT 'none'
+                 CHECK (bmc_type IN ('ipmi', 'redfish', 'wol', 'none')),
+    bmc_address  TEXT,
+    bmc_port     INTEGER,
+    bmc_user     TEXT,
+    bmc_secret   TEXT,            -- a reference (secrets-file key or file:/path), never a password
+    groups       TEXT NOT NULL DEFAULT '',
+    pool         TEXT NOT NULL DEFAULT 'hpc' REFERENCES pools(name),
+    current_os   TEXT,            -- what the node last reported running
+    desired_os   TEXT,            -- what set-boot asked for
+    boot_target  TEXT NOT NULL DEFAULT 'local' CHECK (boot_target IN ('local', 'os')),
+    boot_token   TEXT,            -- one-time token for the node's call-home (issued by set-boot)
+    state        TEXT NOT NULL DEFAULT 'unknown'
+                 CHECK (state IN ('unknown', 'requested', 'power-cycled', 'booting', 'installed',
+                                  'ready', 'failed', 'timed out', 'cancelled', 'off', 'busy',
+                                  'running')),
+    state_reason TEXT NOT NULL DEFAULT '',
+    used         INTEGER NOT NULL DEFAULT 0 CHECK (used IN (0, 1)),
+    updated      REAL NOT NULL DEFAULT 0
+);
+INSERT INTO nodes_v3 SELECT name, ip, arch, firmware, bmc_type, bmc_address, bmc_port, bmc_user,
+    bmc_secret, groups, pool, current_os, desired_os, boot_target, boot_token, state, state_reason,
+    used, updated FROM nodes;
+DROP TABLE nodes;
+ALTER TABLE nodes_v3 RENAME TO nodes;
+
+CREATE TABLE run_nodes_v3 (
+    run_id   INTEGER NOT NULL REFERENCES runs(id),
+    node     TEXT NOT NULL,
+    state    TEXT NOT NULL CHECK (state IN ('requested', 'power-cycled', 'booting',
+                                            'installed', 'ready', 'failed',
+                                            'timed out', 'cancelled')),
+    reason   TEXT NOT NULL DEFAULT '',
+    deadline REAL,
+    updated  REAL NOT NULL,
+    PRIMARY KEY (run_id, node)
+);
+INSERT INTO run_nodes_v3 SELECT run_id, node, state, reason, deadline, updated FROM run_nodes;
+DROP TABLE run_nodes;
+ALTER TABLE run_nodes_v3 RENAME TO run_nodes;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
                 "VALUES ('hpc', CAST(strftime('%s', 'now') AS REAL));"),
     Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
+    Migration(3, "run step 'installed' in the node and run-node states", CHECKS_V3),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

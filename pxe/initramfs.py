@@ -24,7 +24,6 @@ from pxe import atomic
 from pxe.errors import DynprovError, InputError
 from pxe.fstree import Tree, compress
 
-SHELL_DIR = Path(__file__).resolve().parent.parent / "initramfs"
 BUSYBOX = Path("/bin/busybox")
 
 # NICs and disks of the virtual cluster and common servers, and what /init mounts with.
@@ -251,7 +250,10 @@ def add_base(tree: Tree) -> None:
 
 
 def shell_file(name: str) -> bytes:
-    path = SHELL_DIR / name
+    """One of the shell sources under initramfs/ (packaged as pxe.assets.initramfs)."""
+    from pxe import assets
+
+    path = assets.initramfs() / name
     try:
         return path.read_bytes()
     except OSError as exc:

@@ -26,6 +26,12 @@ COMMANDS: dict[str, str] = {
     "fg-moab-group": "msm_plugin.fg_moab_group",
     "fg-pool": "pxe.cli.fg_pool",
     "fg-image-generate": "pxe.cli.fg_image_generate",
+    "dynprov-slurm": "slurm_plugin.cli",
+    # module:function when one module builds several commands' parsers
+    "dynprov-slurm-helper": "slurm_plugin.cli:build_helper_parser",
+    "dynprov-slurm-reboot": "slurm_plugin.cli:build_reboot_parser",
+    "dynprov-slurm-resume": "slurm_plugin.cli:build_resume_parser",
+    "dynprov-slurm-suspend": "slurm_plugin.cli:build_suspend_parser",
 }
 EXTRA_DIR = PROJECT_ROOT / "docs" / "man"
 SECTION_ORDER = ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "COMMANDS", "FILES", "ENVIRONMENT",
@@ -167,7 +173,8 @@ def all_pages() -> dict[str, str]:
                 walk(f"{name}-{sub_name}", sub)
 
     for command, module in COMMANDS.items():
-        walk(command, importlib.import_module(module).build_parser())
+        module, _, function = module.partition(":")
+        walk(command, getattr(importlib.import_module(module), function or "build_parser")())
     pages["dynprov.toml.5"] = render_config_page()
     return pages
 

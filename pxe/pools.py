@@ -10,7 +10,7 @@ Rules kept here, whoever calls (the `fg-pool` CLI, tests, a future API):
 - A node that is busy is not moved unless ``force`` is given. Busy means, checked in that order:
     * in a provisioning run: a ``run_nodes`` row whose run has no ``finished`` time and whose node
       state is not final (ready, failed, timed out, cancelled);
-    * provisioning: ``nodes.state`` in PROVISIONING_STATES (requested, power-cycled, booting);
+    * provisioning: ``nodes.state`` in PROVISIONING_STATES (pxe.states.ACTIVE);
     * running a job: ``nodes.state`` in JOB_STATES (``busy``, ``running`` - what the workload side
       writes when a job starts on the node);
     * ``nodes.used`` set: it ran a job since its last re-image, and we cannot see from here that
@@ -27,7 +27,7 @@ Audit records (JSON lines in <state_dir>/audit.log; node lists in node-set notat
 
 For the Moab face: usable_for_scheduler(cfg, conn) and is_usable_for_scheduler(cfg, pool) import
 nothing but the standard library and cost one query (``cfg`` may be just the pool's name). After a
-move the WIKI node report (pxe.wiki), if the site keeps one, is rewritten at once.
+move the scheduler faces are told through pxe.hooks (the Moab face rewrites its report).
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pxe import db, validate
+from pxe import db, states, validate
 from pxe.errors import DynprovError, NotFound
 
 if TYPE_CHECKING:
     from pxe.config import Config
 
-PROVISIONING_STATES = ("requested", "power-cycled", "booting")
-JOB_STATES = ("busy", "running")
-RUN_FINAL_STATES = ("ready", "failed", "timed out", "cancelled")
+PROVISIONING_STATES = states.ACTIVE
+JOB_STATES = states.JOB_STATES
+RUN_FINAL_STATES = states.FINAL
 
 _CHUNK = 500  # host parameters per IN (...) query, well under SQLite's limit
 
@@ -256,7 +256,7 @@ def move(cfg: Config, conn: sqlite3.Connection, nodes: str | Iterable[str], to: 
         _audit(cfg, user, "pool-move", nodes=_fold(moving),
                **{"from": {p: _fold(ns) for p, ns in sources.items()}}, to=to, force=force,
                forced=_fold(reasons) if reasons else "")
-    _refresh_scheduler_report(cfg)
+    _announce(cfg, moving)
     return MoveResult(to=to, moved=tuple(moving), already=tuple(already), sources=sources,
                       forced=reasons)
 
@@ -280,19 +280,17 @@ def _audit(cfg: Config, user: str | None, action: str, **details: Any) -> None:
     audit.append(cfg.paths.state_dir, user, action, **details)
 
 
-def _refresh_scheduler_report(cfg: Config) -> None:
-    """Rewrite the WIKI node report now if the site keeps one (a file:// CLUSTERQUERYURL reads
-    it without running anything), so moved nodes leave or rejoin the scheduler's view at once.
-    Best effort: the move is committed, and cluster-query rebuilds a stale report anyway."""
-    from pxe import wiki
+def _announce(cfg: Config, names: Sequence[str]) -> None:
+    """Tell the scheduler faces (pxe.hooks) that nodes changed pools, so moved nodes leave or
+    rejoin the scheduler's view at once (the Moab face rewrites its file:// report). Best
+    effort: the move is committed, and the faces' readers rebuild a stale view anyway."""
+    from pxe import hooks
 
-    if not wiki.report_path(cfg.paths.state_dir).exists():
-        return
     try:
-        wiki.refresh_cfg(cfg)
-    except (OSError, sqlite3.Error) as exc:
+        hooks.announce(cfg, hooks.Event(hooks.POOLS, tuple(names)))
+    except Exception as exc:  # noqa: BLE001 - a bad [hooks] section must not fail the move
         logging.getLogger("dynprov.pools").warning(
-            "pool change saved, but the node report was not rewritten: %s", exc)
+            "pool change saved, but the scheduler faces were not told: %s", exc)
 
 
 def _chunks(names: Sequence[str]) -> Iterable[Sequence[str]]:

@@ -3,6 +3,10 @@
 The provisioning initramfs (and the agent inside a booted image) report here through the
 server's call-home endpoint. Each report must carry the one-time token issued by set-boot;
 the final report (ready/failed) consumes it, so a replay is refused.
+
+This module only records (through pxe.states, the one writer of run states): it never renders a
+boot file nor touches power. What a report calls for (a stateful node's next boot from its disk,
+the safe default after ready/failed) is done by the run driver (pxe.run), which owns power.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from pxe import db
+from pxe import db, states
 from pxe.errors import DynprovError, NotFound
 
 KINDS = ("booting", "progress", "installed", "ready", "failed")
@@ -69,32 +73,33 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
                            ReportRefused(f"report from {node} refused: {why}"))
         now = time.time()
         run = conn.execute(
-            "SELECT run_id FROM run_nodes WHERE node = ? AND state NOT IN "
-            "('ready', 'failed', 'timed out', 'cancelled') ORDER BY run_id DESC LIMIT 1",
-            (node,)).fetchone()
+            "SELECT run_id FROM run_nodes WHERE node = ? AND state IN "
+            f"({states.ACTIVE_SQL}) ORDER BY run_id DESC LIMIT 1", (node,)).fetchone()
         run_id = run[0] if run else None
         image = row["desired_os"]
-        state = row["state"]
+        state = states.REPORT_STEP.get(kind, row["state"])
+        fields: dict[str, object] = {}
         if kind == "booting":
-            state = "booting"
-            conn.execute("UPDATE nodes SET state = 'booting', state_reason = ?, updated = ? "
-                         "WHERE name = ?", (detail, now, node))
+            fields = {"state_reason": detail}
         elif kind in ("progress", "installed"):
-            conn.execute("UPDATE nodes SET state_reason = ?, updated = ? WHERE name = ?",
-                         (f"{kind}: {detail}" if detail else kind, now, node))
+            fields = {"state_reason": f"{kind}: {detail}" if detail else kind}
         elif kind == "ready":
-            state = "ready"
-            conn.execute("UPDATE nodes SET state = 'ready', state_reason = '', current_os = ?, "
-                         "used = 0, boot_token = NULL, updated = ? WHERE name = ?",
-                         (image, now, node))
+            fields = {"state_reason": "", "current_os": image, "used": 0, "boot_token": None}
         elif kind == "failed":
-            state = "failed"
-            conn.execute("UPDATE nodes SET state = 'failed', state_reason = ?, "
-                         "boot_token = NULL, updated = ? WHERE name = ?",
-                         (detail or "failed", now, node))
-        if run_id is not None and kind in ("booting", "ready", "failed"):
-            conn.execute("UPDATE run_nodes SET state = ?, reason = ?, updated = ? "
-                         "WHERE run_id = ? AND node = ?",
-                         (state, detail if kind == "failed" else "", now, run_id, node))
-        db.log_event(conn, f"report-{kind}", node, detail, run_id)
+            fields = {"state_reason": detail or "failed", "boot_token": None}
+        moved = False
+        if run_id is not None and kind in states.REPORT_STEP:
+            moved = states.transition(
+                conn, run_id, node, state, detail if kind == "failed" else "", now,
+                node_fields=fields, event=f"report-{kind}", event_detail=detail)
+        if not moved:
+            if run_id is None:
+                # Outside a run: record on the node. A late "ready" after a timeout is
+                # believed (a timed-out node keeps its token).
+                if kind in ("booting", "ready", "failed"):
+                    fields["state"] = state
+                states.set_node(conn, node, now, **fields)
+            else:  # a step the run node is already past (a repeated report): the log only
+                state = row["state"]
+            db.log_event(conn, f"report-{kind}", node, detail, run_id)
     return Outcome(node=node, kind=kind, state=state, run_id=run_id, image=image)

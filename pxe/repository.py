@@ -447,30 +447,28 @@ class Repository:
             return result
 
     # -- publishing --------------------------------------------------------------------------
-    def publish_oslist(self) -> Path | None:
-        """Re-publish what the scheduler is offered: the WIKI node report that a ``file://``
-        CLUSTERQUERYURL reads (pxe.wiki; each node's OSLIST comes from the Catalog). Returns
-        its path. ``cluster-query`` itself reads the Catalog at every poll, so with either URL
-        a new image is in the nodes' OSLIST at the scheduler's next poll."""
-        try:
-            from pxe import wiki
-        except ImportError:  # the Moab face (msm_plugin, pxe.wiki) is not installed
-            return None
-        try:
-            wiki.refresh_cfg(self.cfg, force=True)
-        except (sqlite3.Error, OSError) as exc:
-            log.warning("could not rewrite the node report (cluster-query will): %s", exc)
-        return wiki.report_path(self.cfg.paths.state_dir)
+    def publish_oslist(self) -> None:
+        """Tell the scheduler faces that the image catalog changed (pxe.hooks): the Moab face
+        rewrites the WIKI report a ``file://`` CLUSTERQUERYURL reads (each node's OSLIST comes
+        from the Catalog). ``cluster-query`` reads the Catalog at every poll anyway, so with
+        either URL a new image is in the nodes' OSLIST at the scheduler's next poll."""
+        from pxe import hooks
 
-    def init(self) -> tuple[Path | None, Any]:
+        try:
+            hooks.announce(self.cfg, hooks.Event(hooks.IMAGES))
+        except Exception as exc:  # noqa: BLE001 - the catalog change is committed already
+            log.warning("could not tell the scheduler faces (their next poll will see it): %s",
+                        exc)
+
+    def init(self) -> Any:
         """``-init``: re-publish the OS list and re-render every boot config."""
         user = self._require("re-publishing the OS list")
         from pxe.setboot import render_all
 
         report = render_all(self.cfg)
-        path = self.publish_oslist()
+        self.publish_oslist()
         audit.append(self.cfg.paths.state_dir, user, "image-init", images=len(self.catalog.all()))
-        return path, report
+        return report
 
 
 def _copy(src: IO[bytes], out: IO[bytes]) -> tuple[str, int]:

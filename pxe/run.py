@@ -1,11 +1,9 @@
-"""The provisioning run: plan -> set boot -> power (netboot) -> watch. Knows nothing of Moab.
+"""The provisioning run: plan -> set boot -> power (netboot) -> watch. Knows no scheduler.
 
-A run is one request ("these nodes, this OS label"); each node in it moves through
-    requested -> power-cycled -> booting -> ready
-or ends ``failed`` (the node's own reason, or the power step's) or ``timed out`` (no final report
-before its deadline), or ``cancelled``. Every transition is a row update in ``run_nodes`` (with
-its time) and an ``events`` row; ``nodes.state`` mirrors the node's step (the same words, which
-``pxe.pools`` and ``pxe.wiki`` read).
+A run is one request ("these nodes, this OS label"); each node in it moves through the states of
+pxe.states (requested -> power-cycled -> booting [-> installed] -> ready, or failed, timed out,
+cancelled). Every step goes through pxe.states.transition (``run_nodes`` row, its time, an
+``events`` row, and ``nodes.state`` mirroring it). Callers start runs through pxe.provision.
 
 Who drives a run (the caller must not wait for boots, e.g. Moab's blocking OS-switch call):
     request() validates and records the run in one ``BEGIN IMMEDIATE`` transaction and returns.
@@ -13,21 +11,24 @@ Who drives a run (the caller must not wait for boots, e.g. Moab's blocking OS-sw
     stdio to ``<state_dir>/run-driver.log``) unless one is already running. One driver per state
     directory, marked by an flock on ``<state_dir>/run-driver.lock``: the kernel drops it when the
     process dies, so a dead driver leaves no stale lock, and the next request starts a new one.
-    The driver picks up every ``requested`` node (requests that arrive while it is busy join the
+    A driver starts with reconcile(): what a stopped driver left half-done ends in a defined
+    state. It picks up every ``requested`` node (requests that arrive while it is busy join the
     next batch: Moab's one-node-per-call default becomes one fan-out), renders their boot files
-    (set_boot), sends ``netboot`` through the power fan-out, then watches: reports arrive through
-    the server's call-home endpoint (pxe.reports + after_report below), deadlines are checked
-    every second, the WIKI report file is rewritten when the database changed; it exits when no
-    node is in a run. After releasing its lock it looks once more for requested nodes, so a
-    request recorded while it was stopping is never left behind.
+    (set_boot), sends ``netboot`` through the power fan-out, then watches: the server's call-home
+    endpoint only records reports (pxe.reports) and calls notify(); the driver acts on them
+    (follow_ups: "installed" -> next boot the disk, files and BMC; run ended -> safe default). It
+    is the one actor that sets boot targets and power during a run. Deadlines are checked every
+    second; each database change is announced (pxe.hooks: the scheduler faces rewrite their
+    reports); it exits when no node is in a run and nothing is left to do. After releasing its
+    lock it looks once more, so a request recorded while it was stopping is never left behind.
 
 Timeouts: each node's deadline is request time + the image's ``prov_seconds`` (capped by the
 caller's ``max_seconds``: the Moab face passes PROVDURATION minus a margin, so that a node shows
-Down with our reason before the scheduler gives up). Whoever looks next records them: the driver,
-the next request() or cancel(), after_report(), wait(); readers (pxe.wiki) already show a node past
-its deadline as timed out without writing. A timed-out or failed node's next boot returns to the
-safe default (local disk), so it cannot loop through an install; a timed-out node keeps its token,
-so a late "ready" is still believed.
+Down with our reason before the scheduler gives up). The rule is pxe.states.is_overdue; whoever
+writes next records it (the driver, the next request() or cancel(), wait()); readers show it
+through pxe.states.effective without writing. A timed-out or failed node's next boot returns to
+the safe default (local disk), so it cannot loop through an install; a timed-out node keeps its
+token, so a late "ready" is still believed.
 
 Per-job mode (``settings`` key ``run.mode`` = ``perjob``): every node of a request is re-imaged,
 and a node that ran a job (mark_used(), from the workload manager's epilogue) counts as dirty until
@@ -51,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pxe import db, wiki
+from pxe import db, hooks, states
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 from pxe.reports import Outcome
@@ -60,11 +61,13 @@ log = logging.getLogger("dynprov.run")
 
 MODES = ("perjob", "ondemand")
 DEFAULT_MODE = "ondemand"
-MODE_SETTING = wiki.MODE_SETTING
-ACTIVE = wiki.RUN_ACTIVE  # requested, power-cycled, booting
-FINAL = wiki.RUN_FINAL  # ready, failed, timed out, cancelled
-UNHEALTHY = ("failed", "timed out", "off", *ACTIVE)
-POLL = 1.0  # seconds between the driver's looks at the database
+MODE_SETTING = states.MODE_SETTING
+ACTIVE = states.ACTIVE  # requested, power-cycled, booting, installed
+FINAL = states.FINAL  # ready, failed, timed out, cancelled
+UNHEALTHY = (*states.DOWN, states.OFF, *ACTIVE)
+POLL = 1.0  # seconds between the driver's full looks at the database
+WAKE = 0.1  # seconds between its cheap looks for a commit (a report to act on)
+FOLLOW_UP_GRACE = 60.0  # wait(): how long after the last deadline follow-ups may still run
 MAX_DRIVE = 7 * 86400.0  # a driver never lives longer than this, whatever the deadlines say
 MAX_FAILURES = 300  # steps failing in a row (database gone or locked) before the driver quits
 _CHUNK = 500
@@ -124,7 +127,7 @@ def _marks(items: Sequence[Any]) -> str:
     return ",".join("?" * len(items))
 
 
-_ACTIVE_SQL = ",".join(f"'{s}'" for s in ACTIVE)
+_ACTIVE_SQL = states.ACTIVE_SQL
 
 
 def _active_rows(conn: sqlite3.Connection, names: Sequence[str] | None = None
@@ -142,23 +145,11 @@ def _active_rows(conn: sqlite3.Connection, names: Sequence[str] | None = None
 
 
 def _set_node(conn: sqlite3.Connection, run_id: int, node: str, state: str, reason: str = "",
-              now: float | None = None, *, only_from: Sequence[str] = ACTIVE,
+              now: float | None = None, *, only_from: Sequence[str] | None = None,
               node_fields: dict[str, Any] | None = None) -> bool:
-    """One transition of one run node, its event, and the node's mirrored state. Caller holds a
-    transaction. Returns False (and changes nothing) if the node is no longer in ``only_from``."""
-    now = time.time() if now is None else now
-    cur = conn.execute(
-        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ? WHERE run_id = ? AND node = ? "
-        f"AND state IN ({_marks(only_from)})", (state, reason, now, run_id, node, *only_from))
-    if cur.rowcount == 0:
-        return False
-    fields = {"state": state, "state_reason": reason or f"run {run_id}: {state}",
-              **(node_fields or {})}
-    sets = ", ".join(f"{k} = ?" for k in fields)
-    conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
-                 (*fields.values(), now, node))
-    db.log_event(conn, f"run-{state.replace(' ', '-')}", node, reason, run_id)
-    return True
+    """One step of one run node (pxe.states.transition, the one writer)."""
+    return states.transition(conn, run_id, node, state, reason, now, only_from=only_from,
+                             node_fields=node_fields)
 
 
 def _finish_runs(conn: sqlite3.Connection, now: float | None = None) -> list[int]:
@@ -168,9 +159,9 @@ def _finish_runs(conn: sqlite3.Connection, now: float | None = None) -> list[int
     for (run_id,) in conn.execute(
             "SELECT id FROM runs WHERE finished IS NULL AND NOT EXISTS (SELECT 1 FROM run_nodes "
             f"WHERE run_id = runs.id AND state IN ({_ACTIVE_SQL}))").fetchall():
-        bad = conn.execute("SELECT COUNT(*) FROM run_nodes WHERE run_id = ? AND state != 'ready'",
-                           (run_id,)).fetchone()[0]
-        state = "failed" if bad else "done"
+        bad = conn.execute("SELECT COUNT(*) FROM run_nodes WHERE run_id = ? AND state != ?",
+                           (run_id, states.READY)).fetchone()[0]
+        state = states.RUN_FAILED if bad else states.RUN_DONE
         conn.execute("UPDATE runs SET state = ?, finished = ? WHERE id = ?", (state, now, run_id))
         db.log_event(conn, f"run-{state}", None, f"{bad} node(s) not ready" if bad else "",
                      run_id)
@@ -179,10 +170,11 @@ def _finish_runs(conn: sqlite3.Connection, now: float | None = None) -> list[int
 
 
 def _reset_boot(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *,
-                keep_tokens: bool = False) -> None:
-    """Send nodes back to the safe default (local disk); never raises (the state is recorded)."""
+                keep_tokens: bool = False) -> str | None:
+    """Send nodes back to the safe default (local disk). Never raises: returns why it could not
+    (also logged as ``set-boot-failed`` events), None when done."""
     if not names:
-        return
+        return None
     from pxe.inventory import Inventory
     from pxe.setboot import set_boot
 
@@ -193,20 +185,21 @@ def _reset_boot(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *,
         with db.transaction(conn):
             for name in names:
                 db.log_event(conn, "set-boot-failed", name, str(exc))
+        return str(exc)
+    return None
 
 
 # -- timeouts: whoever looks next --------------------------------------------------------------------
 def _expire_rows(conn: sqlite3.Connection, now: float) -> list[str]:
-    """Mark active run nodes past their deadline as timed out (caller holds a transaction)."""
+    """Record every active run node past its deadline as timed out (caller holds a
+    transaction); the rule is pxe.states.is_overdue, which readers apply without writing."""
     expired = []
     for row in conn.execute(
             "SELECT rn.node, rn.run_id, rn.state, rn.deadline, r.label FROM runs r "
             "JOIN run_nodes rn ON rn.run_id = r.id WHERE r.finished IS NULL "
-            f"AND rn.state IN ({_ACTIVE_SQL}) AND rn.deadline IS NOT NULL AND rn.deadline <= ?",
-            (now,)).fetchall():
-        reason = (f"timed out: no report within the provisioning time of {row['label']} "
-                  f"(last step: {row['state']})")
-        if _set_node(conn, row["run_id"], row["node"], "timed out", reason, now):
+            f"AND {states.overdue_sql('rn')}", (now,)).fetchall():
+        if _set_node(conn, row["run_id"], row["node"], states.TIMED_OUT,
+                     states.timeout_reason(row["label"], row["state"]), now):
             expired.append(row["node"])
     return expired
 
@@ -284,21 +277,8 @@ def request(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], label: 
             if max_seconds is not None:
                 seconds = min(seconds, max_seconds)
             deadline = now + max(1.0, seconds)
-            cur = conn.execute("INSERT INTO runs(label, mode, created, state) "
-                               "VALUES (?, ?, ?, 'running')", (label, mode, now))
-            run_id = int(cur.lastrowid or 0)
-            conn.executemany(
-                "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
-                "VALUES (?, ?, 'requested', '', ?, ?)",
-                [(run_id, n, deadline, now) for n in to_start])
-            conn.executemany(
-                "UPDATE nodes SET state = 'requested', state_reason = ?, updated = ? "
-                "WHERE name = ?", [(f"run {run_id}: {label} requested", now, n) for n in to_start])
-            conn.executemany(
-                "INSERT INTO events(ts, node, run_id, kind, detail) "
-                "VALUES (?, ?, ?, 'run-requested', ?)",
-                [(now, n, run_id, f"{label} ({mode}, deadline {seconds:.0f} s)")
-                 for n in to_start])
+            run_id = states.enter(conn, label, mode, to_start, deadline, now,
+                                  detail=f"{label} ({mode}, deadline {seconds:.0f} s)")
             result.run_id = run_id
             result.started = to_start
     _reset_boot(cfg, conn, expired, keep_tokens=True)
@@ -396,9 +376,7 @@ def power(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], action: s
                     fields = {"current_os": os_now}
                     if row["state"] not in ("failed", "timed out"):  # a failure stays shown
                         fields.update(state="ready" if os_now else "unknown", state_reason="")
-                sets = ", ".join(f"{k} = ?" for k in fields)
-                conn.execute(f"UPDATE nodes SET {sets}, updated = ? WHERE name = ?",
-                             (*fields.values(), now, name))
+                states.set_node(conn, name, now, **fields)
                 db.log_event(conn, f"power-{action}", name)
     return {n: out[n] for n in names}
 
@@ -474,7 +452,7 @@ def spawn_driver(cfg: Config) -> int | None:
 
 
 def _requested(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    return [r for r in _active_rows(conn) if r["state"] == "requested"]
+    return [r for r in _active_rows(conn) if r["state"] == states.REQUESTED]
 
 
 def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> None:
@@ -494,15 +472,15 @@ def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) 
         except (DynprovError, OSError) as exc:  # e.g. a node removed, a full TFTP root
             failed = {n: f"set-boot: {exc}" for n in names}
         # A node cancelled meanwhile is not powered.
-        still = {r["node"] for r in _active_rows(conn, names) if r["state"] == "requested"}
+        still = {r["node"] for r in _active_rows(conn, names) if r["state"] == states.REQUESTED}
         todo = [n for n in names if n in still and n not in failed]
         results = _power_run(cfg, todo, "netboot") if todo else {}
         now = time.time()
         with db.transaction(conn):
             for name in todo:
                 if results[name] is None:
-                    if not _set_node(conn, run_of[name], name, "power-cycled", "", now,
-                                     only_from=("requested",),
+                    if not _set_node(conn, run_of[name], name, states.POWER_CYCLED, "", now,
+                                     only_from=(states.REQUESTED,),
                                      node_fields={"current_os": None,
                                                   "state_reason": f"run {run_of[name]}: {label} "
                                                                   "power-cycled"}):
@@ -513,15 +491,130 @@ def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) 
                 else:
                     failed[name] = results[name] or "power failed"
             for name, reason in failed.items():
-                _set_node(conn, run_of[name], name, "failed", reason, now)
+                _set_node(conn, run_of[name], name, states.FAILED, reason, now)
             _finish_runs(conn, now)
         _reset_boot(cfg, conn, sorted(failed))
         log.info("run %s: %d node(s) power-cycled, %d failed", label,
                  len(todo) - len(set(todo) & set(failed)), len(failed))
 
 
+# -- follow-ups: what recorded reports call for (the driver acts; the server only records) -------
+def _installed(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Stateful nodes that wrote their disk and still boot from the network next."""
+    return conn.execute(
+        "SELECT rn.node, rn.run_id FROM run_nodes rn JOIN runs r ON r.id = rn.run_id "
+        "JOIN nodes n ON n.name = rn.node WHERE r.finished IS NULL AND rn.state = ? "
+        "AND n.boot_target = 'os' ORDER BY rn.node", (states.INSTALLED,)).fetchall()
+
+
+def _left_on_network(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Nodes whose last run ended (ready, failed...) but whose next boot is still the network:
+    nobody has set their boot since (a boot set by hand afterwards is the admin's and stays)."""
+    return conn.execute(
+        "SELECT rn.node, rn.run_id, rn.state FROM nodes n JOIN run_nodes rn ON rn.node = n.name "
+        "WHERE n.boot_target = 'os' "
+        "AND rn.run_id = (SELECT MAX(run_id) FROM run_nodes WHERE node = n.name) "
+        f"AND rn.state IN ({states.FINAL_SQL}) "
+        "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.node = n.name "
+        "AND e.kind IN ('set-boot', 'set-boot-failed') AND e.ts >= rn.updated) "
+        "ORDER BY rn.node").fetchall()
+
+
+def _unsettled(cfg: Config, conn: sqlite3.Connection, names: Sequence[str]) -> list[str]:
+    """Which of the nodes still wait for a follow-up (see follow_ups). Taken under the render
+    lock: a set-boot in progress (boot target already changed, files not yet staged) is
+    finished before the answer is "none"."""
+    from pxe import atomic
+
+    wanted = set(names)
+    with atomic.locked(cfg.lock_path, shared=True):
+        return sorted({r["node"] for r in (*_installed(conn), *_left_on_network(conn))
+                       if r["node"] in wanted})
+
+
+def pending(conn: sqlite3.Connection) -> bool:
+    """Is there a follow-up to do (a boot target to reset)?"""
+    return bool(_installed(conn) or _left_on_network(conn))
+
+
+def follow_ups(cfg: Config, conn: sqlite3.Connection) -> list[str]:
+    """Act on what nodes reported: "installed" -> next boot from the disk (files and BMC; the
+    token stays for the installed system's "ready"); a run ended -> the safe default. A node
+    whose boot cannot be reset is failed (Down) with the reason, never left to re-install.
+    Returns the nodes acted on."""
+    done: list[str] = []
+    for row in _installed(conn):
+        node, run_id = row["node"], row["run_id"]
+        why = _reset_boot(cfg, conn, [node], keep_tokens=True)
+        if why is None:
+            error = _power_run(cfg, [node], "boot-disk")[node]
+            if error:
+                with db.transaction(conn):
+                    db.log_event(conn, "power-boot-disk-failed", node, error, run_id)
+        else:
+            with db.transaction(conn):
+                _set_node(conn, run_id, node, states.FAILED,
+                          f"installed, but its next boot cannot be set to the disk: {why}")
+                _finish_runs(conn)
+        done.append(node)
+    left = _left_on_network(conn)
+    for timed_out in (True, False):  # a timed-out node keeps its token: a late "ready" counts
+        names = [r["node"] for r in left if (r["state"] == states.TIMED_OUT) == timed_out]
+        keep = timed_out
+        why = _reset_boot(cfg, conn, names, keep_tokens=keep)
+        if why is not None:
+            now = time.time()
+            with db.transaction(conn):
+                for name in names:
+                    states.set_node(conn, name, now, state=states.FAILED,
+                                    state_reason="next boot still from the network, cannot "
+                                                 f"reset it to the disk: {why}")
+        done += names
+    if done:
+        with db.transaction(conn):
+            _finish_runs(conn)
+    return done
+
+
+def reconcile(cfg: Config, conn: sqlite3.Connection) -> list[str]:
+    """A new driver's first step: end in a defined state what a stopped driver left half-done.
+
+    Deadlines that passed meanwhile are recorded (timed out, next boot the disk); nodes whose
+    run ended while no driver ran (a report recorded by the server) but whose next boot is still
+    the network go back to the disk, or are failed (Down) with the reason; runs whose nodes are
+    all final are closed. Requested nodes are launched by the driver's next step, as always.
+    Returns the nodes it touched (each also gets a ``run-reconciled`` event)."""
+    touched = expire(cfg, conn)
+    touched += follow_ups(cfg, conn)
+    with db.transaction(conn):
+        _finish_runs(conn)
+        for name in sorted(set(touched)):
+            db.log_event(conn, "run-reconciled", name, "found by a starting driver")
+    if touched:
+        log.info("reconciled after a stopped driver: %s", ", ".join(sorted(set(touched))))
+    return touched
+
+
+def _announce(cfg: Config) -> None:
+    try:
+        hooks.announce(cfg, hooks.Event(hooks.NODES))
+    except Exception as exc:  # noqa: BLE001 - a face's trouble never stops the driver
+        log.warning("announcing the state change failed: %s", exc)
+
+
+def _nap(conn: sqlite3.Connection, seconds: float) -> None:
+    """Sleep up to ``seconds``, waking early when another process commits (a node's report)."""
+    end = time.monotonic() + seconds
+    start = conn.execute("PRAGMA data_version").fetchone()[0]
+    while time.monotonic() < end:
+        time.sleep(min(WAKE, max(0.0, end - time.monotonic())))
+        if conn.execute("PRAGMA data_version").fetchone()[0] != start:
+            return
+
+
 def drive(cfg: Config, *, poll: float = POLL) -> int:
-    """Be the driver until no node is in a run. Returns 0; 1 if another driver holds the lock."""
+    """Be the driver until no node is in a run and nothing is left to do. Returns 0; 1 if
+    another driver holds the lock."""
     conn = db.connect(cfg.db_path)
     started = time.monotonic()
     last_key: tuple[int, int] | None = None
@@ -534,14 +627,21 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
                 return 0 if ran else 1
             if not ran:
                 log.info("driver started")
+                try:
+                    reconcile(cfg, conn)
+                except (sqlite3.Error, OSError) as exc:
+                    log.error("reconciling failed (the loop retries): %s", exc)
             ran = True
             while time.monotonic() - started < MAX_DRIVE:
                 try:
                     expire(cfg, conn)
-                    pending = _requested(conn)
-                    if pending:
-                        _launch(cfg, conn, pending)
+                    requested = _requested(conn)
+                    if requested:
+                        _launch(cfg, conn, requested)
                     active = _active_rows(conn)
+                    # After reading ``active``: a node that became final meanwhile is seen here.
+                    follow_ups(cfg, conn)
+                    todo = pending(conn)
                 except (sqlite3.Error, OSError) as exc:  # e.g. the database busy for 30 s
                     failures += 1
                     log.error("driver step failed (%d in a row), retrying: %s", failures, exc)
@@ -556,22 +656,19 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
                     log.info("in runs: %s", ", ".join(f"{n} {s} (run {r})" for r, n, s in seen)
                              or "none")
                 last_seen = seen
-                # The report is rebuilt after reading ``active``: whatever made the last node
-                # final is committed by then, so the last report written is the final one.
+                # Announced after reading ``active``: whatever made the last node final is
+                # committed by then, so the last announcement carries the final state.
                 # data_version moves when another connection commits, total_changes with ours.
                 key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
                 if key != last_key:
-                    try:
-                        wiki.refresh_cfg(cfg)
-                    except (OSError, sqlite3.Error) as exc:
-                        log.warning("cannot rewrite the WIKI report: %s", exc)
+                    _announce(cfg)
                     last_key = key
-                if not active:
+                if not active and not todo:
                     break
-                time.sleep(poll)
-        # Lock released. A request recorded while we were stopping finds no driver to spawn
-        # only if it saw our lock; it committed before that, so it is visible now.
-        if not _requested(conn):
+                _nap(conn, poll)
+        # Lock released. A request (or report) recorded while we were stopping found our lock
+        # and started no driver; it committed before that, so it is visible now.
+        if not _requested(conn) and not pending(conn):
             break
     log.info("driver exits: no node in a run")
     conn.close()
@@ -580,14 +677,26 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
 
 def wait(cfg: Config, conn: sqlite3.Connection, names: Sequence[str], *, poll: float = 0.5
          ) -> dict[str, sqlite3.Row]:
-    """Block until none of the nodes is in a run (bounded by their deadlines); last run rows."""
+    """Block until none of the nodes is in a run and the driver has acted on their last
+    reports (bounded by their deadlines, plus FOLLOW_UP_GRACE); their last run rows."""
+    end: float | None = None
     while True:
         expire(cfg, conn)
         active = _active_rows(conn, names)
-        if not active:
+        if active:
+            deadline = max((r["deadline"] or 0.0) for r in active)
+            time.sleep(max(0.05, min(poll, deadline - time.time() + 0.05)))
+            continue
+        left = _unsettled(cfg, conn, names)
+        if not left:
             break
-        deadline = max((r["deadline"] or 0.0) for r in active)
-        time.sleep(max(0.05, min(poll, deadline - time.time() + 0.05)))
+        end = end if end is not None else time.monotonic() + FOLLOW_UP_GRACE
+        if time.monotonic() >= end:
+            log.warning("no driver acted on %s's last report in time", ",".join(left))
+            break
+        if not driver_running(cfg):
+            spawn_driver(cfg)
+        time.sleep(min(poll, 0.2))
     return latest(conn, names)
 
 
@@ -609,26 +718,25 @@ def history(conn: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
                         (run_id,)).fetchall()
 
 
-# -- follow-ups of node reports (called by the server after pxe.reports.record_report) ----------
-def after_report(cfg: Config, outcome: Outcome) -> None:
-    """Stateful "installed" -> next boot local disk (keep the token for "ready"); "ready" or
-    "failed" -> next boot the safe default, close finished runs; any report -> due timeouts."""
+# -- what the call-home server calls after recording a report --------------------------------------
+NEEDS_DRIVER = ("installed", "ready", "failed")
+
+
+def notify(cfg: Config, outcome: Outcome) -> int | None:
+    """A report was recorded: make sure a driver runs to act on it (the server never acts).
+
+    The running driver wakes on the commit by itself; if none runs (it died, or the run ended
+    and a late report came), one is started and reconciles. Returns its PID if one was started.
+    """
+    if outcome.kind not in NEEDS_DRIVER or driver_running(cfg):
+        return None
     conn = db.connect(cfg.db_path)
     try:
-        if outcome.kind == "installed":
-            _reset_boot(cfg, conn, [outcome.node], keep_tokens=True)
-            error = _power_run(cfg, [outcome.node], "boot-disk")[outcome.node]
-            if error:
-                with db.transaction(conn):
-                    db.log_event(conn, "power-boot-disk-failed", outcome.node, error,
-                                 outcome.run_id)
-        elif outcome.kind in ("ready", "failed"):
-            _reset_boot(cfg, conn, [outcome.node])
-            with db.transaction(conn):
-                _finish_runs(conn)
-        expire(cfg, conn)
+        if not pending(conn) and not _active_rows(conn):
+            return None
     finally:
         conn.close()
+    return spawn_driver(cfg)
 
 
 # -- `python -m pxe.run`: the detached driver -------------------------------------------------------

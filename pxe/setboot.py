@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pxe import atomic, db, dhcp, stage
+from pxe import atomic, db, dhcp, render, stage
 from pxe.config import Config
 from pxe.errors import InputError
 from pxe.images import Catalog, Image
@@ -25,6 +25,7 @@ class RenderReport:
     boot_changed: int
     pruned: list[str]
     loaders: dict[str, str]
+    sources: dict[str, render.TemplateSource] = field(default_factory=dict)  # template -> file
 
 
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
@@ -70,11 +71,18 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     images = {i.label: i for i in Catalog(cfg, inv.conn).all()}
     renderer = Renderer(cfg)
     text = renderer.dhcp_config(nodes)
-    if check_only:
-        dhcp.check(cfg, text)
-        return RenderReport(False, 0, 0, [], {})
+    if check_only:  # every output rendered in memory (a broken template fails here), none written
+        with render.naming_template(renderer):
+            dhcp.check(cfg, text)
+        files = renderer.all_boot_files(nodes, images)
+        if servers:
+            from pxe.serve import standard_configs
+
+            standard_configs.render(cfg, renderer)
+        return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        dhcp_changed = dhcp.install(cfg, text, reload=reload)
+        with render.naming_template(renderer):
+            dhcp_changed = dhcp.install(cfg, text, reload=reload)
         files = renderer.all_boot_files(nodes, images)
         changed = stage.write_files(cfg, files)
         pruned = stage.prune(cfg, files)
@@ -83,4 +91,4 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             from pxe.serve import standard_configs
 
             standard_configs.write(cfg)
-    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders)
+    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders, renderer.sources)

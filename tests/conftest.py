@@ -69,7 +69,10 @@ class Site:
 def make_site(root: Path, backend: str = "dnsmasq") -> Site:
     root.mkdir(parents=True, exist_ok=True)
     path = root / "dynprov.toml"
-    path.write_text(config.example(root, backend=backend))
+    # The Moab face subscribes through its entry point (pyproject.toml); named here as well so
+    # the tests do not depend on how this checkout was installed (pxe.hooks drops duplicates).
+    path.write_text(config.example(root, backend=backend)
+                    + '\n[hooks]\nsubscribers = ["msm_plugin.wiki:on_event"]\n')
     return Site(root=root, config_path=path)
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from pxe import assets
+
 ROOT = Path(__file__).resolve().parent.parent
-LIB = ROOT / "initramfs" / "lib.sh"
+SHELL_DIR = assets.initramfs()  # the checkout's initramfs/, or an installed wheel's copy
+LIB = SHELL_DIR / "lib.sh"
 BUSYBOX = Path("/bin/busybox")
 
 

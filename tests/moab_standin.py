@@ -21,7 +21,7 @@ ends on a node.
 (pxe/lab/vbmc.py); when a node is powered on, cycled or reset it "PXE-boots": reads the boot file
 our set-boot staged for its MAC in the TFTP root, and if that boots an image, calls home as the
 initramfs would (pxe.reports.record_report with the token from the kernel command line, then
-pxe.run.after_report, as the server does). Per node it can succeed, fail with a reason, stay
+pxe.run.notify, as the server does). Per node it can succeed, fail with a reason, stay
 silent, or install to disk first (stateful). pbs_mom goes down at power-off and up once the node
 is ready (or boots a disk holding an OS).
 """
@@ -438,19 +438,27 @@ class NodeSimulator:
         if node.behaviour == "stateful":
             self.report(node.name, token, "installed", "rootfs written")
             node.disk_os = label
+            # reboot -f: what boots next is what the boot file says once the run driver has
+            # acted on "installed" (bounded; a node still pointed at the image would re-install)
+            end = time.monotonic() + 30
+            while "LOCALBOOT" not in self.boot_file(node) and time.monotonic() < end:
+                time.sleep(0.05)
+            if "LOCALBOOT" not in self.boot_file(node):
+                self.errors.append(f"{node.name}: next boot still the network after installed")
+                return
             node.boots.append("disk")  # the reboot into the installed system
         self.report(node.name, token, "ready", "")
         self.torque.set_up(node.name, True)
 
     def report(self, node: str, token: str | None, kind: str, detail: str) -> None:
-        """What the server's call-home endpoint does with a node's POST."""
+        """What the server's call-home endpoint does with a node's POST (record, notify)."""
         from pxe import db
         from pxe.reports import record_report
-        from pxe.run import after_report
+        from pxe.serve.callhome import follow_up
 
         conn = db.connect(self.cfg.db_path)
         try:
             outcome = record_report(conn, node, token, kind, detail)
         finally:
             conn.close()
-        after_report(self.cfg, outcome)
+        follow_up(self.cfg, outcome)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pxe import db, pools, run, wiki
+from msm_plugin import wiki
+from pxe import db, pools, run
 
 pytestmark = pytest.mark.unit
 
@@ -325,3 +326,33 @@ def test_statement_splitter_keeps_semicolons_inside_strings_and_comments():
     assert list(db.statements("INSERT INTO t VALUES ('a;b')")) == ["INSERT INTO t VALUES ('a;b');"]
     with pytest.raises(ValueError, match="incomplete"):
         list(db.statements("INSERT INTO t VALUES ('a;b)"))
+
+
+def test_version_2_database_gets_the_installed_step_with_its_data(release_1):
+    """Migration 3 (issue 16) from a version-2 database with data: every row survives and the
+    stateful image's run step 'installed', refused by version 2, is accepted afterwards."""
+    conn = sqlite3.connect(release_1, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(db._VERSION_TABLE)
+    conn.execute("INSERT INTO schema_version VALUES (1, 'initial schema (found)', 0)")
+    for statement in db.statements(db.MIGRATIONS[1].sql):  # frozen: never edited once on main
+        conn.execute(statement)
+    conn.execute("INSERT INTO schema_version VALUES (2, 'v2', 0)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("COMMIT")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        conn.execute("UPDATE run_nodes SET state = 'installed' WHERE run_id = 2")
+    conn.close()
+    before = rows(release_1)
+    conn = db.connect(release_1)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION >= 3
+    conn.close()
+    assert rows(release_1) == before
+    conn = db.connect(release_1)
+    conn.execute("UPDATE run_nodes SET state = 'installed' WHERE run_id = 2")
+    conn.execute("UPDATE nodes SET state = 'installed' WHERE name = 'n003'")
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+        conn.execute("UPDATE run_nodes SET state = 'rebooting' WHERE run_id = 2")
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()

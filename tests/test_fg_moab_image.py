@@ -300,9 +300,9 @@ def test_disk_full_during_upload(site, tmp_path, small_disk, size, stage):
 
 
 # -- the scheduler sees the new image: OSLIST at its next poll ----------------------------------
-@pytest.mark.skipif(not (ROOT / "pxe" / "wiki.py").exists(), reason="the Moab face is not built")
+@pytest.mark.skipif(not (ROOT / "msm_plugin" / "wiki.py").exists(), reason="the Moab face is not built")
 def test_new_image_appears_in_nodes_oslist(site, tmp_path):
-    from pxe import wiki
+    from msm_plugin import wiki
 
     cfg = site.cfg
     with contextlib.closing(Inventory(cfg).conn) as conn:

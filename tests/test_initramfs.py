@@ -19,7 +19,7 @@ from conftest import Site
 from initramfs_support import (
     BUSYBOX,
     LIB,
-    ROOT,
+    SHELL_DIR,
     Listener,
     bbsh,
     busybox_path,
@@ -209,7 +209,7 @@ def test_initramfs_unpacks_with_cpio(built_initramfs: Path, kroot: Path,
     for path in order:
         assert (tmp_path / "lib/modules" / version / path).read_bytes() == \
             (kroot / "lib/modules" / version / path).read_bytes()
-    assert (tmp_path / "init").read_bytes() == (ROOT / "initramfs/init").read_bytes()
+    assert (tmp_path / "init").read_bytes() == (SHELL_DIR / "init").read_bytes()
     assert os.access(tmp_path / "init", os.X_OK)
     assert os.readlink(tmp_path / "bin/sh") == "/bin/busybox"
 
@@ -235,7 +235,7 @@ def test_cli_build_and_modules(kroot: Path, tmp_path: Path, site: Site) -> None:
 @pytest.mark.integration
 def test_shell_files_parse(bbpath: Path) -> None:
     for name in ("init", "lib.sh", "agent", "image-rcS", "udhcpc.script"):
-        proc = subprocess.run([str(BUSYBOX), "sh", "-n", str(ROOT / "initramfs" / name)],
+        proc = subprocess.run([str(BUSYBOX), "sh", "-n", str(SHELL_DIR / name)],
                               capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, (name, proc.stderr)
 
@@ -403,7 +403,7 @@ def test_agent_reports_ready_with_label(bbpath: Path, listener: Listener,
     osr.write_text('NAME="dynprov test image"\nID=dynprov-test\nIMAGE_ID="centos5"\n')
     env = {"PATH": str(bbpath), "DYNPROV_LIB": str(LIB), "DYNPROV_OS_RELEASE": str(osr),
            "DYNPROV_REPORT_PAUSE": "0"}
-    agent = [str(BUSYBOX), "sh", str(ROOT / "initramfs/agent")]
+    agent = [str(BUSYBOX), "sh", str(SHELL_DIR / "agent")]
 
     def run(**fields: str) -> subprocess.CompletedProcess:
         return subprocess.run(agent, env={**env, **listener.cmdline_env(tmp_path, **fields)},

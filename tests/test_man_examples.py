@@ -40,6 +40,7 @@ def workdir_for_examples(tmp_path):
     fake_bzimage(work / "vmlinuz", b"kernel")
     (work / "initrd.img").write_bytes(b"initrd")
     # moab.cfg for fg-moab -install
+    (work / "slurm.conf").write_text("ClusterName=c1\n")
     (work / "moab.cfg").write_text("# moab.cfg\nSCHEDCFG[Moab] SERVER=head:42559\n")
     # BMC passwords for the nodes the pages add (n010 names its key; others use default)
     secrets = site.cfg.paths.secrets_file

@@ -25,7 +25,8 @@ from test_run_support import (
     wait_for,
 )
 
-from pxe import db, run, wiki
+from msm_plugin import wiki
+from pxe import db, run
 from pxe.config import Config
 from tests.conftest import Site
 

@@ -285,7 +285,7 @@ def test_scheduler_helpers_take_the_pool_name(cfg, conn, four):
 
 
 def test_move_rewrites_the_node_report_at_once(cfg, conn, four):
-    from pxe import wiki
+    from msm_plugin import wiki
 
     wiki.refresh_cfg(cfg)
     report = wiki.report_path(cfg.paths.state_dir)
@@ -301,15 +301,17 @@ def test_move_rewrites_the_node_report_at_once(cfg, conn, four):
 
 
 def test_no_report_file_is_created_for_sites_without_one(cfg, conn, four):
-    from pxe import wiki
+    from msm_plugin import wiki
 
     pools.move(cfg, conn, "n001", "cloud", user=USER)
     assert not wiki.report_path(cfg.paths.state_dir).exists()
 
 
 def test_state_words_match_the_run_and_the_report():
-    """One vocabulary: what pxe.run writes and pxe.wiki reads is what the busy check knows."""
-    from pxe import wiki
+    """One vocabulary: what pxe.run writes and the Moab report reads is what the busy check
+    knows (pxe.states)."""
+    from msm_plugin import wiki
+    from pxe import states
 
-    assert pools.PROVISIONING_STATES == wiki.RUN_ACTIVE
-    assert pools.RUN_FINAL_STATES == wiki.RUN_FINAL
+    assert pools.PROVISIONING_STATES == wiki.RUN_ACTIVE == states.ACTIVE
+    assert pools.RUN_FINAL_STATES == wiki.RUN_FINAL == states.FINAL

@@ -8,7 +8,7 @@ from pxe import dhcp
 from pxe.errors import DynprovError
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
-from pxe.render import Renderer, boot_file_names
+from pxe.render import Renderer, boot_file_names, find_template
 from pxe.setboot import render_all, set_boot
 from tests.conftest import make_site
 
@@ -70,16 +70,16 @@ def test_rejected_config_keeps_the_old_one(tmp_path, backend):
     cfg = populate(site)
     render_all(cfg)
     good = cfg.dhcp.config_file.read_text()
-    # An admin's broken template edit: the daemon must refuse it and nothing is installed.
-    templates = tmp_path / "templates"
-    shutil.copytree(cfg.paths.templates, templates)
+    # An admin's broken site override: the daemon must refuse it, nothing is installed and the
+    # packaged template is not used in its place.
     name = "dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcpd.conf.j2"
-    broken = templates / "dhcp" / name
-    broken.write_text(broken.read_text() + "\nthis-is-not-a-valid-line {\n")
-    site.config_path.write_text(site.config_path.read_text().replace(
-        "[paths]\n", f'[paths]\ntemplates = "{templates}"\n'))
+    broken = cfg.paths.templates_dir / "dhcp" / name
+    broken.parent.mkdir(parents=True)
+    broken.write_text(find_template(cfg, f"dhcp/{name}").path.read_text()
+                      + "\nthis-is-not-a-valid-line {\n")
     Inventory(site.cfg).add([build(site.cfg, {"name": "late", "mac": "52:54:00:cc:00:01"})])
-    with pytest.raises(DynprovError, match="rejected the rendered config"):
+    with pytest.raises(DynprovError, match=f"rejected the rendered config(.|\n)*rendered from "
+                                           f"{broken} \\(site override\\)"):
         render_all(site.cfg)
     assert cfg.dhcp.config_file.read_text() == good
     assert not [p for p in cfg.dhcp.config_file.parent.iterdir() if p.name.endswith(".new")]

@@ -1,4 +1,4 @@
-"""The provisioning run (pxe/run.py) and the WIKI report (pxe/wiki.py).
+"""The provisioning run (pxe/run.py) and the Moab face's WIKI report (msm_plugin/wiki.py).
 
 Unit tests drive request/cancel/expire and the report builder in-process; integration tests run
 the real driver against virtual IPMI BMCs on 127.0.0.1, with nodes that call home (or not).
@@ -23,7 +23,8 @@ from test_run_support import (
     wait_for,
 )
 
-from pxe import db, run, wiki
+from msm_plugin import wiki
+from pxe import db, run
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
 from pxe.reports import record_report
@@ -223,8 +224,10 @@ def test_mark_used_and_ready_clears_it(site: Site, tmp_path: Path) -> None:
         from pxe.setboot import set_boot
 
         token = set_boot(cfg, ["n001"], "centos5")[0].boot_token
-        outcome = record_report(conn, "n001", token, "ready")
-        run.after_report(cfg, outcome)
+        record_report(conn, "n001", token, "ready")
+        assert node_row(cfg, "n001")["boot_target"] == "os"  # recorded only; nobody acted yet
+        assert run.follow_ups(cfg, conn) == ["n001"]  # the driver's step
+        assert run.follow_ups(cfg, conn) == []
     row = node_row(cfg, "n001")
     assert row["used"] == 0 and row["current_os"] == "centos5" and row["state"] == "ready"
     assert row["boot_target"] == "local"  # the safe default again

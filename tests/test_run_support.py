@@ -72,8 +72,12 @@ class Cluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """What RMCFG[prov] ENV= gives our commands."""
-        return {"DYNPROV_CONFIG": str(self.site.config_path)}
+        """What RMCFG[prov] ENV= gives our commands (and the tests' PYTHONPATH, if any, so the
+        commands run the code under test, not another installed copy)."""
+        env = {"DYNPROV_CONFIG": str(self.site.config_path)}
+        if os.environ.get("PYTHONPATH"):
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        return env
 
     def node(self, name: str) -> SimNode:
         return self.sim.nodes[name]

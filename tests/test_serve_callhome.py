@@ -48,7 +48,7 @@ def token(site, node: str) -> str | None:
 def node_row(site, node: str):
     conn = db.connect(site.cfg.db_path)
     try:
-        return conn.execute("SELECT state, state_reason, current_os, boot_token FROM nodes "
+        return conn.execute("SELECT state, state_reason, current_os, boot_token, boot_target FROM nodes "
                             "WHERE name = ?", (node,)).fetchone()
     finally:
         conn.close()
@@ -189,11 +189,11 @@ def _report_in_process(site, fields: dict[str, str]) -> httpx.Response:
 
 
 @pytest.mark.unit
-def test_after_report_gets_the_outcome(site, monkeypatch):
+def test_notify_gets_the_outcome(site, monkeypatch):
     _prepare(site)
     seen = []
     fake = types.ModuleType("pxe.run")
-    fake.after_report = lambda cfg, outcome: seen.append((cfg.path, outcome))  # type: ignore[attr-defined]
+    fake.notify = lambda cfg, outcome: seen.append((cfg.path, outcome))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pxe.run", fake)
     r = _report_in_process(site, {"node": "n001", "token": token(site, "n001"), "kind": "ready"})
     assert r.status_code == 200
@@ -205,18 +205,25 @@ def test_after_report_gets_the_outcome(site, monkeypatch):
 
 
 @pytest.mark.unit
-def test_missing_pxe_run_is_a_warning_not_a_failure(site, monkeypatch, caplog):
-    from pxe.serve import callhome
+def test_the_server_only_records_the_driver_acts(site):
+    """A "ready" outside any run: recorded (state, OS, token used), but the server sets no
+    boot target and starts no driver (no run and nothing of a run to act on)."""
+    from pxe import run
 
     _prepare(site)
-    monkeypatch.setitem(sys.modules, "pxe.run", None)  # "import pxe.run" now fails
-    monkeypatch.setattr(callhome, "_warned_no_run", False)
-    with caplog.at_level(logging.WARNING, logger="dynprov.serve.callhome"):
-        r = _report_in_process(site, {"node": "n001", "token": token(site, "n001"),
-                                      "kind": "booting"})
+    r = _report_in_process(site, {"node": "n001", "token": token(site, "n001"), "kind": "ready"})
     assert r.status_code == 200
-    assert "after_report is not available" in caplog.text
-    assert node_row(site, "n001")["state"] == "booting"
+    row = node_row(site, "n001")
+    assert (row["state"], row["current_os"], row["boot_token"]) == ("ready", "img1", None)
+    assert row["boot_target"] == "os"  # left as it was: acting is the driver's job
+    assert not run.driver_running(site.cfg)
+    conn = db.connect(site.cfg.db_path)
+    try:
+        kinds = [k for (k,) in conn.execute("SELECT kind FROM events WHERE node = 'n001' "
+                                            "ORDER BY id")]
+    finally:
+        conn.close()
+    assert kinds[-1] == "report-ready" and "set-boot" not in kinds[kinds.index("report-ready"):]
 
 
 @pytest.mark.unit
@@ -227,7 +234,7 @@ def test_failing_follow_up_is_logged_and_the_report_stands(site, monkeypatch, ca
     def boom(cfg, outcome):
         raise RuntimeError("power driver exploded")
 
-    fake.after_report = boom  # type: ignore[attr-defined]
+    fake.notify = boom  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pxe.run", fake)
     with caplog.at_level(logging.ERROR, logger="dynprov.serve.callhome"):
         r = _report_in_process(site, {"node": "n001", "token": token(site, "n001"),

@@ -230,14 +230,12 @@ def test_render_writes_the_standard_server_configs(site):
 @pytest.mark.integration
 @pytest.mark.skipif(not shutil.which("nginx"), reason="nginx not installed")
 def test_a_site_nginx_rejects_is_not_written(site, tmp_path):
-    from tests.conftest import ROOT
+    from pxe.render import find_template
 
-    templates = tmp_path / "templates"
-    shutil.copytree(ROOT / "templates", templates)
-    nginx = templates / "servers" / "nginx-dynprov.conf.j2"
-    nginx.write_text(nginx.read_text().replace("autoindex off;", "autoindex sideways;"))
-    text = site.config_path.read_text().replace("[paths]\n", f'[paths]\ntemplates = "{templates}"\n')
-    site.config_path.write_text(text)
+    packaged = find_template(site.cfg, "servers/nginx-dynprov.conf.j2").path
+    nginx = site.cfg.paths.templates_dir / "servers" / "nginx-dynprov.conf.j2"  # a site override
+    nginx.parent.mkdir(parents=True)
+    nginx.write_text(packaged.read_text().replace("autoindex off;", "autoindex sideways;"))
     proc = site.run("render", "--no-reload", "--servers")
     assert proc.returncode == 1 and "rejected by nginx" in proc.stderr
     assert not (site.cfg.paths.state_dir / "servers" / "nginx-dynprov.conf").exists()

@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pxe import config, db, wiki  # noqa: E402
+from msm_plugin import wiki  # noqa: E402
+from pxe import config, db  # noqa: E402
 
 # The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER).
 FLOOR_SQL = """

@@ -389,7 +389,7 @@ async def run_request(request: Request, who: Identity) -> Response:
                 force: {type: boolean}, pool: {type: string}}}}}
     responses: {202: {description: "run_id, started, joined, current, refused"}}
     """
-    from pxe import run as prun
+    from pxe import provision
 
     data = await json_body(request, ("nodes", "label", "force", "pool"), ("nodes", "label"))
     names = nodeset(typed(data, "nodes", str), request.app.state.cfg)
@@ -402,15 +402,13 @@ async def run_request(request: Request, who: Identity) -> Response:
     spawn: Callable[[Config], Any] = request.app.state.spawn_driver
 
     def go() -> Any:
-        req = prun.request(cfg, connection(cfg), names, label, force=force, pool=pool)
-        if req.started or req.joined:
-            spawn(cfg)
-        return req
+        return provision.start(cfg, names, label, force=force, pool=pool, spawn=spawn,
+                               conn=connection(cfg))
 
     req = await run_in_threadpool(go)
     result = {"label": label, "run_id": req.run_id, "started": req.started,
               "joined": req.joined, "current": req.current,
-              "refused": [{"node": r.node, "reason": r.reason} for r in req.refused]}
+              "refused": [{"node": n, "reason": r} for n, r in req.refused]}
     await run_in_threadpool(lambda: _audit(request, who, "os-switch", nodes=names_folded(names),
                                            label=label, run_id=req.run_id, force=force,
                                            started=len(req.started),

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from pxe import pools, wiki
+from pxe import pools
 
 WEB_DIR = "web"
 POLL_SECONDS = 5
@@ -51,54 +50,32 @@ def status(conn: sqlite3.Connection, scheduler_pool: str) -> dict[str, Any]:
 
 def active_runs(conn: sqlite3.Connection, now: float | None = None,
                 run_id: int | None = None) -> list[dict[str, Any]]:
-    """Unfinished runs (or run ``run_id``) with each node's step and deadline."""
-    now = time.time() if now is None else now
-    if run_id is None:
-        rows = conn.execute("SELECT id, label, mode, created, finished, state FROM runs "
-                            "WHERE finished IS NULL ORDER BY id").fetchall()
-    else:
-        rows = conn.execute("SELECT id, label, mode, created, finished, state FROM runs "
-                            "WHERE id = ?", (run_id,)).fetchall()
-    out = []
-    for r in rows:
-        members = []
-        steps: dict[str, int] = {}
-        for n in conn.execute("SELECT node, state, reason, deadline, updated FROM run_nodes "
-                              "WHERE run_id = ? ORDER BY node", (r[0],)):
-            state = n[1]
-            if state in wiki.RUN_ACTIVE and n[3] is not None and now > n[3]:
-                state = "timed out"  # past its deadline, before a writer records it
-            steps[state] = steps.get(state, 0) + 1
-            members.append({"node": n[0], "state": state, "reason": n[2], "deadline": n[3],
-                            "updated": n[4]})
-        done = sum(v for k, v in steps.items() if k in wiki.RUN_FINAL)
-        out.append({"id": r[0], "label": r[1], "mode": r[2], "created": r[3], "finished": r[4],
-                    "state": r[5], "steps": steps, "done": done, "total": len(members),
-                    "nodes": members})
-    return out
+    """Unfinished runs, oldest first (or run ``run_id``) with each node's step and deadline
+    (pxe.provision.run_rows: a node past its deadline shows as timed out)."""
+    from pxe import provision
 
-
-def _template_dir(request: Request) -> Path:
-    return Path(request.app.state.cfg.paths.templates) / WEB_DIR
+    rows = provision.run_rows(conn, run_id=run_id, active=run_id is None, now=now)
+    return rows[::-1]
 
 
 def page(request: Request) -> Response:
-    import jinja2
+    from pxe import render
 
     env = request.app.state.jinja
-    if env is None:
-        env = request.app.state.jinja = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(_template_dir(request))),
-            autoescape=True, undefined=jinja2.StrictUndefined)
+    if env is None:  # site overrides in [paths] templates_dir apply here too
+        env = request.app.state.jinja = render.template_env(request.app.state.cfg, autoescape=True)
     embed = request.query_params.get("embed", "") in ("1", "true", "yes")
-    html = env.get_template("status.html.j2").render(
+    html = env.get_template(f"{WEB_DIR}/status.html.j2").render(
         embed=embed, poll_seconds=POLL_SECONDS, public=request.app.state.settings.public_status,
         site=request.app.state.cfg.network.server)
     return HTMLResponse(html, headers=page_headers(request))
 
 
 def script(request: Request) -> Response:
-    text = (_template_dir(request) / "status.js").read_text()
+    from pxe import render
+
+    source = render.find_template(request.app.state.cfg, f"{WEB_DIR}/status.js")
+    text = render.read_template(source)
     return Response(text, media_type="text/javascript; charset=utf-8",
                     headers={"cache-control": "no-cache"})
 

@@ -17,14 +17,17 @@ COMMANDS = (
     "setboot",
     "render",
     "power",
+    "run",
     "initramfs",
     "lab",
     "serve",
     "api",
+    "units",
 )
 # Command words registered by a module of another name. Only the module of the command being
 # run is imported: start-up cost matters when a command runs on thousands of nodes or on a poll.
-MODULE_OF = {"set-boot": "setboot", "bootdev": "power", "console": "power"}
+MODULE_OF = {"set-boot": "setboot", "bootdev": "power", "console": "power",
+             "install-units": "units"}
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "daemon itself, install it atomically and reload; write every "
                                    "node's boot files and the boot loaders into the TFTP root.")
     p.add_argument("--check", action="store_true",
-                   help="only render and check the DHCP config; install nothing")
+                   help="render everything in memory, check the DHCP config with the daemon and "
+                        "list which template file (site override or packaged) each output came "
+                        "from; install nothing")
     p.add_argument("--no-reload", action="store_true", help="do not run the reload command")
     p.add_argument("--servers", action="store_true",
                    help="also write configs for dnsmasq's TFTP, tftpd-hpa and nginx (large "
@@ -29,6 +31,10 @@ def cmd_render(args: argparse.Namespace) -> int:
                         servers=args.servers)
     if args.check:
         print(f"{cfg.dhcp.backend}: rendered config passes the daemon's check")
+        print(f"boot files: {report.boot_files} rendered")
+        print(f"templates (site overrides in {cfg.paths.templates_dir}):")
+        for name, source in sorted(report.sources.items()):
+            print(f"  {name}: {source.describe()}")
         return 0
     print(f"dhcp ({cfg.dhcp.backend}) {cfg.dhcp.config_file}: "
           f"{'installed' if report.dhcp_changed else 'unchanged'}")

@@ -1,7 +1,8 @@
 """The HTTP application of `pxe-stage serve`: one Starlette app, run by uvicorn.
 
-Routes: POST /report (call-home), GET /healthz, GET /metrics (Prometheus text), and every
-other GET/HEAD path is a file of the HTTP root (boot.ipxe, ipxe/<mac>.ipxe, blobs/<sha>...).
+Routes: POST /report (call-home), POST /node/* (pxe.serve.nodeapi), GET /healthz,
+GET /metrics (Prometheus text), and every other GET/HEAD path is a file of the HTTP root
+(boot.ipxe, ipxe/<mac>.ipxe, blobs/<sha>...).
 More routes (the REST API) go in through ``routes=``; they are matched before the file
 catch-all.
 """
@@ -19,7 +20,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Route
 
 from pxe.config import Config
-from pxe.serve import callhome, files, http, metrics
+from pxe.serve import callhome, files, http, metrics, nodeapi
 from pxe.serve.settings import ServeSettings
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a TFTP worker counts as stuck
@@ -103,6 +104,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
         Route("/report", callhome.report, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        *nodeapi.ROUTES,
         *routes,
         Route("/{path:path}", http.boot_file, methods=["GET"]),  # HEAD comes with GET
     ])

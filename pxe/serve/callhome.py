@@ -4,8 +4,9 @@ Contract (docs/ARCHITECTURE.md): form fields `node`, `token`, `kind`
 (booting|progress|installed|ready|failed), `detail`, sent as application/x-www-form-urlencoded
 (busybox `wget --post-data`). Answers: 200 `ok`, 400 bad request, 403 refused token, 404 unknown
 node. The report goes through pxe.reports.record_report() (which checks the one-time token and
-logs every refusal in the state database), then pxe.run.after_report(cfg, outcome) runs after
-the answer is sent, so a slow follow-up never times out the node's wget.
+logs every refusal in the state database). The server only records: the run driver acts on what
+was reported (next boot, power; one actor owns power). After the answer is sent,
+pxe.run.notify(cfg, outcome) makes sure a driver is running to do so.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ MAX_BODY = 16 << 10
 FIELDS = ("node", "token", "kind", "detail")
 
 _local = threading.local()
-_warned_no_run = False
 
 
 class BadReport(Exception):
@@ -134,26 +134,10 @@ def _record(cfg: Config, node: str, token: str | None, kind: str,
 
 
 def follow_up(cfg: Config, outcome: reports.Outcome) -> None:
-    """pxe.run.after_report(cfg, outcome); tolerated missing only while pxe.run is unwritten."""
-    global _warned_no_run
+    """pxe.run.notify: make sure a run driver acts on the report (this server never does)."""
     try:
         run = importlib.import_module("pxe.run")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pxe.run":
-            log.exception("pxe.run cannot be imported: no follow-up for %s", outcome.node)
-            return
-        run = None  # type: ignore[assignment]
+        run.notify(cfg, outcome)
     except Exception:
-        log.exception("pxe.run cannot be imported: no follow-up for %s", outcome.node)
-        return
-    after = getattr(run, "after_report", None)
-    if after is None:
-        if not _warned_no_run:
-            log.warning("pxe.run.after_report is not available: reports are recorded, "
-                        "but no follow-up (such as 'installed -> boot disk') runs")
-            _warned_no_run = True
-        return
-    try:
-        after(cfg, outcome)
-    except Exception:
-        log.exception("follow-up of %s's %s report failed", outcome.node, outcome.kind)
+        log.exception("no run driver started for %s's %s report (the next request or "
+                      "`pxe-stage run wait` starts one)", outcome.node, outcome.kind)

@@ -40,7 +40,7 @@ def _hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-def render(cfg: Config) -> dict[str, str]:
+def render(cfg: Config, renderer: Renderer | None = None) -> dict[str, str]:
     """File name -> text, for every standard server."""
     s = serve_settings.load(cfg)
     if ipaddress.ip_address(s.http_address).is_loopback:
@@ -48,7 +48,7 @@ def render(cfg: Config) -> dict[str, str]:
     else:  # serve still holds the public port: propose a loopback one for it
         upstream = ("127.0.0.1", cfg.boot.http_port + 1)
     out_dir = s.standard_configs_dir
-    renderer = Renderer(cfg)
+    renderer = renderer or Renderer(cfg)
     context = {
         "settings": s,
         "tftp_root": cfg.paths.tftp_root,

@@ -1,4 +1,4 @@
-"""The WIKI node report (Moab's "RM language"): one line per node, built from the state database.
+"""The Moab face's WIKI node report (Moab's "RM language"): one line per node, built from the state database.
 
 Format (Moab's WIKI data format, see ../shared/moab-contract.md):
     ``<NODE> <ATTR>=<VALUE>[;<ATTR>=<VALUE>]...``; blank lines and ``#`` lines are ignored.
@@ -23,8 +23,9 @@ no image label may (``validate.label``), so they match no OSLIST entry and no jo
 scheduler re-images such a node before it gives it to a job that asks for an OS.
 
 The report file (``<state_dir>/wiki/nodes.wiki``) is what a ``file://`` CLUSTERQUERYURL points at:
-rewritten atomically (temp + rename) by the provisioning run on every state change it sees, and by
-``cluster-query`` whenever it finds it stale. Its first line is a comment holding the database's
+rewritten atomically (temp + rename) whenever the toolkit announces a change (pxe.hooks; this
+face subscribes with on_event, see pyproject.toml), and by ``cluster-query`` whenever it finds it
+stale. Its first line is a comment holding the database's
 change key at the time of the read (see change_key) and the time it stops being true (the earliest
 deadline of a node in a run). This module imports only the standard library; sqlite3 only when a
 report is built.
@@ -35,6 +36,8 @@ from __future__ import annotations
 import os
 import time
 
+from pxe import states
+
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: cluster-query's fast path skips typing
 if TYPE_CHECKING:
     import sqlite3
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pxe.config import Config
+    from pxe.hooks import Event
 
 # -- attribute names (the only place they are spelled) ------------------------------------------
 STATE = "STATE"
@@ -63,11 +67,11 @@ HEADER = "# dynprov node report"
 MAX_AGE = 60.0  # a report older than this is rebuilt whatever the change key says (safety net)
 MAX_MESSAGE = 200
 
-# Node and run states (the vocabulary of pxe.run, pxe.reports and pxe.pools).
-RUN_ACTIVE = ("requested", "power-cycled", "booting")
-RUN_FINAL = ("ready", "failed", "timed out", "cancelled")
-NODE_DOWN = ("failed", "timed out")
-MODE_SETTING = "run.mode"
+# Node and run states: the toolkit's vocabulary (pxe.states, standard library only).
+RUN_ACTIVE = states.ACTIVE
+RUN_FINAL = states.FINAL
+NODE_DOWN = states.DOWN
+MODE_SETTING = states.MODE_SETTING
 
 _SPECIAL = r'[\\#;:"]'  # re patterns, compiled (and cached by re) on first use
 _CONTROL = r"[\x00-\x1f\x7f]"
@@ -117,7 +121,7 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
         for label, arch in conn.execute("SELECT label, arch FROM images ORDER BY label"):
             oslists.setdefault(arch, []).append(label)
         active: dict[str, tuple[int, str, str, float | None]] = {}
-        active_marks = ",".join(f"'{s}'" for s in RUN_ACTIVE)
+        active_marks = states.ACTIVE_SQL
         for node, run_id, state, deadline, label in conn.execute(
                 "SELECT rn.node, rn.run_id, rn.state, rn.deadline, r.label FROM runs r "
                 "JOIN run_nodes rn ON rn.run_id = r.id "
@@ -144,7 +148,7 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             run_id, rstate, label, deadline = active[name]
             os_value = NO_OS
             wiki_state = DOWN
-            if deadline is not None and deadline <= now:
+            if states.is_overdue(rstate, deadline, now):
                 message = f"provisioning {label} timed out in step {rstate} (run {run_id})"
             else:
                 message = f"provisioning {label}: {rstate} (run {run_id})"
@@ -344,3 +348,12 @@ def refresh_cfg(cfg: Config, *, force: bool = True) -> str:
     (see change_key); ``force`` is accepted for callers and changes nothing."""
     return refresh(cfg.db_path, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path,
                    keyed=False)
+
+
+def on_event(cfg: Config, event: Event) -> None:
+    """The Moab face's pxe.hooks subscriber: rewrite the report a ``file://`` CLUSTERQUERYURL
+    reads. Run and image changes (re)create it; a pool change rewrites it only if the site keeps
+    one (a site without Moab gets no file from moving nodes between pools)."""
+    if event.kind == "pools" and not os.path.exists(report_file(cfg.paths.state_dir)):
+        return
+    refresh_cfg(cfg)

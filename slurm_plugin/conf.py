@@ -1,0 +1,191 @@
+"""slurm.conf and helpers.conf lines for this site, and merging them into marked blocks.
+
+Features are image labels: every node of the scheduler's pool can boot every image of its
+architecture, so its Feature= list is the catalog's labels for that architecture; the one
+active feature is the label the node runs (the helper reads it from the booted image).
+Slurm 22.05 wants one ``Feature=`` line per feature in helpers.conf (the comma form fails to
+parse). A label uploaded later needs `dynprov-slurm config -install` again and
+`scontrol reconfigure`.
+
+Slurm runs Helper=, ResumeProgram= and SuspendProgram= without arguments of our choosing, so
+each has its own command: dynprov-slurm-helper, -reboot, -resume, -suspend (the same code as
+`dynprov-slurm helper|reboot|resume|suspend`).
+
+Config section ``[slurm]`` (all optional): tools_dir (where the dynprov-slurm commands are
+installed on the nodes and the slurmctld host; default: beside this command, else on PATH),
+helper
+(the Helper= program; default tools_dir's dynprov-slurm-helper; contrib/slurm/dynprov-slurm-helper
+is a sh fast path for it), resume_timeout (seconds; default the longest image prov_seconds plus
+60), exec_time (helper ExecTime, s, default 10).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pxe.config import Config
+from pxe.errors import DynprovError, InputError
+
+BEGIN = "# BEGIN dynprov (dynprov-slurm config -install): generated; edits inside are replaced"
+END = "# END dynprov"
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+# slurm.conf keys we own: set outside our block too, Slurm would read both.
+_OURS = re.compile(r"^\s*(NodeFeaturesPlugins|RebootProgram|ResumeProgram|SuspendProgram|"
+                   r"ResumeTimeout)\s*=", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    tools_dir: str | None = None
+    helper: str | None = None
+    resume_timeout: int | None = None
+    exec_time: int = 10
+
+
+def settings(cfg: Config) -> SlurmSettings:
+    raw: dict[str, Any] = cfg.raw.get("slurm") or {}
+    if not isinstance(raw, dict):
+        raise InputError(f"{cfg.path}: [slurm]: must be a table")
+    known = {"tools_dir", "helper", "resume_timeout", "exec_time"}
+    for key in raw:
+        if key not in known:
+            raise InputError(f"{cfg.path}: slurm.{key}: unknown key (known: "
+                             f"{', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for key, low in (("resume_timeout", 30), ("exec_time", 1)):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InputError(f"{cfg.path}: slurm.{key}: must be an integer >= {low}, "
+                                 f"got {value!r}")
+            values[key] = value
+    for key in ("tools_dir", "helper"):
+        if key in raw:
+            value = raw[key]
+            if not isinstance(value, str) or not _SAFE_PATH.match(value):
+                raise InputError(f"{cfg.path}: slurm.{key}: must be an absolute path of "
+                                 f"[A-Za-z0-9._/+-], got {value!r}")
+            values[key] = value
+    return SlurmSettings(**values)
+
+
+def tool(ss: SlurmSettings, name: str) -> str:
+    """Where slurmd and slurmctld find the command ``name`` (dynprov-slurm-helper ...)."""
+    if ss.tools_dir:
+        return str(Path(ss.tools_dir) / name)
+    for candidate in (Path(sys.argv[0]).resolve().parent / name,
+                      Path(shutil.which(name) or "/nonexistent")):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            text = str(candidate.absolute())
+            if not _SAFE_PATH.match(text):
+                raise DynprovError(f"{text}: a path slurm.conf cannot carry")
+            return text
+    raise DynprovError(f"cannot find {name} beside this command or on PATH; "
+                       "set slurm.tools_dir")
+
+
+def resume_timeout(ss: SlurmSettings, conn: Any) -> int:
+    if ss.resume_timeout:
+        return ss.resume_timeout
+    longest = conn.execute("SELECT MAX(prov_seconds) FROM images").fetchone()[0] or 600
+    return int(longest) + 60
+
+
+def slurm_lines(cfg: Config, conn: Any) -> list[str]:
+    from slurm_plugin import toolkit
+
+    ss = settings(cfg)
+    by_arch = toolkit.image_labels(conn)
+    lines = [
+        "# dynprov: node features are OS images; slurmd asks the helper (helpers.conf beside",
+        "# this file) which one a node runs and to switch it before a reboot",
+        "NodeFeaturesPlugins=node_features/helpers",
+        f"RebootProgram={tool(ss, 'dynprov-slurm-reboot')}",
+        f"ResumeTimeout={resume_timeout(ss, conn)}",
+        "# power saving (takes effect with SuspendTime=...): on into the jobs' OS, off when idle",
+        f"ResumeProgram={tool(ss, 'dynprov-slurm-resume')}",
+        f"SuspendProgram={tool(ss, 'dynprov-slurm-suspend')}",
+        "# the OSes each node can boot, for reference: node_features/helpers already offers",
+        "# every helpers.conf feature to every node (no Feature= needed on NodeName lines)",
+    ]
+    for name, arch in toolkit.scheduler_nodes(cfg, conn):
+        if by_arch.get(arch):
+            lines.append(f"# NodeName={name} Feature={','.join(by_arch[arch])}")
+    return lines
+
+
+def helpers_lines(cfg: Config, conn: Any) -> list[str]:
+    from slurm_plugin import toolkit
+
+    ss = settings(cfg)
+    helper = ss.helper or tool(ss, "dynprov-slurm-helper")
+    labels = sorted({label for labels in toolkit.image_labels(conn).values() for label in labels})
+    lines = [f"ExecTime={ss.exec_time}"]
+    lines += [f"Feature={label} Helper={helper}" for label in labels]
+    return lines
+
+
+# -- -install -------------------------------------------------------------------------------------
+def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
+    """``text`` with our marked block replaced (or appended), and warnings for our keys set
+    outside it. Damaged markers raise (nothing is written then)."""
+    lines = text.splitlines(keepends=True)
+    begins = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == BEGIN]
+    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == END]
+    new_block = [BEGIN + "\n", *(ln + "\n" for ln in block), END + "\n"]
+    if not begins and not ends:
+        head = lines
+        if head and not head[-1].endswith("\n"):
+            head = [*head[:-1], head[-1] + "\n"]
+        out, outside = [*head, *new_block], head
+    elif len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
+        b, e = begins[0], ends[0]
+        out, outside = [*lines[:b], *new_block, *lines[e + 1:]], [*lines[:b], *lines[e + 1:]]
+    else:
+        raise DynprovError(f"the dynprov block markers are damaged (expected one {BEGIN!r} "
+                           f"line, then one {END!r} line): fix them by hand")
+    warnings = [f"also set outside the dynprov block (Slurm reads both): {ln.strip()}"
+                for ln in outside if _OURS.match(ln)]
+    return "".join(out), warnings
+
+
+def install(path: Path, block: Sequence[str], *, create: bool = False
+            ) -> tuple[bool, Path | None, list[str]]:
+    """Merge the block into ``path`` (atomically, after a backup); (changed, backup, warnings)."""
+    from pxe import atomic
+
+    try:
+        data = path.read_bytes()
+        st_mode: int | None = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        if not create:
+            raise DynprovError(f"{path}: no such file") from None
+        data, st_mode = b"", 0o644
+    except OSError as exc:
+        raise DynprovError(f"{path}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DynprovError(f"{path}: not UTF-8 text; refusing to edit it") from None
+    new, warnings = merge(text, block)
+    if new == text:
+        return False, None, warnings
+    backup = None
+    if data:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = path.with_name(f"{path.name}.dynprov-{stamp}.bak")
+        n = 0
+        while backup.exists():
+            n += 1
+            backup = path.with_name(f"{path.name}.dynprov-{stamp}-{n}.bak")
+        atomic.write_bytes(backup, data, mode=st_mode or 0o644)
+    atomic.write_bytes(path, new.encode("utf-8"), mode=st_mode or 0o644)
+    return True, backup, warnings

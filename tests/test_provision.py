@@ -1,0 +1,222 @@
+"""The toolkit's entry point (pxe/provision.py), `pxe-stage run` against virtual IPMI BMCs on
+127.0.0.1, the state-change hook the Moab face subscribes to, and a driver killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from moab_standin import parse_wiki
+from test_run_support import cluster, configure, node_row, run_nodes, wait_for
+
+from msm_plugin import wiki
+from pxe import db, hooks, provision, run
+from pxe.reports import record_report
+from tests.conftest import ROOT, Site
+
+
+def _json(proc) -> object:
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _reap(pid: int, limit: float = 30.0) -> None:
+    """Kill a driver this test started (by its PID) and reap it."""
+    os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"driver {pid} did not die")
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_run_cli_start_wait_list_show(site: Site, tmp_path: Path) -> None:
+    with cluster(site, tmp_path, 2) as c:
+        out = _json(site.run("run", "start", "n[001-002]", "--os", "centos5", "--wait", "--json"))
+        assert out["started"] == ["n001", "n002"] and out["refused"] == []
+        assert {n: r["state"] for n, r in out["results"].items()} == \
+            {"n001": "ready", "n002": "ready"}
+        run_id = out["run_id"]
+        for name in c.names:  # --wait returned after the driver's follow-up too
+            assert node_row(c.cfg, name)["boot_target"] == "local"
+        listed = _json(site.run("run", "list", "--json"))
+        assert [(r["id"], r["label"], r["state"], r["done"], r["total"]) for r in listed] == \
+            [(run_id, "centos5", "done", 2, 2)]
+        shown = _json(site.run("run", "show", str(run_id), "--json"))
+        n1 = next(n for n in shown["nodes"] if n["node"] == "n001")
+        kinds = [s["kind"] for s in n1["steps"]]
+        assert kinds[0] == "run-requested" and {"run-power-cycled", "report-booting",
+                                                "report-ready"} <= set(kinds)
+        times = [s["ts"] for s in n1["steps"]]
+        assert times == sorted(times) and times[0] >= shown["created"]
+        text = site.run("run", "show", str(run_id))
+        assert text.returncode == 0 and "report-ready" in text.stdout and "n002:" in text.stdout
+        # the same request again: nodes already running it, no new run
+        again = _json(site.run("run", "start", "n001", "--os", "centos5", "--json"))
+        assert again["current"] == ["n001"] and again["run_id"] is None
+
+
+@pytest.mark.integration
+def test_run_cli_cancel_by_nodes_and_by_run(site: Site, tmp_path: Path) -> None:
+    with cluster(site, tmp_path, 3, behaviours={f"n00{i}": "silent" for i in (1, 2, 3)}) as c:
+        first = _json(site.run("run", "start", "n[001-002]", "--os", "centos5", "--json"))
+        second = _json(site.run("run", "start", "n003", "--os", "sles11", "--json"))
+        wait_for(lambda: all(r["state"] == "power-cycled" for r in run_nodes(c.cfg)))
+        assert _json(site.run("run", "cancel", "n002", "--json")) == {"cancelled": ["n002"]}
+        assert _json(site.run("run", "cancel", str(second["run_id"]), "--json")) == \
+            {"cancelled": ["n003"]}
+        active = _json(site.run("run", "list", "--active", "--json"))
+        assert [(r["id"], r["steps"]) for r in active] == \
+            [(first["run_id"], {"cancelled": 1, "power-cycled": 1})]
+        proc = site.run("run", "cancel", str(first["run_id"]))
+        assert proc.returncode == 0 and "n001" in proc.stdout
+        waited = site.run("run", "wait", "n[001-003]", "--json")
+        assert waited.returncode == 1  # none ended ready
+        assert {n: r["state"] for n, r in json.loads(waited.stdout).items()} == \
+            {"n001": "cancelled", "n002": "cancelled", "n003": "cancelled"}
+        for name in c.names:
+            assert node_row(c.cfg, name)["boot_target"] == "local"
+
+
+@pytest.mark.integration
+def test_run_cli_bad_input_changes_nothing(site: Site, tmp_path: Path) -> None:
+    with cluster(site, tmp_path, 1):
+        before = site.snapshot()
+        for argv, code, words in [
+            (("run", "start", "n001", "--os", "bad label!"), 2, "OS label"),
+            (("run", "start", "n[001", "--os", "centos5"), 2, "n[001"),
+            (("run", "start", "n001", "--os", "centos5", "--max-seconds", "-5"), 2,
+             "--max-seconds"),
+            (("run", "show", "abc"), 2, "invalid run id"),
+            (("run", "show", "9999999999999"), 2, "invalid run id"),
+            (("run", "show", "999"), 1, "unknown run 999"),
+            (("run", "list", "--limit", "0"), 2, "--limit"),
+        ]:
+            proc = site.run(*argv)
+            assert proc.returncode == code, (argv, proc.stderr)
+            assert words in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        refused = site.run("run", "start", "n404", "--os", "centos5")
+        assert refused.returncode == 1 and "n404: unknown node" in refused.stderr
+        after = site.snapshot()
+        changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        assert changed == set(), changed
+
+
+# -- the hook ------------------------------------------------------------------------------------------
+def _hooks(site: Site, body: str) -> None:
+    """Replace the site's [hooks] section (conftest's make_site writes one, last)."""
+    text = site.config_path.read_text().split("\n[hooks]\n")[0]
+    site.config_path.write_text(f"{text}\n[hooks]\n{body}\n")
+
+
+def record_event(cfg, event) -> None:  # a subscriber, named in the site config below
+    with open(cfg.paths.state_dir / "seen.jsonl", "a") as fh:
+        fh.write(json.dumps([event.kind, list(event.nodes)]) + "\n")
+
+
+def broken(cfg, event) -> None:
+    raise RuntimeError("face exploded")
+
+
+@pytest.mark.unit
+def test_hooks_call_subscribers_from_config_and_survive_failures(site: Site) -> None:
+    _hooks(site, 'entry_points = false\nsubscribers = ["tests.test_provision:broken", '
+                 '"tests.test_provision:record_event"]')
+    cfg = site.cfg
+    cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    assert hooks.targets(cfg) == ["tests.test_provision:broken",
+                                  "tests.test_provision:record_event"]
+    failed = hooks.announce(cfg, hooks.Event(hooks.POOLS, ("n001",)))
+    assert failed == ["tests.test_provision:broken"]
+    seen = (cfg.paths.state_dir / "seen.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in seen] == [["pools", ["n001"]]]
+
+
+@pytest.mark.unit
+def test_the_moab_face_subscribes_by_entry_point() -> None:
+    import tomllib
+
+    eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
+    target = eps[hooks.GROUP]["moab"]
+    assert target == "msm_plugin.wiki:on_event" and callable(hooks.resolve(target))
+
+
+@pytest.mark.unit
+def test_hooks_config_is_checked(site: Site) -> None:
+    from pxe.errors import InputError
+
+    _hooks(site, 'subscribers = ["rm -rf /"]')
+    with pytest.raises(InputError, match="hooks.subscribers"):
+        hooks.targets(site.cfg)
+
+
+# -- a driver killed mid-run ------------------------------------------------------------------------
+@pytest.mark.integration
+def test_driver_killed_mid_run_next_driver_reconciles(site: Site, tmp_path: Path) -> None:
+    """Kill the driver (SIGKILL, by PID) while two nodes are power-cycled. Meanwhile n001
+    reports ready (recorded only: its next boot stays the network) and n002's deadline passes
+    with nobody to record it. The next driver ends both in a defined state."""
+    with cluster(site, tmp_path, 2, behaviours={"n001": "silent", "n002": "silent"},
+                 images={"centos5": {"prov_seconds": 600}, "sles11": {"prov_seconds": 30}}) as c:
+        conn = db.connect(c.cfg.db_path)
+        a = provision.start(c.cfg, "n001", "centos5", conn=conn)
+        b = provision.start(c.cfg, "n002", "sles11", conn=conn)
+        spawned = {p for p in (a.driver_pid, b.driver_pid) if p is not None}
+        wait_for(lambda: [r["state"] for r in run_nodes(c.cfg)] == ["power-cycled"] * 2)
+        lock = c.cfg.paths.state_dir / "run-driver.lock"
+        pid = int(lock.read_text().split()[0])  # the driver that holds the lock marks it
+        assert pid in spawned
+        for other in spawned - {pid}:  # lost the race for the lock and exited by itself
+            os.waitpid(other, 0)
+        _reap(pid)
+        assert not run.driver_running(c.cfg)
+        token = node_row(c.cfg, "n001")["boot_token"]
+        record_report(conn, "n001", token, "ready")  # what the call-home server records
+        assert node_row(c.cfg, "n001")["boot_target"] == "os"  # nobody acted
+        # n002's deadline passes while no driver runs (moved into the past: no waiting here)
+        conn.execute("UPDATE run_nodes SET deadline = ? WHERE node = 'n002'", (time.time() - 1,))
+        assert [r["state"] for r in run_nodes(c.cfg)] == ["ready", "power-cycled"]
+        assert node_row(c.cfg, "n002")["boot_target"] == "os"
+
+        new = run.spawn_driver(c.cfg)
+        assert new is not None and new != pid
+        wait_for(lambda: not run.driver_running(c.cfg))
+        os.waitpid(new, 0)
+        rows = {r["node"]: r for r in run_nodes(c.cfg)}
+        assert rows["n001"]["state"] == "ready"
+        assert rows["n002"]["state"] == "timed out" and "no report within" in rows["n002"]["reason"]
+        for name in c.names:
+            assert node_row(c.cfg, name)["boot_target"] == "local"
+            assert "LOCALBOOT" in c.sim.boot_file(c.node(name))
+        assert node_row(c.cfg, "n002")["state"] == "timed out"
+        assert node_row(c.cfg, "n002")["boot_token"]  # a late "ready" is still believed
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE finished IS NULL").fetchone()[0] == 0
+        reconciled = {r[0] for r in conn.execute(
+            "SELECT node FROM events WHERE kind = 'run-reconciled'")}
+        assert reconciled == {"n001", "n002"}
+        view = parse_wiki((c.cfg.paths.state_dir / wiki.REPORT_NAME).read_text())
+        assert view["n002"]["STATE"] == "Down" and "timed out" in view["n002"]["MESSAGE"]
+        assert (view["n001"]["STATE"], view["n001"]["OS"]) == ("Idle", "centos5")
+        conn.close()
+
+
+@pytest.mark.unit
+def test_start_refuses_bad_input_before_storing(site: Site) -> None:
+    from pxe.errors import InputError
+
+    cfg = configure(site)
+    before = site.snapshot()
+    for nodes, label in [("", "centos5"), ([], "centos5"), (["n 1"], "centos5"),
+                         ("n001", "../x")]:
+        with pytest.raises(InputError):
+            provision.start(cfg, nodes, label)
+    assert site.snapshot() == before
