@@ -8,7 +8,8 @@
 #   dynprov.server=http://SERVER:PORT dynprov.node=NAME dynprov.image=LABEL
 #   dynprov.mode=stateless|stateful [dynprov.rootfs=blobs/SHA dynprov.sha256=SHA]
 #   dynprov.token=TOKEN [dynprov.disk=/dev/XXX] [BOOTIF=01-aa-bb-cc-dd-ee-ff] [init=/sbin/init]
-# Call-home: POST $server/report, form node/token/kind/detail; 200 ok, 400/403/404 = refused.
+# Call-home: POST $server/report, form node/token/kind/detail[/facts]; 200 ok, 400/403/404 =
+# refused. facts (optional): $DP_FACTS, the output of dp_facts (pxe/hwfacts.py parses it).
 
 DYNPROV_CMDLINE_FILE=${DYNPROV_CMDLINE_FILE:-/proc/cmdline}
 DYNPROV_REPORT_TRIES=${DYNPROV_REPORT_TRIES:-5}     # attempts per report
@@ -65,8 +66,8 @@ dp_valid() {
 		esac
 		DP_ERROR="bad dynprov.$what '$value'" ;;
 	mode)
-		case $value in stateless | stateful) return 0 ;; esac
-		DP_ERROR="bad dynprov.mode '$value' (expected stateless or stateful)" ;;
+		case $value in stateless | stateful | discover) return 0 ;; esac
+		DP_ERROR="bad dynprov.mode '$value' (expected stateless, stateful or discover)" ;;
 	token)
 		case $value in "" | *[!A-Za-z0-9._~-]*) ;; *) return 0 ;; esac
 		DP_ERROR="missing or malformed dynprov.token" ;;
@@ -119,6 +120,7 @@ dp_report() {
 	fi
 	data="node=$(dp_urlencode "$DP_NODE")&token=$(dp_urlencode "$DP_TOKEN")&kind=$kind"
 	data="$data&detail=$(dp_urlencode "$detail")"
+	[ -n "${DP_FACTS:-}" ] && data="$data&facts=$(dp_urlencode "$DP_FACTS")"
 	while [ "$try" -le "$DYNPROV_REPORT_TRIES" ]; do
 		if err=$(timeout "$DYNPROV_REPORT_TIMEOUT" wget -q -O /dev/null --post-data "$data" \
 			"$DP_SERVER/report" 2>&1); then
@@ -134,6 +136,65 @@ dp_report() {
 		try=$((try + 1))
 		[ "$try" -le "$DYNPROV_REPORT_TRIES" ] && sleep "$DYNPROV_REPORT_PAUSE"
 	done
+	return 2
+}
+
+# dp_facts: this machine's hardware, one `key value` line per fact (pxe/hwfacts.py reads them):
+# cpus, cpu_model, memory_kib, disk NAME BYTES, nic NAME MAC, firmware bios|uefi,
+# serial/vendor/product (DMI),
+# bmc_address (only if ipmitool is there). Reads $DYNPROV_PROC and $DYNPROV_SYS (tests point
+# them at fake trees); prints what it can read and never fails.
+dp_facts() {
+	local proc=${DYNPROV_PROC:-/proc} sys=${DYNPROV_SYS:-/sys} dev name value key
+	value=$(grep -c '^processor' "$proc/cpuinfo" 2>/dev/null)
+	echo "cpus ${value:-0}"
+	value=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' "$proc/cpuinfo" 2>/dev/null |
+		head -n 1)
+	[ -n "$value" ] && echo "cpu_model $value"
+	value=$(awk '/^MemTotal:/ { print $2; exit }' "$proc/meminfo" 2>/dev/null)
+	[ -n "$value" ] && echo "memory_kib $value"
+	for dev in "$sys"/block/*; do
+		name=${dev##*/}
+		case $name in loop* | ram* | zram* | sr* | fd* | dm-* | md* | nbd* | "*") continue ;; esac
+		value=$(cat "$dev/size" 2>/dev/null)
+		case $value in "" | *[!0-9]*) continue ;; esac
+		echo "disk $name $((value * 512))"
+	done
+	for dev in "$sys"/class/net/*; do
+		name=${dev##*/}
+		[ "$name" = lo ] && continue
+		value=$(cat "$dev/address" 2>/dev/null) || continue
+		[ -n "$value" ] && echo "nic $name $value"
+	done
+	if [ -d "$sys/firmware/efi" ]; then echo "firmware uefi"; else echo "firmware bios"; fi
+	for key in serial:product_serial vendor:sys_vendor product:product_name; do
+		value=$(head -c 200 "$sys/class/dmi/id/${key#*:}" 2>/dev/null | head -n 1)
+		[ -n "$value" ] && echo "${key%%:*} $value"
+	done
+	if command -v ipmitool >/dev/null 2>&1; then
+		value=$(timeout 10 ipmitool lan print 2>/dev/null |
+			awk -F': *' '/^IP Address[[:space:]]*:/ { print $2; exit }')
+		[ -n "$value" ] && echo "bmc_address $value"
+	fi
+	return 0
+}
+
+# dp_discover_report MAC: a machine the inventory does not know (dynprov.mode=discover) sends
+# its MAC and dp_facts to $DP_SERVER/discover (pxe/serve/discover.py). 0 stored, 1 refused or
+# not stored (403 off, 409 known, 429 too soon, 507 full: all final), 2 unreachable.
+dp_discover_report() {
+	local mac=$1 data err
+	dp_valid server "$DP_SERVER" || { dp_log "cannot report discovery: $DP_ERROR"; return 1; }
+	data="mac=$(dp_urlencode "$mac")&facts=$(dp_urlencode "$(dp_facts)")"
+	if err=$(timeout "$DYNPROV_REPORT_TIMEOUT" wget -q -O /dev/null --post-data "$data" \
+		"$DP_SERVER/discover" 2>&1); then
+		dp_log "discovery: reported $mac to $DP_SERVER"
+		return 0
+	fi
+	case $err in
+	*" 4"[0-9][0-9]* | *" 5"[0-9][0-9]*) dp_log "discovery: $DP_SERVER answered ${err#wget: }"; return 1 ;;
+	esac
+	dp_log "discovery: $DP_SERVER unreachable: ${err:-timed out}"
 	return 2
 }
 

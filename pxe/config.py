@@ -101,7 +101,8 @@ _KNOWN: dict[str, set[str]] = {
     "limits": {"max_nodes", "import_max_bytes"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks"}
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks",
+                  "discovery"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -228,12 +228,32 @@ DROP TABLE run_nodes;
 ALTER TABLE run_nodes_v3 RENAME TO run_nodes;
 """
 
+# Version 4: hardware facts nodes report at call-home (pxe.hwfacts), one row per node, and the
+# machines that PXE-booted with a MAC the inventory does not know (pxe.discovery), capped there.
+FACTS_V4 = """
+CREATE TABLE node_facts (
+    node     TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+    facts    TEXT NOT NULL,           -- JSON written by pxe.hwfacts (bounded there)
+    reported REAL NOT NULL
+);
+CREATE TABLE discovered (
+    mac        TEXT PRIMARY KEY,      -- colon form, lower case (pxe.validate.mac)
+    ip         TEXT,                  -- where its report came from
+    facts      TEXT NOT NULL DEFAULT '{}',
+    first_seen REAL NOT NULL,
+    last_seen  REAL NOT NULL,
+    reports    INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX discovered_last_seen ON discovered(last_seen);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
                 "VALUES ('hpc', CAST(strftime('%s', 'now') AS REAL));"),
     Migration(2, "CHECK constraints on node, run and run-node states", CHECKS_V2),
     Migration(3, "run step 'installed' in the node and run-node states", CHECKS_V3),
+    Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

@@ -169,9 +169,13 @@ def naming_template(renderer: Renderer) -> Iterator[None]:
 
 class Renderer:
     def __init__(self, cfg: Config):
+        from pxe import discovery
+
         self.cfg = cfg
         self.sources: dict[str, TemplateSource] = {}  # every template this renderer used
         self._loaded: dict[str, CheckedTemplate] = {}
+        # Checked here, before a render writes anything: a bad [discovery] stops it whole.
+        self.discovery = discovery.load(cfg)
 
     @cached_property
     def env(self):
@@ -255,9 +259,26 @@ class Renderer:
             files[names["ipxe"]] = self.template("boot/ipxe.j2").render(ctx)
         return files
 
-    def shared_boot_files(self) -> dict[str, str]:
+    def discovery_boot(self, images: Mapping[str, Image] | None) -> dict[str, str] | None:
+        """What an unknown MAC boots with `[discovery] enabled`: the discovery image's kernel and
+        initrd (the provisioning initramfs) in discover mode; None = the local disk."""
+        settings = self.discovery
+        image = (images or {}).get(settings.image or "") if settings.enabled else None
+        if image is None:
+            return None
+        args = [image.cmdline] if image.cmdline else []
+        args += [f"dynprov.server={self.base_url}", "dynprov.mode=discover"]
+        return {"label": image.label, "kernel_path": image.blob_path(image.kernel_sha),
+                "initrd_path": image.blob_path(image.initrd_sha) if image.initrd_sha else "",
+                "append": " ".join(args)}
+
+    def shared_context(self, images: Mapping[str, Image] | None = None) -> dict:
+        """What the shared templates (unknown MACs, dispatchers) see."""
+        return {"base_url": self.base_url, "discovery": self.discovery_boot(images)}
+
+    def shared_boot_files(self, images: Mapping[str, Image] | None = None) -> dict[str, str]:
         """Files every node reads first: the unknown-MAC default and the GRUB/iPXE dispatchers."""
-        ctx = {"base_url": self.base_url}
+        ctx = self.shared_context(images)
         return {
             f"{PXELINUX_DIR}/default": self.template("boot/pxelinux-default.cfg.j2").render(ctx),
             f"{GRUB_DIR}/grub.cfg": self.template("boot/grub-main.cfg.j2").render(ctx),
@@ -265,7 +286,7 @@ class Renderer:
         }
 
     def all_boot_files(self, nodes: Iterable[Node], images: Mapping[str, Image]) -> dict[str, str]:
-        files = self.shared_boot_files()
+        files = self.shared_boot_files(images)
         for node in nodes:
             image = images.get(node.desired_os or "") if node.boot_target == "os" else None
             files.update(self.node_boot_files(node, image))

@@ -88,7 +88,8 @@ class Listener:
                 fields = {k: v[0] for k, v in form.items()}
                 listener.reports.append(fields)
                 listener.content_types.append(self.headers.get("Content-Type", ""))
-                if self.path != "/report" or set(fields) != {"node", "token", "kind", "detail"}:
+                if self.path != "/report" or \
+                        set(fields) - {"facts"} != {"node", "token", "kind", "detail"}:
                     self._answer(400, b"bad request")
                 elif fields["token"] in listener.refused_tokens:
                     self._answer(403, b"refused")

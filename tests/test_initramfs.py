@@ -410,6 +410,8 @@ def test_agent_reports_ready_with_label(bbpath: Path, listener: Listener,
                               capture_output=True, text=True, timeout=60)
 
     assert run().returncode == 0
+    facts = listener.reports[-1].pop("facts")  # this host's /proc and /sys (lib.sh: dp_facts)
+    assert facts.startswith("cpus ") and "\nmemory_kib " in facts
     assert listener.reports[-1] == {"node": "n001", "token": "tok-123_ABC", "kind": "ready",
                                     "detail": "centos5"}
     wrong = run(image="sles11")

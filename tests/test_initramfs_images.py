@@ -137,6 +137,8 @@ def test_agent_runs_inside_the_image(images: dict[str, Path], listener: Listener
                                "DYNPROV_CMDLINE_FILE": "/tmp/cmdline"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+    facts = listener.reports[0].pop("facts")  # lib.sh dp_facts (no /proc in this chroot)
+    assert facts.startswith("cpus ")
     assert listener.reports == [{"node": "n001", "token": "tok-123_ABC", "kind": "ready",
                                  "detail": "centos5"}]
 
@@ -238,6 +240,13 @@ def test_boot_stateless_switch_root(images: dict[str, Path], listener: Listener,
     assert kinds[0][1].startswith("initramfs on eth0 10.0.2.15")
     assert kinds[-1] == ("ready", "centos5")
     assert {r["token"] for r in listener.reports} == {"tok-sl"}
+    # /init and the image's agent send the hardware facts (QEMU's default NIC MAC, its memory).
+    from pxe import hwfacts
+
+    for report in (listener.reports[0], listener.reports[-1]):
+        facts = hwfacts.parse(report["facts"])
+        assert {"name": "eth0", "mac": "52:54:00:12:34:56"} in facts["nics"], report["facts"]
+        assert facts["cpus"] >= 1 and facts["memory_mib"] > 64
     log = vm.log()
     assert "switch_root into centos5" in log and "centos5 is up on eth0" in log
     assert "Kernel panic" not in log
@@ -263,6 +272,7 @@ def test_boot_stateful_install_then_disk(images: dict[str, Path], listener: List
     # The next boot from disk (NIC ROM off: SeaBIOS would PXE-boot it even with order=c).
     vm = boot(["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
                "-boot", "order=c", *drive], tmp_path / "disk.log", listener, {"ready", "failed"})
+    assert "facts" in listener.reports[-1] and listener.reports[-1].pop("facts")
     assert listener.reports[-1] == {"node": "n001", "token": "tok-sf", "kind": "ready",
                                     "detail": "sles11"}, vm.log()[-3000:]
     assert "dynprov.token=tok-sf" in vm.log()  # the kernel shows the command line it got

@@ -23,6 +23,7 @@ COMMANDS = (
     "serve",
     "api",
     "units",
+    "explain",
 )
 # Command words registered by a module of another name. Only the module of the command being
 # run is imported: start-up cost matters when a command runs on thousands of nodes or on a poll.

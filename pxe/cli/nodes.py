@@ -1,4 +1,4 @@
-"""`pxe-stage nodes add|list|show|remove|import|export`."""
+"""`pxe-stage nodes add|list|show|remove|import|export|discovered|adopt`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--format", choices=("csv", "yaml"), default="csv")
     exp.set_defaults(func=cmd_export)
 
+    disc = verbs.add_parser(
+        "discovered", help="machines that PXE-booted with an unknown MAC ([discovery] enabled)",
+        description="List the machines that booted the discovery image because the inventory "
+                    "does not know their MAC, with the hardware they reported. Nothing becomes "
+                    "a node until `pxe-stage nodes adopt`.")
+    add_json_flag(disc)
+    disc.set_defaults(func=cmd_discovered)
+
+    adopt = verbs.add_parser(
+        "adopt", help="turn a discovered machine into a node",
+        description="Add the discovered machine with MAC as node NAME (its other NICs' MACs "
+                    "come along, its firmware and hardware facts too). Name, MAC and IP are "
+                    "checked like `nodes add`; a taken one is refused and nothing changes. Then "
+                    "`pxe-stage render` gives it its DHCP entry.")
+    adopt.add_argument("mac", help="the MAC it reported (see `pxe-stage nodes discovered`)")
+    adopt.add_argument("--name", required=True, help="the new node's name, e.g. n017")
+    adopt.add_argument("--ip", help="fixed IPv4 address inside the provisioning subnet")
+    adopt.add_argument("--firmware", choices=("bios", "uefi"),
+                       help="default: what the machine reported")
+    adopt.add_argument("--bmc-type", choices=("ipmi", "redfish", "wol", "none"))
+    adopt.add_argument("--bmc-address")
+    adopt.add_argument("--bmc-user")
+    adopt.add_argument("--bmc-secret", metavar="REF",
+                       help="key in the BMC secrets file, or file:/path (never the password)")
+    adopt.add_argument("--pool", help="resource pool (default: the scheduler's pool)")
+    adopt.set_defaults(func=cmd_adopt)
+
 
 def cmd_add(args: argparse.Namespace) -> int:
     cfg = load_config(args)
@@ -90,15 +117,30 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _facts(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
+    """Hardware facts the nodes reported (pxe.hwfacts); none through --server yet."""
+    if remote.for_args(args) is not None:
+        return {}
+    from pxe import db, hwfacts
+
+    return hwfacts.load(db.connect(load_config(args).db_path), names)
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     nodes = _read(args, args.nodes)
+    facts = _facts(args, [n.name for n in nodes])
     if args.json:
-        print_json([n.public() for n in nodes])
+        print_json([n.public() | {"hardware": facts.get(n.name)} for n in nodes])
         return 0
+    from pxe.hwfacts import summary
+
     for i, n in enumerate(nodes):
         if i:
             print()
-        for key, value in n.public().items():
+        lines = {**n.public(), **summary(facts.get(n.name, {}))}
+        if n.name not in facts:
+            lines["hardware"] = "not reported yet (sent at the node's next dynprov boot)"
+        for key, value in lines.items():
             if isinstance(value, list):
                 value = ",".join(value)
             print(f"{key:<13} {'-' if value in (None, '') else value}")
@@ -124,6 +166,41 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     inv = Inventory(load_config(args))
     sys.stdout.write(export(inv.all(), args.format))
+    return 0
+
+
+def cmd_discovered(args: argparse.Namespace) -> int:
+    import time
+
+    from pxe import db, discovery
+
+    rows = discovery.listing(db.connect(load_config(args).db_path))
+    if args.json:
+        print_json(rows)
+        return 0
+
+    def when(ts: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+    print_table(("MAC", "IP", "CPUS", "MEMORY", "DISKS", "NICS", "SERIAL", "LAST SEEN", "REPORTS"),
+                [(r["mac"], r["ip"], r["facts"].get("cpus"),
+                  f"{r['facts']['memory_mib']} MiB" if r["facts"].get("memory_mib") else None,
+                  len(r["facts"].get("disks", [])), len(r["facts"].get("nics", [])),
+                  r["facts"].get("serial"), when(r["last_seen"]), r["reports"]) for r in rows])
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from pxe import discovery
+
+    extra = {"firmware": args.firmware, "bmc_type": args.bmc_type,
+             "bmc_address": args.bmc_address, "bmc_user": args.bmc_user,
+             "bmc_secret": args.bmc_secret, "pool": args.pool}
+    node = discovery.adopt(load_config(args), args.mac, args.name, args.ip,
+                           {k: v for k, v in extra.items() if v is not None})
+    print(f"adopted {node.macs[0]} as {node.name} ({', '.join(node.macs)}"
+          f"{', ' + node.ip if node.ip else ''}, {node.firmware}); run `pxe-stage render` to "
+          "give it its DHCP entry")
     return 0
 
 

@@ -20,7 +20,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Route
 
 from pxe.config import Config
-from pxe.serve import callhome, files, http, metrics, nodeapi
+from pxe.serve import callhome, discover, files, http, metrics, nodeapi
 from pxe.serve.settings import ServeSettings
 
 HEARTBEAT_STALE = 5.0  # seconds without a heartbeat before a TFTP worker counts as stuck
@@ -102,6 +102,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
     """The ASGI app; ``counters``/``row_index`` come from the daemon (None: no metrics)."""
     app = Starlette(routes=[
         Route("/report", callhome.report, methods=["POST"]),
+        Route("/discover", discover.report, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
         *nodeapi.ROUTES,

@@ -30,7 +30,7 @@ from pxe.serve import metrics
 log = logging.getLogger("dynprov.serve.callhome")
 
 MAX_BODY = 16 << 10
-FIELDS = ("node", "token", "kind", "detail")
+FIELDS = ("node", "token", "kind", "detail", "facts")  # facts: optional, pxe.hwfacts
 
 _local = threading.local()
 
@@ -109,7 +109,7 @@ async def report(request: Request) -> PlainTextResponse:
     detail = fields.get("detail", "")
     try:
         outcome = await run_in_threadpool(_record, cfg, node, fields.get("token") or None,
-                                          kind, detail)
+                                          kind, detail, fields.get("facts", ""))
     except reports.ReportRefused as exc:
         log.warning("report from %s (%s): %s", node, client, exc)
         return answer(403, "refused\n", kind, "refused")
@@ -129,8 +129,16 @@ async def report(request: Request) -> PlainTextResponse:
 
 
 def _record(cfg: Config, node: str, token: str | None, kind: str,
-            detail: str) -> reports.Outcome:
-    return reports.record_report(_connection(cfg), node, token, kind, detail)
+            detail: str, facts: str = "") -> reports.Outcome:
+    conn = _connection(cfg)
+    outcome = reports.record_report(conn, node, token, kind, detail)
+    if facts:  # only once the token was accepted; malformed lines are dropped, never an error
+        from pxe import hwfacts
+
+        parsed = hwfacts.parse(facts)
+        if not hwfacts.is_empty(parsed):
+            hwfacts.store(conn, node, parsed)
+    return outcome
 
 
 def follow_up(cfg: Config, outcome: reports.Outcome) -> None:

@@ -1,0 +1,195 @@
+"""Discovery: an unknown MAC's loader boots the discovery image, the machine reports its
+hardware to a real `pxe-stage serve` on loopback (lib.sh with busybox sh), the admin lists and
+adopts it; floods are bounded; bad input is refused with nothing changed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from initramfs_support import bbsh, busybox_path
+
+from pxe import bootfetch, db, discovery
+from pxe.config import load as load_config
+from pxe.errors import InputError
+from tests.conftest import Site, fake_bzimage
+from tests.test_explain import add_image_and_node, make_lo_site, serving
+from tests.test_hwfacts import fake_machine
+
+UNKNOWN = "52:54:00:20:00:01"  # fake_machine's eth0 (the NIC it reports from)
+SECOND = "52:54:00:20:00:02"   # its eth1
+CAP = 20
+
+
+@pytest.fixture(scope="module")
+def bbpath(tmp_path_factory) -> Path:
+    return busybox_path(tmp_path_factory.mktemp("bb"))
+
+
+@pytest.fixture
+def disco_site(tmp_path: Path) -> Site:
+    site = make_lo_site(tmp_path)
+    with open(site.config_path, "a") as fh:
+        fh.write(f'\n[discovery]\nenabled = true\nimage = "disco"\nmax_machines = {CAP}\n'
+                 "min_interval = 3600\n")
+    kernel = fake_bzimage(tmp_path / "vmlinuz-disco", os.urandom(5000))
+    initrd = tmp_path / "dynprov-initrd.img"
+    initrd.write_bytes(os.urandom(9000))
+    site.run("images", "add", "disco", "--kernel", str(kernel), "--initrd", str(initrd),
+             check=True)
+    # n001 holds 127.0.0.10 and the MAC 52:54:00:20:00:01 is NOT used: add_image_and_node uses
+    # it, so give the known node another MAC here.
+    site.run("nodes", "add", "n001", "--mac", "52:54:00:99:00:01", "--ip", "127.0.0.10",
+             check=True)
+    site.run("render", check=True)
+    return site
+
+
+def post(port: int, mac: str, facts: str = "cpus 2\n") -> int:
+    return httpx.post(f"http://127.0.0.1:{port}/discover", data={"mac": mac, "facts": facts},
+                      timeout=60).status_code
+
+
+@pytest.mark.integration
+def test_unknown_mac_boots_discovery_reports_and_is_adopted(disco_site, tmp_path, bbpath):
+    cfg = disco_site.cfg
+    port = cfg.raw["serve"]["http_port"]
+    disco = json.loads(disco_site.run("images", "show", "disco", "--json", check=True).stdout)
+    disco = disco if isinstance(disco, dict) else disco[0]
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"dynprov.server=http://127.0.0.1:{port} dynprov.mode=discover\n")
+    env = {**fake_machine(tmp_path / "m"), "DYNPROV_CMDLINE_FILE": str(cmdline)}
+    script = f"dp_parse_cmdline; dp_discover_report {UNKNOWN}"
+    with serving(disco_site):
+        # The loader of an unknown MAC: pxelinux falls through to default, which is discovery.
+        default = bootfetch.tftp_get("127.0.0.1", cfg.raw["serve"]["tftp_port"],
+                                     "pxelinux.cfg/default")
+        assert default.ok, default.error
+        assert f"KERNEL blobs/{disco['kernel_sha']}" in default.text
+        assert f"INITRD blobs/{disco['initrd_sha']}" in default.text
+        assert "dynprov.mode=discover" in default.text and "IPAPPEND 2" in default.text
+        ipxe = bootfetch.http_get(f"http://127.0.0.1:{port}/boot.ipxe")
+        assert "goto discover" in ipxe.text and disco["kernel_sha"] in ipxe.text
+
+        first = bbsh(bbpath, script, env=env)
+        assert first.returncode == 0, first.stderr
+        again = bbsh(bbpath, script, env=env)  # within min_interval: refused, nothing written
+        assert again.returncode == 1 and "429" in again.stderr
+        assert post(port, "52:54:00:99:00:01") == 409  # a known node is not "discovered"
+
+    listed = json.loads(disco_site.run("nodes", "discovered", "--json", check=True).stdout)
+    assert [r["mac"] for r in listed] == [UNKNOWN] and listed[0]["reports"] == 1
+    assert listed[0]["facts"]["cpus"] == 4 and listed[0]["facts"]["serial"] == "SN-4711"
+    table = disco_site.run("nodes", "discovered", check=True).stdout
+    assert UNKNOWN in table and "15931 MiB" in table
+    assert disco_site.run("nodes", "show", "n017").returncode == 1  # nothing added by itself
+
+    out = disco_site.run("nodes", "adopt", UNKNOWN, "--name", "n017", "--ip", "127.0.0.17",
+                         check=True)
+    assert "adopted 52:54:00:20:00:01 as n017" in out.stdout and "pxe-stage render" in out.stdout
+    node = json.loads(disco_site.run("nodes", "show", "n017", "--json", check=True).stdout)[0]
+    assert node["macs"] == [UNKNOWN, SECOND] and node["ip"] == "127.0.0.17"
+    assert node["firmware"] == "bios" and node["hardware"]["product"] == "PowerEdge R620"
+    assert json.loads(disco_site.run("nodes", "discovered", "--json").stdout) == []
+
+
+@pytest.mark.integration
+def test_adopt_refuses_taken_names_ips_macs_and_changes_nothing(disco_site, tmp_path):
+    conn = db.connect(disco_site.cfg.db_path)
+    settings = discovery.load(disco_site.cfg)
+    assert discovery.record(conn, settings, UNKNOWN, "127.0.0.150",
+                            "cpus 2\nnic eth0 " + UNKNOWN + "\n") == discovery.STORED
+    before = disco_site.snapshot()
+    cases = [
+        (("--name", "n017", "--ip", "127.0.0.10"), 2, "IP 127.0.0.10 already belongs to node n001"),
+        (("--name", "n001"), 2, "node n001 already exists"),
+        (("--name", "bad_name!"), 2, "name"),
+        (("--name", "n017", "--ip", "10.9.9.9"), 2, "outside the subnet"),
+    ]
+    for flags, code, message in cases:
+        proc = disco_site.run("nodes", "adopt", UNKNOWN, *flags)
+        assert proc.returncode == code and message in proc.stderr, (flags, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1
+    unknown = disco_site.run("nodes", "adopt", "52:54:00:77:77:77", "--name", "n018")
+    assert unknown.returncode == 1 and "no discovered machine has MAC" in unknown.stderr
+    bad = disco_site.run("nodes", "adopt", "not-a-mac", "--name", "n018")
+    assert bad.returncode == 2 and "MAC" in bad.stderr
+    assert disco_site.snapshot() == before
+    # The MAC was given to a node by hand meanwhile: adopting it is refused by name.
+    disco_site.run("nodes", "add", "n020", "--mac", UNKNOWN, check=True)
+    taken = disco_site.run("nodes", "adopt", UNKNOWN, "--name", "n018")
+    assert taken.returncode == 2 and f"MAC {UNKNOWN} already belongs to node n020" in taken.stderr
+    conn.close()
+
+
+@pytest.mark.integration
+def test_a_flood_of_unknown_macs_is_bounded(disco_site):
+    port = disco_site.cfg.raw["serve"]["http_port"]
+    codes: dict[int, int] = {}
+    big = "nic eth0 52:54:00:00:00:01\n" * 1000  # 27 KB: over the size limit
+    # A fresh connection per machine, as 1,000 machines would (and 3x faster here than
+    # keep-alive, whose small requests meet a ~40 ms delayed-ACK stall).
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with serving(disco_site), httpx.Client(timeout=60, limits=fresh) as client:
+        for i in range(1000):
+            mac = f"52:54:01:00:{i // 256:02x}:{i % 256:02x}"
+            code = client.post(f"http://127.0.0.1:{port}/discover",
+                               data={"mac": mac, "facts": "cpus 1\n"}).status_code
+            codes[code] = codes.get(code, 0) + 1
+        repeats = {client.post(f"http://127.0.0.1:{port}/discover",
+                               data={"mac": "52:54:01:00:00:00"}).status_code for _ in range(50)}
+        too_big = client.post(f"http://127.0.0.1:{port}/discover",
+                              data={"mac": "52:54:01:00:00:00", "facts": big}).status_code
+        bad = client.post(f"http://127.0.0.1:{port}/discover", data={"mac": "zz"}).status_code
+    assert codes == {200: CAP, 507: 1000 - CAP}
+    assert repeats == {429} and too_big == 413 and bad == 400
+    conn = db.connect(disco_site.cfg.db_path)
+    assert tuple(conn.execute("SELECT COUNT(*), SUM(reports) FROM discovered").fetchone()) == \
+        (CAP, CAP)
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'discovered'").fetchone()[0] \
+        == CAP
+    conn.close()
+    log = (disco_site.root / "serve.log").read_text()
+    workers = disco_site.cfg.raw["serve"].get("http_workers") or os.cpu_count() or 1
+    # Warned once per HTTP worker process (per minute), not once per machine.
+    assert 1 <= log.count(f"max_machines={CAP}") <= min(workers, 8)
+
+
+@pytest.mark.integration
+def test_discovery_off_stores_nothing_and_config_is_checked(tmp_path):
+    site = make_lo_site(tmp_path)
+    add_image_and_node(site, tmp_path)
+    port = site.cfg.raw["serve"]["http_port"]
+    with serving(site):
+        assert post(port, "52:54:00:77:00:01") == 403
+        default = bootfetch.tftp_get("127.0.0.1", site.cfg.raw["serve"]["tftp_port"],
+                                     "pxelinux.cfg/default")
+    assert "LOCALBOOT 0" in default.text
+    conn = db.connect(site.cfg.db_path)
+    assert conn.execute("SELECT COUNT(*) FROM discovered").fetchone()[0] == 0
+    for section, message in (('enabled = true\n', "names no image"),
+                             ('enabled = "yes"\n', "true or false"),
+                             ('enabled = false\nmax_machines = 0\n', "max_machines"),
+                             ('enabled = false\nflood = 1\n', "unknown key")):
+        path = tmp_path / f"c{len(message)}.toml"
+        path.write_text(site.config_path.read_text() + "\n[discovery]\n" + section)
+        with pytest.raises(InputError, match=message):
+            discovery.load(load_config(path))
+
+
+@pytest.mark.integration
+def test_render_refuses_a_bad_discovery_section_before_writing(tmp_path):
+    site = make_lo_site(tmp_path)
+    site.run("nodes", "add", "n001", "--mac", "52:54:00:99:00:01", check=True)
+    site.run("render", check=True)
+    with open(site.config_path, "a") as fh:
+        fh.write("\n[discovery]\nenabled = true\n")
+    site.run("nodes", "add", "n002", "--mac", "52:54:00:99:00:02", check=True)
+    before = site.snapshot()
+    proc = site.run("render")
+    assert proc.returncode == 2 and "discovery.image" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert site.snapshot() == before  # the DHCP config does not get n002 half-way
