@@ -31,7 +31,8 @@ class Site:
         env = {**os.environ, "DYNPROV_CONFIG": str(self.config_path)}
         module = {"pxe-stage": "pxe.cli.main", "fg-pool": "pxe.cli.fg_pool",
                   "os-switch": "msm_plugin.os_switch", "cluster-query": "msm_plugin.cluster_query",
-                  "node-power": "msm_plugin.node_power", "fg-moab": "msm_plugin.fg_moab"}.get(cmd)
+                  "node-power": "msm_plugin.node_power", "fg-moab": "msm_plugin.fg_moab",
+                  "dynprov-lab": "lab.cli"}.get(cmd)
         full = [sys.executable, "-m", module, *argv] if module else [cmd, *argv]
         proc = subprocess.run(full, capture_output=True, text=True, env=env, input=input,
                               timeout=300)
@@ -39,6 +40,10 @@ class Site:
             raise AssertionError(f"{cmd} {' '.join(argv)} -> {proc.returncode}\n"
                                  f"{proc.stdout}\n{proc.stderr}")
         return proc
+
+    def lab(self, *argv: str, **kwargs) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+        """Run `dynprov-lab` (the virtual cluster, package lab/) against this site."""
+        return self.run(*argv, cmd="dynprov-lab", **kwargs)
 
     def snapshot(self) -> dict[str, bytes]:
         """Every file under the site (minus SQLite's shared-memory files): to prove nothing changed."""

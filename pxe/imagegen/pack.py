@@ -36,10 +36,9 @@ from pathlib import Path, PurePosixPath
 from pxe import initramfs
 from pxe.bundle import resolve_in_tree
 from pxe.errors import DynprovError, InputError
+from pxe.imagegen import kernel
 from pxe.initramfs import KernelTree
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-FETCH_KERNEL = ROOT / "tools" / "fetch-kernel"
 DYNPROV = "usr/lib/dynprov"
 INIT_PATH = f"/{DYNPROV}/init"
 IMAGE_NIC_MODULES = ("e1000", "e1000e", "virtio_pci", "virtio_net")
@@ -259,14 +258,13 @@ def image_kernel(tree: Path, link_dir: Path) -> Kernel | None:
 
 
 def cached_kernel(timeout: float = 900) -> Kernel:
-    """Debian's current amd64 kernel package, fetched once into a cache (tools/fetch-kernel)."""
-    if not FETCH_KERNEL.is_file():
-        raise InputError("no kernel: add linux-image-amd64 to -packages or give -kernel-root DIR "
-                         "(an unpacked kernel package)")
-    proc = subprocess.run([str(FETCH_KERNEL)], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise DynprovError(f"cannot fetch a kernel: {proc.stderr.strip()} (or give -kernel-root)")
-    return Kernel(initramfs.kernel_tree(Path(proc.stdout.strip())), "cached")
+    """Debian's current amd64 kernel package, fetched once into a cache (pxe.imagegen.kernel)."""
+    try:
+        root = kernel.fetch(timeout=timeout)
+    except DynprovError as exc:
+        raise DynprovError(f"cannot fetch a kernel: {exc} (or add linux-image-amd64 to -packages, "
+                           "or give -kernel-root DIR)") from exc
+    return Kernel(initramfs.kernel_tree(root), "cached")
 
 
 def add_modules(tree: Path, kernel: Kernel, everything: bool = False) -> int:
