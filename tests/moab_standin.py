@@ -18,7 +18,7 @@ completion signal), and the epilogue it runs, as root, with TORQUE's ten argumen
 ends on a node.
 
 ``NodeSimulator`` plays the nodes' side of a boot: it follows the virtual BMCs' journal
-(pxe/lab/vbmc.py); when a node is powered on, cycled or reset it "PXE-boots": reads the boot file
+(lab/vbmc.py); when a node is powered on, cycled or reset it "PXE-boots": reads the boot file
 our set-boot staged for its MAC in the TFTP root, and if that boots an image, calls home as the
 initramfs would (pxe.reports.record_report with the token from the kernel command line, then
 pxe.run.notify, as the server does). Per node it can succeed, fail with a reason, stay

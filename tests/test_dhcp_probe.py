@@ -9,8 +9,8 @@ import pytest
 from test_e2e_support import need_root_tools
 from test_lab_cluster import lab_site
 
+from lab.campus import Campus
 from pxe.dhcp.probe import discover_packet, parse_offer
-from pxe.lab.campus import Campus
 
 ONE = '  {name = "p1", mac = "52:54:00:5c:02:01", ip = "198.18.0.11", power = "wol"},'
 
@@ -37,17 +37,17 @@ def test_probe_needs_the_campus_server_and_refuses_two_boot_answers(site, tmp_pa
     site.config_path.write_text(site.config_path.read_text().replace(
         "[dhcp]\n", '[dhcp]\nmode = "proxy"\n'))
     try:
-        assert site.run("lab", "up").returncode == 0
+        assert site.lab("up").returncode == 0
         conf = site.cfg.dhcp.config_file.read_bytes()
         probe = ("python3", "-m", "pxe.cli.main", "dhcp", "probe", "--wait", "2")
-        alone = site.run("lab", "exec", "--", *probe)
+        alone = site.lab("exec", "--", *probe)
         assert alone.returncode == 1, alone.stdout + alone.stderr
         assert "no DHCP server answered with an address on br0: proxy mode needs" in alone.stderr
 
         noisy = Campus(name, work=tmp_path / "noisy", boot_file="pxelinux.0")
         noisy.start()
         try:
-            two = site.run("lab", "exec", "--", *probe)
+            two = site.lab("exec", "--", *probe)
         finally:
             noisy.stop()
         assert two.returncode == 1, two.stdout + two.stderr
@@ -57,43 +57,43 @@ def test_probe_needs_the_campus_server_and_refuses_two_boot_answers(site, tmp_pa
         campus = Campus(name, work=tmp_path / "campus")
         campus.start()
         try:
-            good = site.run("lab", "exec", "--", *probe)
+            good = site.lab("exec", "--", *probe)
         finally:
             campus.stop()
         assert good.returncode == 0, good.stdout + good.stderr
         assert "198.18.0.2: address 198.18.0.15" in good.stdout
         assert site.cfg.dhcp.config_file.read_bytes() == conf  # a probe changes nothing
     finally:
-        site.run("lab", "down")
+        site.lab("down")
 
 
 @pytest.mark.integration
 def test_lab_school_profile_brings_the_campus_server_and_takes_it_down(site, tmp_path):
     import json
 
-    from pxe.lab import netns
+    from lab import netns
 
     need_root_tools()
     name = f"dpt-{os.urandom(4).hex()}"
     with open(site.config_path, "a") as fh:
         fh.write(f'\n[lab]\nnetns = "{name}"\n')
-    refused = site.run("lab", "up", "--profile", "school")
+    refused = site.lab("up", "--profile", "school")
     assert refused.returncode == 2 and 'set [dhcp] mode = "proxy"' in refused.stderr
     assert not netns.exists(name)
     site.config_path.write_text(site.config_path.read_text().replace(
         "[dhcp]\n", '[dhcp]\nmode = "proxy"\n'))
     try:
-        up = site.run("lab", "up", "--profile", "school")
+        up = site.lab("up", "--profile", "school")
         assert up.returncode == 0, up.stderr
-        st = json.loads(site.run("lab", "status", "--json", check=True).stdout)
+        st = json.loads(site.lab("status", "--json", check=True).stdout)
         assert [n["name"] for n in st["nodes"]] == ["ws1", "ws2", "ws3"]
         assert {n["bmc"].split()[0] for n in st["nodes"]} == {"wol"}
         assert st["services"]["campus-dhcpd"]["alive"]
-        probe = site.run("lab", "exec", "--", "python3", "-m", "pxe.cli.main", "dhcp", "probe",
+        probe = site.lab("exec", "--", "python3", "-m", "pxe.cli.main", "dhcp", "probe",
                          "--wait", "2")
         assert probe.returncode == 0, probe.stdout + probe.stderr
         assert 'fits [dhcp] mode = "proxy"' in probe.stdout
     finally:
-        down = site.run("lab", "down")
+        down = site.lab("down")
     assert down.returncode == 0, down.stderr
     assert not netns.exists(name) and not netns.exists(f"{name}-c")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from test_e2e_support import need_root_tools, serial_logs_on_failure
 
-from pxe.lab import netns
+from lab import netns
 
 pytestmark = pytest.mark.e2e
 
@@ -37,8 +37,8 @@ def sh_blocks(text: str) -> list[str]:
 def test_tutorial_has_the_walk():
     """The steps the tutorial promises are all there (cheap guard, no lab)."""
     script = "\n".join(sh_blocks(TUTORIAL.read_text()))
-    for needle in ("pxe-stage lab up", "fg-moab-image -upload", "cluster-query",
-                   "lab exec -- os-switch", "pxe-stage lab down"):
+    for needle in ("dynprov-lab up", "fg-moab-image -upload", "cluster-query",
+                   "lab exec -- os-switch", "dynprov-lab down"):
         assert needle in script, needle
 
 
@@ -66,7 +66,7 @@ def test_every_tutorial_command_runs_in_the_lab(tmp_path):
             assert "OS=_used-mpi-demo" in proc.stdout
     finally:
         if config.exists() and (lab_dir / "lab.json").exists():
-            subprocess.run([sys.executable, "-m", "pxe.cli.main", "lab", "down"], cwd=ROOT,
+            subprocess.run([sys.executable, "-m", "lab.cli", "down"], cwd=ROOT,
                            env={**env, "DYNPROV_CONFIG": str(config)}, capture_output=True,
                            text=True, timeout=120)
         assert not netns.exists(NETNS), "the tutorial left its namespace behind"

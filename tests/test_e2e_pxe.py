@@ -27,8 +27,8 @@ from test_e2e_support import (
     serial_logs_on_failure,
 )
 
-from pxe.lab import netns
-from pxe.lab.qemu import QemuMachine, VmSpec
+from lab import netns
+from lab.qemu import QemuMachine, VmSpec
 
 pytestmark = pytest.mark.e2e
 

@@ -19,9 +19,9 @@ import pytest
 from test_e2e_stack import lab_up
 from test_e2e_support import build_test_image, need_root_tools
 
+from lab import cluster
+from lab.campus import Campus
 from pxe import db
-from pxe.lab import cluster
-from pxe.lab.campus import Campus
 from pxe.power import reboot
 
 pytestmark = pytest.mark.e2e

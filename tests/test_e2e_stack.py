@@ -29,8 +29,8 @@ from test_e2e_support import (
     wiki_lines,
 )
 
+from lab import cluster, netns
 from pxe.images import Catalog
-from pxe.lab import cluster, netns
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +68,7 @@ class Lab:
                       "--cmdline", cmdline, "--prov-seconds", str(prov_seconds), check=True)
 
     def exec(self, *argv: str, check: bool = False):
-        return self.site.run("lab", "exec", "--", *argv, check=check)
+        return self.site.lab("exec", "--", *argv, check=check)
 
     def os_switch(self, nodes: str, label: str, *extra: str):
         return self.exec("os-switch", nodes, "--set", f"OS={label}", *extra)
@@ -100,11 +100,11 @@ def lab_up(site, nodes: str) -> Iterator[Lab]:
     lab = Lab(site, nodes)
     try:
         with serial_logs_on_failure(lab.logs):
-            up = site.run("lab", "up")
+            up = site.lab("up")
             assert up.returncode == 0, up.stderr
             yield lab
     finally:
-        down = site.run("lab", "down")
+        down = site.lab("down")
         assert not netns.exists(lab.name), down.stdout + down.stderr
 
 

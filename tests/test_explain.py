@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lab.ports import free_port
 from pxe import config
-from pxe.lab.ports import free_port
 from tests.conftest import ROOT, Site, fake_bzimage
 from tests.test_serve_support import children_of, serve_section, wait_for
 

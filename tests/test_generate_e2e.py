@@ -14,8 +14,8 @@ import time
 
 import pytest
 
+from lab import cluster
 from pxe import db
-from pxe.lab import cluster
 from tests.test_e2e_stack import _need_stack, lab_up
 from tests.test_generate_support import CHECK, CHECK_OUTPUT, PACKAGE, debian_bundle
 

@@ -1,5 +1,5 @@
 """The toolkit knows no scheduler: nothing under pxe/ imports a face (msm_plugin, slurm_plugin),
-the test or tool trees, and only the lab's own CLI imports the virtual hardware (pxe.lab)."""
+the test or tool trees, and only the lab's own CLI imports the virtual hardware (lab)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.unit
 
 FORBIDDEN = ("msm_plugin", "slurm_plugin", "lab", "tools", "tests")
-LAB_USERS = ("pxe/lab/", "pxe/cli/lab.py")  # the virtual cluster and its own command
+LAB_USERS = ("lab/", "lab/commands.py")  # the virtual cluster and its own command
 
 
 def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
@@ -49,7 +49,7 @@ def violations(root: Path) -> list[str]:
             top = module.split(".")[0]
             if top in FORBIDDEN:
                 bad.append(f"{rel}:{lineno}: imports {module}")
-            elif (module == "pxe.lab" or module.startswith("pxe.lab.")) \
+            elif (module == "lab" or module.startswith("lab.")) \
                     and not rel.startswith(LAB_USERS):
                 bad.append(f"{rel}:{lineno}: imports the virtual hardware {module}")
     return bad
@@ -66,7 +66,7 @@ def test_the_check_finds_every_kind_of_import(tmp_path: Path) -> None:
     (pkg / "a.py").write_text("import msm_plugin.wiki\n")
     (pkg / "b.py").write_text("def f():\n    from slurm_plugin import helper\n")
     (pkg / "c.py").write_text("import importlib\nimportlib.import_module('msm_plugin.wiki')\n")
-    (pkg / "d.py").write_text("from pxe.lab import qemu\n")
+    (pkg / "d.py").write_text("from lab import qemu\n")
     (pkg / "e.py").write_text("from ...tools import bench\n")  # relative, out of pxe
     (pkg / "ok.py").write_text("from pxe import states\nimport os\n")
     found = violations(tmp_path)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from test_e2e_support import need_root_tools
 
+from lab import netns
+from lab.machine import Machine
+from lab.qemu import QemuMachine, VmSpec, qemu_argv
 from pxe.errors import InputError
-from pxe.lab import netns
-from pxe.lab.machine import Machine
-from pxe.lab.qemu import QemuMachine, VmSpec, qemu_argv
 
 
 def spec(tmp: Path, **kw) -> VmSpec:

@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from pxe.lab import netns
-from pxe.lab.wol_listener import find_magic, magic_target
+from lab import netns
+from lab.wol_listener import find_magic, magic_target
 
 MAC = "52:54:00:aa:bb:cc"
 RAW = bytes.fromhex(MAC.replace(":", ""))
@@ -54,7 +54,7 @@ def test_extra_sync_bytes_before_the_mac():
 
 LISTEN = """
 import sys, time
-from pxe.lab.wol_listener import WolListener
+from lab.wol_listener import WolListener
 got = []
 w = WolListener("br0", got.append, debounce=0.5)
 w.start()

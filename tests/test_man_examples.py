@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from pxe import manpage
 from tests.conftest import fake_bzimage, make_site
+from tools import manpage
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from pxe import manpage
+from tools import manpage
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_every_console_script_has_a_page(pages):
 
     scripts = tomllib.loads((Path(manpage.PROJECT_ROOT) / "pyproject.toml").read_text())
     for script in scripts["project"]["scripts"]:
-        assert f"{script}.1" in pages, f"no man page for {script} (add it to pxe.manpage.COMMANDS)"
+        assert f"{script}.1" in pages, f"no man page for {script} (add it to tools.manpage.COMMANDS)"
     assert "dynprov.toml.5" in pages
 
 

@@ -27,7 +27,8 @@ BUILD_JUNK = shutil.ignore_patterns(".git", "__pycache__", "*.pyc", "build", "di
 
 def tree_packages() -> set[str]:
     return {".".join(p.parent.relative_to(ROOT).parts)
-            for top in ("pxe", "msm_plugin", "slurm_plugin") for p in (ROOT / top).rglob("__init__.py")}
+            for top in ("pxe", "lab", "msm_plugin", "slurm_plugin")
+            for p in (ROOT / top).rglob("__init__.py")}
 
 
 @pytest.mark.unit

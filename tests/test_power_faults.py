@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_power_support import add_nodes, ipmi_rows, power_config, vbmc, write_secret_file
 
+from lab.vbmc import Faults
 from pxe import power
-from pxe.lab.vbmc import Faults
 
 pytestmark = pytest.mark.integration
 
@@ -89,8 +89,8 @@ def test_worker_thread_left_behind_at_the_time_limit_does_not_act(site):
     # is still reading the system when the call gives up; it must not then power the node on.
     from test_power_support import USER, redfish
 
-    from pxe.lab.machine import SimulatedMachine
-    from pxe.lab.redfish_emulator import _Handler
+    from lab.machine import SimulatedMachine
+    from lab.redfish_emulator import _Handler
 
     class SlowReads(_Handler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)

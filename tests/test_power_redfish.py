@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from test_power_support import USER, add_nodes, power_config, redfish
 
+from lab.machine import SimulatedMachine
 from pxe import power
-from pxe.lab.machine import SimulatedMachine
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lab.machine import SimulatedMachine
+from lab.ports import free_udp_base  # noqa: F401 - re-exported for the tests
+from lab.redfish_emulator import RedfishServer, make_server
+from lab.vbmc import VbmcProcess
 from pxe.config import Config
 from pxe.inventory import Inventory, Node, build
-from pxe.lab.machine import SimulatedMachine
-from pxe.lab.ports import free_udp_base  # noqa: F401 - re-exported for the tests
-from pxe.lab.redfish_emulator import RedfishServer, make_server
-from pxe.lab.vbmc import VbmcProcess
 
 PASSWORD = "s3cret-pw"
 USER = "admin"

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from pxe.lab.ports import free_port
+from lab.ports import free_port
 from pxe.serve import metrics, settings, tftp
 from pxe.serve.bootconfigs import BootConfigs
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pxe.lab import cluster
+from lab import cluster
 from tests.test_e2e_stack import _need_stack, lab_up
 from tests.test_generate_support import generate
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from pxe.lab.ports import free_port
+from lab.ports import free_port
 from tests.conftest import ROOT
 
 LOOPBACK = "127.0.0.1"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_power_support import PASSWORD, USER, vbmc
 
-from pxe.lab import vbmc as vbmc_module
-from pxe.lab.machine import SimulatedMachine
+from lab import vbmc as vbmc_module
+from lab.machine import SimulatedMachine
 from pxe.power import ipmi as ipmi_actions
 from pxe.power import rmcp
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 LOOPBACK = "127.0.0.1"
 
-from pxe.lab.ports import free_port  # noqa: E402,F401 (after sys.path above; for the benches)
+from lab.ports import free_port  # noqa: E402,F401 (after sys.path above; for the benches)
 
 
 def make_site(root: Path, serve: dict[str, object]) -> Path:

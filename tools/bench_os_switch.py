@@ -31,11 +31,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_common as bc  # noqa: E402
 
+from lab.ports import free_udp_base  # noqa: E402
+from lab.vbmc import VbmcProcess  # noqa: E402
 from pxe import config, db, run  # noqa: E402
 from pxe.images import Catalog  # noqa: E402
 from pxe.inventory import Inventory, build  # noqa: E402
-from pxe.lab.ports import free_udp_base  # noqa: E402
-from pxe.lab.vbmc import VbmcProcess  # noqa: E402
 from pxe.nodeset import fold  # noqa: E402
 
 PASSWORD = "bench-pw"

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import bench_common as bc  # noqa: E402
 
-from pxe.lab.ports import free_udp_base as free_base  # noqa: E402
-from pxe.lab.vbmc import VbmcProcess  # noqa: E402
+from lab.ports import free_udp_base as free_base  # noqa: E402
+from lab.vbmc import VbmcProcess  # noqa: E402
 
 USER, PASSWORD = "admin", "bench-pw-1"
 

@@ -20,7 +20,6 @@ COMMANDS = (
     "power",
     "run",
     "initramfs",
-    "lab",
     "serve",
     "api",
     "units",

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab import netns
 from pxe.errors import DynprovError
-from pxe.lab import netns
 
 CONF = """# The campus DHCP server (a lab stand-in): addresses only, no boot options.
 authoritative;

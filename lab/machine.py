@@ -1,7 +1,7 @@
 """The virtual node a virtual BMC drives: a small protocol and an in-memory implementation.
 
 A BMC (IPMI or Redfish emulator) only ever calls the six methods of ``Machine``; the QEMU-backed
-machine of the lab (``pxe/lab/qemu.py``) implements the same protocol, so every BMC works with
+machine of the lab (``lab/qemu.py``) implements the same protocol, so every BMC works with
 either. Contract, kept deliberately small:
 
 - ``power_state() -> "on" | "off"``.

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab import netns
+from lab.machine import BOOT_DEVICES, BootDevice, PowerState
 from pxe.errors import DynprovError, InputError
-from pxe.lab import netns
-from pxe.lab.machine import BOOT_DEVICES, BootDevice, PowerState
 
 OVMF = ("/usr/share/ovmf/OVMF.fd", "/usr/share/OVMF/OVMF_CODE.fd")
 NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci"}
@@ -102,7 +102,7 @@ def qemu_argv(spec: VmSpec, boot_device: str) -> list[str]:
 
 
 class QemuMachine:
-    """One node's hardware, a ``pxe.lab.machine.Machine``. Thread-safe; every call is bounded."""
+    """One node's hardware, a ``lab.machine.Machine``. Thread-safe; every call is bounded."""
 
     def __init__(self, spec: VmSpec, persistent_device: BootDevice = "network",
                  on_event: Callable[[str, str, str], None] | None = None):

@@ -27,7 +27,7 @@ the BMC ignore its first N datagrams (a BMC that is slow to wake up) and ``Fault
 so a test can see what the BMC side observed.
 
 Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
-``tools/vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
+``python3 -m lab.vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
 starts the launcher as a child process for tests and tools. The password is read from a file and
 is never on a command line.
 """
@@ -53,10 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pxe.lab.machine import Machine, SimulatedMachine
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-LAUNCHER = ROOT / "tools" / "vbmc"
+from lab.machine import Machine, SimulatedMachine
 
 # Cipher suites: (authentication, integrity, confidentiality) algorithm numbers, and the record
 # Get Channel Cipher Suites lists for each (IPMI 2.0 table 22-19).
@@ -494,7 +491,7 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
             break  # the launcher is gone: do not outlive it
 
 
-# -- the launcher (tools/vbmc) ----------------------------------------------------------------
+# -- the launcher (python3 -m lab.vbmc) ----------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="vbmc", description="Virtual IPMI BMCs on UDP ports (one per node) for tests and the "
@@ -590,14 +587,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class VbmcProcess:
-    """``tools/vbmc`` as a child process: started here, waited for, killed by its own PID."""
+    """``python3 -m lab.vbmc`` as a child process: started here, waited for, killed by its own PID."""
 
     def __init__(self, nodes: str, base_port: int, password_file: Path, *, user: str = "admin",
                  processes: int = 1, drop_first: int = 0, power_on: bool = False,
                  journal: Path | None = None, lifetime: float = 600.0,
                  start_timeout: float = 60.0, cipher_suites: Sequence[int] = (3,),
                  faults: Faults | None = None):
-        self.argv = [sys.executable, str(LAUNCHER), "--nodes", nodes, "--base-port",
+        self.argv = [sys.executable, "-m", "lab.vbmc", "--nodes", nodes, "--base-port",
                      str(base_port), "--user", user, "--password-file", str(password_file),
                      "--processes", str(processes), "--drop-first", str(drop_first),
                      "--lifetime", str(lifetime),

@@ -13,11 +13,12 @@ import importlib
 import re
 from pathlib import Path
 
-from pxe.config import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout (docs/man/)
 
 # console script -> module with build_parser()
 COMMANDS: dict[str, str] = {
     "pxe-stage": "pxe.cli.main",
+    "dynprov-lab": "lab.cli",
     "os-switch": "msm_plugin.os_switch",
     "cluster-query": "msm_plugin.cluster_query",
     "node-power": "msm_plugin.node_power",

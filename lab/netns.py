@@ -130,7 +130,7 @@ class Netns:
     def create(self) -> None:
         if exists(self.name):
             raise DynprovError(f"network namespace {self.name} already exists "
-                               "(a lab is up, or left over: `pxe-stage lab down`)")
+                               "(a lab is up, or left over: `dynprov-lab down`)")
         run(["ip", "netns", "add", self.name])
         try:
             self.ip("link", "set", "lo", "up")

@@ -1,4 +1,4 @@
-"""`pxe-stage lab up|status|console NODE|down|exec`: the virtual cluster (test and demo hardware)."""
+"""`dynprov-lab up|status|console NODE|down|exec`: the virtual cluster (test and demo hardware)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from pxe.lab import cluster
+    from lab import cluster
 
     cfg = load_config(args)
     spec = cluster.load_spec(cfg, args.spec, args.profile)
@@ -68,12 +68,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"registered in the inventory: {', '.join(state['registered'])}")
     print_table(("NODE", "FW", "MAC", "IP", "POWER CONTROL"),
                 [(n["name"], n["firmware"], n["mac"], n["ip"], n["bmc"]) for n in state["nodes"]])
-    print("run product commands inside it: pxe-stage lab exec -- os-switch ...")
+    print("run product commands inside it: dynprov-lab exec -- os-switch ...")
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pxe.lab import cluster
+    from lab import cluster
 
     info = cluster.status(load_config(args))
     if args.json:
@@ -83,7 +83,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no lab is up")
         return 1
     health = "ready" if info["ready"] and info["supervisor_alive"] else (
-        "supervisor gone (run `pxe-stage lab down`)" if not info["supervisor_alive"] else
+        "supervisor gone (run `dynprov-lab down`)" if not info["supervisor_alive"] else
         "starting")
     print(f"lab {info['netns']}: {health}; namespace "
           f"{'present' if info['namespace_exists'] else 'missing'}")
@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from pxe.lab import cluster
+    from lab import cluster
 
     cfg = load_config(args)
     state = cluster.read_state(cfg)
@@ -130,7 +130,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from pxe.lab import cluster
+    from lab import cluster
 
     for line in cluster.down(load_config(args)):
         print(line)
@@ -138,7 +138,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from pxe.lab import cluster
+    from lab import cluster
 
     cfg = load_config(args)
     state = cluster.read_state(cfg)
@@ -148,7 +148,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise DynprovError("lab exec: no command given (pxe-stage lab exec -- CMD ...)")
+        raise DynprovError("lab exec: no command given (dynprov-lab exec -- CMD ...)")
     os.environ["DYNPROV_CONFIG"] = str(cfg.path)
     os.execvp("ip", ["ip", "netns", "exec", state["netns"], *argv])
     return 1  # not reached

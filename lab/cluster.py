@@ -8,13 +8,13 @@ staged, TFTP/HTTP/call-home is ``pxe-stage serve``, and the nodes are registered
 like any admin would.
 
 Processes: ``up`` creates the namespace and taps, registers and renders, then starts one
-*supervisor* (``python -m pxe.lab.cluster supervise STATE``) inside the namespace. The supervisor
+*supervisor* (``python -m lab.cluster supervise STATE``) inside the namespace. The supervisor
 owns everything that runs: dnsmasq (restarted when the rendered config changes: dnsmasq does not
 re-read its config on SIGHUP), serve, the BMCs, the WoL listener and the VMs. The state file
 (``<state_dir>/lab/lab.json``) names every PID and path, so ``status``, ``console`` and ``down``
 find everything, and ``down`` cleans up after a crash of anything, the supervisor included.
 Product commands (``os-switch``, ``pxe-stage power``...) run inside the namespace
-(``pxe-stage lab exec -- CMD``): the BMCs listen on its loopback and WoL goes to its bridge.
+(``dynprov-lab exec -- CMD``): the BMCs listen on its loopback and WoL goes to its bridge.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lab import netns
 from pxe import atomic, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
-from pxe.lab import netns
 
-log = logging.getLogger("pxe.lab")
+log = logging.getLogger("lab")
 
 STATE_VERSION = 1
-SUPERVISOR_MARK = "pxe.lab.cluster"
+SUPERVISOR_MARK = "lab.cluster"
 POWER_KINDS = ("ipmi", "redfish", "wol")
 BMC_USER = "admin"
 SECRET_KEY = "lab"
@@ -75,7 +75,7 @@ class LabSpec:
     nodes: tuple[NodeSpec, ...] = ()
     run_dir: str | None = None   # default /run/dynprov/<netns> (short: QMP socket paths)
     bmc_password: str = "lab-password"
-    campus: bool = False         # a campus DHCP server (pxe/lab/campus.py) beside our proxyDHCP
+    campus: bool = False         # a campus DHCP server (lab/campus.py) beside our proxyDHCP
 
     @property
     def run_path(self) -> Path:
@@ -191,7 +191,7 @@ def read_state(cfg: Config) -> dict[str, Any] | None:
         return None
     except (OSError, ValueError) as exc:
         raise DynprovError(f"{state_path(cfg)}: unreadable lab state ({exc}); "
-                           "`pxe-stage lab down` removes it") from None
+                           "`dynprov-lab down` removes it") from None
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
@@ -283,7 +283,7 @@ def up(cfg: Config, spec: LabSpec, *, ready_timeout: float = 60.0) -> dict[str, 
             alive = pid_is_supervisor(old.get("supervisor"))
             raise DynprovError(
                 f"a lab is already up (namespace {old.get('netns')}, state {spath}"
-                + ("" if alive else "; its supervisor is gone: `pxe-stage lab down` cleans up")
+                + ("" if alive else "; its supervisor is gone: `dynprov-lab down` cleans up")
                 + ")")
         if netns.exists(spec.netns):
             raise DynprovError(f"network namespace {spec.netns} already exists but no lab state "
@@ -388,7 +388,7 @@ def _down_locked(cfg: Config) -> list[str]:
         netns.stop_pid(sup, expect=SUPERVISOR_MARK)
         done.append(f"stopped supervisor {sup}")
     # Leftovers of a crashed supervisor: each VM by its pid file, each service by its PID.
-    from pxe.lab.qemu import MARK
+    from lab.qemu import MARK
 
     for node in state.get("nodes", []):
         try:
@@ -428,7 +428,7 @@ def status(cfg: Config) -> dict[str, Any]:
     state = read_state(cfg)
     if state is None:
         return {"up": False}
-    from pxe.lab.qemu import MARK
+    from lab.qemu import MARK
 
     nodes = []
     inv_state: dict[str, tuple[str, str, str]] = {}
@@ -515,7 +515,7 @@ class Supervisor:
         """The school profile's campus DHCP server (addresses only), before our proxyDHCP."""
         if not self.state.get("campus"):
             return
-        from pxe.lab.campus import Campus
+        from lab.campus import Campus
 
         self.campus = Campus(self.state["netns"], work=lab_dir(self.cfg) / "campus")
         self.save(campus_netns=self.campus.name)
@@ -574,7 +574,7 @@ class Supervisor:
 
     # -- hardware ---------------------------------------------------------------------------
     def build_machines(self) -> None:
-        from pxe.lab.qemu import QemuMachine, VmSpec
+        from lab.qemu import QemuMachine, VmSpec
 
         run_dir = Path(self.state["run_dir"])
         for node in self.state["nodes"]:
@@ -598,7 +598,7 @@ class Supervisor:
         password = _lab_password(self.cfg)
         threads = []
         if ipmi:
-            from pxe.lab import vbmc
+            from lab import vbmc
 
             bmc_class, _ = vbmc._build_classes()
             journal = vbmc.Journal(lab_dir(self.cfg) / "bmc-journal.jsonl")
@@ -621,7 +621,7 @@ class Supervisor:
         return threads[0] if threads else None
 
     def _redfish_thread(self, nodes: list[dict[str, Any]], password: str) -> threading.Thread:
-        from pxe.lab import redfish_emulator
+        from lab import redfish_emulator
 
         machines = {n["name"]: self.machines[n["name"]] for n in nodes}
         server = redfish_emulator.make_server(machines, BMC_USER, password,
@@ -635,7 +635,7 @@ class Supervisor:
         return t
 
     def start_wol(self) -> Any:
-        from pxe.lab.wol_listener import WolListener
+        from lab.wol_listener import WolListener
 
         by_mac = {n["mac"]: n["name"] for n in self.state["nodes"] if n["power"] == "wol"}
         if not by_mac:
@@ -715,5 +715,5 @@ def supervise(spath: Path) -> int:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "supervise":
         sys.exit(supervise(Path(sys.argv[2])))
-    print("usage: python -m pxe.lab.cluster supervise STATE_FILE", file=sys.stderr)
+    print("usage: python -m lab.cluster supervise STATE_FILE", file=sys.stderr)
     sys.exit(2)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pxe.lab.machine import Machine
+from lab.machine import Machine
 
 ROOT = "/redfish/v1"
 TARGETS = {"Pxe": "network", "Hdd": "disk"}
