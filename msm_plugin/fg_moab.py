@@ -43,6 +43,8 @@ from typing import Any
 
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError
+from pxe.sections import SAFE_PATH as _SAFE_PATH
+from pxe.sections import Section
 
 PROG = "fg-moab"
 BEGIN = "# BEGIN dynprov (fg-moab -install): generated; edits inside this block are replaced"
@@ -50,7 +52,6 @@ END = "# END dynprov"
 COMMANDS = ("os-switch", "cluster-query", "node-power")
 # moab.cfg keys we own: a line setting one of these outside our block is worth a warning.
 _OURS = re.compile(r"^\s*(RMCFG\[prov\]|QOSCFG\[prov\]|AGGREGATENODEACTIONS\b)", re.IGNORECASE)
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
 # Left by xCAT's Moab integration (MSM): a second provisioning resource manager, and a default
 # QOS list that our own USERCFG[DEFAULT] QLIST line replaces (Moab keeps the last one it reads).
 _XCAT_MSM = re.compile(r"^\s*RMCFG\[msm\]", re.IGNORECASE)
@@ -73,37 +74,22 @@ class MoabSettings:
 
 def settings(cfg: Config) -> MoabSettings:
     """The ``[moab]`` section, checked key by key."""
-    raw: dict[str, Any] = cfg.raw.get("moab") or {}
-    if not isinstance(raw, dict):
-        raise InputError(f"{cfg.path}: [moab]: must be a table")
-    known = {"provduration", "margin", "timeout", "tools_dir", "revert_to"}
-    for key in raw:
-        if key not in known:
-            raise InputError(f"{cfg.path}: moab.{key}: unknown key (known: "
-                             f"{', '.join(sorted(known))})")
+    sec = Section(cfg, "moab", {"provduration", "margin", "timeout", "tools_dir", "revert_to"})
     values: dict[str, Any] = {}
     for key, low in (("provduration", 10), ("margin", 0), ("timeout", 3)):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"{cfg.path}: moab.{key}: must be an integer >= {low}, "
-                                 f"got {value!r}")
-            values[key] = value
-    if "tools_dir" in raw:
-        value = raw["tools_dir"]
-        if not isinstance(value, str) or not _SAFE_PATH.match(value):
-            raise InputError(f"{cfg.path}: moab.tools_dir: must be an absolute path of "
-                             f"[A-Za-z0-9._/+-], got {value!r}")
-        values["tools_dir"] = Path(value)
-    if "revert_to" in raw:
+        if key in sec:
+            values[key] = sec.integer(key, low)
+    if "tools_dir" in sec:
+        values["tools_dir"] = Path(str(sec.path("tools_dir")))
+    if "revert_to" in sec:
         from pxe import validate
 
-        value = raw["revert_to"]
+        value = sec.raw["revert_to"]
         try:
             values["revert_to"] = validate.label(value if isinstance(value, str) else "",
                                                  "OS label")
         except InputError as exc:
-            raise InputError(f"{cfg.path}: moab.revert_to: {exc}") from None
+            raise sec.fail("revert_to", str(exc)) from None
     result = MoabSettings(**values)
     if result.margin >= result.provduration:
         raise InputError(f"{cfg.path}: moab.margin ({result.margin}) must be smaller than "

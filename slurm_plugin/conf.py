@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from pxe.config import Config
-from pxe.errors import DynprovError, InputError
+from pxe.errors import DynprovError
+from pxe.sections import SAFE_PATH, Section
 
 BEGIN = "# BEGIN dynprov (dynprov-slurm config -install): generated; edits inside are replaced"
 END = "# END dynprov"
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/+-]*$")
+_SAFE_PATH = SAFE_PATH
 # slurm.conf keys we own: set outside our block too, Slurm would read both.
 _OURS = re.compile(r"^\s*(NodeFeaturesPlugins|RebootProgram|ResumeProgram|SuspendProgram|"
                    r"ResumeTimeout)\s*=", re.IGNORECASE)
@@ -53,29 +54,15 @@ class SlurmSettings:
 
 
 def settings(cfg: Config) -> SlurmSettings:
-    raw: dict[str, Any] = cfg.raw.get("slurm") or {}
-    if not isinstance(raw, dict):
-        raise InputError(f"{cfg.path}: [slurm]: must be a table")
-    known = {"tools_dir", "helper", "resume_timeout", "exec_time", "slurm_conf"}
-    for key in raw:
-        if key not in known:
-            raise InputError(f"{cfg.path}: slurm.{key}: unknown key (known: "
-                             f"{', '.join(sorted(known))})")
+    sec = Section(cfg, "slurm", {"tools_dir", "helper", "resume_timeout", "exec_time",
+                                 "slurm_conf"})
     values: dict[str, Any] = {}
     for key, low in (("resume_timeout", 30), ("exec_time", 1)):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise InputError(f"{cfg.path}: slurm.{key}: must be an integer >= {low}, "
-                                 f"got {value!r}")
-            values[key] = value
+        if key in sec:
+            values[key] = sec.integer(key, low)
     for key in ("tools_dir", "helper", "slurm_conf"):
-        if key in raw:
-            value = raw[key]
-            if not isinstance(value, str) or not _SAFE_PATH.match(value):
-                raise InputError(f"{cfg.path}: slurm.{key}: must be an absolute path of "
-                                 f"[A-Za-z0-9._/+-], got {value!r}")
-            values[key] = value
+        if key in sec:
+            values[key] = sec.path(key)
     return SlurmSettings(**values)
 
 
