@@ -409,6 +409,7 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     if conn.in_transaction:
         yield conn
         return
+    before = conn.total_changes
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
@@ -416,7 +417,8 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
-    bump_stamp(conn)
+    if conn.total_changes != before:  # a transaction that wrote nothing leaves the caches warm
+        bump_stamp(conn)
 
 
 def bump_stamp(conn: sqlite3.Connection) -> None:

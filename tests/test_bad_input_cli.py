@@ -39,7 +39,8 @@ MODULES = {"pxe-stage": "pxe.cli.main", "os-switch": "msm_plugin.os_switch",
            # The Slurm face: one module, the dynprov-slurm-<verb> scripts are its verbs.
            "dynprov-slurm": "slurm_plugin.cli", "dynprov-slurm-helper": "slurm_plugin.cli",
            "dynprov-slurm-reboot": "slurm_plugin.cli", "dynprov-slurm-resume": "slurm_plugin.cli",
-           "dynprov-slurm-suspend": "slurm_plugin.cli"}
+           "dynprov-slurm-suspend": "slurm_plugin.cli",
+           "dynprov-lab": "lab.cli"}
 HUGE_SET = "n[1-100000000]"
 LONG = "a" * 130_000  # just under the kernel's limit for one argument (MAX_ARG_STRLEN)
 CAP_MESSAGE = "node set names more than 100000 nodes"
@@ -474,6 +475,7 @@ FIFO_CONFIG_ARGV = {
     "fg-moab-group": ("--config", "{fifo}", "-list"),
     "fg-pool": ("--config", "{fifo}", "-list"),
     "fg-image-generate": ("--config", "{fifo}", "-label", "x", "-o", "{out}"),
+    "dynprov-lab": ("--config", "{fifo}", "status"),
     "dynprov-slurm": ("config", "--site-config", "{fifo}"),
     "dynprov-slurm-resume": ("resume", "n001", "--site-config", "{fifo}"),
     "dynprov-slurm-suspend": ("suspend", "n001", "--site-config", "{fifo}"),
