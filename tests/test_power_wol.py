@@ -84,3 +84,26 @@ def test_malformed_mac_is_refused_and_nothing_sent(site, listener):
         assert "invalid MAC" in (res[name].error or "")
     assert listener.receive(1) == [magic_packet(MAC1)]
     assert listener.pending() == 0
+
+
+def test_wol_status_comes_from_the_agent_heartbeat(site, listener):
+    """No BMC: a WoL node is "on" while its image's agent polls (power.agent_stale), and the
+    answer says why when nobody has heard from it - never a guess, and no packet sent."""
+    import time
+
+    from pxe import db
+
+    cfg = power_config(site, wol_broadcast="127.0.0.1", wol_port=listener.port, agent_stale=30)
+    add_nodes(cfg, [{"name": "w010", "mac": MAC1, "bmc_type": "wol"},
+                    {"name": "w011", "mac": MAC2, "bmc_type": "wol"}])
+    conn = db.connect(cfg.db_path)
+    with db.transaction(conn):
+        conn.execute("INSERT INTO agents (node, token_sha, seq, adopted, last_seen) VALUES "
+                     "('w010', 'x', 3, ?, ?), ('w011', 'y', 2, ?, ?)",
+                     (time.time() - 100, time.time() - 2, time.time() - 500, time.time() - 400))
+    conn.close()
+    res = power.run(cfg, "w[010-011]", "status")
+    assert (res["w010"].ok, res["w010"].value) == (True, "on")
+    assert (res["w011"].ok, res["w011"].kind) == (False, "unsupported")
+    assert "last heard 400 s ago" in (res["w011"].error or "")
+    assert listener.pending() == 0

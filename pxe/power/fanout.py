@@ -131,6 +131,9 @@ def run(cfg: Config, nodes: str | Iterable[Node], action: str, *, workers: int |
         if problems:
             done(PowerResult(node.name, False, kind="error", error="; ".join(problems)))
             continue
+        if action == "status" and node.bmc_type == "wol":
+            done(_wol_status(cfg, s, node.name))  # no BMC: what the node's agent last said
+            continue
         ready.append((node, driver))
     store = SecretStore(cfg.paths.secrets_file)
     jobs: list[tuple[Job, Any]] = []
@@ -224,3 +227,22 @@ def check(cfg: Config, nodes: str | Iterable[Node]) -> dict[str, list[str]]:
             problems.append("no BMC: power is manual")
         out[node.name] = problems
     return out
+
+
+def _wol_status(cfg: Config, s: Any, name: str) -> PowerResult:
+    """A Wake-on-LAN node has no BMC to ask: it is "on" while its image's agent keeps polling
+    (within ``power.agent_stale``); otherwise nobody knows, and the answer says so."""
+    from pxe import db
+    from pxe.power import agent
+
+    conn = db.connect(cfg.db_path)
+    try:
+        age = agent.heartbeat_age(conn, name)
+    finally:
+        conn.close()
+    if age is not None and age <= s.agent_stale:
+        return PowerResult(name, True, value="on")
+    heard = "no agent has polled since its last boot" if age is None else \
+        f"its agent was last heard {age:.0f} s ago"
+    return PowerResult(name, False, kind="unsupported",
+                       error=f"Wake-on-LAN cannot read the power state (no BMC) and {heard}")
