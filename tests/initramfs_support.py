@@ -56,6 +56,7 @@ class Listener:
 
     def __init__(self) -> None:
         self.reports: list[dict[str, str]] = []
+        self.agent_polls: list[dict[str, str]] = []  # the image's agent (POST /agent), apart
         self.content_types: list[str] = []
         self.blobs: dict[str, bytes] = {}
         self.refused_tokens = {"used-token"}
@@ -86,6 +87,10 @@ class Listener:
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode(),
                                              keep_blank_values=True)
                 fields = {k: v[0] for k, v in form.items()}
+                if self.path == "/agent":  # the booted image's agent polling: nothing to do
+                    listener.agent_polls.append(fields)
+                    self._answer(200, b"ok")
+                    return
                 listener.reports.append(fields)
                 listener.content_types.append(self.headers.get("Content-Type", ""))
                 if self.path != "/report" or \

@@ -96,7 +96,15 @@ def test_upload_list_get_init_delete(site, tmp_path):
     assert fg(site, "--upload", "--image", str(path), "--label", "sles11", "--init").returncode == 0
     proc = fg(site, "-init")
     assert proc.returncode == 0 and "re-published the OS list" in proc.stdout
-    assert (cfg.paths.tftp_root / "pxelinux.cfg" / "default").exists()
+    # -init re-rendered: the first loader is staged, and `serve` answers the default config
+    from pxe.serve.bootconfigs import BootConfigs
+
+    assert (cfg.paths.tftp_root / cfg.boot.bios_loader).exists()
+    served = BootConfigs(cfg)
+    try:
+        assert served.lookup("pxelinux.cfg/default")
+    finally:
+        served.close()
     image = Catalog(cfg).get("centos5")
     assert (image.cmdline, image.initrd_sha is not None, image.rootfs_name) == \
         ("console=ttyS0", True, "rootfs.tar.gz")

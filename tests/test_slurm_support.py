@@ -139,11 +139,21 @@ def slurm_tools(base: Path) -> Path:
 
 
 def boot_file_args(cfg: Any, mac: str) -> dict[str, str] | None:
-    """dynprov.* of the node's staged pxelinux APPEND line; None when it boots its disk."""
-    path = Path(cfg.paths.tftp_root) / "pxelinux.cfg" / ("01-" + mac.replace(":", "-"))
-    if not path.exists():
+    """dynprov.* of the APPEND line `serve` answers for the node's pxelinux config (rendered from
+    the database, as its firmware would fetch it); None when it boots its disk."""
+    from pxe.serve import files
+    from pxe.serve.bootconfigs import BootConfigs
+
+    configs = BootConfigs(cfg)  # one per call: boots come from several threads
+    try:
+        data = configs.lookup("pxelinux.cfg/01-" + mac.replace(":", "-"))
+    except files.Missing:
+        data = None
+    finally:
+        configs.close()
+    if data is None:
         return None
-    for line in path.read_text().splitlines():
+    for line in data.decode().splitlines():
         line = line.strip()
         if line.startswith("APPEND "):
             return {k[len("dynprov."):]: v for k, _, v in (w.partition("=") for w in line.split())
