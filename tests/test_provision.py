@@ -228,13 +228,17 @@ def test_start_refuses_bad_input_before_storing(site: Site) -> None:
 
 
 @pytest.mark.integration
-def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: Path) -> None:
+def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A node reported ready while no driver ran, but its boot file cannot be rewritten (a
     directory stands where it goes - a site whose tftpd-hpa serves written files, [boot]
     write_files): the next driver cannot send it back to the disk, so the node is failed (Down,
     for the scheduler) with the reason, and the hook's event says so."""
     _hooks(site, 'subscribers = ["msm_plugin.wiki:on_event", '
                  '"tests.hook_recorder:record_changes"]')
+    # The drivers this test starts are processes: they import the recorder from the checkout.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     text = site.config_path.read_text()
     site.config_path.write_text(text.replace("[boot]\n", "[boot]\nwrite_files = true\n", 1)
                                 if "[boot]\n" in text else
