@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,33 +201,9 @@ def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
 
 def install(path: Path, block: Sequence[str]) -> tuple[bool, Path | None, list[str]]:
     """Merge the block into ``path``; returns (changed, backup path, warnings)."""
-    from pxe import atomic
+    from pxe import sitefile
 
-    try:
-        data = path.read_bytes()
-        st = path.stat()
-    except OSError as exc:
-        raise DynprovError(f"{path}: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DynprovError(f"{path}: not UTF-8 text; refusing to edit it") from None
-    new, warnings = merge(text, block)
-    if new == text:
-        return False, None, warnings
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    backup = path.with_name(f"{path.name}.dynprov-{stamp}.bak")
-    n = 0
-    while backup.exists():
-        n += 1
-        backup = path.with_name(f"{path.name}.dynprov-{stamp}-{n}.bak")
-    atomic.write_bytes(backup, data, mode=st.st_mode & 0o7777)
-    atomic.write_bytes(path, new.encode("utf-8"), mode=st.st_mode & 0o7777)
-    try:
-        os.chown(path, st.st_uid, st.st_gid)
-    except PermissionError:
-        pass
-    return True, backup, warnings
+    return sitefile.rewrite(path, lambda text: merge(text, block))
 
 
 # -- the command ---------------------------------------------------------------------------------

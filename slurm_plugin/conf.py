@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,32 +148,6 @@ def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
 def install(path: Path, block: Sequence[str], *, create: bool = False
             ) -> tuple[bool, Path | None, list[str]]:
     """Merge the block into ``path`` (atomically, after a backup); (changed, backup, warnings)."""
-    from pxe import atomic
+    from pxe import sitefile
 
-    try:
-        data = path.read_bytes()
-        st_mode: int | None = path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        if not create:
-            raise DynprovError(f"{path}: no such file") from None
-        data, st_mode = b"", 0o644
-    except OSError as exc:
-        raise DynprovError(f"{path}: {exc.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DynprovError(f"{path}: not UTF-8 text; refusing to edit it") from None
-    new, warnings = merge(text, block)
-    if new == text:
-        return False, None, warnings
-    backup = None
-    if data:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = path.with_name(f"{path.name}.dynprov-{stamp}.bak")
-        n = 0
-        while backup.exists():
-            n += 1
-            backup = path.with_name(f"{path.name}.dynprov-{stamp}-{n}.bak")
-        atomic.write_bytes(backup, data, mode=st_mode or 0o644)
-    atomic.write_bytes(path, new.encode("utf-8"), mode=st_mode or 0o644)
-    return True, backup, warnings
+    return sitefile.rewrite(path, lambda text: merge(text, block), create=create)
