@@ -163,23 +163,9 @@ def config_lines(cfg: Config, conn: Any) -> list[str]:
 def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
     """``text`` with our marked block replaced (or appended); also warnings for our keys found
     outside it. Raises if the markers are damaged (nothing is written then)."""
-    lines = text.splitlines(keepends=True)
-    begins = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == BEGIN]
-    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == END]
-    new_block = [BEGIN + "\n", *(ln + "\n" for ln in block), END + "\n"]
-    if not begins and not ends:
-        head = lines
-        if head and not head[-1].endswith("\n"):
-            head = [*head[:-1], head[-1] + "\n"]
-        out_lines = [*head, *new_block]
-        outside = head
-    elif len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
-        b, e = begins[0], ends[0]
-        out_lines = [*lines[:b], *new_block, *lines[e + 1:]]
-        outside = [*lines[:b], *lines[e + 1:]]
-    else:
-        raise DynprovError("the dynprov block markers are damaged (expected one BEGIN line, then "
-                           f"one END line): fix them by hand ({BEGIN!r} ... {END!r})")
+    from pxe import sitefile
+
+    out, outside = sitefile.splice(text, BEGIN, END, block)
     warnings = []
     msm = 0
     for ln in outside:
@@ -196,7 +182,7 @@ def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
         warnings.append(f"xCAT's MSM is configured ({msm} RMCFG[msm] line(s)): two provisioning "
                         "resource managers would both answer OS requests; comment its RMCFG[msm] "
                         "lines out (admin guide: \"Moving from xCAT's MSM\")")
-    return "".join(out_lines), warnings
+    return out, warnings
 
 
 def install(path: Path, block: Sequence[str]) -> tuple[bool, Path | None, list[str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pxe import atomic
@@ -54,3 +54,23 @@ def rewrite(path: Path, merge: Merge, *, create: bool = False
         except PermissionError:
             pass
     return True, backup, warnings
+
+
+def splice(text: str, begin: str, end: str, block: Sequence[str]) -> tuple[str, list[str]]:
+    """``text`` with the block between the ``begin``/``end`` marker lines replaced (or appended
+    when there is none), and the lines outside it (for the face's own warnings). Damaged markers
+    raise, so nothing is written."""
+    lines = text.splitlines(keepends=True)
+    begins = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == begin]
+    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == end]
+    new_block = [begin + "\n", *(ln + "\n" for ln in block), end + "\n"]
+    if not begins and not ends:
+        head = lines
+        if head and not head[-1].endswith("\n"):
+            head = [*head[:-1], head[-1] + "\n"]
+        return "".join([*head, *new_block]), head
+    if len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
+        b, e = begins[0], ends[0]
+        return "".join([*lines[:b], *new_block, *lines[e + 1:]]), [*lines[:b], *lines[e + 1:]]
+    raise DynprovError(f"the dynprov block markers are damaged (expected one {begin!r} line, "
+                       f"then one {end!r} line): fix them by hand")

@@ -125,24 +125,12 @@ def helpers_lines(cfg: Config, conn: Any) -> list[str]:
 def merge(text: str, block: Sequence[str]) -> tuple[str, list[str]]:
     """``text`` with our marked block replaced (or appended), and warnings for our keys set
     outside it. Damaged markers raise (nothing is written then)."""
-    lines = text.splitlines(keepends=True)
-    begins = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == BEGIN]
-    ends = [i for i, ln in enumerate(lines) if ln.rstrip("\r\n") == END]
-    new_block = [BEGIN + "\n", *(ln + "\n" for ln in block), END + "\n"]
-    if not begins and not ends:
-        head = lines
-        if head and not head[-1].endswith("\n"):
-            head = [*head[:-1], head[-1] + "\n"]
-        out, outside = [*head, *new_block], head
-    elif len(begins) == 1 and len(ends) == 1 and begins[0] < ends[0]:
-        b, e = begins[0], ends[0]
-        out, outside = [*lines[:b], *new_block, *lines[e + 1:]], [*lines[:b], *lines[e + 1:]]
-    else:
-        raise DynprovError(f"the dynprov block markers are damaged (expected one {BEGIN!r} "
-                           f"line, then one {END!r} line): fix them by hand")
+    from pxe import sitefile
+
+    out, outside = sitefile.splice(text, BEGIN, END, block)
     warnings = [f"also set outside the dynprov block (Slurm reads both): {ln.strip()}"
                 for ln in outside if _OURS.match(ln)]
-    return "".join(out), warnings
+    return out, warnings
 
 
 def install(path: Path, block: Sequence[str], *, create: bool = False
