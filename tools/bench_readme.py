@@ -55,6 +55,12 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
     "os_switch": (["--nodes", "1000"], [
         ("vs_ipmipower", "os-switch 1,000 nodes to all power-cycled / ipmipower --cycle", "-",
          None)]),
+    "slurm_boot": (["--rounds", "3"], [
+        ("slurm_vs_bare", "`sbatch --constraint=B` to job start / bare boot into B (QEMU)",
+         "<= 1.1x", "slurm_vs_bare_spread")]),
+    "slurm_helper": (["--repeat", "21"], [
+        ("configured_helper_ms", "Slurm helper as configured (Helper=), per call (ms)", "< 50 ms",
+         "configured_helper_ms_spread")]),
 }
 
 
