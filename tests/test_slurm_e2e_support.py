@@ -305,8 +305,10 @@ def slurm_lab_up(site, images: Path, nodes: tuple[str, ...] = ("g1",), first: st
                 print(f"os-switch {','.join(nodes)} -> slurmd in {first} registered: "
                       f"{time.monotonic() - t0:.1f} s")
                 yield out
+            except BaseException:
+                print(f"slurmctld log:\n{ctl.log_tail()}")
+                raise
             finally:
                 ctl.stop()
-                print(f"slurmctld log:\n{ctl.log_tail()}")
     finally:
         shutil.rmtree(base, ignore_errors=True)  # its munge key with it
