@@ -43,7 +43,7 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
         ("cold_storm_ratio", "the same, cold (first requests for the file)", ">= 1.0x",
          "cold_storm_ratio_spread"),
         ("cold_vs_warm", "our cold storm / our warm storm", "<= 1.1x", None)]),
-    "http": (["--rounds", "3"], [
+    "http": (["--rounds", "9"], [
         ("http_ratio", "HTTP 32 x 64 MiB, nginx time / ours", ">= 1.0x", "http_ratio_spread")]),
     "boot": (["--nodes", "4", "--rounds", "3"], [
         ("http_vs_tftp", "4 simulated nodes booting: HTTP (iPXE) wall / TFTP-only wall",
