@@ -48,6 +48,9 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
     "boot": (["--nodes", "4", "--rounds", "3"], [
         ("http_vs_tftp", "4 simulated nodes booting: HTTP (iPXE) wall / TFTP-only wall",
          "<= 0.6x", "http_vs_tftp_spread")]),
+    "boot_lab": (["--nodes", "4", "--rounds", "3"], [
+        ("lab_http_vs_tftp", "4 QEMU nodes (lab, BIOS) os-switch to all ready: HTTP wall / "
+         "TFTP-only wall", "<= 0.6x", "lab_http_vs_tftp_spread")]),
     "power": (["--count", "200", "--repeat", "3"], [
         ("api_vs_ipmipower", "power status, 200 BMCs: pxe.power.run / ipmipower", "<= 3x",
          "api_vs_ipmipower_spread"),
