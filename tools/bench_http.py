@@ -6,7 +6,8 @@ servers (same repeats each); ratio = nginx seconds / server seconds (above 1: fa
 taken per round (the two servers of one round ran back to back, under the same load) and reported
 as the median and min-max of those rounds. Also the CPU seconds each server's processes used
 (user + system, from /proc): on loopback most of the wall time is the clients' copies, so the
-server's own CPU cost is the figure that does not move with the machine's load.
+server's own CPU cost is the figure that does not move with the machine's load; and the
+median time to the first byte of the answer (curl's time_starttransfer): the per-request cost.
 Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
 built the way it is (`--all`):
 - "starlette-stock": the same framework without our zero-copy protocol (Starlette's
@@ -95,6 +96,7 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
 
     times: dict[str, list[float]] = {s: [] for s in servers}
     cpu: dict[str, list[float]] = {s: [] for s in servers}
+    first_byte: dict[str, list[float]] = {s: [] for s in servers}
     failures = dict.fromkeys(servers, 0)
     groups: dict[str, int] = {}
     stack = []
@@ -109,12 +111,14 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
                 argv = ["curl", "-s", "-S", "--max-time", "600", "-o", "/dev/null", "-w",
-                        "%{size_download}", f"http://{bc.LOOPBACK}:{ports[name]}/{FILE}"]
+                        "%{size_download} %{time_starttransfer}", f"http://{bc.LOOPBACK}:{ports[name]}/{FILE}"]
                 used = group_cpu_seconds(groups[name])
                 seconds, outs = bc.parallel([argv] * args.clients)
                 times[name].append(seconds)
                 cpu[name].append(group_cpu_seconds(groups[name]) - used)
-                failures[name] += sum(1 for o in outs if o.strip() != str(size))
+                failures[name] += sum(1 for o in outs if o.split()[:1] != [str(size)])
+                first_byte[name] += [float(o.split()[1]) for o in outs
+                                     if len(o.split()) == 2 and o.split()[0] == str(size)]
                 time.sleep(0.2)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {times[n][-1]:.3f} s (CPU {cpu[n][-1]:.2f} s)" for n in servers)
@@ -130,17 +134,20 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         per_round = [a / b for a, b in zip(times["nginx"], times[name], strict=True)]
         rows.append([name, f"{t:.3f}", f"{args.clients * size / t / 1e6:.0f}",
                      f"{bc.median(per_round):.2f}x", bc.spread(per_round),
-                     f"{bc.median(cpu[name]):.2f}", failures[name]])
+                     f"{bc.median(cpu[name]):.2f}", f"{bc.median(first_byte[name]) * 1e3:.0f}",
+                     failures[name]])
     print(f"HTTP, loopback, {args.clients} concurrent curl downloads of {args.size_mb} MiB, "
           f"{args.workers} worker processes each, median of {args.rounds} alternating rounds "
           f"({bc.load_note()} at the end)")
     print(bc.table(["server", "seconds", "MB/s", "vs nginx (rounds)", "spread", "server CPU s",
-                    "failed"], rows))
+                    "first byte ms", "failed"], rows))
     ratios = [a / b for a, b in zip(times["nginx"], times["serve"], strict=True)]
     bc.result({"clients": args.clients, "size_mb": args.size_mb, "rounds": args.rounds,
                "http_ratio": bc.median(ratios), "http_ratio_spread": bc.spread(ratios),
                "serve_s": bc.median(times["serve"]), "nginx_s": base,
                "serve_cpu_s": bc.median(cpu["serve"]), "nginx_cpu_s": bc.median(cpu["nginx"]),
+               "serve_first_byte_ms": bc.median(first_byte["serve"]) * 1e3,
+               "nginx_first_byte_ms": bc.median(first_byte["nginx"]) * 1e3,
                "failed": sum(failures.values())}, args.json)
     return 1 if any(failures.values()) else 0
 
