@@ -7,7 +7,8 @@ taken per round (the two servers of one round ran back to back, under the same l
 as the median and min-max of those rounds. Also the CPU seconds each server's processes used
 (user + system, from /proc): on loopback most of the wall time is the clients' copies, so the
 server's own CPU cost is the figure that does not move with the machine's load; and the
-median time to the first byte of the answer (curl's time_starttransfer): the per-request cost.
+median time to the first byte of the answer (curl's time_starttransfer), and the server CPU per
+request of 1,000 keep-alive GETs of a 1 KiB file (one curl): the per-request cost.
 Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
 built the way it is (`--all`):
 - "starlette-stock": the same framework without our zero-copy protocol (Starlette's
@@ -32,6 +33,8 @@ from pathlib import Path
 import bench_common as bc
 
 FILE = "image.bin"
+SMALL = "small.cfg"  # 1 KiB: the per-request cost, without the copying
+SMALL_GETS = 1000
 
 STOCK_STARLETTE = r"""
 import os, socket, sys, uvicorn
@@ -75,6 +78,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         for _ in range(args.size_mb):
             fh.write(os.urandom(1 << 20))
     os.chmod(root / FILE, 0o644)
+    (root / SMALL).write_bytes(os.urandom(1024))
+    os.chmod(root / SMALL, 0o644)
     ng = work / "nginx"
     ng.mkdir()
     (ng / "nginx.conf").write_text(
@@ -97,6 +102,7 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
     times: dict[str, list[float]] = {s: [] for s in servers}
     cpu: dict[str, list[float]] = {s: [] for s in servers}
     first_byte: dict[str, list[float]] = {s: [] for s in servers}
+    small_cpu: dict[str, list[float]] = {s: [] for s in servers}
     failures = dict.fromkeys(servers, 0)
     groups: dict[str, int] = {}
     stack = []
@@ -120,6 +126,15 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                 first_byte[name] += [float(o.split()[1]) for o in outs
                                      if len(o.split()) == 2 and o.split()[0] == str(size)]
                 time.sleep(0.2)
+            for name in order:  # the per-request cost: one keep-alive client, small GETs
+                used = group_cpu_seconds(groups[name])
+                url = f"http://{bc.LOOPBACK}:{ports[name]}/{SMALL}"
+                argv = ["curl", "-s", "-S", "--max-time", "120", "-w", "%{http_code}\\n"]
+                for _ in range(SMALL_GETS):
+                    argv += ["-o", "/dev/null", url]
+                _, outs = bc.parallel([argv])
+                small_cpu[name].append((group_cpu_seconds(groups[name]) - used) / SMALL_GETS)
+                failures[name] += SMALL_GETS - outs[0].split().count("200")
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n} {times[n][-1]:.3f} s (CPU {cpu[n][-1]:.2f} s)" for n in servers)
                 + f" ({bc.load_note()})", flush=True)
@@ -135,12 +150,13 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         rows.append([name, f"{t:.3f}", f"{args.clients * size / t / 1e6:.0f}",
                      f"{bc.median(per_round):.2f}x", bc.spread(per_round),
                      f"{bc.median(cpu[name]):.2f}", f"{bc.median(first_byte[name]) * 1e3:.0f}",
+                     f"{bc.median(small_cpu[name]) * 1e3:.3f}",
                      failures[name]])
     print(f"HTTP, loopback, {args.clients} concurrent curl downloads of {args.size_mb} MiB, "
           f"{args.workers} worker processes each, median of {args.rounds} alternating rounds "
           f"({bc.load_note()} at the end)")
     print(bc.table(["server", "seconds", "MB/s", "vs nginx (rounds)", "spread", "server CPU s",
-                    "first byte ms", "failed"], rows))
+                    "first byte ms", "CPU ms per small GET", "failed"], rows))
     ratios = [a / b for a, b in zip(times["nginx"], times["serve"], strict=True)]
     bc.result({"clients": args.clients, "size_mb": args.size_mb, "rounds": args.rounds,
                "http_ratio": bc.median(ratios), "http_ratio_spread": bc.spread(ratios),
@@ -148,6 +164,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                "serve_cpu_s": bc.median(cpu["serve"]), "nginx_cpu_s": bc.median(cpu["nginx"]),
                "serve_first_byte_ms": bc.median(first_byte["serve"]) * 1e3,
                "nginx_first_byte_ms": bc.median(first_byte["nginx"]) * 1e3,
+               "serve_cpu_ms_per_get": bc.median(small_cpu["serve"]) * 1e3,
+               "nginx_cpu_ms_per_get": bc.median(small_cpu["nginx"]) * 1e3,
                "failed": sum(failures.values())}, args.json)
     return 1 if any(failures.values()) else 0
 
