@@ -18,6 +18,9 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
     - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
       stateless OS lived in memory); otherwise ``STATE=Idle``.
+``CPROC`` and ``CMEMORY`` come from the hardware facts the node sent at its last call-home
+(pxe.hwfacts.scheduler_resources, as measured); a node that never reported leaves them out, so
+Moab keeps what the workload RM says.
 ``OS`` is the OS the node last reported ready in; ``_none`` when there is none; in per-job mode a
 node that ran a job since its re-image reports ``_used-<os>``. Both markers start with ``_``, which
 no image label may (``validate.label``), so they match no OSLIST entry and no job request: the
@@ -56,7 +59,9 @@ ARCH = "ARCH"
 POWER = "POWER"
 MESSAGE = "MESSAGE"
 UPDATETIME = "UPDATETIME"
-ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME)  # the order they are printed
+CPROC = "CPROC"  # configured processors: the node's logical CPUs (its hardware facts)
+CMEMORY = "CMEMORY"  # configured memory in MB (Moab's MB are MiB, as TORQUE's physmem / 1024)
+ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME, CPROC, CMEMORY)  # print order
 
 IDLE, DOWN, DRAINED, UNKNOWN = "Idle", "Down", "Drained", "Unknown"
 POWER_ON, POWER_OFF = "On", "Off"
@@ -179,6 +184,7 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
                 nodes = lines
         else:
             nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()
+        resources = _resources(conn)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -240,7 +246,34 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             out.append(f"{name} {';'.join(items)}")
         else:
             out.append(line(name, attrs))
+    if resources:
+        out = [_with_resources(text, resources) for text in out]
     return Report("".join(f"{o}\n" for o in out), until)
+
+
+def _resources(conn: sqlite3.Connection) -> dict[str, str]:
+    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (integers: no escaping)."""
+    import sqlite3
+
+    from pxe import hwfacts
+
+    try:
+        view = hwfacts.scheduler_resources(conn)
+    except sqlite3.OperationalError:  # a database no writer has upgraded yet: no facts table
+        return {}
+    out: dict[str, str] = {}
+    for name, res in view.items():
+        items = ([f"{CPROC}={int(res['procs'])}"] if res.get("procs") else []) + \
+            ([f"{CMEMORY}={int(res['memory_mb'])}"] if res.get("memory_mb") else [])
+        if items:
+            out[name] = ";" + ";".join(items)
+    return out
+
+
+def _with_resources(text: str, resources: Mapping[str, str]) -> str:
+    """A node's line with its resources last (every line has STATE, so ';' always follows one)."""
+    extra = resources.get(text.partition(" ")[0])
+    return text + extra if extra else text
 
 
 def _number_params(sql: str) -> str:

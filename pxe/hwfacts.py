@@ -92,11 +92,19 @@ def load(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, 
     return out
 
 
-def scheduler_resources(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, int]]:
-    """What the scheduler faces want per node: `procs` (Moab CPROC, Slurm CPUs) and
-    `memory_mb` (Moab CMEMORY, Slurm RealMemory). Nodes without facts are left out."""
+def load_all(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Every node's facts in one read (a scheduler face's report covers the whole inventory)."""
+    return {row[0]: {**json.loads(row[1]), "reported": row[2]}
+            for row in conn.execute("SELECT node, facts, reported FROM node_facts")}
+
+
+def scheduler_resources(conn: sqlite3.Connection, names: Iterable[str] | None = None
+                        ) -> dict[str, dict[str, int]]:
+    """The scheduler-neutral resources view, as measured (no headroom: each face decides):
+    `procs` = logical CPUs (Moab CPROC, Slurm CPUs) and `memory_mb` = MemTotal in MiB (Moab
+    CMEMORY, Slurm RealMemory). ``names`` None: every node. Nodes without facts are left out."""
     out: dict[str, dict[str, int]] = {}
-    for name, facts in load(conn, names).items():
+    for name, facts in (load_all(conn) if names is None else load(conn, names)).items():
         res = {}
         if facts.get("cpus"):
             res["procs"] = int(facts["cpus"])
