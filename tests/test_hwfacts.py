@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from initramfs_support import bbsh, busybox_path
+from moab_standin import parse_wiki
 
 from pxe import db, hwfacts
 from pxe.inventory import Inventory
@@ -124,6 +125,9 @@ def test_call_home_carries_facts_into_nodes_show_and_the_faces(lo_site, tmp_path
     assert f"eth0 {MAC}" in shown and "serial        SN-4711" in shown
     data = json.loads(lo_site.run("nodes", "show", "n001", "--json", check=True).stdout)
     assert data[0]["hardware"]["nics"][1]["mac"] == "52:54:00:20:00:02"
+    # Moab's cluster query (a real process, read as Moab reads it) carries them
+    wiki = parse_wiki(lo_site.run(cmd="cluster-query", check=True).stdout)
+    assert (wiki["n001"]["CPROC"], wiki["n001"]["CMEMORY"]) == ("4", "15931")
 
     lo_site.run("nodes", "remove", "n001", check=True)  # facts go with the node
     assert conn.execute("SELECT COUNT(*) FROM node_facts").fetchone()[0] == 0
