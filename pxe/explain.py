@@ -303,6 +303,9 @@ class _Explainer:
 
     def _fetch_step(self, link: str, proto: str, rel: str, fix_missing: str,
                     expect_text: str | None = None) -> Step:
+        for done in self.steps:  # a shared link (loader, boot.ipxe) once, not once per MAC
+            if done.link == link:
+                return done
         step = self.add(Step(link))
         host = self.tftp if proto == "tftp" else self.http
         where = (f"tftp://{self.cfg.network.server}/{rel}" if proto == "tftp"

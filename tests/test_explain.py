@@ -151,6 +151,21 @@ def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     assert "HTTP Request" not in text.stderr
 
 
+def test_two_nics_each_config_checked_and_shared_links_once(lo_site, tmp_path):
+    second = "52:54:00:20:00:02"
+    image = add_image_and_node(lo_site, tmp_path, "--mac", second)
+    with serving(lo_site):
+        proc, data = explain(lo_site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    links = [s["link"] for s in data["steps"]]
+    assert links.count("loader (BIOS PXE ROM): pxelinux.0") == 1
+    assert links.count("kernel over TFTP") == 1
+    by = steps(data)
+    for mac in (MAC, second):
+        assert f"KERNEL blobs/{image['kernel_sha']}" in by[f"loader config ({mac})"]["facts"]["content"]
+    assert set(by["dhcp"]["facts"]["host lines"]) == {MAC, second}
+
+
 def test_missing_blob_is_one_problem_with_its_fix(lo_site, image):
     for root in ("tftp", "http"):
         (lo_site.root / root / "blobs" / image["initrd_sha"]).unlink()
