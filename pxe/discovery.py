@@ -106,8 +106,9 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 
 # -- the admin's step ----------------------------------------------------------------------------
 def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
-          extra: dict[str, Any] | None = None) -> Any:
-    """Turn a discovered machine into node ``name`` (all or nothing); returns the Node.
+          extra: dict[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
+    """Turn a discovered machine into node ``name`` (all or nothing); returns the Node and the
+    MACs of its other NICs left out because another node has them (MAC -> that node).
 
     The MAC is the one it reported from; its other NICs' MACs come along. Name, MAC and IP are
     checked like `nodes add` (taken ones refused by name); its facts become the node's."""
@@ -126,7 +127,8 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
         f"SELECT mac, node FROM macs WHERE mac IN ({','.join('?' * len(macs))})", macs)}
     if mac in taken:
         raise InputError(f"MAC {mac} already belongs to node {taken[mac]}")
-    macs = [m for m in macs if m not in taken]  # a second NIC someone else has: not this node's
+    left_out = {m: taken[m] for m in macs if m in taken}  # a second NIC another node has
+    macs = [m for m in macs if m not in taken]
     raw: dict[str, Any] = {"name": name, "macs": macs, "ip": ip, **(extra or {})}
     if facts.get("firmware") and "firmware" not in raw:
         raw["firmware"] = facts["firmware"]
@@ -137,4 +139,4 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
                      "FROM discovered WHERE mac = ?", (node.name, mac))
         conn.execute("DELETE FROM discovered WHERE mac = ?", (mac,))
         db.log_event(conn, "adopted", node.name, mac)
-    return node
+    return node, left_out

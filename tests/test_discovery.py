@@ -129,6 +129,20 @@ def test_adopt_refuses_taken_names_ips_macs_and_changes_nothing(disco_site, tmp_
     conn.close()
 
 
+@pytest.mark.integration
+def test_adopt_leaves_out_a_second_nic_another_node_has_and_says_so(disco_site):
+    conn = db.connect(disco_site.cfg.db_path)
+    settings = discovery.load(disco_site.cfg)
+    facts = f"cpus 2\nnic eth0 {UNKNOWN}\nnic eth1 {SECOND}\n"
+    assert discovery.record(conn, settings, UNKNOWN, None, facts) == discovery.STORED
+    conn.close()
+    disco_site.run("nodes", "add", "n020", "--mac", SECOND, check=True)
+    out = disco_site.run("nodes", "adopt", UNKNOWN, "--name", "n017", check=True).stdout
+    assert f"note: its NIC {SECOND} was left out: that MAC belongs to node n020" in out
+    node = json.loads(disco_site.run("nodes", "show", "n017", "--json", check=True).stdout)[0]
+    assert node["macs"] == [UNKNOWN]
+
+
 def _state_bytes(site: Site) -> int:
     """Bytes of everything under the state directory (database, WAL, report files)."""
     return sum(p.stat().st_size for p in Path(site.cfg.paths.state_dir).rglob("*") if p.is_file())

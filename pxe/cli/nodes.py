@@ -196,11 +196,13 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     extra = {"firmware": args.firmware, "bmc_type": args.bmc_type,
              "bmc_address": args.bmc_address, "bmc_user": args.bmc_user,
              "bmc_secret": args.bmc_secret, "pool": args.pool}
-    node = discovery.adopt(load_config(args), args.mac, args.name, args.ip,
-                           {k: v for k, v in extra.items() if v is not None})
+    node, left_out = discovery.adopt(load_config(args), args.mac, args.name, args.ip,
+                                     {k: v for k, v in extra.items() if v is not None})
     print(f"adopted {node.macs[0]} as {node.name} ({', '.join(node.macs)}"
           f"{', ' + node.ip if node.ip else ''}, {node.firmware}); run `pxe-stage render` to "
           "give it its DHCP entry")
+    for mac, owner in left_out.items():
+        print(f"note: its NIC {mac} was left out: that MAC belongs to node {owner}")
     return 0
 
 
