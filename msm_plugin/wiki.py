@@ -247,33 +247,35 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
         else:
             out.append(line(name, attrs))
     if resources:
-        out = [_with_resources(text, resources) for text in out]
+        out = _with_resources(out, resources)
     return Report("".join(f"{o}\n" for o in out), until)
 
 
 def _resources(conn: sqlite3.Connection) -> dict[str, str]:
-    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (integers: no escaping)."""
+    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (digits: no escaping).
+    One pass over raw digits: this runs for every node on every rebuild."""
     import sqlite3
 
     from pxe import hwfacts
 
     try:
-        view = hwfacts.scheduler_resources(conn)
+        rows = hwfacts.resource_text(conn)
     except sqlite3.OperationalError:  # a database no writer has upgraded yet: no facts table
         return {}
     out: dict[str, str] = {}
-    for name, res in view.items():
-        items = ([f"{CPROC}={int(res['procs'])}"] if res.get("procs") else []) + \
-            ([f"{CMEMORY}={int(res['memory_mb'])}"] if res.get("memory_mb") else [])
-        if items:
-            out[name] = ";" + ";".join(items)
+    for name, raw in rows:
+        procs, memory = raw.get("cpus", "0"), raw.get("memory_mib", "0")
+        text = (f";{CPROC}={procs}" if procs.lstrip("0") else "") + \
+            (f";{CMEMORY}={memory}" if memory.lstrip("0") else "")
+        if text:
+            out[name] = text
     return out
 
 
-def _with_resources(text: str, resources: Mapping[str, str]) -> str:
-    """A node's line with its resources last (every line has STATE, so ';' always follows one)."""
-    extra = resources.get(text.partition(" ")[0])
-    return text + extra if extra else text
+def _with_resources(lines: list[str], resources: Mapping[str, str]) -> list[str]:
+    """Each node's line with its resources last (every line has STATE: a ';' always fits)."""
+    get = resources.get
+    return [text + get(text[:text.find(" ")], "") for text in lines]
 
 
 def _number_params(sql: str) -> str:

@@ -92,10 +92,28 @@ def load(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, 
     return out
 
 
-def load_all(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
-    """Every node's facts in one read (a scheduler face's report covers the whole inventory)."""
-    return {row[0]: {**json.loads(row[1]), "reported": row[2]}
-            for row in conn.execute("SELECT node, facts, reported FROM node_facts")}
+# The two numbers the scheduler faces read for every node on every report rebuild, taken from
+# the stored JSON without decoding it (10,000 json.loads cost a cluster-query rebuild 5x its
+# time). Safe: the text is always json.dumps of parse()'s dict, whose keys are fixed and whose
+# values never contain a double quote (_text, _WORD and _MAC allow none).
+_RESOURCE = re.compile(r'"(cpus|memory_mib)": (\d+)')
+
+
+def resource_text(conn: sqlite3.Connection, names: Iterable[str] | None = None
+                  ) -> list[tuple[str, dict[str, str]]]:
+    """(node, {"cpus": digits, "memory_mib": digits}) per node with facts (either may be
+    missing or "0"): the raw form for a face that formats every node on every rebuild."""
+    if names is None:
+        rows = conn.execute("SELECT node, facts FROM node_facts").fetchall()
+    else:
+        names = list(names)
+        rows = []
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
+            rows += conn.execute(f"SELECT node, facts FROM node_facts WHERE node IN "
+                                 f"({','.join('?' * len(chunk))})", chunk).fetchall()
+    find = _RESOURCE.findall
+    return [(name, dict(find(text))) for name, text in rows]
 
 
 def scheduler_resources(conn: sqlite3.Connection, names: Iterable[str] | None = None
@@ -104,12 +122,9 @@ def scheduler_resources(conn: sqlite3.Connection, names: Iterable[str] | None = 
     `procs` = logical CPUs (Moab CPROC, Slurm CPUs) and `memory_mb` = MemTotal in MiB (Moab
     CMEMORY, Slurm RealMemory). ``names`` None: every node. Nodes without facts are left out."""
     out: dict[str, dict[str, int]] = {}
-    for name, facts in (load_all(conn) if names is None else load(conn, names)).items():
-        res = {}
-        if facts.get("cpus"):
-            res["procs"] = int(facts["cpus"])
-        if facts.get("memory_mib"):
-            res["memory_mb"] = int(facts["memory_mib"])
+    for name, raw in resource_text(conn, names):
+        res = {"procs": int(raw.get("cpus", 0)), "memory_mb": int(raw.get("memory_mib", 0))}
+        res = {k: v for k, v in res.items() if v}
         if res:
             out[name] = res
     return out

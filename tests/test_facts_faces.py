@@ -102,3 +102,16 @@ def test_dynprov_slurm_config_node_lines_carry_the_facts(site: Site, tmp_path: P
     assert nodes == ["# NodeName=n001 CPUs=4 RealMemory=15612 Feature=centos5",
                      "# NodeName=n002 Feature=centos5",  # no facts yet: nothing invented
                      "# NodeName=n003 CPUs=64 RealMemory=256901"]  # no aarch64 image
+
+
+def test_resources_cannot_be_forged_through_text_facts(tmp_path: Path) -> None:
+    """The resources are read from the stored JSON without decoding it: a CPU model or DMI
+    string that spells a key must not count (quotes never survive pxe.hwfacts.parse)."""
+    conn = db.connect(tmp_path / "state.db")
+    _mixed(conn)
+    text = 'cpus 2\ncpu_model x", "cpus": 999\nserial "memory_mib": 77\nproduct {"cpus": 5}\n'
+    hwfacts.store(conn, "a-ready", hwfacts.parse(text))
+    assert hwfacts.scheduler_resources(conn) == {"a-ready": {"procs": 2}}
+    view = parse_wiki(wiki.build(conn, "hpc").text)
+    assert view["a-ready"]["CPROC"] == "2" and "CMEMORY" not in view["a-ready"]
+    conn.close()
