@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 MAC = "52:54:00:20:00:01"
 
 
-def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
+def make_lo_site(tmp_path: Path, boot_extra: str = "", backend: str = "dnsmasq") -> Site:
     """A site whose provisioning network is loopback, its ports fresh: the node's chain is then
     exactly what explain can fetch. ``boot_extra``: more lines for [boot]."""
     root = tmp_path / "site"
@@ -35,7 +35,7 @@ def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
     tftp_port, http_port = free_port(), free_port()
     if "ipxe_http" not in boot_extra:  # these tests walk the all-TFTP chain unless they say so
         boot_extra = "ipxe_http = false\n" + boot_extra
-    path.write_text(config.example(root, interface="lo", subnet="127.0.0.0/24",
+    path.write_text(config.example(root, backend=backend, interface="lo", subnet="127.0.0.0/24",
                                    server="127.0.0.1")
                     + f"\n[boot]\nhttp_port = {http_port}\n{boot_extra}\n")
     site = Site(root, path)
@@ -264,6 +264,19 @@ def test_ipxe_chain_is_loader_over_tftp_then_http_only(lo_site, tmp_path, firmwa
         assert f"{what} over TFTP" not in by  # iPXE never asks TFTP for them
     # pxelinux/GRUB configs are not part of this chain
     assert not [link for link in by if link.startswith(("loader config", "loader dispatcher"))]
+
+
+def test_isc_dhcpd_backend_names_its_host_and_filename_lines(tmp_path):
+    site = make_lo_site(tmp_path, backend="isc")
+    add_image_and_node(site, tmp_path)
+    with serving(site):
+        proc, data = explain(site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dhcp = steps(data)["dhcp"]["facts"]
+    assert dhcp["backend"] == "isc" and dhcp["config"].endswith("dhcpd.conf")
+    assert any(f"hardware ethernet {MAC};" in line and "fixed-address 127.0.0.10;" in line
+               for line in dhcp["host lines"][MAC])
+    assert any('filename "pxelinux.0";' in line for line in dhcp["boot file lines"])
 
 
 def test_proxy_mode_says_who_gives_the_address(tmp_path):
