@@ -251,7 +251,8 @@ class _Explainer:
                                else "server: dynprov gives the address and the boot answer"),
                       "chain": chain, "options": options,
                       "live check": "not done: DHCP answers on "
-                                    f"{cfg.network.interface}; explain does not broadcast"}
+                                    f"{cfg.network.interface}; explain does not broadcast "
+                                    "(`pxe-stage dhcp probe` does: who answers a PXE ROM)"}
         try:
             installed = cfg.dhcp.config_file.read_text()
         except OSError as exc:
