@@ -193,6 +193,36 @@ def test_a_flood_of_unknown_macs_is_bounded(disco_site):
 
 
 @pytest.mark.integration
+def test_a_full_list_is_cleared_by_the_admin_and_takes_machines_again(disco_site):
+    conn = db.connect(disco_site.cfg.db_path)
+    settings = discovery.load(disco_site.cfg)
+    flood = [f"52:54:02:00:00:{i:02x}" for i in range(CAP)]
+    for mac in flood:
+        assert discovery.record(conn, settings, mac, None, "cpus 1\n") == discovery.STORED
+    assert discovery.record(conn, settings, UNKNOWN, None, "cpus 4\n") == discovery.FULL
+    before = disco_site.snapshot()
+    for flags, code, message in (
+            (("--forget", flood[0], "--forget", "52:54:02:00:99:99"), 1,
+             "no discovered machine has MAC 52:54:02:00:99:99; nothing forgotten"),
+            (("--forget", "nonsense"), 2, "MAC"),
+            (("--forget", flood[0], "--forget-all"), 2, "not allowed with")):
+        proc = disco_site.run("nodes", "discovered", *flags)
+        assert proc.returncode == code and message in proc.stderr, (flags, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == (2 if "not allowed" in message else 1)  # argparse adds its usage
+    assert disco_site.snapshot() == before  # all or nothing
+    out = disco_site.run("nodes", "discovered", "--forget", flood[0].upper(), "--forget",
+                         flood[1], check=True).stdout
+    assert out == "forgot 2 discovered machine(s)\n"
+    assert discovery.record(conn, settings, UNKNOWN, None, "cpus 4\n") == discovery.STORED
+    out = disco_site.run("nodes", "discovered", "--forget-all", check=True).stdout
+    assert out == f"forgot {CAP - 1} discovered machine(s)\n"
+    assert discovery.listing(conn) == []
+    assert conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 1  # n001 untouched
+    conn.close()
+
+
+@pytest.mark.integration
 def test_discovery_off_stores_nothing_and_config_is_checked(tmp_path):
     site = make_lo_site(tmp_path)
     add_image_and_node(site, tmp_path)

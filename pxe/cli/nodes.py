@@ -61,8 +61,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "discovered", help="machines that PXE-booted with an unknown MAC ([discovery] enabled)",
         description="List the machines that booted the discovery image because the inventory "
                     "does not know their MAC, with the hardware they reported. Nothing becomes "
-                    "a node until `pxe-stage nodes adopt`.")
+                    "a node until `pxe-stage nodes adopt`. --forget drops machines from the "
+                    "list (e.g. after a flood filled [discovery] max_machines); one that boots "
+                    "again reports again.")
     add_json_flag(disc)
+    forget = disc.add_mutually_exclusive_group()
+    forget.add_argument("--forget", action="append", metavar="MAC",
+                        help="drop this machine from the list (repeat for several)")
+    forget.add_argument("--forget-all", action="store_true",
+                        help="drop every machine from the list")
     disc.set_defaults(func=cmd_discovered)
 
     adopt = verbs.add_parser(
@@ -174,6 +181,10 @@ def cmd_discovered(args: argparse.Namespace) -> int:
 
     from pxe import db, discovery
 
+    if args.forget or args.forget_all:
+        gone = discovery.forget(load_config(args), None if args.forget_all else args.forget)
+        print(f"forgot {gone} discovered machine(s)")
+        return 0
     rows = discovery.listing(db.connect(load_config(args).db_path))
     if args.json:
         print_json(rows)
