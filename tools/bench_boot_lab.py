@@ -140,15 +140,40 @@ class Lab:
         state = cluster.read_state(config.load(self.config)) or {}
         return (state.get("services") or {}).get("dhcp", {}).get("pid")
 
-    def switch(self) -> tuple[float, str, bool]:
-        """os-switch --force --wait of every node: (wall seconds, its output, all ready)."""
+    def switch(self) -> tuple[float, str, bool, dict[str, float]]:
+        """os-switch --force --wait of every node: (wall seconds, its output, all ready, each
+        node's seconds to ready, seen by polling the state database while it runs)."""
+        import threading
+
         t0 = time.monotonic()
-        proc = self.run(sys.executable, "-m", "msm_plugin.os_switch", ",".join(self.names),
-                        "--set", f"OS={LABEL}", "--force", "--wait", inside=True,
-                        timeout=self.timeout + 120, check=False)
+        ready_at: dict[str, float] = {}
+        left: set[str] = set()  # nodes seen out of "ready" (power-cycled, booting)
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.5):
+                try:
+                    states = self.states()
+                except Exception:  # noqa: BLE001 (a busy database: look again next time)
+                    continue
+                for name, state in states.items():
+                    if state != "ready":
+                        left.add(name)
+                    elif name in left and name not in ready_at:
+                        ready_at[name] = time.monotonic() - t0
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            proc = self.run(sys.executable, "-m", "msm_plugin.os_switch", ",".join(self.names),
+                            "--set", f"OS={LABEL}", "--force", "--wait", inside=True,
+                            timeout=self.timeout + 120, check=False)
+        finally:
+            done.set()
+            watcher.join(5)
         wall = time.monotonic() - t0
         return wall, (proc.stdout + proc.stderr).strip(), proc.returncode == 0 and \
-            self.all_ready()
+            self.all_ready(), ready_at
 
     def bytes_served(self) -> dict[str, float]:
         """serve's byte counters (/metrics, inside the namespace): which path carried the files."""
@@ -165,16 +190,20 @@ class Lab:
                 values[name.split("_")[1]] = float(value)
         return values
 
-    def all_ready(self) -> bool:
+    def states(self) -> dict[str, str]:
         import sqlite3
 
         from pxe import config
 
-        conn = sqlite3.connect(f"file:{config.load(self.config).db_path}?mode=ro", uri=True)
+        conn = sqlite3.connect(f"file:{config.load(self.config).db_path}?mode=ro", uri=True,
+                               timeout=5)
         try:
-            rows = dict(conn.execute("SELECT name, state FROM nodes").fetchall())
+            return dict(conn.execute("SELECT name, state FROM nodes").fetchall())
         finally:
             conn.close()
+
+    def all_ready(self) -> bool:
+        rows = self.states()
         return all(rows.get(n) == "ready" for n in self.names)
 
 
@@ -212,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(lab: Lab, args: argparse.Namespace) -> int:
     walls: dict[str, list[float]] = {p: [] for p in PATHS}
     carried: dict[str, list[dict[str, float]]] = {p: [] for p in PATHS}
+    per_firmware: dict[str, dict[str, list[float]]] = {p: {} for p in PATHS}
     failed = dict.fromkeys(PATHS, 0)
     t_start = time.monotonic()
     try:
@@ -219,14 +249,14 @@ def _bench(lab: Lab, args: argparse.Namespace) -> int:
         lab.start()
         # A first switch (not counted) so every counted one starts from nodes that run the image.
         lab.set_path(PATHS[0])
-        wall, out, ok = lab.switch()
+        wall, out, ok, _ = lab.switch()
         print(f"warm-up switch over http: {wall:.1f} s ({'all ready' if ok else 'FAILED'})",
               flush=True)
         for r in range(args.rounds):
             for path in PATHS if r % 2 == 0 else tuple(reversed(PATHS)):
                 lab.set_path(path)
                 before = lab.bytes_served()
-                wall, out, ok = lab.switch()
+                wall, out, ok, ready_at = lab.switch()
                 after = lab.bytes_served()
                 moved = {k: (after.get(k, 0) - before.get(k, 0)) / 1e6 for k in ("tftp", "http")}
                 # The path must be the one asked for: TFTP-only moves the kernels over TFTP.
@@ -235,9 +265,15 @@ def _bench(lab: Lab, args: argparse.Namespace) -> int:
                     ok, out = False, f"files went over {small}, not {big}: {moved}"
                 walls[path].append(wall)
                 carried[path].append(moved)
+                for i, name in enumerate(lab.names):
+                    if name in ready_at:
+                        per_firmware[path].setdefault(lab.node_firmware(i), []).append(
+                            ready_at[name])
                 failed[path] += 0 if ok else 1
+                nodes = " ".join(f"{n} {lab.node_firmware(i)} {ready_at[n]:.0f} s"
+                                 for i, n in enumerate(lab.names) if n in ready_at)
                 print(f"round {r + 1}/{args.rounds} {path}: {wall:.1f} s, TFTP "
-                      f"{moved['tftp']:.1f} MB, HTTP {moved['http']:.1f} MB "
+                      f"{moved['tftp']:.1f} MB, HTTP {moved['http']:.1f} MB, ready: {nodes} "
                       f"({'all ready' if ok else 'FAILED: ' + out[-300:]}) ({bc.load_note()})",
                       flush=True)
     finally:
@@ -252,6 +288,11 @@ def _bench(lab: Lab, args: argparse.Namespace) -> int:
              f"{bc.median([m['http'] for m in carried[p]]):.1f}", failed[p]] for p in PATHS]
     print(bc.table(["path", "boot files", "wall s (median)", "spread s", "TFTP MB",
                     "HTTP MB", "failed"], rows))
+    for firmware in sorted({f for p in PATHS for f in per_firmware[p]}):
+        times = {p: per_firmware[p].get(firmware, []) for p in PATHS}
+        print(f"{firmware} nodes, seconds to ready (median of every node and round): "
+              + ", ".join(f"{p} {bc.median(times[p]):.1f}" for p in PATHS)
+              + f" = {bc.median(times['http']) / bc.median(times['tftp']):.2f}x")
     print(f"HTTP / TFTP wall time = {bc.median(ratios):.2f} (goal <= 0.6)")
     bc.result({"nodes": args.nodes, "firmware": args.firmware, "rounds": args.rounds,
                "http_s": bc.median(walls["http"]), "tftp_s": bc.median(walls["tftp"]),
