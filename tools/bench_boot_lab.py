@@ -21,7 +21,7 @@ Root only (namespaces, taps). Nothing leaves the machine: the namespace has no u
 removed at the end (`dynprov-lab down`), with the throw-away site. serve's byte counters prove
 each switch went over the path it was asked for (else the switch counts as failed). Not part of
 CI: one round of 4 BIOS nodes costs about 3 minutes on 2 busy cores (HTTP 60 s, TFTP 120 s at
-load 12-25), plus a first uncounted switch; 3 rounds end in about 12 minutes.
+load 12-25), plus a first uncounted switch; 3 rounds ended in 10 minutes.
 """
 
 from __future__ import annotations
