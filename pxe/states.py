@@ -116,9 +116,11 @@ def enter(conn: sqlite3.Connection, label: str, mode: str, nodes: Sequence[str],
     cur = conn.execute("INSERT INTO runs(label, mode, created, state) VALUES (?, ?, ?, ?)",
                        (label, mode, now, RUN_RUNNING))
     run_id = int(cur.lastrowid or 0)
-    conn.executemany(
-        "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
-        "VALUES (?, ?, ?, '', ?, ?)", [(run_id, n, REQUESTED, deadline, now) for n in nodes])
+    version = conn.execute("SELECT version FROM images WHERE label = ?", (label,)).fetchone()
+    conn.executemany(  # image_version: what the node will boot (pxe.imageversions)
+        "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated, image_version) "
+        "VALUES (?, ?, ?, '', ?, ?, ?)",
+        [(run_id, n, REQUESTED, deadline, now, version[0] if version else None) for n in nodes])
     conn.executemany(
         "UPDATE nodes SET state = ?, state_reason = ?, updated = ? WHERE name = ?",
         [(REQUESTED, f"run {run_id}: {label} requested", now, n) for n in nodes])
@@ -159,7 +161,8 @@ def transition(conn: sqlite3.Connection, run_id: int, node: str, new: str, reaso
     return True
 
 
-_NODE_COLUMNS = frozenset({"state", "state_reason", "current_os", "used", "boot_token"})
+_NODE_COLUMNS = frozenset({"state", "state_reason", "current_os", "current_version", "used",
+                           "boot_token"})
 
 
 def set_node(conn: sqlite3.Connection, node: str, now: float | None = None,
