@@ -199,10 +199,10 @@ async def image_upload(request: Request, who: Identity) -> Response:
     requestBody:
       content: {application/octet-stream: {schema: {type: string, format: binary}}}
     responses:
-      201: {description: uploaded and published}
+      201: {description: "uploaded and published (a label that exists: as its new version)"}
       400: {description: bad label or bad bundle}
-      403: {description: not in the image group}
-      409: {description: label exists, or another upload of it is in progress}
+      403: {description: "not in the image group, or the label is another user's"}
+      409: {description: another upload of the label is in progress}
       413: {description: larger than the limit (nothing is kept)}
     """
     groups = request.query_params.getlist("group")
