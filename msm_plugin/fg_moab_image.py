@@ -72,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-label", "--label", metavar="LABEL",
                    help="image label: [A-Za-z0-9._-], what users write in msub -l os=LABEL "
                         "(default for -upload: the bundle manifest's)")
-    from pxe.cli.images import version_number
-
-    p.add_argument("-version", "--version", metavar="N", type=version_number,
+    p.add_argument("-version", "--version", metavar="N",
                    help="a version number: for -rollback, -delete and -get")
     p.add_argument("-o", "-output", "--output", metavar="FILE", help="output file ('-' = stdout)")
     p.add_argument("-group", "--group", metavar="GROUP", action="append", default=[],
@@ -165,6 +163,10 @@ def _run(action: str, args: argparse.Namespace) -> int:
         return 0
     if client is None:
         repo = repository.Repository(cfg)
+    if args.version is not None:
+        from pxe.cli.images import version_number
+
+        args.version = version_number(args.version, "-version")
     if action == "upload":
         done = repo.upload(Path(args.image), args.label, args.group)
         image = done.image

@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_node ON events(node, ts);
 """
 
+RUN_NODES = "run_nodes(run_id, node, state, reason, deadline, updated)"  # the release-1 columns
 TABLES = ("pools", "nodes", "macs", "images", "settings", "runs", "run_nodes", "events")
 
 
@@ -134,7 +135,8 @@ def fill(path: Path, node_state: str = "ready") -> None:
             ('centos7', 'ondemand', 10.0, 20.0, 'done'),
             ('centos7', 'perjob', 30.0, NULL, 'running'),
             ('sles11', 'ondemand', 40.0, 41.0, 'failed');
-        INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) VALUES (1, 'n001', 'ready', '', 15.0, 19.0),
+        INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated)
+                              VALUES (1, 'n001', 'ready', '', 15.0, 19.0),
                                      (2, 'n003', 'booting', '', 630.0, 31.0),
                                      (3, 'n002', 'timed out', 'late', 41.0, 41.0);
         INSERT INTO events(ts, node, run_id, kind, detail) VALUES
@@ -214,7 +216,7 @@ def test_release_1_database_is_recognised_and_upgraded_with_its_data(release_1):
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         conn.execute("INSERT INTO macs VALUES ('52:54:00:00:00:09', 'nope', 0)")
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        conn.execute("INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) VALUES (99, 'n001', 'ready', '', NULL, 1.0)")
+        conn.execute(f"INSERT INTO {RUN_NODES} VALUES (99, 'n001', 'ready', '', NULL, 1.0)")
     conn.close()
 
 
@@ -225,7 +227,7 @@ def test_release_1_database_is_recognised_and_upgraded_with_its_data(release_1):
     "UPDATE runs SET state = 'cancelled' WHERE id = 1",
     "UPDATE runs SET mode = 'sometimes' WHERE id = 1",
     "UPDATE run_nodes SET state = 'off' WHERE run_id = 1",
-    "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) VALUES (1, 'n002', 'timed-out', '', NULL, 1.0)",
+    f"INSERT INTO {RUN_NODES} VALUES (1, 'n002', 'timed-out', '', NULL, 1.0)",
 ])
 def test_state_columns_refuse_words_outside_the_vocabulary(release_1, statement):
     conn = db.connect(release_1)
@@ -246,7 +248,7 @@ def test_every_state_the_code_writes_is_accepted(tmp_path):
             conn.execute("INSERT INTO runs(label, mode, created, state) VALUES ('l', ?, 1.0, ?)",
                          (mode, state))
     for i, state in enumerate((*run.ACTIVE, *run.FINAL)):
-        conn.execute("INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) VALUES (1, ?, ?, '', NULL, 1.0)", (f"n{i}", state))
+        conn.execute(f"INSERT INTO {RUN_NODES} VALUES (1, ?, ?, '', NULL, 1.0)", (f"n{i}", state))
     assert conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == len(node_states)
     conn.close()
 

@@ -10,16 +10,12 @@ from typing import Any
 
 from pxe import imageversions, remote
 from pxe.cli.common import add_json_flag, load_config, print_json, print_table
-from pxe.errors import InputError
 from pxe.images import Catalog
 
 
-def version_number(text: str) -> int:
-    """argparse type for a version number (a malformed one is a usage error, exit 2)."""
-    try:
-        return imageversions.parse_version(text, "version")
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def version_number(text: str | None, what: str = "--version") -> int | None:
+    """A typed version number, checked by the command (a one-line message, exit 2)."""
+    return None if text is None else imageversions.parse_version(text, what)
 
 
 HISTORY_HEADERS = ("VERSION", "CURRENT", "CREATED", "OWNER", "KERNEL", "INITRD", "ROOTFS",
@@ -82,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     rm = verbs.add_parser("remove", help="remove an image and files no other image uses")
     rm.add_argument("label")
-    rm.add_argument("--version", type=version_number, metavar="N",
+    rm.add_argument("--version", metavar="N",
                     help="remove only this kept version (not the current one)")
     rm.add_argument("--force", action="store_true", help="even if nodes use it")
     rm.set_defaults(func=cmd_remove)
@@ -102,7 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "keep what they booted; the next boot of LABEL gets this version. Exit 2 "
                     "for a version that is not kept or is already current.")
     back.add_argument("label")
-    back.add_argument("--version", type=version_number, metavar="N",
+    back.add_argument("--version", metavar="N",
                       help="the version to restore (default: the newest one older than the "
                            "current one)")
     back.set_defaults(func=cmd_rollback)
@@ -141,11 +137,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    if args.version is not None:
+    version = version_number(args.version)
+    if version is not None:
         from pxe.repository import Repository
 
         still = Repository(load_config(args)).delete(args.label, force=args.force,
-                                                     version=args.version)
+                                                     version=version)
         print(f"removed version {args.version} of image {args.label}"
               + (f" (forced; still run by {', '.join(still)})" if still else ""))
         return 0
@@ -166,7 +163,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pxe.repository import Repository
 
-    old, new = Repository(load_config(args)).rollback(args.label, args.version)
+    old, new = Repository(load_config(args)).rollback(args.label, version_number(args.version))
     print(f"image {args.label}: version {new} is current again (was {old}); running nodes keep "
           "theirs, the next boot gets it")
     return 0
