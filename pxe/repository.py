@@ -237,7 +237,7 @@ class Repository:
                 out.setdefault(int(stem[len(label) + 1:]), []).append(path)
         return out
 
-    def _sweep_bundles(self, label: str) -> None:
+    def sweep_bundles(self, label: str) -> None:
         """Remove the bundles of versions the catalog no longer keeps (pruned or deleted)."""
         kept = set(imageversions.numbers(self.catalog.conn, label))
         for number, paths in self._version_files(label).items():
@@ -391,7 +391,7 @@ class Repository:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
-            self._sweep_bundles(label)
+            self.sweep_bundles(label)
         if number > 1:
             self._refresh_boot_files()
         return image
@@ -421,7 +421,7 @@ class Repository:
                 if label not in self.catalog.labels():
                     raise NotFound(f"unknown image label {label!r}")
                 nodes = self.catalog.remove_version(label, version, force=force)
-                self._sweep_bundles(label)
+                self.sweep_bundles(label)
                 audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label,
                              version=version, force=force, in_use=nodes)
                 return nodes

@@ -14,6 +14,7 @@ import pytest
 from pxe import reports, run, setboot
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
+from tests.conftest import fake_bzimage
 from tests.test_bundle import build_good_bundle
 from tests.test_fg_moab_image import add_config, fg, state, unchanged
 
@@ -120,6 +121,11 @@ def test_retention_prunes_old_bundles_and_keeps_what_a_node_runs(site, tmp_path)
     upload(site, tmp_path, "three")
     assert [v.version for v in Catalog(site.cfg).history("centos7")] == [1, 3]
     assert bundles(site) == ["centos7.bundle", "centos7.json", "centos7@3.bundle", "centos7@3.json"]
+    kernel = fake_bzimage(tmp_path / "vmlinuz-admin", b"admin's kernel")
+    proc = site.run("images", "add", "centos7", "--kernel", str(kernel))
+    assert proc.returncode == 0 and "added image centos7 version 4" in proc.stdout, proc.stderr
+    assert [v.version for v in Catalog(site.cfg).history("centos7")] == [1, 4]
+    assert bundles(site) == ["centos7.bundle", "centos7.json"]  # version 3's bundle went with it
     proc = fg(site, "-delete", "-label", "centos7", "-version", "1")
     refused(proc, 1, "version 1 of image 'centos7' is in use: node(s) n001 run it")
     proc = fg(site, "-delete", "-label", "centos7", "-version", "1", "-force")

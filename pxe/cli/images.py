@@ -105,9 +105,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    image = Catalog(load_config(args)).add(
+    cfg = load_config(args)
+    catalog = Catalog(cfg)
+    image = catalog.add(
         args.label, args.kernel, args.initrd, args.rootfs, os_name=args.os_name, arch=args.arch,
         mode=args.mode, cmdline=args.cmdline, prov_seconds=args.prov_seconds, from_user=True)
+    if catalog.pruned:  # versions uploaded with fg-moab-image take their bundles along
+        from pxe.repository import Repository
+
+        Repository(cfg, catalog.conn).sweep_bundles(image.label)
     print(f"added image {image.label} version {image.version} "
           f"(kernel sha256 {image.kernel_sha[:12]})")
     return 0
