@@ -218,10 +218,16 @@ def _list(repo, as_json: bool) -> None:
         return
     from pxe.cli.common import print_table
 
-    print_table(("LABEL", "OS", "ARCH", "MODE", "OWNER", "SIZE", "UPLOADED", "IN USE BY"),
-                [(e.label, e.os_name, e.arch, e.mode, e.owner, e.bundle_bytes,
+    print_table(("LABEL", "VERSION", "OS", "ARCH", "MODE", "OWNER", "SIZE", "UPLOADED",
+                 "IN USE BY"),
+                [(e.label, _version(e), e.os_name, e.arch, e.mode, e.owner, e.bundle_bytes,
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)),
                   ",".join(e.in_use)) for e in entries])
+
+
+def _version(entry: Any) -> str:
+    """``2/3``: the current version of the kept ones."""
+    return f"{entry.version}/{entry.versions}"
 
 
 def _history(repo, label: str, as_json: bool) -> None:

@@ -6,6 +6,7 @@ changed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -53,6 +54,7 @@ def test_upload_history_get_rollback_delete(site, tmp_path):
     assert re.match(rf"2\s+\*\s+\S+ \S+\s+root\s+{hist[1]['kernel_sha'][:12]} \(\d+ B\)", table[2])
     listed = json.loads(fg(site, "-list", "-json").stdout)
     assert [(e["label"], e["version"], e["versions"]) for e in listed] == [("centos7", 2, 2)]
+    assert fg(site, "-list").stdout.splitlines()[1].split()[:2] == ["centos7", "2/2"]
 
     out = tmp_path / "got"
     assert fg(site, "-get", "-label", "centos7", "-o", str(out)).returncode == 0
@@ -163,3 +165,35 @@ def test_pxe_stage_history_rollback_and_the_version_a_node_booted(site, tmp_path
     proc = site.run("images", "rollback", "centos7", "--version", "2")
     assert proc.returncode == 0, proc.stderr
     assert Catalog(site.cfg).get("centos7").version == 2
+
+
+def test_the_running_server_serves_the_rolled_back_version_at_the_next_boot(site, tmp_path):
+    """`pxe-stage serve` as a process: after -rollback, the loader config a booting node fetches
+    (HTTP for iPXE, TFTP for pxelinux) names version 1's kernel, and that blob is served."""
+    import httpx
+
+    from tests.test_serve_support import curl_tftp, serve_process
+
+    upload(site, tmp_path, "one")
+    upload(site, tmp_path, "two")
+    Inventory(site.cfg).add([build(site.cfg, {"name": "n001", "mac": "52:54:00:00:00:01"})])
+    v1, v2 = Catalog(site.cfg).history("centos7")
+    setboot.set_boot(site.cfg, ["n001"], "centos7")
+    out = tmp_path / "pxelinux.cfg"
+    with serve_process(site) as srv:
+        def served() -> tuple[str, str]:
+            ipxe = httpx.get(f"{srv.url}/ipxe/52-54-00-00-00-01.ipxe", timeout=10)
+            assert ipxe.status_code == 200, ipxe.text
+            proc = curl_tftp(srv.tftp_port, "pxelinux.cfg/01-52-54-00-00-00-01", out)
+            assert proc.returncode == 0, proc.stderr
+            return ipxe.text, out.read_text()
+
+        for text in served():
+            assert v2.kernel_sha in text and v1.kernel_sha not in text
+        proc = fg(site, "-rollback", "-label", "centos7")
+        assert proc.returncode == 0, proc.stderr
+        for text in served():
+            assert v1.kernel_sha in text and v2.kernel_sha not in text
+        blob = httpx.get(f"{srv.url}/blobs/{v1.kernel_sha}", timeout=10)
+        assert blob.status_code == 200
+        assert hashlib.sha256(blob.content).hexdigest() == v1.kernel_sha
