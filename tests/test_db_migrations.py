@@ -368,3 +368,33 @@ def test_version_2_database_gets_the_installed_step_with_its_data(release_1):
         conn.execute("UPDATE run_nodes SET state = 'rebooting' WHERE run_id = 2")
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     conn.close()
+
+
+def test_migration_6_turns_images_into_version_1(tmp_path):
+    """A version-5 database: each image becomes version 1 and nodes running it record it."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(db._VERSION_TABLE)
+    for m in db.MIGRATIONS[:5]:  # frozen: never edited once on main
+        for statement in db.statements(m.sql):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, ?, 0)", (m.version, m.description))
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO images(label, kernel_sha, initrd_sha, owner, created) "
+                 "VALUES ('centos7', 'aa', 'bb', 'alice', 1.0)")
+    conn.execute("INSERT INTO nodes(name, current_os) VALUES ('n001', 'centos7'), ('n002', NULL)")
+    conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos7', 'ondemand', 1.0)")
+    conn.execute("INSERT INTO run_nodes(run_id, node, state, updated) VALUES (1, 'n001', 'ready', 2.0)")
+    conn.execute("COMMIT")
+    conn.close()
+    conn = db.connect(path)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION >= 6
+    assert [tuple(r) for r in conn.execute(
+        "SELECT label, version, kernel_sha, initrd_sha, owner, created FROM image_versions")] == \
+        [("centos7", 1, "aa", "bb", "alice", 1.0)]
+    assert conn.execute("SELECT version FROM images").fetchone()[0] == 1
+    assert [tuple(r) for r in conn.execute("SELECT name, current_version FROM nodes ORDER BY 1")] \
+        == [("n001", 1), ("n002", None)]
+    assert conn.execute("SELECT image_version FROM run_nodes").fetchone()[0] is None
+    conn.close()
