@@ -171,8 +171,9 @@ def live_blobs(conn: sqlite3.Connection) -> set[str]:
 
 def booted_version(conn: sqlite3.Connection, node: str, run_id: int | None,
                    label: str | None) -> int | None:
-    """The version a node reporting ``ready`` booted: the one its run started with, else (a
-    report outside a run) the label's current version."""
+    """The version a node reporting ``ready`` booted: the one its run recorded (at its start,
+    and again at the power cycle: pxe.states.transition), else (a report outside a run) the
+    label's current version."""
     if run_id is not None:
         found = conn.execute("SELECT image_version FROM run_nodes WHERE run_id = ? AND node = ?",
                              (run_id, node)).fetchone()

@@ -147,9 +147,14 @@ def transition(conn: sqlite3.Connection, run_id: int, node: str, new: str, reaso
         return False
     now = time.time() if now is None else now
     marks = ",".join("?" * len(sources))
+    # Power-cycled: the node fetches its loader config now, so the image version it boots is
+    # the one current now (a rollback since the run started counts; pxe.imageversions).
+    version = (", image_version = COALESCE((SELECT i.version FROM images i JOIN runs r ON "
+               "r.label = i.label WHERE r.id = run_nodes.run_id), image_version)"
+               if new == POWER_CYCLED else "")
     cur = conn.execute(
-        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ? WHERE run_id = ? AND node = ? "
-        f"AND state IN ({marks})", (new, reason, now, run_id, node, *sources))
+        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ?{version} WHERE run_id = ? "
+        f"AND node = ? AND state IN ({marks})", (new, reason, now, run_id, node, *sources))
     if cur.rowcount == 0:
         return False
     fields: dict[str, object] = {"state": new, "state_reason": reason or f"run {run_id}: {new}",

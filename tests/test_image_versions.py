@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pxe import imageversions, reports, run, setboot
+from pxe import db, imageversions, reports, run, setboot
 from pxe.errors import DynprovError, InputError, NotFound
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
@@ -144,6 +144,32 @@ def test_remove_version_refuses_current_and_in_use(site, tmp_path):
     cat.remove("centos7", force=True)
     assert cat.conn.execute("SELECT COUNT(*) FROM image_versions").fetchone()[0] == 0
     assert not any(blob(cat, s).exists() for s in shas)
+
+
+def test_a_rollback_before_the_power_cycle_is_what_the_node_boots(site, tmp_path):
+    """The run starts on version 2; a rollback comes before the node is power-cycled: the node
+    fetches its config after the power cycle, boots version 1, and records 1."""
+    from pxe import states
+
+    k1, k2 = kernels(tmp_path, 2)
+    cat = Catalog(site.cfg)
+    cat.add("centos7", k1)
+    cat.add("centos7", k2)
+    Inventory(site.cfg).add([build(site.cfg, {"name": "n001", "mac": "52:54:00:00:00:01"})])
+    conn = cat.conn
+    req = run.request(site.cfg, conn, ["n001"], "centos7", mode="ondemand")
+    setboot.set_boot(site.cfg, ["n001"], "centos7")
+    assert conn.execute("SELECT image_version FROM run_nodes").fetchone()[0] == 2
+    cat.rollback("centos7")
+    with db.transaction(conn):
+        assert states.transition(conn, req.run_id, "n001", states.POWER_CYCLED)
+    assert conn.execute("SELECT image_version FROM run_nodes").fetchone()[0] == 1
+    cat.rollback("centos7", 2)  # after the power cycle: the node has its config already
+    token = conn.execute("SELECT boot_token FROM nodes").fetchone()[0]
+    reports.record_report(conn, "n001", token, "booting")
+    reports.record_report(conn, "n001", token, "ready")
+    assert tuple(conn.execute("SELECT current_os, current_version FROM nodes").fetchone()) == \
+        ("centos7", 1)
 
 
 def test_a_node_records_the_version_its_run_started_with(site, tmp_path):
