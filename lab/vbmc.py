@@ -330,6 +330,9 @@ def _build_classes() -> tuple[type, type]:
             had = self.sol
             super().activate_payload(request, session)
             if self.sol is not None and self.sol is not had:
+                # pyghmi's server sends up to 256 bytes a packet; its client acks the count in
+                # one byte (bytearray((0, seq, count, 0))) and dies on 256: 255 at most.
+                self.sol.maxoutcount = 255
                 self.sol_owner = session.localsid
                 self.sol_opened = time.monotonic()
                 self.serial_offset = _size(self.serial_path())  # live from now, as real SOL

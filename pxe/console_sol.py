@@ -143,15 +143,21 @@ def _probe(con) -> str | None:
 
 
 def _close(con) -> None:
-    try:
-        con.close()
-    except Exception:  # the session may be half dead: closing is best effort
-        pass
-    try:
-        if con.ipmi_session is not None:
-            con.ipmi_session.logout()
-    except Exception:
-        pass
+    """End the SOL payload and the IPMI session, and make pyghmi forget the session: it keeps
+    a logged-out session in ``initting_sessions`` and hands that dead object to the next
+    Console for the same BMC, which then waits for a login that never comes."""
+    from pyghmi.ipmi.private import session as psession
+
+    session = con.ipmi_session
+    for step in (con.close, getattr(session, "logout", None)):
+        try:
+            if step is not None:
+                step()
+        except Exception:  # the session may be half dead: closing is best effort
+            pass
+    for key, value in list(psession.Session.initting_sessions.items()):
+        if value is session:
+            psession.Session.initting_sessions.pop(key, None)
 
 
 def _plain(error: object) -> str:
