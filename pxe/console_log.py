@@ -193,3 +193,39 @@ def between(state_dir: Path, node: str, start: float, end: float) -> list[Line]:
     for path in files_of(state_dir, node):
         out.extend(ln for ln in _lines(path) if start <= ln.ts <= end)
     return out
+
+
+AFTER_END = 5.0  # s of console after a node's last step: a failure's last screen comes after it
+
+
+def window(node_run: dict, now: float) -> tuple[float, float] | None:
+    """A run's time window for one node (from `pxe-stage run show`'s data): its first step to
+    its last (plus AFTER_END) once it is final, to now while it is in the run."""
+    from pxe import states
+
+    stamps = [s["ts"] for s in node_run.get("steps", []) if s.get("ts")]
+    if not stamps:
+        return None
+    if node_run.get("state") in states.ACTIVE:
+        return min(stamps), now
+    return min(stamps), max(stamps) + AFTER_END
+
+
+def for_run(state_dir: Path, run: dict, *, limit: int, now: float) -> dict[str, dict]:
+    """Per node of a run: where its console lines of the run are (file, first and last line
+    number), how many, and the last ``limit`` of them."""
+    out: dict[str, dict] = {}
+    for member in run.get("nodes", []):
+        span = window(member, now)
+        if span is None:
+            continue
+        lines = between(state_dir, member["node"], *span)
+        files: dict[str, list[int]] = {}
+        for ln in lines:
+            files.setdefault(ln.file, []).append(ln.line)
+        out[member["node"]] = {
+            "window": [span[0], span[1]], "count": len(lines),
+            "files": [{"file": f, "first_line": nums[0], "last_line": nums[-1]}
+                      for f, nums in files.items()],
+            "lines": [ln.as_dict() for ln in lines[-limit:]] if limit else []}
+    return out

@@ -184,3 +184,40 @@ def test_log_rotation_keeps_n_files_and_one_writer(tmp_path: Path):
     assert texts == sorted(texts)  # oldest file first, in order
     with pytest.raises(Exception, match="invalid node name"):
         console_log.log_path(tmp_path, "../etc")
+
+
+@pytest.mark.integration
+def test_run_show_prints_the_console_lines_of_the_run(site, tmp_path: Path):
+    import json
+
+    from test_power_support import add_nodes
+    from test_run_support import add_images, configure, driver_held
+
+    from pxe import db, run
+
+    cfg = configure(site)
+    add_images(cfg, tmp_path, centos5={})
+    add_nodes(cfg, [{"name": "c1", "mac": "52:54:00:51:00:05"}])
+    state = cfg.paths.state_dir
+    before = Clock(time.time() - 600)
+    with ConsoleLog(console_log.log_path(state, "c1"), clock=before) as log:
+        log.feed(b"an older boot, not this run\n")
+    conn = db.connect(cfg.db_path)
+    with driver_held(cfg):  # the run stays 'requested': its window runs to now
+        req = run.request(cfg, conn, ["c1"], "centos5")
+    conn.close()
+    with ConsoleLog(console_log.log_path(state, "c1")) as log:
+        log.feed(b"Linux version 6.1.0 (this run)\n[dynprov] fetching rootfs\n")
+    out = site.run("run", "show", str(req.run_id), check=True).stdout
+    assert "console: 2 lines in this run (" in out and "c1.log lines 2-3" in out
+    assert "| Linux version 6.1.0 (this run)" in out and "| [dynprov] fetching rootfs" in out
+    assert "an older boot" not in out
+    pointer = site.run("run", "show", str(req.run_id), "--console-lines", "0", check=True).stdout
+    assert "c1.log lines 2-3" in pointer and "Linux version" not in pointer
+    data = json.loads(site.run("run", "show", str(req.run_id), "--json", check=True).stdout)
+    console = data["nodes"][0]["console"]
+    assert console["count"] == 2 and console["files"][0]["first_line"] == 2
+    assert [ln["text"] for ln in console["lines"]] == ["Linux version 6.1.0 (this run)",
+                                                       "[dynprov] fetching rootfs"]
+    bad = site.run("run", "show", str(req.run_id), "--console-lines", "-1")
+    assert bad.returncode == 2 and "--console-lines" in bad.stderr
