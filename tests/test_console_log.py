@@ -221,3 +221,57 @@ def test_run_show_prints_the_console_lines_of_the_run(site, tmp_path: Path):
                                                        "[dynprov] fetching rootfs"]
     bad = site.run("run", "show", str(req.run_id), "--console-lines", "-1")
     assert bad.returncode == 2 and "--console-lines" in bad.stderr
+
+
+@pytest.mark.integration
+def test_serve_keeps_one_logger_per_ipmi_node_and_stops_them(site, tmp_path: Path):
+    from test_serve_support import children_of, serve_process, wait_for
+
+    from pxe.serve import settings as serve_settings
+
+    power_config(site)
+    _console_config(site, max_sessions=2)
+    serial = tmp_path / "serial"
+    serial.mkdir()
+    state = site.cfg.paths.state_dir
+    with vbmc(tmp_path, "f[1-3]", 3, serial_dir=serial) as bmc:
+        for i in range(3):
+            _ipmi_node(site, f"f{i + 1}", f"52:54:00:51:01:0{i + 1}", bmc.base_port + i)
+        site.run("nodes", "add", "fw", "--mac", "52:54:00:51:01:09", "--bmc-type", "wol",
+                 check=True)
+        with serve_process(site, "--console-log") as server:
+            logs = {n: console_log.log_path(state, n) for n in ("f1", "f2")}
+            for path in logs.values():
+                _wait_for(path, "SOL session open", timeout=90)
+            with open(serial / "f2.log", "ab") as fh:
+                fh.write(b"[dynprov] f2 calls home\n")
+            _wait_for(logs["f2"], "[dynprov] f2 calls home", timeout=30)
+            loggers = [pid for pid in children_of(server.proc.pid)
+                       if b"--log" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            argv = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in loggers]
+            assert sorted(a[a.index(b"console") + 1] for a in argv) == [b"f1", b"f2"]
+            assert all(PASSWORD.encode() not in b"".join(a) for a in argv)
+        # stopped with serve (SIGTERM to each logger, by PID)
+        wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in loggers),
+                 "loggers stopped", timeout=15)
+        text = server.log.read_text()
+    assert "console.max_sessions is 2: f3 not logged" in text
+    assert "no IPMI BMC (or no valid address): fw" in text
+    assert PASSWORD not in text
+    assert not console_log.log_path(state, "f3").exists()
+    assert serve_settings.load(site.cfg).http  # the [serve] section is untouched by [console]
+    check = site.run("serve", "--check", "--console-log", check=True).stdout
+    assert "console.log = True" in check and "console.max_sessions = 2" in check
+    with open(site.config_path, "a") as fh:
+        fh.write("bogus = 1\n")  # lands in [serve]: serve still checks its own keys
+    assert site.run("serve", "--check").returncode == 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("key,value", [("log", '"yes"'), ("max_sessions", 0),
+                                       ("max_bytes", 100), ("rotations", -1),
+                                       ("backoff_max", 0), ("bogus", 1)])
+def test_console_settings_name_the_bad_key(site, key, value):
+    _console_config(site, **{key: value})
+    proc = site.run("serve", "--check")
+    assert proc.returncode == 2 and f"console.{key}" in proc.stderr
