@@ -244,7 +244,7 @@ def _console_of_failed_run(site, node: str) -> None:
         time.sleep(2)
     mine = shown.split(f"\n{node}:", 1)[-1].split("\nf2:", 1)[0]
     assert "console: " in mine and f"{node}.log lines " in mine, shown[-3000:]
-    assert "| Linux version" in mine, mine[-3000:]          # the kernel's boot lines
+    assert "] Linux version" in mine, mine[:3000]           # the kernel's boot lines
     assert "| dynprov: FAILED" in mine, mine[-3000:]        # the initramfs's own lines
     assert "root filesystem" in mine
     data = json.loads(site.run("run", "show", str(run_id), "--json", check=True).stdout)
