@@ -67,7 +67,7 @@ def keep(target: SolTarget, log: ConsoleLog, *, seconds: float | None = None,
         if time.monotonic() - started >= STABLE:
             delay = 1.0
         if attempts is not None and result.attempts >= attempts:
-            log.note(f"SOL session ended: {error}; giving up after {result.attempts} attempts")
+            log.note(f"SOL session ended: {error}; giving up after {result.attempts} attempt(s)")
             break
         log.note(f"SOL session ended: {error}; reconnecting in {delay:g} s")
         wait = delay if end is None else max(0.0, min(delay, end - time.monotonic()))
