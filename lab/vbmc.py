@@ -23,8 +23,15 @@ be tested on both; an unknown user name gets RAKP2 status 0x0D (unauthorized nam
 of silence; the boot-flags parameter (5) is parsed in full (valid, persistent and EFI bits are kept
 and reported back by Get System Boot Options); a closed session is forgotten; ``drop_first`` makes
 the BMC ignore its first N datagrams (a BMC that is slow to wake up) and ``Faults`` adds others
-(crossed logins, lost chassis-control answers); every change is appended to a JSON-lines journal
-so a test can see what the BMC side observed.
+(crossed logins, lost chassis-control answers, SOL sessions closed by the BMC); every change is
+appended to a JSON-lines journal so a test can see what the BMC side observed.
+
+Serial over LAN: the node's serial output (a Machine's ``serial_path``: QEMU's serial log in the
+lab, ``--serial-dir DIR/NAME.log`` for simulated nodes) is followed into the SOL session while one
+is attached (``tick``, between packets of the event loop), live from the moment of attaching as on
+real BMCs; SOL can be attached while the node is off (to watch it power on); Get Payload Instance
+Info (0x4B, which pyghmi's client sends as its keepalive) is answered; and SOL packets carry at
+most 255 bytes (pyghmi's client acks the count in one byte and fails on 256).
 
 Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
 ``python3 -m lab.vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
