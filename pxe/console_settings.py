@@ -7,6 +7,7 @@ max_sessions = 64      # at most this many nodes logged at once by serve (one sm
 max_bytes = 1048576    # a node's log is rotated when it would grow past this
 rotations = 5          # NODE.log.1 .. NODE.log.5 kept
 backoff_max = 10.0     # seconds between reconnects at most (1, 2, 4 ... s)
+rescan_seconds = 60.0  # serve reads the inventory again: new, removed and changed nodes
 ```
 """
 
@@ -26,11 +27,13 @@ class ConsoleSettings:
     max_bytes: int = 1 << 20
     rotations: int = 5
     backoff_max: float = 10.0
+    rescan_seconds: float = 60.0
 
 
 _LIMITS: dict[str, tuple[float, float]] = {"max_sessions": (1, 4096),
                                            "max_bytes": (4096, 1 << 34), "rotations": (0, 100),
-                                           "backoff_max": (0.1, 3600.0)}
+                                           "backoff_max": (0.1, 3600.0),
+                                           "rescan_seconds": (1.0, 86400.0)}
 
 
 def load(cfg: Config, **overrides: Any) -> ConsoleSettings:

@@ -231,7 +231,7 @@ def test_serve_keeps_one_logger_per_ipmi_node_and_stops_them(site, tmp_path: Pat
     from pxe.serve import settings as serve_settings
 
     power_config(site)
-    _console_config(site, max_sessions=2)
+    _console_config(site, max_sessions=2, rescan_seconds=1)
     serial = tmp_path / "serial"
     serial.mkdir()
     state = site.cfg.paths.state_dir
@@ -252,14 +252,23 @@ def test_serve_keeps_one_logger_per_ipmi_node_and_stops_them(site, tmp_path: Pat
             argv = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in loggers]
             assert sorted(a[a.index(b"console") + 1] for a in argv) == [b"f1", b"f2"]
             assert all(PASSWORD.encode() not in b"".join(a) for a in argv)
+            # The inventory changes while serve runs: f1 removed -> its logger stops, and the
+            # place it leaves under max_sessions goes to f3.
+            f1_pid = next(pid for pid, a in zip(loggers, argv, strict=True) if b"f1" in a)
+            site.run("nodes", "remove", "f1", check=True)
+            _wait_for(console_log.log_path(state, "f3"), "SOL session open", timeout=60)
+            wait_for(lambda: not Path(f"/proc/{f1_pid}").exists(), "f1's logger stopped",
+                     timeout=30)
+            loggers = [pid for pid in children_of(server.proc.pid)
+                       if b"--log" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         # stopped with serve (SIGTERM to each logger, by PID)
         wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in loggers),
                  "loggers stopped", timeout=15)
         text = server.log.read_text()
     assert "console.max_sessions is 2: f3 not logged" in text
     assert "no IPMI BMC (or no valid address): fw" in text
+    assert "console logging: f1 stopped" in text and "console logging: f3 started" in text
     assert PASSWORD not in text
-    assert not console_log.log_path(state, "f3").exists()
     assert serve_settings.load(site.cfg).http  # the [serve] section is untouched by [console]
     check = site.run("serve", "--check", "--console-log", check=True).stdout
     assert "console.log = True" in check and "console.max_sessions = 2" in check
@@ -271,7 +280,8 @@ def test_serve_keeps_one_logger_per_ipmi_node_and_stops_them(site, tmp_path: Pat
 @pytest.mark.unit
 @pytest.mark.parametrize("key,value", [("log", '"yes"'), ("max_sessions", 0),
                                        ("max_bytes", 100), ("rotations", -1),
-                                       ("backoff_max", 0), ("bogus", 1)])
+                                       ("backoff_max", 0), ("rescan_seconds", 0.5),
+                                       ("bogus", 1)])
 def test_console_settings_name_the_bad_key(site, key, value):
     _console_config(site, **{key: value})
     proc = site.run("serve", "--check")
