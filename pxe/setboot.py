@@ -103,35 +103,45 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
-               servers: bool = False) -> RenderReport:
+               servers: bool = False, inventory: Inventory | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
-    pxe.serve.standard_configs."""
-    from pxe import dhcp, render, stage
+    pxe.serve.standard_configs.
 
-    inv = Inventory(cfg)
-    nodes = inv.all()
+    The DHCP config is rendered and checked only when what it is made of changed since it was
+    installed (pxe.dhcpinputs): a set-boot changes nothing in it.
+    """
+    from pxe import dhcp, dhcpinputs, render, stage
+
+    inv = inventory or Inventory(cfg)
     renderer = render.Renderer(cfg)
-    text = renderer.dhcp_config(nodes)
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
+        text = renderer.dhcp_config(dhcpinputs.read(inv.conn).hosts())
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
-        files = renderer.all_boot_files(nodes, images())
+        files = renderer.all_boot_files(inv.all(), images())
         if servers:
             from pxe.serve import standard_configs
 
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        with render.naming_template(renderer):
-            dhcp_changed = dhcp.install(cfg, text, reload=reload)
+        snapshot = dhcpinputs.read(inv.conn)
+        if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
+            dhcp_changed = False
+        else:
+            text = renderer.dhcp_config(snapshot.hosts())
+            used = set(renderer.read_templates)
+            with render.naming_template(renderer):
+                dhcp_changed = dhcp.install(cfg, text, reload=reload)
+            dhcpinputs.save(cfg, snapshot, used)
         if cfg.boot.write_files or servers:
-            files = renderer.all_boot_files(nodes, images())
+            files = renderer.all_boot_files(inv.all(), images())
             changed = stage.write_files(cfg, files)
             pruned = stage.prune(cfg, files)
         else:  # pxe-stage serve renders them per request: no files (and none left stale)
