@@ -57,6 +57,22 @@ def test_sql_lines_equal_python_lines(tmp_path, mode):
     assert any(ln.startswith("i-odd-os ") and "we\\:ird" in ln for ln in lines)  # escaped
 
 
+@pytest.mark.parametrize("keep", [("a-ready", "h-arm", "c-unknown", "k-empty-os"), ()])
+def test_every_line_from_sql_equals_python_lines(tmp_path, keep):
+    """The path where SQLite formats every line (the common cluster), and an empty one."""
+    conn = db.connect(tmp_path / "state.db")
+    _mixed(conn)
+    with db.transaction(conn):
+        conn.execute("DELETE FROM run_nodes")
+        marks = ",".join("?" * len(keep)) or "''"
+        conn.execute(f"DELETE FROM nodes WHERE name NOT IN ({marks})", keep)
+    now = time.time()
+    fast = wiki.build(conn, "hpc", now)
+    assert fast.text == wiki.build(conn, "hpc", now, common_in_sql=False).text
+    assert fast.until is None and len(fast.text.splitlines()) == len(keep)
+    assert not conn.in_transaction
+
+
 def test_commit_bumps_the_stamp_and_the_key(tmp_path):
     conn = db.connect(tmp_path / "state.db")
     assert wiki.change_key(tmp_path / "state.db") == ""  # no stamp yet: never matches
