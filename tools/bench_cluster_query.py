@@ -5,7 +5,9 @@ tool printing the same WIKI lines from the same database, in one run (not a time
     tools/bench_cluster_query.py [--nodes 10000] [--repeat 7]
 
 Measured in --repeat interleaved rounds (every case once per round, order alternating), median
-and spread (min-max) of the wall time of a real process:
+and spread (min-max) of the wall time of a real process (and the median CPU time, user + system,
+which other load on a shared machine disturbs less). The checkout's bytecode is compiled first,
+as tools/install-launcher leaves it:
   floor     sqlite3 -batch DB "<one SELECT producing the same lines>"
   warm      cluster-query as Moab runs it (the console-script wrapper, no argument), the report
             file still true for the database's change key: stat + read + write, no SQLite
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -73,12 +76,17 @@ def populate(cfg: config.Config, count: int) -> None:
     conn.close()
 
 
-def run_once(argv: list[str], env: dict[str, str], before=None) -> tuple[float, bytes]:
+def run_once(argv: list[str], env: dict[str, str], before=None) -> tuple[float, float, bytes]:
+    """(wall s, CPU s of the process: user + system, less disturbed by other load, stdout)."""
     if before:
         before()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, env=env, check=True, timeout=120)
-    return time.perf_counter() - start, proc.stdout
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
+    return elapsed, cpu, proc.stdout
 
 
 def body(text: bytes) -> list[bytes]:
@@ -131,6 +139,7 @@ def main() -> int:
             "python_S": ([sys.executable, "-S", "-c", "pass"], None),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         outs: dict[str, bytes] = {}
         subprocess.run([str(script)], env=env, stdout=subprocess.DEVNULL, check=True)
         for r in range(args.repeat):  # interleaved: every case once per round, order alternating
@@ -139,8 +148,9 @@ def main() -> int:
                 argv, before = cases[name]
                 if name.startswith("warm"):
                     run_once(argv, env)  # whatever ran before, the report is now fresh
-                seconds, outs[name] = run_once(argv, env, before)
+                seconds, used, outs[name] = run_once(argv, env, before)
                 times[name].append(seconds)
+                cpu[name].append(used)
         report = wiki.report_path(cfg.paths.state_dir)
         reads = []
         for _ in range(args.repeat):
@@ -164,14 +174,18 @@ def main() -> int:
         "python_S": "python3 -S -c pass",
         "file": "file:// URL: one read, no process",
     }
-    print(bc.table(["case", "median ms", "spread ms", "x floor"],
+    cpu["file"] = times["file"]
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(bc.table(["case", "median ms", "spread ms", "x floor", "CPU ms", "CPU x floor"],
                    [(names[k], f"{med[k] * 1000:.1f}",
-                     bc.spread([t * 1000 for t in times[k]]), f"{med[k] / floor:.2f}")
+                     bc.spread([t * 1000 for t in times[k]]), f"{med[k] / floor:.2f}",
+                     f"{med_cpu[k] * 1000:.1f}", f"{med_cpu[k] / med_cpu['floor']:.2f}")
                     for k in names]))
     print(f"cold / floor = {med['cold_lean'] / floor:.2f}x with the launcher Moab runs "
           f"(aim <= 3x); warm {med['warm_lean'] / floor:.2f}x")
     bc.result({"nodes": args.nodes, "repeat": args.repeat, "same_lines": same,
                "floor_ms": floor * 1000, "cold_ms": med["cold_lean"] * 1000,
+               "cold_cpu_ratio": med_cpu["cold_lean"] / med_cpu["floor"],
                "warm_ms": med["warm_lean"] * 1000, "cold_wrapper_ms": med["cold"] * 1000,
                "cold_ratio": med["cold_lean"] / floor, "warm_ratio": med["warm_lean"] / floor,
                "cold_ratio_spread": f"{min(times['cold_lean']) / max(times['floor']):.2f}-"

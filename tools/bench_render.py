@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,13 +52,17 @@ from tests.conftest import fake_bzimage  # noqa: E402
 launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall s, CPU s of the process: user + system, less disturbed by other load, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr}")
-    return elapsed, proc.stdout
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, proc.stdout
 
 
 def mac_of(i: int) -> str:
@@ -143,6 +148,7 @@ def main() -> int:
             "python": lambda t: [py, "-S", "-c", "pass"],
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         outputs: dict[str, str] = {}
         for r in range(args.repeat):
             order = list(cases) if r % 2 == 0 else list(reversed(cases))
@@ -150,11 +156,13 @@ def main() -> int:
                 target = ["--os", "centos5"] if (r + i) % 2 == 0 else ["--local"]
                 if name == "changed":
                     cfg.dhcp.config_file.unlink()  # render, check and install it again
-                seconds, outputs[name] = timed(cases[name](target), env)
+                seconds, used, outputs[name] = timed(cases[name](target), env)
                 times[name].append(seconds)
+                cpu[name].append(used)
         if "installed" not in outputs["changed"] or "unchanged" not in outputs["unchanged"]:
             raise SystemExit(f"unexpected output: {outputs}")
         med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
         print(f"{n} nodes, backend {args.backend}, {args.repeat} rounds interleaved; "
               f"{bc.load_note()}")
         names = {"unchanged": "set-boot --render, DHCP unchanged",
@@ -162,9 +170,11 @@ def main() -> int:
                  "setboot": "set-boot alone",
                  "bare": "bare daemon check",
                  "python": "python3 -S -c pass"}
-        print(bc.table(["one process (python3 -S launcher)", "median s", "spread s", "x bare"],
+        print(bc.table(["one process (python3 -S launcher)", "median s", "spread s", "x bare",
+                        "CPU s", "CPU x bare"],
                        [(names[k], f"{med[k]:.3f}", bc.spread(times[k]),
-                         f"{med[k] / med['bare']:.2f}") for k in names]))
+                         f"{med[k] / med['bare']:.2f}", f"{med_cpu[k]:.3f}",
+                         f"{med_cpu[k] / med_cpu['bare']:.2f}") for k in names]))
         ratio, changed = med["unchanged"] / med["bare"], med["changed"] / med["bare"]
         print(f"set-boot + render / bare check = {ratio:.2f}x with the DHCP config unchanged (what "
               f"a set-boot leaves it), {changed:.2f}x when it changed (goal <= 2x)")
@@ -177,6 +187,8 @@ def main() -> int:
                       setboot_s=med["setboot"], bare_check_s=med["bare"], python_s=med["python"],
                       render_ratio=ratio, render_ratio_spread=spread("unchanged"),
                       render_changed_ratio=changed,
+                      render_cpu_ratio=med_cpu["unchanged"] / med_cpu["bare"],
+                      render_changed_cpu_ratio=med_cpu["changed"] / med_cpu["bare"],
                       render_changed_ratio_spread=spread("changed"))
 
         # -- per request --------------------------------------------------------------------
