@@ -78,14 +78,24 @@ def read(conn: sqlite3.Connection) -> Snapshot:
     if own:
         conn.execute("BEGIN")
     try:
-        rows = [tuple(r) for r in conn.execute(
-            f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")]
-        macs = [tuple(r) for r in conn.execute("SELECT node, mac FROM macs ORDER BY node, idx")]
+        rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
+        macs = _tuples(conn, "SELECT node, mac FROM macs ORDER BY node, idx")
     finally:
         if own:
             conn.execute("COMMIT")
     digest = hashlib.sha256(repr((HOST_COLUMNS, rows, macs)).encode()).hexdigest()
     return Snapshot(rows, macs, digest)
+
+
+def _tuples(conn: sqlite3.Connection, sql: str) -> list[tuple]:
+    """The rows as plain tuples (sqlite3: no Row object for each of 10,000s of rows)."""
+    cursor = conn.cursor()
+    try:
+        cursor.row_factory = None
+    except (AttributeError, TypeError):  # a connection whose rows are its own kind
+        pass
+    rows = cursor.execute(sql).fetchall()
+    return rows if not rows or type(rows[0]) is tuple else [tuple(r) for r in rows]
 
 
 def stamp_path(cfg: Config) -> Path:
