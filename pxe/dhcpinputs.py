@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,33 +33,49 @@ HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "gr
 _CODE = ("render.py", "dhcpinputs.py", "config.py")
 
 
-@dataclass(frozen=True, slots=True)
 class DhcpHost:
-    """One node as the DHCP templates see it: the facts a DHCP config may depend on."""
+    """One node as the DHCP templates see it: the facts a DHCP config may depend on.
+    (A plain class: a dataclass costs every `set-boot` a few ms to create.)"""
 
-    name: str
-    macs: tuple[str, ...]
-    ip: str | None = None
-    arch: str = "x86_64"
-    firmware: str = "bios"
-    bmc_type: str = "none"
-    bmc_address: str | None = None
-    groups: tuple[str, ...] = ()
-    pool: str = "hpc"
+    __slots__ = ("name", "macs", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups",
+                 "pool")
+
+    def __init__(self, name: str, macs: tuple[str, ...], ip: str | None = None,
+                 arch: str = "x86_64", firmware: str = "bios", bmc_type: str = "none",
+                 bmc_address: str | None = None, groups: tuple[str, ...] = (),
+                 pool: str = "hpc"):
+        self.name, self.macs, self.ip, self.arch, self.firmware = name, macs, ip, arch, firmware
+        self.bmc_type, self.bmc_address, self.groups, self.pool = bmc_type, bmc_address, groups, pool
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DhcpHost) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"DhcpHost{self._values()!r}"
 
     @classmethod
     def of(cls, node: object) -> DhcpHost:
         """The DHCP view of an inventory Node (or of a DhcpHost: itself)."""
         if isinstance(node, DhcpHost):
             return node
-        return cls(**{f: getattr(node, f) for f in cls.__slots__})
+        return cls(*(getattr(node, f) for f in cls.__slots__))
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    rows: list[tuple]  # HOST_COLUMNS of every node, by name
-    macs: list[tuple]  # (node, mac) in order
-    digest: str  # sha256 of exactly these rows
+    """Every node's DHCP facts as read, and their digest."""
+
+    __slots__ = ("rows", "macs", "digest")
+
+    def __init__(self, rows: list[tuple], macs: list[tuple], digest: str):
+        self.rows = rows  # HOST_COLUMNS of every node, by name
+        self.macs = macs  # (node, mac) in order
+        self.digest = digest  # sha256 of exactly these rows
 
     def hosts(self) -> list[DhcpHost]:
         """The rows as DhcpHosts (only a render needs them)."""

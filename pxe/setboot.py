@@ -9,7 +9,7 @@ nodes queue instead of interleaving.
 
 from __future__ import annotations
 
-import secrets
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,11 +90,12 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
 
 
 def _tokens(count: int) -> list[str]:
-    """``count`` one-time tokens, each as secrets.token_urlsafe(24) makes them (24 random bytes,
-    32 URL-safe characters), from one read of the system's CSPRNG instead of ``count``."""
+    """``count`` one-time tokens, each as secrets.token_urlsafe(24) makes them (24 bytes of
+    os.urandom, the system's CSPRNG, as 32 URL-safe characters), from one read instead of
+    ``count`` (and without importing secrets: hmac and OpenSSL's hashes)."""
     import base64
 
-    text = base64.urlsafe_b64encode(secrets.token_bytes(24 * count)).decode("ascii")
+    text = base64.urlsafe_b64encode(os.urandom(24 * count)).decode("ascii")
     return [text[i:i + 32] for i in range(0, 32 * count, 32)]  # 24 bytes = 32 chars, no "="
 
 
