@@ -181,7 +181,10 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
                 details = {r[0]: r for r in _select_names(conn, columns, rest)}
                 nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
             else:  # every line formatted by SQLite: no Python loop over 10,000 rows
+                resources = _resources(conn)
                 conn.execute("COMMIT")
+                if resources:
+                    lines = _with_resources(lines, resources)
                 return Report("\n".join(lines) + "\n" if lines else "", None)
         else:
             nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()

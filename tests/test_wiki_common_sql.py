@@ -8,7 +8,7 @@ import time
 import pytest
 
 from msm_plugin import cluster_query, wiki
-from pxe import config, db, stamp
+from pxe import config, db, hwfacts, stamp
 
 pytestmark = pytest.mark.unit
 
@@ -66,10 +66,14 @@ def test_every_line_from_sql_equals_python_lines(tmp_path, keep):
         conn.execute("DELETE FROM run_nodes")
         marks = ",".join("?" * len(keep)) or "''"
         conn.execute(f"DELETE FROM nodes WHERE name NOT IN ({marks})", keep)
+    if keep:  # hardware facts: CPROC/CMEMORY on lines SQLite formatted
+        hwfacts.store(conn, "a-ready", hwfacts.parse("cpus 4\nmemory_kib 16314204\n"))
     now = time.time()
     fast = wiki.build(conn, "hpc", now)
     assert fast.text == wiki.build(conn, "hpc", now, common_in_sql=False).text
     assert fast.until is None and len(fast.text.splitlines()) == len(keep)
+    assert ("a-ready STATE=Idle;" in fast.text and ";CPROC=4;CMEMORY=15931\n" in fast.text) \
+        == bool(keep)
     assert not conn.in_transaction
 
 
