@@ -77,6 +77,27 @@ def test_every_line_from_sql_equals_python_lines(tmp_path, keep):
     assert not conn.in_transaction
 
 
+def test_odd_facts_take_the_python_path_and_match(tmp_path):
+    """Facts text that is not what pxe.hwfacts stores (not JSON, a value that is not a whole
+    number >= 0): SQLite leaves the line to Python, whose reading is the reference."""
+    conn = db.connect(tmp_path / "state.db")
+    _mixed(conn)
+    odd = {"a-ready": '{"cpus": -1, "memory_mib": 8}', "c-unknown": '{"cpus": "4"}',
+           "h-arm": "not json", "k-empty-os": '{"cpus": 2.5, "memory_mib": 1024}',
+           "b-off": '{"cpus": 0, "memory_mib": 0}'}
+    with db.transaction(conn):
+        conn.executemany("INSERT INTO node_facts(node, facts, reported) VALUES (?, ?, 1)",
+                         list(odd.items()))
+    assert wiki._facts_in_sql(conn)
+    now = time.time()
+    fast = wiki.build(conn, "hpc", now)
+    assert fast.text == wiki.build(conn, "hpc", now, common_in_sql=False).text
+    assert "a-ready STATE=Idle;" in fast.text and ";CMEMORY=8\n" in fast.text
+    conn.execute("DROP TABLE node_facts")  # a database no writer has upgraded: no resources
+    assert not wiki._facts_in_sql(conn)
+    assert "CPROC" not in wiki.build(conn, "hpc", now).text
+
+
 def test_commit_bumps_the_stamp_and_the_key(tmp_path):
     conn = db.connect(tmp_path / "state.db")
     assert wiki.change_key(tmp_path / "state.db") == ""  # no stamp yet: never matches

@@ -8,7 +8,8 @@ Measured in --repeat interleaved rounds (every case once per round, order altern
 and spread (min-max) of the wall time of a real process (and the median CPU time, user + system,
 which other load on a shared machine disturbs less). The checkout's bytecode is compiled first,
 as tools/install-launcher leaves it:
-  floor     sqlite3 -batch DB "<one SELECT producing the same lines>"
+  floor     sqlite3 -batch DB "<one SELECT producing the same lines>" (every node has
+            hardware facts, as after its first call-home: CPROC and CMEMORY on every line)
   warm      cluster-query as Moab runs it (the console-script wrapper, no argument), the report
             file still true for the database's change key: stat + read + write, no SQLite
   lean      the same entry point from a `python3 -S` launcher (no site-packages processing)
@@ -23,6 +24,7 @@ Ends with `RESULT ...` (tools/bench_common.result).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -45,17 +47,22 @@ import bench_common as bc  # noqa: E402
 launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
 from msm_plugin import wiki  # noqa: E402
-from pxe import config, db  # noqa: E402
+from pxe import config, db, hwfacts  # noqa: E402
 
-# The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER).
+# The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER;
+# UPDATETIME; CPROC and CMEMORY from the hardware facts every node sent at its call-home).
 FLOOR_SQL = """
 WITH osl AS (SELECT arch, group_concat(label, ',') AS labels
              FROM (SELECT arch, label FROM images ORDER BY label) GROUP BY arch)
 SELECT n.name || ' STATE=Idle;OS=' || COALESCE(n.current_os, '_none')
        || COALESCE(';OSLIST=' || osl.labels, '') || ';ARCH=' || n.arch || ';POWER=On'
        || ';UPDATETIME=' || CAST(n.updated AS INTEGER)
-FROM nodes n LEFT JOIN osl ON osl.arch = n.arch ORDER BY n.name;
+       || ';CPROC=' || json_extract(f.facts, '$.cpus')
+       || ';CMEMORY=' || json_extract(f.facts, '$.memory_mib')
+FROM nodes n LEFT JOIN osl ON osl.arch = n.arch LEFT JOIN node_facts f ON f.node = n.name
+ORDER BY n.name;
 """
+FACTS = "cpus 32\nmemory_kib 263856128\ncpu_model Intel Xeon Gold 6130\nserial SN{i:08d}\n"
 
 
 def populate(cfg: config.Config, count: int) -> None:
@@ -69,6 +76,10 @@ def populate(cfg: config.Config, count: int) -> None:
         conn.executemany(
             "INSERT INTO nodes(name, state, current_os, updated) VALUES (?, 'ready', ?, ?)",
             [(f"n{i:05d}", labels[i % len(labels)], now) for i in range(1, count + 1)])
+        conn.executemany(  # what each node reported at its last call-home (pxe.hwfacts)
+            "INSERT INTO node_facts(node, facts, reported) VALUES (?, ?, ?)",
+            [(f"n{i:05d}", json.dumps(hwfacts.parse(FACTS.format(i=i))), now)
+             for i in range(1, count + 1)])
         conn.executemany(
             "INSERT INTO macs(mac, node) VALUES (?, ?)",
             [(f"52:54:{i >> 24 & 255:02x}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
