@@ -147,7 +147,9 @@ _FACTS_OK = " AND ".join(
     f"COALESCE(json_type(f.facts, '$.{key}') = 'integer' AND json_extract(f.facts, '$.{key}') >= 0,"
     f" json_type(f.facts, '$.{key}') IS NULL)" for _, key in _FACT_KEYS)
 _FACTS_SQL = {
-    "condition": f"AND (f.facts IS NULL OR (json_valid(f.facts) AND {_FACTS_OK}))",
+    # CASE: SQLite evaluates in this order (a JSON function on text that is not JSON raises)
+    "condition": f"AND CASE WHEN f.facts IS NULL THEN 1 WHEN json_valid(f.facts) THEN {_FACTS_OK} "
+                 "ELSE 0 END",
     "facts": " ".join(f"|| COALESCE(';{attr}=' || NULLIF(json_extract(f.facts, '$.{key}'), 0), '')"
                       for attr, key in _FACT_KEYS),
     "facts_join": "LEFT JOIN node_facts f ON f.node = n.name",
