@@ -74,13 +74,13 @@ class Snapshot:
 
     def __init__(self, rows: list[tuple], macs: list[tuple], digest: str):
         self.rows = rows  # HOST_COLUMNS of every node, by name
-        self.macs = macs  # (node, mac) in order
+        self.macs = macs  # (node, idx, mac) in order
         self.digest = digest  # sha256 of exactly these rows
 
     def hosts(self) -> list[DhcpHost]:
         """The rows as DhcpHosts (only a render needs them)."""
         by_node: dict[str, list[str]] = {}
-        for node, mac in self.macs:
+        for node, _idx, mac in self.macs:
             by_node.setdefault(node, []).append(mac)
         return [DhcpHost(name, tuple(by_node.get(name, ())), ip, arch, firmware, bmc_type,
                          bmc_address, tuple(g for g in (groups or "").split(",") if g), pool)
@@ -94,12 +94,14 @@ def read(conn: sqlite3.Connection) -> Snapshot:
         conn.execute("BEGIN")
     try:
         rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
-        macs = _tuples(conn, "SELECT node, mac FROM macs ORDER BY node, idx")
+        macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
     finally:
         if own:
             conn.execute("COMMIT")
-    digest = hashlib.sha256(repr((HOST_COLUMNS, rows, macs)).encode()).hexdigest()
-    return Snapshot(rows, macs, digest)
+    h = hashlib.sha256(repr(HOST_COLUMNS).encode())
+    for part in (rows, macs):  # one repr per row (no newline in any): unambiguous, and fast
+        h.update(b"\0" + "\n".join(map(repr, part)).encode())
+    return Snapshot(rows, macs, h.hexdigest())
 
 
 def _tuples(conn: sqlite3.Connection, sql: str) -> list[tuple]:
