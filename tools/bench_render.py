@@ -16,6 +16,7 @@ launcher tools/install-launcher installs (bytecode compiled, as it leaves it):
   set-boot     `pxe-stage set-boot` alone (what the database part costs)
   bare check   the daemon's own check of the same file (the goal: set-boot + render <= 2x it)
   python       `python3 -S -c pass`: what the launcher's interpreter pays to start
+and, in this process, the set-boot transaction alone (rows updated, events, COMMIT).
 Per request: every MAC's iPXE script rendered from the database (cache emptied by a set-boot),
 in-process (ms per config), then over HTTP from a running `pxe-stage serve --no-tftp` at --rate
 requests/s, against a static file of the same size from the same server (ms added per config).
@@ -88,6 +89,27 @@ def site_with(n: int, backend: str, root: Path, http_port: int) -> config.Config
     Catalog(cfg).add("centos5", fake_bzimage(root / "vmlinuz", os.urandom(1024)),
                      cmdline="console=ttyS0,115200")
     return cfg
+
+
+def transaction_only(cfg: config.Config, n: int, repeat: int) -> tuple[float, float]:
+    """Median (wall s, CPU s) of the set-boot transaction alone, in this process: N rows
+    updated, N per-node events, COMMIT (with SQLite's WAL checkpoint) - the database's part."""
+    from pxe import db
+    from pxe.setboot import _tokens
+
+    inv = Inventory(cfg)
+    names = [f"n{i:05d}" for i in range(n)]
+    wall, cpu = [], []
+    for _ in range(repeat):
+        tokens = dict(zip(names, _tokens(n), strict=True))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with db.transaction(inv.conn):
+            inv.set_boot(names, "os", "centos5", tokens)
+            db.log_events(inv.conn, "set-boot", names, "centos5")
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    inv.conn.close()
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def in_process(cfg: config.Config, n: int) -> float:
@@ -183,6 +205,10 @@ def main() -> int:
             return f"{min(times[key]) / max(times['bare']):.2f}-" \
                    f"{max(times[key]) / min(times['bare']):.2f}"
 
+        tx_wall, tx_cpu = transaction_only(cfg, n, args.repeat)
+        print(f"the set-boot transaction alone, in-process: {tx_wall:.3f} s wall, {tx_cpu:.3f} s "
+              f"CPU = {tx_cpu / med_cpu['bare']:.2f}x the bare check's CPU")
+        fields.update(transaction_cpu_s=tx_cpu, transaction_cpu_ratio=tx_cpu / med_cpu["bare"])
         fields.update(unchanged_s=med["unchanged"], changed_s=med["changed"],
                       setboot_s=med["setboot"], bare_check_s=med["bare"], python_s=med["python"],
                       render_ratio=ratio, render_ratio_spread=spread("unchanged"),
