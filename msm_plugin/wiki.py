@@ -18,6 +18,9 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
     - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
       stateless OS lived in memory); otherwise ``STATE=Idle``.
+``CPROC`` and ``CMEMORY`` come from the hardware facts the node sent at its last call-home
+(pxe.hwfacts.scheduler_resources, as measured); a node that never reported leaves them out, so
+Moab keeps what the workload RM says.
 ``OS`` is the OS the node last reported ready in; ``_none`` when there is none; in per-job mode a
 node that ran a job since its re-image reports ``_used-<os>``. Both markers start with ``_``, which
 no image label may (``validate.label``), so they match no OSLIST entry and no job request: the
@@ -56,7 +59,9 @@ ARCH = "ARCH"
 POWER = "POWER"
 MESSAGE = "MESSAGE"
 UPDATETIME = "UPDATETIME"
-ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME)  # the order they are printed
+CPROC = "CPROC"  # configured processors: the node's logical CPUs (its hardware facts)
+CMEMORY = "CMEMORY"  # configured memory in MB (Moab's MB are MiB, as TORQUE's physmem / 1024)
+ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME, CPROC, CMEMORY)  # print order
 
 IDLE, DOWN, DRAINED, UNKNOWN = "Idle", "Down", "Drained", "Unknown"
 POWER_ON, POWER_OFF = "On", "Off"
@@ -125,13 +130,31 @@ SELECT CASE WHEN n.pool = ?1 AND n.state NOT IN ({{slow}})
                        WHERE r.finished IS NULL AND rn.state IN ({{active}}))
     AND NOT (?2 AND n.used)
     AND (n.current_os IS NULL OR n.current_os NOT GLOB {_SAFE_GLOB})
+    {{condition}}
   THEN n.name || ' {STATE}={IDLE};{OS}=' || COALESCE(NULLIF(n.current_os, ''), '{NO_OS}')
     || COALESCE(';{OSLIST}=' || osl.labels, '') || ';{ARCH}=' || n.arch
     || CASE n.state WHEN 'off' THEN ';{POWER}={POWER_OFF}' WHEN 'unknown' THEN ''
                     ELSE ';{POWER}={POWER_ON}' END
     || CASE WHEN n.updated THEN ';{UPDATETIME}=' || CAST(n.updated AS INTEGER) ELSE '' END
+    {{facts}}
   ELSE char(0) || n.name END
-FROM nodes n LEFT JOIN osl ON osl.arch = n.arch ORDER BY n.name"""
+FROM nodes n LEFT JOIN osl ON osl.arch = n.arch {{facts_join}} ORDER BY n.name"""
+# CPROC/CMEMORY from the node's hardware facts (pxe.hwfacts: json.dumps of whole numbers), read
+# by SQLite's JSON functions as pxe.hwfacts.resource_text reads them; a facts text that is not
+# that (not JSON, a value that is not a whole number >= 0) takes the Python path.
+_FACT_KEYS = ((CPROC, "cpus"), (CMEMORY, "memory_mib"))
+_FACTS_OK = " AND ".join(
+    f"COALESCE(json_type(f.facts, '$.{key}') = 'integer' AND json_extract(f.facts, '$.{key}') >= 0,"
+    f" json_type(f.facts, '$.{key}') IS NULL)" for _, key in _FACT_KEYS)
+_FACTS_SQL = {
+    # CASE: SQLite evaluates in this order (a JSON function on text that is not JSON raises)
+    "condition": f"AND CASE WHEN f.facts IS NULL THEN 1 WHEN json_valid(f.facts) THEN {_FACTS_OK} "
+                 "ELSE 0 END",
+    "facts": " ".join(f"|| COALESCE(';{attr}=' || NULLIF(json_extract(f.facts, '$.{key}'), 0), '')"
+                      for attr, key in _FACT_KEYS),
+    "facts_join": "LEFT JOIN node_facts f ON f.node = n.name",
+}
+_NO_FACTS_SQL = {"condition": "", "facts": "", "facts_join": ""}
 
 
 def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = None, *,
@@ -166,19 +189,26 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             osl = " UNION ALL ".join("SELECT ?, ?" for _ in joined) or "SELECT NULL, NULL"
             # 'off' too: whether its OS survived depends on the image (stateless: none while off)
             slow = ",".join(f"'{s}'" for s in (*NODE_DOWN, *RUN_ACTIVE, "off"))
+            facts_in_sql = _facts_in_sql(conn)
             sql = (f"WITH osl(arch, labels) AS ({osl})"
-                   + _COMMON_SQL.format(slow=slow, active=active_marks))
+                   + _COMMON_SQL.format(slow=slow, active=active_marks,
+                                        **(_FACTS_SQL if facts_in_sql else _NO_FACTS_SQL)))
             # ?1 and ?2 are numbered; the osl pairs follow as ?3, ?4, ...
             args = [scheduler_pool, int(perjob), *(v for pair in joined.items() for v in pair)]
             lines = [row[0] for row in conn.execute(_number_params(sql), args)]
             rest = [text[1:] for text in lines if text[0] == "\0"]
-            if rest:
-                details = {r[0]: r for r in _select_names(conn, columns, rest)}
-                nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
-            else:
-                nodes = lines
+            # SQLite's lines carry their resources when it read the facts; else all from here
+            resources = _resources(conn, rest) if facts_in_sql else _resources(conn)
+            if not rest:  # every line formatted by SQLite: no Python loop over 10,000 rows
+                conn.execute("COMMIT")
+                if resources:
+                    lines = _with_resources(lines, resources)
+                return Report("\n".join(lines) + "\n" if lines else "", None)
+            details = {r[0]: r for r in _select_names(conn, columns, rest)}
+            nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
         else:
             nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()
+            resources = _resources(conn)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -240,7 +270,49 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             out.append(f"{name} {';'.join(items)}")
         else:
             out.append(line(name, attrs))
+    if resources:
+        out = _with_resources(out, resources)
     return Report("".join(f"{o}\n" for o in out), until)
+
+
+def _facts_in_sql(conn: sqlite3.Connection) -> bool:
+    """Whether SQLite can read the resources: the facts table is there and JSON is built in."""
+    import sqlite3
+
+    try:
+        return conn.execute("SELECT json_valid('{}') FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'node_facts'").fetchone() is not None
+    except sqlite3.OperationalError:  # an SQLite built without JSON: every line from Python
+        return False
+
+
+def _resources(conn: sqlite3.Connection, names: list[str] | None = None) -> dict[str, str]:
+    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (digits: no escaping),
+    of every node or of ``names``. One pass over raw digits."""
+    import sqlite3
+
+    if names == []:
+        return {}
+    from pxe import hwfacts
+
+    try:
+        rows = hwfacts.resource_text(conn, names)
+    except sqlite3.OperationalError:  # a database no writer has upgraded yet: no facts table
+        return {}
+    out: dict[str, str] = {}
+    for name, raw in rows:
+        procs, memory = raw.get("cpus", "0"), raw.get("memory_mib", "0")
+        text = (f";{CPROC}={procs}" if procs.lstrip("0") else "") + \
+            (f";{CMEMORY}={memory}" if memory.lstrip("0") else "")
+        if text:
+            out[name] = text
+    return out
+
+
+def _with_resources(lines: list[str], resources: Mapping[str, str]) -> list[str]:
+    """Each node's line with its resources last (every line has STATE: a ';' always fits)."""
+    get = resources.get
+    return [text + get(text[:text.find(" ")], "") for text in lines]
 
 
 def _number_params(sql: str) -> str:

@@ -114,7 +114,7 @@ _KNOWN: dict[str, set[str]] = {
     "limits": {"max_nodes", "import_max_bytes"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks",
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks", "console",
                   "discovery"}
 
 
