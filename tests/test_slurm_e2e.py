@@ -1,7 +1,8 @@
 """e2e: Slurm jobs that ask for an OS get it. One shared lab for the module
 (tests/test_slurm_e2e_support.py): real munged and slurmctld inside the lab namespace, QEMU nodes
 g1 and g2 running images built by `fg-image-generate -slurm` (slA and slB, which differ only in
-IMAGE_ID) and slX, whose boot fails. Both nodes boot slA once, then the tests run in file order:
+IMAGE_ID) and slX, whose boot fails. Both nodes boot slA once (at once), then the tests run in
+file order, each starting from the node states the previous one left (run the module whole):
 
 1. `sbatch --constraint=nosuch` is refused at submit; nothing is provisioned.
 2. `sbatch --constraint=slB -w g1`: slurmctld asks g1's slurmd to reboot with feature slB -> the
