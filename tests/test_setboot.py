@@ -11,7 +11,7 @@ from ClusterShell.NodeSet import NodeSet
 from test_run_support import add_images, configure, driver_held, node_row
 
 from pxe import db, nodeset, run
-from pxe.errors import InputError
+from pxe.errors import InputError, NotFound
 from pxe.inventory import Inventory, build
 from pxe.reports import record_report
 from pxe.setboot import TOKEN_CHARS, set_boot
@@ -22,7 +22,7 @@ TOKEN_ALPHABET = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 
 def _site(site: Site, tmp_path: Path, count: int) -> object:
     cfg = configure(site)
-    add_images(cfg, tmp_path, centos5={}, sles11={})
+    add_images(cfg, tmp_path, centos5={}, sles11={}, armos={"arch": "aarch64"})
     Inventory(cfg).add([build(cfg, {"name": f"n{i:03d}", "mac": f"52:54:00:31:{i // 256:02x}:"
                                                               f"{i % 256:02x}"})
                         for i in range(1, count + 1)])
@@ -86,11 +86,15 @@ def test_local_drops_the_tokens_or_keeps_them(site: Site, tmp_path: Path):
 
 
 @pytest.mark.unit
-def test_an_unknown_node_changes_nothing(site: Site, tmp_path: Path):
+def test_an_unknown_node_or_another_arch_changes_nothing(site: Site, tmp_path: Path):
     cfg = _site(site, tmp_path, 3)
     before = _stored(cfg)
-    with pytest.raises(Exception, match="n004"):
-        set_boot(cfg, "n[001-004]", "centos5")
+    with pytest.raises(NotFound, match=r"unknown node\(s\): n\[004-005\]"):
+        set_boot(cfg, "n[001-005]", "centos5")
+    with pytest.raises(NotFound, match="n004"):
+        set_boot(cfg, "n[003-004]", None)
+    with pytest.raises(InputError, match="armos is for aarch64; not for node.s. n001, n002$"):
+        set_boot(cfg, "n[001-002]", "armos")
     assert _stored(cfg) == before and _events(cfg) == []
 
 
