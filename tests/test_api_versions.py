@@ -130,6 +130,13 @@ def test_history_rollback_and_version_delete_over_rest(server, accounts, tmp_pat
                   headers=bearer(server, owner))
         assert r.status_code == 400 and "kept versions: 1, 2" in r.json()["error"]
         assert c.delete("/api/v1/images/vrest", headers=bearer(server, owner)).status_code == 200
+    from pxe import audit  # every change in the audit log under the API user's name
+
+    done = [(r["user"], r["action"], r.get("version")) for r in
+            audit.read(server.site.cfg.paths.state_dir) if r.get("label") == "vrest"
+            and r["action"] in ("image-rollback", "image-delete")]
+    assert done == [(owner, "image-rollback", 2), (admin, "image-rollback", 1),
+                    (admin, "image-delete", 3), (owner, "image-delete", None)]
 
 
 def test_admin_adds_a_version_to_another_users_label(server, accounts, tmp_path):
