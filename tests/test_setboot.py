@@ -29,8 +29,13 @@ def _site(site: Site, tmp_path: Path, count: int) -> object:
     return cfg
 
 
+def _store(cfg):
+    """The state store the site uses (an SQLite file, or PostgreSQL once [state] url exists)."""
+    return getattr(cfg, "database", cfg.db_path)
+
+
 def _stored(cfg) -> dict[str, tuple]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(_store(cfg))
     try:
         return {r[0]: tuple(r[1:]) for r in conn.execute(
             "SELECT name, boot_target, desired_os, boot_token FROM nodes")}
@@ -39,7 +44,7 @@ def _stored(cfg) -> dict[str, tuple]:
 
 
 def _events(cfg) -> list[tuple]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(_store(cfg))
     try:
         return [tuple(r) for r in conn.execute(
             "SELECT node, kind, detail FROM events WHERE kind = 'set-boot' ORDER BY id")]
@@ -103,7 +108,7 @@ def test_recovery_leaves_a_boot_set_by_hand_after_the_run(site: Site, tmp_path: 
     """The run driver's follow-up resets a node left on the network when its run ended, unless
     someone set its boot afterwards: it reads that from the per-node set-boot events."""
     cfg = _site(site, tmp_path, 2)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(_store(cfg))
     with driver_held(cfg):
         run.request(cfg, conn, ["n001", "n002"], "centos5")
         issued = {b.name: b.boot_token for b in set_boot(cfg, ["n001", "n002"], "centos5")}
