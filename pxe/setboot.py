@@ -134,7 +134,7 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token
     import time
 
     now = time.time()
-    if isinstance(conn, sqlite3.Connection):
+    if _json_sql(conn):
         import json
 
         if label is not None:
@@ -160,10 +160,16 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token
                          "updated = ? WHERE name = ?", [(now, n) for n in names])
 
 
+def _json_sql(conn: sqlite3.Connection) -> bool:
+    """Whether the set-based statements apply: SQLite with JSON built in and UPDATE ... FROM
+    (3.38; older, and other backends, take the same rows one by one)."""
+    return isinstance(conn, sqlite3.Connection) and sqlite3.sqlite_version_info >= (3, 38)
+
+
 def _arch_counts(conn: sqlite3.Connection, names: list[str]) -> dict[str | None, int]:
     """arch -> how many of the named nodes have it; None counts the names that are no node.
     (SQLite: one aggregate over the names as a JSON array, a few rows back instead of 10,000.)"""
-    if isinstance(conn, sqlite3.Connection):
+    if _json_sql(conn):
         import json
 
         return dict(conn.execute(
@@ -179,7 +185,7 @@ def _arch_counts(conn: sqlite3.Connection, names: list[str]) -> dict[str | None,
 
 def _desired_and_tokens(conn: sqlite3.Connection, names: list[str]) -> list[tuple]:
     """(desired_os, boot_token) of each named node, in the order of ``names`` (all exist)."""
-    if isinstance(conn, sqlite3.Connection):
+    if _json_sql(conn):
         import json
 
         cursor = conn.cursor()

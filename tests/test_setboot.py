@@ -3,6 +3,7 @@ recovery reads, and the node-range fast path that skips ClusterShell."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -52,8 +53,18 @@ def _events(cfg) -> list[tuple]:
         conn.close()
 
 
+@pytest.fixture(params=["set-based", "row-by-row"])
+def statements(request, monkeypatch):
+    """Both ways set-boot writes: SQLite's set-based statements, and the rows one by one that
+    an older SQLite and other backends take."""
+    if request.param == "row-by-row":
+        monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 37, 2))
+    return request.param
+
+
 @pytest.mark.unit
-def test_every_node_gets_its_own_token_as_returned_and_one_event(site: Site, tmp_path: Path):
+def test_every_node_gets_its_own_token_as_returned_and_one_event(site: Site, tmp_path: Path,
+                                                                 statements: str):
     cfg = _site(site, tmp_path, 300)
     # Two nodes of the middle left out: the statement must touch exactly the named ones.
     result = set_boot(cfg, ["n[001-149]", "n[152-300]"], "centos5")
@@ -76,7 +87,7 @@ def test_every_node_gets_its_own_token_as_returned_and_one_event(site: Site, tmp
 
 
 @pytest.mark.unit
-def test_local_drops_the_tokens_or_keeps_them(site: Site, tmp_path: Path):
+def test_local_drops_the_tokens_or_keeps_them(site: Site, tmp_path: Path, statements: str):
     cfg = _site(site, tmp_path, 4)
     issued = {b.name: b.boot_token for b in set_boot(cfg, "n[001-004]", "centos5")}
     kept = set_boot(cfg, "n[001-002]", None, keep_tokens=True)
@@ -91,7 +102,8 @@ def test_local_drops_the_tokens_or_keeps_them(site: Site, tmp_path: Path):
 
 
 @pytest.mark.unit
-def test_an_unknown_node_or_another_arch_changes_nothing(site: Site, tmp_path: Path):
+def test_an_unknown_node_or_another_arch_changes_nothing(site: Site, tmp_path: Path,
+                                                         statements: str):
     cfg = _site(site, tmp_path, 3)
     before = _stored(cfg)
     with pytest.raises(NotFound, match=r"unknown node\(s\): n\[004-005\]"):
