@@ -360,7 +360,7 @@ def test_bad_bundle_and_wrong_type(client, site):
 # -- reads, status, OpenAPI -------------------------------------------------------------------
 def test_node_list_status_and_runs(client, site):
     add_nodes(site, "n1", "n2")
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     with db.transaction(conn):
         db.log_event(conn, "report", node="n2", detail="<b>booting</b>")
     headers = token(client, "nobody")

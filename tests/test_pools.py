@@ -48,7 +48,7 @@ def cfg(site) -> Config:
 
 @pytest.fixture
 def conn(cfg: Config) -> Iterator[sqlite3.Connection]:
-    connection = db.connect(cfg.db_path)
+    connection = db.connect(cfg.database)
     yield connection
     connection.close()
 
@@ -99,7 +99,7 @@ def test_scheduler_pool_from_config_is_created(site):
     with open(site.config_path, "a") as fh:
         fh.write('\n[groups]\nscheduler_pool = "batch"\n')
     cfg = site.cfg
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     listed = {p.name: p for p in pools.list_pools(cfg, conn)}
     assert listed["batch"].scheduler and listed["batch"].created is None  # listing writes nothing
     assert not pools.exists(conn, "batch")
