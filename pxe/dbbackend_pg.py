@@ -556,8 +556,11 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
     raw = conn._raw()
     step = None
     try:
+        # A session lock taken before BEGIN: the transaction then starts after the previous
+        # holder's COMMIT and sees its tables (a lock taken inside would leave the catalog
+        # lookups of this transaction stale).
+        raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         with raw.transaction():
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             found = schema_version(conn)  # another process may have upgraded it meanwhile
             if found > db.SCHEMA_VERSION:
                 raise db.too_new(where, found)
@@ -581,6 +584,7 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
                             (step.version, step.description, time.time()))
             step = None
             conn._bump(raw)
+        raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     except psycopg.Error as exc:
         what = (f"migration {step.version} ({step.description})" if step is not None
                 else "the schema upgrade")

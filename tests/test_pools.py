@@ -184,8 +184,8 @@ def test_from_mismatch_is_all_or_nothing(cfg, conn, four):
 def _start_run(conn: sqlite3.Connection, node: str, node_state: str = "power-cycled",
                finished: float | None = None) -> int:
     cur = conn.execute("INSERT INTO runs(label, mode, created, finished) VALUES "
-                       "('centos', 'ondemand', ?, ?)", (time.time(), finished))
-    run_id = int(cur.lastrowid or 0)
+                       "('centos', 'ondemand', ?, ?) RETURNING id", (time.time(), finished))
+    run_id = int(cur.fetchone()[0])
     conn.execute("INSERT INTO run_nodes(run_id, node, state, updated) VALUES (?, ?, ?, ?)",
                  (run_id, node, node_state, time.time()))
     return run_id

@@ -35,8 +35,8 @@ def _mixed(conn) -> None:
         ]
         conn.executemany("INSERT INTO nodes(name, arch, pool, state, state_reason, current_os, "
                          "used, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        run_id = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('rocky9', 'ondemand', ?)",
-                              (now,)).lastrowid
+        run_id = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('rocky9', 'ondemand', ?) "
+                              "RETURNING id", (now,)).fetchone()[0]
         conn.execute("INSERT INTO run_nodes(run_id, node, state, deadline, updated) "
                      "VALUES (?, 'j-in-run', 'booting', ?, ?)", (run_id, now + 600, now))
 
