@@ -300,7 +300,7 @@ class PgConnection:
             conn = self._raw()
             cur = conn.cursor()
             try:
-                cur.execute(translate(sql), _params(params), prepare=False)
+                cur.execute(translate(sql), _params(params))
                 break
             except psycopg.Error as exc:
                 error = _translate_error(exc, conn)
@@ -347,9 +347,9 @@ class PgConnection:
         for attempt in (1, 2):
             conn = self._raw()
             try:
-                conn.execute("BEGIN" if exclusive else "BEGIN ISOLATION LEVEL REPEATABLE READ")
-                if exclusive:  # the single-writer lock SQLite's BEGIN IMMEDIATE takes
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                # One round trip: BEGIN and the single-writer lock SQLite's BEGIN IMMEDIATE takes.
+                conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK:d})" if exclusive
+                             else "BEGIN ISOLATION LEVEL REPEATABLE READ")
                 break
             except psycopg.Error as exc:
                 error = _translate_error(exc, conn)
@@ -365,9 +365,9 @@ class PgConnection:
     def _commit(self) -> Cursor:
         conn = self._raw()
         try:
-            if self._tx_changes:
-                self._bump(conn)
-            conn.execute("COMMIT")
+            # The stamp moves in the same round trip as the COMMIT (hex and '.': a safe literal).
+            conn.execute(f"UPDATE dynprov_stamp SET value = '{new_stamp()}' WHERE id = 1; COMMIT"
+                         if self._tx_changes else "COMMIT")
         except psycopg.Error as exc:
             raise _translate_error(exc, conn) from None
         finally:
