@@ -84,6 +84,8 @@ def _scan(config_path: str) -> dict[str, str] | None:
                 continue
             if "\\" in line:
                 return None
+            if line.startswith("#"):
+                continue
             for key, where in wanted.items():
                 if key not in line:
                     continue

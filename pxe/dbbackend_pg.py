@@ -249,6 +249,10 @@ class PgConnection:
                                        connect_timeout=max(2, int(self._connect_timeout)))
                 break
             except psycopg.Error as exc:
+                if _refused(exc):
+                    raise DynprovError(f"permission denied: the state database "
+                                       f"({_redacted(self.url)}) refused this user: "
+                                       f"{_reason(exc)} (run as root or through sudo)") from None
                 if time.monotonic() >= deadline or not _retryable_connect(exc):
                     raise DynprovError(f"cannot reach the state database "
                                        f"({_redacted(self.url)}): {_one_line(exc)}") from None
@@ -413,6 +417,19 @@ def _retryable_connect(exc: psycopg.Error) -> bool:
     return any(s in text for s in ("No such file", "Connection refused", "starting up",
                                    "shutting down", "server closed", "terminating",
                                    "could not connect", "in recovery"))
+
+
+def _refused(exc: psycopg.Error) -> bool:
+    text = str(exc)
+    return any(s in text for s in ("authentication failed", "no pg_hba.conf entry",
+                                   "password authentication", "permission denied for database",
+                                   "role \"", "no password supplied"))
+
+
+def _reason(exc: psycopg.Error) -> str:
+    """libpq's last line (FATAL: ...), without the socket path and connection preamble."""
+    text = _one_line(exc)
+    return text.split("FATAL:", 1)[1].strip() if "FATAL:" in text else text
 
 
 def _redacted(url: str) -> str:

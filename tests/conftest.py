@@ -112,6 +112,30 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     pg_support.stop_shared()
 
 
+# Tests that are about SQLite itself, left out (deselected, not skipped) of the PostgreSQL run.
+SQLITE_ONLY = {
+    "tests/test_db_migrations.py": "upgrades SQLite files of older releases (table rebuilds, "
+    "PRAGMA user_version); PostgreSQL starts at the baseline, test_state_store.py runs the "
+    "later migrations and the version check on both",
+    "tests/test_bad_input_cli.py::test_unexpected_error_is_one_line_with_exit_1":
+        "a corrupt SQLite file",
+    "tests/test_state_store.py": "runs every test on both backends itself",
+}
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    if not pg_support.enabled():
+        return
+    keep, drop = [], []
+    for item in items:
+        where = item.nodeid.split("[")[0]
+        sqlite_only = where in SQLITE_ONLY or where.split("::")[0] in SQLITE_ONLY
+        (drop if sqlite_only else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def state_target(tmp_path: Path) -> Path | str:
     """What db.connect opens for a test that needs a bare database (no site): an SQLite file,

@@ -2,7 +2,7 @@
 
 initdb in a fresh temp dir as the unprivileged ``postgres`` user (Debian's package creates it;
 the server refuses to run as root), Unix socket in that dir only (listen_addresses = ''),
-trust authentication (nobody else can reach the socket dir's server: no TCP), C collation so
+peer authentication (root and postgres only; no TCP at all), C collation so
 ORDER BY sorts as SQLite's byte order. Stopped (pg_ctl stop -m immediate) and removed after.
 One cluster per pytest process; each site gets its own database with a random name.
 """
@@ -47,10 +47,19 @@ class Cluster:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
         self.log = self.root / "server.log"
         out = _as_user([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", PG_USER,
-                        "--auth=trust", "--locale=C", "--encoding=UTF8", "--no-sync"])
+                        "--auth=peer", "--locale=C", "--encoding=UTF8", "--no-sync"])
         if out.returncode != 0:
             self.remove()
             raise RuntimeError(f"initdb failed: {out.stderr.strip()}")
+        # Peer authentication on the socket: root (the commands) and postgres (this helper's
+        # admin) connect as the superuser; any other local user is refused, as an unprivileged
+        # user cannot write the SQLite file (tests/test_bad_input_cli.py checks both).
+        (self.data / "pg_hba.conf").write_text("local all all peer map=dynprov\n")
+        (self.data / "pg_ident.conf").write_text(
+            f"dynprov root {PG_USER}\ndynprov {PG_USER} {PG_USER}\n")
+        if os.geteuid() == 0:
+            for name in ("pg_hba.conf", "pg_ident.conf"):
+                os.chown(self.data / name, pw.pw_uid, pw.pw_gid)
         with open(self.data / "postgresql.conf", "a") as fh:
             fh.write(f"listen_addresses = ''\nunix_socket_directories = '{self.sock}'\n"
                      "unix_socket_permissions = 0777\nfsync = off\nsynchronous_commit = off\n"
