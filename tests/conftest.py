@@ -108,6 +108,9 @@ SQLITE_ONLY = {
     "tests/test_wiki_common_sql.py::test_sql_lines_equal_python_lines":
         "cluster-query's one-query fast path is SQLite's dialect (PostgreSQL takes the Python "
         "path, which this test compares it with)",
+    "tests/test_pools_authz.py::test_member_may_move_and_is_named_in_the_audit_log":
+        "the member writes through the state dir's group permissions (the SQLite file); "
+        "PostgreSQL grants by database role (its refusal: test_bad_input_cli.py)",
     "tests/test_wiki_common_sql.py::test_commit_bumps_the_stamp_and_the_key":
         "the -stamp file next to an SQLite database (PostgreSQL: test_state_store.py)",
 }
