@@ -10,6 +10,8 @@ Process model (2 cores here, more on a real server):
 A worker that dies is started again (its transfer slots are given back); more than
 MAX_RESTARTS deaths in RESTART_WINDOW seconds stop the daemon with exit status 1. SIGTERM or
 SIGINT stops every worker (by PID) and exits 0. Workers get SIGTERM if the supervisor dies.
+With console logging on (`--console-log`, ``[console] log``), the supervisor also keeps one
+console logger process per IPMI node (pxe.console_fleet), started and stopped with the workers.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pxe.config import Config
+from pxe.console_fleet import ConsoleFleet
+from pxe.console_settings import ConsoleSettings
 from pxe.errors import DynprovError
 from pxe.serve import metrics, tftp
 from pxe.serve.settings import ServeSettings
@@ -96,9 +100,12 @@ def _sd_notify(text: str) -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, settings: ServeSettings):
+    def __init__(self, cfg: Config, settings: ServeSettings,
+                 consoles: ConsoleSettings | None = None):
         self.cfg = cfg
         self.s = settings
+        self.fleet = ConsoleFleet(cfg, consoles) if consoles is not None and consoles.log \
+            else None
         self.parent = os.getpid()
         self.tftp_sock: socket.socket | None = None
         self.http_sock: socket.socket | None = None
@@ -210,6 +217,8 @@ class Daemon:
                 parts.append(f"HTTP on {self.s.http_address}:{self.s.http_port} "
                              f"({self.s.http_workers} workers, root {self.cfg.paths.http_root})")
             log.info("serving %s", "; ".join(parts))
+            if self.fleet is not None:
+                self.fleet.start()
             _sd_notify("READY=1")
             return self._supervise()
         finally:
@@ -222,6 +231,8 @@ class Daemon:
         while not self.stop.is_set():
             sentinels = [w.process.sentinel for w in self.workers]
             multiprocessing.connection.wait(sentinels, timeout=0.5)
+            if self.fleet is not None and not self.stop.is_set():
+                self.fleet.tick()
             for w in self.workers:
                 if w.process.is_alive() or self.stop.is_set():
                     continue
@@ -242,6 +253,8 @@ class Daemon:
         return 0
 
     def _stop_all(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         live = [w.process for w in self.workers if w.process is not None]
         for p in live:
             if p.is_alive():
@@ -256,5 +269,5 @@ class Daemon:
                 p.join(5)
 
 
-def run(cfg: Config, settings: ServeSettings) -> int:
-    return Daemon(cfg, settings).run()
+def run(cfg: Config, settings: ServeSettings, consoles: ConsoleSettings | None = None) -> int:
+    return Daemon(cfg, settings, consoles).run()
