@@ -388,6 +388,13 @@ def is_url(target: Path | str) -> bool:
     return isinstance(target, str) and target.startswith(URL_SCHEMES)
 
 
+def where(target: Path | str) -> str:
+    """The store for a message: the file, or the URL without its password."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
+
+
 def is_postgresql(conn: object) -> bool:
     return not isinstance(conn, sqlite3.Connection)
 
