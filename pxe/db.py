@@ -468,7 +468,8 @@ def connect(path: Path | str, create: bool = True) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT: writers queue on the lock instead of failing mid-way."""
+    """BEGIN IMMEDIATE ... COMMIT: writers queue on the lock instead of failing mid-way
+    (PostgreSQL: BEGIN and a transaction-scoped advisory lock, pxe.dbbackend_pg)."""
     if conn.in_transaction:
         yield conn
         return
