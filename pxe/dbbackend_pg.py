@@ -230,6 +230,21 @@ class Cursor:
 _WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
 
 
+class _Statements:
+    """What PgConnection.cursor() returns: the connection's execute, with a row_factory
+    attribute callers may set (ignored: rows are Row, which iterate as tuples)."""
+
+    def __init__(self, conn: PgConnection):
+        self._conn = conn
+        self.row_factory: Any = None
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> Cursor:
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
+        return self._conn.executemany(sql, seq)
+
+
 class PgConnection:
     """One psycopg connection (autocommit; transactions explicit, as SQLite with
     isolation_level=None) behind sqlite3.Connection's interface."""
@@ -332,6 +347,10 @@ class PgConnection:
             else:
                 self._bump(conn)
         return Cursor(cur, cur.rowcount, cur.description is not None)
+
+    def cursor(self) -> _Statements:
+        """sqlite3's conn.cursor(): something with execute()/executemany() (rows stay Row)."""
+        return _Statements(self)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
         rows = [_params(p) for p in seq]

@@ -338,3 +338,15 @@ def test_a_lost_connection_ends_a_command_in_one_line():
     assert code == 1
     assert err.getvalue() == ("pxe-stage: state database error: the state database connection "
                               "was lost (terminating connection due to administrator command)\n")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cursor_and_plain_tuples(backend, cluster, tmp_path):
+    """conn.cursor() as pxe.dhcpinputs uses it (row_factory None: plain rows) on both."""
+    conn = db.connect(_target(backend, cluster, tmp_path))
+    conn.execute("INSERT INTO nodes(name, ip) VALUES ('c1', '10.0.0.9')")
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    assert [tuple(r) for r in cursor.execute("SELECT name, ip FROM nodes").fetchall()] == \
+        [("c1", "10.0.0.9")]
