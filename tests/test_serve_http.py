@@ -189,15 +189,18 @@ def test_metrics_count_http(served):
 
 @pytest.mark.unit
 def test_body_goes_out_by_sendfile(site, monkeypatch):
-    """The zero-copy path: our uvicorn protocol answers with os.sendfile, and the bytes match."""
+    """The zero-copy path: our uvicorn protocol answers with os.sendfile, and the bytes match;
+    a small file (<= SMALL_BODY) goes out in one plain write instead, whole or a range of it."""
     import uvicorn
 
     from pxe.serve import settings
     from pxe.serve.app import create_app
-    from pxe.serve.http import ZeroCopyH11Protocol
+    from pxe.serve.http import SMALL_BODY, ZeroCopyH11Protocol
 
     data = os.urandom(2_000_003)
     put(site.cfg.paths.http_root, "k.bin", data)
+    small = os.urandom(SMALL_BODY)
+    put(site.cfg.paths.http_root, "boot/small.cfg", small)
     calls: list[int] = []
     real = os.sendfile
 
@@ -220,6 +223,16 @@ def test_body_goes_out_by_sendfile(site, monkeypatch):
                               headers={"Range": "bytes=1000-1999999"})
         assert whole.content == data and part.content == data[1000:2000000]
         assert calls, "os.sendfile was not used"
+        big_calls = len(calls)
+        with httpx.Client(timeout=30) as client:
+            s_whole = client.get(f"http://{LOOPBACK}:{port}/boot/small.cfg")
+            s_part = client.get(f"http://{LOOPBACK}:{port}/boot/small.cfg",
+                                headers={"Range": "bytes=100-199"})
+            s_head = client.head(f"http://{LOOPBACK}:{port}/boot/small.cfg")
+        assert s_whole.content == small and s_whole.headers["content-length"] == str(SMALL_BODY)
+        assert s_part.status_code == 206 and s_part.content == small[100:200]
+        assert s_head.content == b"" and s_head.headers["content-length"] == str(SMALL_BODY)
+        assert len(calls) == big_calls, "a small file went through sendfile"
     finally:
         server.should_exit = True
         thread.join(15)

@@ -17,6 +17,9 @@ step, and HTTP / TFTP (goal <= 0.6); ends with `RESULT ...` (tools/bench_common.
     python3 tools/bench_boot.py [--nodes 500] [--chain both|ipxe|pxelinux] [--rounds 3]
                                 [--kernel-mb 8] [--initrd-mb 16] [--client-procs 2] [--json]
 
+`--lab` runs the real thing instead (tools/bench_boot_lab.py): 4 QEMU nodes of `dynprov-lab`
+switched by os-switch over both paths, interleaved (root, minutes per round, not in CI).
+
 The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). The
 nodes' TFTP/HTTP traffic goes to 127.0.0.1 only; the site is a temp dir, removed at the end.
 """
@@ -281,6 +284,10 @@ def build_site(work: Path, args: argparse.Namespace, ports: dict[str, int]) -> t
 
 
 def main() -> int:
+    if "--lab" in sys.argv[1:]:  # real QEMU nodes instead of simulated ones
+        import bench_boot_lab
+
+        return bench_boot_lab.main([a for a in sys.argv[1:] if a != "--lab"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=500)
     ap.add_argument("--chain", choices=("both", "ipxe", "pxelinux"), default="both")

@@ -2,7 +2,13 @@
 """HTTP boot-file benchmark: `pxe-stage serve` against nginx, same machine, same run.
 
 N concurrent curl downloads (default 32) of one 64 MiB file, in rounds that alternate the
-servers; medians reported, ratio = nginx seconds / server seconds (above 1: faster than nginx).
+servers (same repeats each); ratio = nginx seconds / server seconds (above 1: faster than nginx),
+taken per round (the two servers of one round ran back to back, under the same load) and reported
+as the median and min-max of those rounds. Also the CPU seconds each server's processes used
+(user + system, from /proc): on loopback most of the wall time is the clients' copies, so the
+server's own CPU cost is the figure that does not move with the machine's load; and the
+median time to the first byte of the answer (curl's time_starttransfer), and the server CPU per
+request of 1,000 keep-alive GETs of a 1 KiB file (one curl): the per-request cost.
 Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
 built the way it is (`--all`):
 - "starlette-stock": the same framework without our zero-copy protocol (Starlette's
@@ -10,7 +16,7 @@ built the way it is (`--all`):
   thread pool);
 - "http.server": Python's standard library server (threads, copies through user space).
 
-    python3 tools/bench_http.py [--rounds 3] [--clients 32] [--size-mb 64] [--all]
+    python3 tools/bench_http.py [--rounds 5] [--clients 32] [--size-mb 64] [--all]
 
 Loopback only; every server is stopped by PID at the end.
 """
@@ -27,6 +33,8 @@ from pathlib import Path
 import bench_common as bc
 
 FILE = "image.bin"
+SMALL = "small.cfg"  # 1 KiB: the per-request cost, without the copying
+SMALL_GETS = 1000
 
 STOCK_STARLETTE = r"""
 import os, socket, sys, uvicorn
@@ -46,7 +54,7 @@ uvicorn.Server(uvicorn.Config(app, http="h11", lifespan="off", access_log=False,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="worker processes of every server")
@@ -70,6 +78,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         for _ in range(args.size_mb):
             fh.write(os.urandom(1 << 20))
     os.chmod(root / FILE, 0o644)
+    (root / SMALL).write_bytes(os.urandom(1024))
+    os.chmod(root / SMALL, 0o644)
     ng = work / "nginx"
     ng.mkdir()
     (ng / "nginx.conf").write_text(
@@ -90,12 +100,16 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                                   "--directory", str(root), str(ports["http.server"])]
 
     times: dict[str, list[float]] = {s: [] for s in servers}
+    cpu: dict[str, list[float]] = {s: [] for s in servers}
+    first_byte: dict[str, list[float]] = {s: [] for s in servers}
+    small_cpu: dict[str, list[float]] = {s: [] for s in servers}
     failures = dict.fromkeys(servers, 0)
+    groups: dict[str, int] = {}
     stack = []
     try:
         for name, argv in servers.items():
             cm = bc.server(argv, work / f"{name}.log")
-            cm.__enter__()
+            groups[name] = cm.__enter__()
             stack.append(cm)
             bc.wait_until(lambda n=name: bc.curl_ok(
                 f"http://{bc.LOOPBACK}:{ports[n]}/{FILE}", "-r", "0-0"), name)
@@ -103,12 +117,27 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
                 argv = ["curl", "-s", "-S", "--max-time", "600", "-o", "/dev/null", "-w",
-                        "%{size_download}", f"http://{bc.LOOPBACK}:{ports[name]}/{FILE}"]
+                        "%{size_download} %{time_starttransfer}", f"http://{bc.LOOPBACK}:{ports[name]}/{FILE}"]
+                used = group_cpu_seconds(groups[name])
                 seconds, outs = bc.parallel([argv] * args.clients)
                 times[name].append(seconds)
-                failures[name] += sum(1 for o in outs if o.strip() != str(size))
+                cpu[name].append(group_cpu_seconds(groups[name]) - used)
+                failures[name] += sum(1 for o in outs if o.split()[:1] != [str(size)])
+                first_byte[name] += [float(o.split()[1]) for o in outs
+                                     if len(o.split()) == 2 and o.split()[0] == str(size)]
                 time.sleep(0.2)
-            print(f"round {r + 1}/{args.rounds} done ({bc.load_note()})", file=sys.stderr)
+            for name in order:  # the per-request cost: one keep-alive client, small GETs
+                used = group_cpu_seconds(groups[name])
+                url = f"http://{bc.LOOPBACK}:{ports[name]}/{SMALL}"
+                argv = ["curl", "-s", "-S", "--max-time", "120", "-w", "%{http_code}\\n"]
+                for _ in range(SMALL_GETS):
+                    argv += ["-o", "/dev/null", url]
+                _, outs = bc.parallel([argv])
+                small_cpu[name].append((group_cpu_seconds(groups[name]) - used) / SMALL_GETS)
+                failures[name] += SMALL_GETS - outs[0].split().count("200")
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{n} {times[n][-1]:.3f} s (CPU {cpu[n][-1]:.2f} s)" for n in servers)
+                + f" ({bc.load_note()})", flush=True)
     finally:
         while stack:
             stack.pop().__exit__(None, None, None)
@@ -117,19 +146,44 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
     rows = []
     for name in servers:
         t = bc.median(times[name])
-        rows.append([name, f"{t:.3f}", f"{args.clients * size / t / 1e6:.0f}", f"{base / t:.2f}x",
+        per_round = [a / b for a, b in zip(times["nginx"], times[name], strict=True)]
+        rows.append([name, f"{t:.3f}", f"{args.clients * size / t / 1e6:.0f}",
+                     f"{bc.median(per_round):.2f}x", bc.spread(per_round),
+                     f"{bc.median(cpu[name]):.2f}", f"{bc.median(first_byte[name]) * 1e3:.0f}",
+                     f"{bc.median(small_cpu[name]) * 1e3:.3f}",
                      failures[name]])
     print(f"HTTP, loopback, {args.clients} concurrent curl downloads of {args.size_mb} MiB, "
           f"{args.workers} worker processes each, median of {args.rounds} alternating rounds "
           f"({bc.load_note()} at the end)")
-    print(bc.table(["server", "seconds", "MB/s", "vs nginx", "failed"], rows))
-    ng, ours = times["nginx"], times["serve"]
+    print(bc.table(["server", "seconds", "MB/s", "vs nginx (rounds)", "spread", "server CPU s",
+                    "first byte ms", "CPU ms per small GET", "failed"], rows))
+    ratios = [a / b for a, b in zip(times["nginx"], times["serve"], strict=True)]
     bc.result({"clients": args.clients, "size_mb": args.size_mb, "rounds": args.rounds,
-               "http_ratio": base / bc.median(ours),
-               "http_ratio_spread": f"{min(ng) / max(ours):.2f}-{max(ng) / min(ours):.2f}",
-               "serve_s": bc.median(ours), "nginx_s": base,
+               "http_ratio": bc.median(ratios), "http_ratio_spread": bc.spread(ratios),
+               "serve_s": bc.median(times["serve"]), "nginx_s": base,
+               "serve_cpu_s": bc.median(cpu["serve"]), "nginx_cpu_s": bc.median(cpu["nginx"]),
+               "serve_first_byte_ms": bc.median(first_byte["serve"]) * 1e3,
+               "nginx_first_byte_ms": bc.median(first_byte["nginx"]) * 1e3,
+               "serve_cpu_ms_per_get": bc.median(small_cpu["serve"]) * 1e3,
+               "nginx_cpu_ms_per_get": bc.median(small_cpu["nginx"]) * 1e3,
                "failed": sum(failures.values())}, args.json)
     return 1 if any(failures.values()) else 0
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in the group (the server's workers)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[2]: process group; [11], [12]: utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

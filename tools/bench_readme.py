@@ -45,11 +45,14 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
         ("cold_storm_ratio", "the same, cold (first requests for the file)", ">= 1.0x",
          "cold_storm_ratio_spread"),
         ("cold_vs_warm", "our cold storm / our warm storm", "<= 1.1x", None)]),
-    "http": (["--rounds", "3"], [
+    "http": (["--rounds", "9"], [
         ("http_ratio", "HTTP 32 x 64 MiB, nginx time / ours", ">= 1.0x", "http_ratio_spread")]),
     "boot": (["--nodes", "4", "--rounds", "3"], [
         ("http_vs_tftp", "4 simulated nodes booting: HTTP (iPXE) wall / TFTP-only wall",
          "<= 0.6x", "http_vs_tftp_spread")]),
+    "boot_lab": (["--nodes", "4", "--rounds", "3"], [
+        ("lab_http_vs_tftp", "4 QEMU nodes (lab, BIOS) os-switch to all ready: HTTP wall / "
+         "TFTP-only wall", "<= 0.6x", "lab_http_vs_tftp_spread")]),
     "power": (["--count", "200", "--repeat", "3"], [
         ("api_vs_ipmipower", "power status, 200 BMCs: pxe.power.run / ipmipower", "<= 3x",
          "api_vs_ipmipower_spread"),
