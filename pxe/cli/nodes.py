@@ -124,18 +124,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _facts(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
-    """Hardware facts the nodes reported (pxe.hwfacts); none through --server yet."""
-    if remote.for_args(args) is not None:
-        return {}
+def _read_with_facts(args: argparse.Namespace, spec: str) -> tuple[list, dict[str, dict]]:
+    """Nodes and the hardware facts they reported (pxe.hwfacts), locally or from the service."""
+    client = remote.for_args(args)
+    if client is not None:
+        return remote.nodes_with_facts(client, spec)
     from pxe import db, hwfacts
 
-    return hwfacts.load(db.connect(load_config(args).database), names)
+    nodes = _read(args, spec)
+    return nodes, hwfacts.load(db.connect(load_config(args).database), [n.name for n in nodes])
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    nodes = _read(args, args.nodes)
-    facts = _facts(args, [n.name for n in nodes])
+    nodes, facts = _read_with_facts(args, args.nodes)
     if args.json:
         print_json([n.public() | {"hardware": facts.get(n.name)} for n in nodes])
         return 0
