@@ -322,7 +322,7 @@ def test_image_version_it_will_boot_and_the_one_it_last_booted(lo_site, image, t
     assert facts["version"] == 1 and facts["last booted"] is None  # never booted by dynprov
     kernel = fake_bzimage(tmp_path / "vmlinuz2", os.urandom(70_000))
     lo_site.run("images", "add", "centos5", "--kernel", str(kernel), check=True)  # version 2
-    conn = db.connect(lo_site.cfg.db_path)  # the node booted version 1, as call-home records it
+    conn = db.connect(lo_site.cfg.database)  # the node booted version 1, as call-home records it
     with db.transaction(conn):
         conn.execute("UPDATE nodes SET current_os = 'centos5', current_version = 1 "
                      "WHERE name = 'n001'")
