@@ -115,7 +115,7 @@ _KNOWN: dict[str, set[str]] = {
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
 _OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks",
-                  "discovery"}
+                  "discovery", "segment"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
