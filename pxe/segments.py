@@ -167,3 +167,16 @@ def assign(conn: sqlite3.Connection, names: Sequence[str], segment: str) -> None
                 [(n, segment) for n in moved])
         conn.executemany("UPDATE nodes SET updated = ? WHERE name = ?", [(now, n) for n in moved])
         db.log_events(conn, "segment", moved, segment or "(primary)")
+
+
+def pinned(cfg: Config, name: str | None) -> Config:
+    """The config with ``[segment] name`` set to ``name`` (checked; None: unchanged), so every
+    part of one server (boot configs, call-home's driver start, render) agrees on its segment."""
+    if name is None:
+        return cfg
+    import dataclasses
+
+    chosen = load(cfg, name).name  # checks the name and the rest of [segment]
+    section = dict(cfg.raw.get("segment") or {})
+    section["name"] = chosen
+    return dataclasses.replace(cfg, raw={**cfg.raw, "segment": section})

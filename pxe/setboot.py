@@ -103,15 +103,17 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
-               servers: bool = False) -> RenderReport:
+               servers: bool = False, segment: str | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
-    pxe.serve.standard_configs."""
-    from pxe import dhcp, render, stage
+    pxe.serve.standard_configs. ``segment`` (default: ``[segment] name``, else the primary's):
+    only that segment's nodes (pxe.segments) - each boot server renders its own."""
+    from pxe import dhcp, render, segments, stage
 
     inv = Inventory(cfg)
-    nodes = inv.all()
+    mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
+    nodes = [n for n in inv.all() if n.segment == mine]
     renderer = render.Renderer(cfg)
     text = renderer.dhcp_config(nodes)
 
