@@ -1,0 +1,144 @@
+"""A service node's blob cache (pxe/blobcache.py) between two real `pxe-stage serve` processes on
+127.0.0.1: the primary and a service node of segment east sharing one state database, and a
+primary that lies (a small HTTP server answering wrong bytes)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_serve_support import LOOPBACK, ServeProcess, put, serve_process
+
+from tests.conftest import Site, make_site
+
+
+def _service_site(primary: Site, root: Path, primary_url: str, **extra: object) -> Site:
+    """A second config for the same state database: its own roots, [segment] east."""
+    root.mkdir(parents=True)
+    text = primary.config_path.read_text().split("\n[serve]\n")[0]  # serve_process adds its own
+    cfg = primary.cfg
+    text = text.replace(f'tftp_root = "{cfg.paths.tftp_root}"', f'tftp_root = "{root / "tftp"}"')
+    text = text.replace(f'http_root = "{cfg.paths.http_root}"', f'http_root = "{root / "http"}"')
+    lines = ["", "[segment]", f'primary_url = "{primary_url}"']
+    lines += [f"{k} = {v}" for k, v in extra.items()]
+    path = root / "dynprov.toml"
+    path.write_text(text + "\n".join(lines) + "\n")
+    return Site(root=root, config_path=path)
+
+
+@contextlib.contextmanager
+def _liar(body: bytes) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 answering every GET with ``body`` (not what was asked)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
+def _serve(site: Site, *extra: str, **config: object) -> Iterator[ServeProcess]:
+    """serve_process, again and again on one site (its [serve] section replaced each time)."""
+    path = site.config_path
+    path.write_text(path.read_text().split("\n[serve]\n")[0])
+    with serve_process(site, "--no-tftp", *extra, **{"http_workers": 1, **config}) as server:
+        yield server
+
+
+def _store(site: Site) -> list[str]:
+    """Every name in the service node's blob stores (hidden temp files included)."""
+    cfg = site.cfg
+    return sorted(p.name for root in (cfg.paths.http_root, cfg.paths.tftp_root)
+                  if (root / "blobs").is_dir() for p in (root / "blobs").iterdir()
+                  if not p.name.endswith(".lock"))
+
+
+@pytest.mark.integration
+def test_a_service_node_fetches_a_missing_blob_from_the_primary_and_verifies_it(
+        site: Site, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    put(site.cfg.paths.http_root, f"blobs/{sha}", data)
+    with _serve(site) as primary:
+        east = _service_site(site, tmp_path / "east", primary.url)
+        with _serve(east, "--segment", "east", http_workers=2) as service:
+            got = httpx.get(f"{service.url}/blobs/{sha}", timeout=60)
+            assert got.status_code == 200 and got.content == data
+            # cached, in both of its roots, and served from there next time (primary gone)
+            assert _store(east) == [sha, sha]
+            assert (east.cfg.paths.tftp_root / "blobs" / sha).read_bytes() == data
+        # a blob the primary does not have either: 404, nothing stored
+        missing = "0" * 64
+        with _serve(east, "--segment", "east") as service:
+            assert httpx.get(f"{service.url}/blobs/{missing}", timeout=30).status_code == 404
+            assert _store(east) == [sha, sha]
+            # anything that is not blobs/<sha256> is never fetched
+            assert httpx.get(f"{service.url}/blobs/{sha[:10]}", timeout=30).status_code == 404
+    # the primary is down now: the cached copy is still served
+    with _serve(east, "--segment", "east") as service:
+        got = httpx.get(f"{service.url}/blobs/{sha}", headers={"Range": "bytes=0-9"}, timeout=30)
+        assert got.status_code == 206 and got.content == data[:10]
+
+
+@pytest.mark.integration
+def test_wrong_bytes_from_the_primary_are_never_served_or_kept(site: Site, tmp_path: Path
+                                                               ) -> None:
+    data = b"the real kernel" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    with _liar(b"not the real kernel" * 1000) as url:
+        east = _service_site(site, tmp_path / "east", url)
+        with _serve(east, "--segment", "east") as service:
+            got = httpx.get(f"{service.url}/blobs/{sha}", timeout=30)
+            assert got.status_code == 404 and b"kernel" not in got.content
+            assert _store(east) == []
+            log = service.log.read_text()
+            assert f"blob {sha}: the primary sent" in log and "thrown away" in log
+
+
+@pytest.mark.integration
+def test_a_blob_larger_than_the_limit_is_refused(site: Site, tmp_path: Path) -> None:
+    data = os.urandom((1 << 20) + 1)
+    sha = hashlib.sha256(data).hexdigest()
+    put(site.cfg.paths.http_root, f"blobs/{sha}", data)
+    with _serve(site) as primary:
+        east = _service_site(site, tmp_path / "east", primary.url, fetch_max_mb=1)
+        with _serve(east, "--segment", "east") as service:
+            assert httpx.get(f"{service.url}/blobs/{sha}", timeout=30).status_code == 404
+            assert _store(east) == []
+            assert "more than fetch_max_mb" in service.log.read_text()
+
+
+@pytest.mark.integration
+def test_the_primary_never_fetches(tmp_path: Path) -> None:
+    """Without a segment name a server is the primary: a missing blob is just missing, even
+    with a primary_url configured."""
+    site = make_site(tmp_path / "p")
+    with _serve(site) as primary:
+        other = _service_site(site, tmp_path / "q", primary.url)
+        with _serve(other) as not_a_service_node:
+            sha = hashlib.sha256(b"x").hexdigest()
+            put(site.cfg.paths.http_root, f"blobs/{sha}", b"x")
+            assert httpx.get(f"{not_a_service_node.url}/blobs/{sha}",
+                             timeout=30).status_code == 404
