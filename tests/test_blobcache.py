@@ -14,23 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serve_support import LOOPBACK, ServeProcess, put, serve_process
+from test_segments_support import serve_again as _serve
+from test_segments_support import service_site as _service_site
+from test_serve_support import LOOPBACK, put
 
 from tests.conftest import Site, make_site
-
-
-def _service_site(primary: Site, root: Path, primary_url: str, **extra: object) -> Site:
-    """A second config for the same state database: its own roots, [segment] east."""
-    root.mkdir(parents=True)
-    text = primary.config_path.read_text().split("\n[serve]\n")[0]  # serve_process adds its own
-    cfg = primary.cfg
-    text = text.replace(f'tftp_root = "{cfg.paths.tftp_root}"', f'tftp_root = "{root / "tftp"}"')
-    text = text.replace(f'http_root = "{cfg.paths.http_root}"', f'http_root = "{root / "http"}"')
-    lines = ["", "[segment]", f'primary_url = "{primary_url}"']
-    lines += [f"{k} = {v}" for k, v in extra.items()]
-    path = root / "dynprov.toml"
-    path.write_text(text + "\n".join(lines) + "\n")
-    return Site(root=root, config_path=path)
 
 
 @contextlib.contextmanager
@@ -57,14 +45,6 @@ def _liar(body: bytes) -> Iterator[str]:
         server.server_close()
         thread.join(10)
 
-
-@contextlib.contextmanager
-def _serve(site: Site, *extra: str, **config: object) -> Iterator[ServeProcess]:
-    """serve_process, again and again on one site (its [serve] section replaced each time)."""
-    path = site.config_path
-    path.write_text(path.read_text().split("\n[serve]\n")[0])
-    with serve_process(site, "--no-tftp", *extra, **{"http_workers": 1, **config}) as server:
-        yield server
 
 
 def _store(site: Site) -> list[str]:
