@@ -28,10 +28,6 @@ def driver_name(segment: str) -> str:
     return f"driver/{socket.gethostname()}/{segment or '-'}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
 
 
-def _is_postgres(conn: object) -> bool:
-    return not isinstance(conn, sqlite3.Connection)
-
-
 def claim(conn: sqlite3.Connection, driver: str, keys: Iterable[tuple[int, str]],
           lease: float, now: float | None = None) -> set[tuple[int, str]]:
     """Try to claim the run nodes ``keys`` ((run_id, node)) for ``lease`` seconds; returns the
@@ -42,7 +38,7 @@ def claim(conn: sqlite3.Connection, driver: str, keys: Iterable[tuple[int, str]]
     now = time.time() if now is None else now
     held: set[tuple[int, str]] = set()
     with db.transaction(conn):
-        if _is_postgres(conn):  # lock what nobody else is locking; skip the rest this round
+        if db.is_postgresql(conn):  # lock what nobody else is locking; skip the rest this round
             free = set()
             for run_id, node in keys:
                 row = conn.execute(

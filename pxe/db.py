@@ -1,4 +1,5 @@
-"""The state database: one SQLite file (WAL) under the state dir, shared by every command.
+"""The state database: one SQLite file (WAL) under the state dir, shared by every command, or
+a PostgreSQL database shared by several boot servers ([state] url, pxe.dbbackend_pg).
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
 All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
@@ -312,12 +313,15 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs
 
 # Bookkeeping, not part of any migration: one row per applied migration.
-_VERSION_TABLE = """
+VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER PRIMARY KEY,
     description TEXT NOT NULL,
     applied     REAL NOT NULL
 )"""
+
+
+_VERSION_TABLE = VERSION_TABLE  # the name older tests use
 
 
 class SchemaError(DynprovError):
@@ -351,7 +355,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _too_new(path: Path, version: int) -> SchemaError:
+def too_new(path: Path | str, version: int) -> SchemaError:
     return SchemaError(f"{path}: the state database has schema version {version}, newer than this "
                        f"dynprov understands ({SCHEMA_VERSION}); install the dynprov release that "
                        f"wrote it (or newer), or restore a backup made for this one")
@@ -363,7 +367,7 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
     a failure leaves the database exactly as it was."""
     found = schema_version(conn)
     if found > SCHEMA_VERSION:
-        raise _too_new(path, found)
+        raise too_new(path, found)
     if found == SCHEMA_VERSION or (found == 0 and not create):
         return found
     if found == 0:
@@ -375,8 +379,8 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
         try:
             found = schema_version(conn)  # another process may have upgraded it meanwhile
             if found > SCHEMA_VERSION:
-                raise _too_new(path, found)
-            conn.execute(_VERSION_TABLE)
+                raise too_new(path, found)
+            conn.execute(VERSION_TABLE)
             if found:  # a legacy database: record the version it had
                 conn.execute("INSERT OR IGNORE INTO schema_version VALUES (?, ?, ?)",
                              (found, MIGRATIONS[found - 1].description + " (found)", time.time()))
@@ -409,9 +413,28 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
     return found
 
 
-def connect(path: Path, create: bool = True) -> sqlite3.Connection:
+Error = sqlite3.Error  # what both backends raise (pxe.dbbackend_pg's errors subclass these)
+IntegrityError = sqlite3.IntegrityError
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: Path | str) -> bool:
+    """A PostgreSQL URL ([state] url) rather than the path of an SQLite file."""
+    return isinstance(target, str) and target.startswith(URL_SCHEMES)
+
+
+def is_postgresql(conn: object) -> bool:
+    return not isinstance(conn, sqlite3.Connection)
+
+
+def connect(path: Path | str, create: bool = True) -> sqlite3.Connection:
     """Open the state database, creating or upgrading its schema as needed; refuses a database
-    written by a newer dynprov (SchemaError, exit 1). Safe for concurrent processes."""
+    written by a newer dynprov (SchemaError, exit 1). Safe for concurrent processes.
+    ``path``: the SQLite file, or a postgresql:// URL (Config.database gives the right one)."""
+    if is_url(path):
+        from pxe import dbbackend_pg
+
+        return dbbackend_pg.connect(str(path), create)  # type: ignore[return-value]
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,9 +479,22 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         bump_stamp(conn)
 
 
+def change_counter(conn: sqlite3.Connection) -> int | str:
+    """A value that moves whenever any connection commits a change (cache keys, watch loops):
+    SQLite's data_version (other connections' commits; add total_changes for this one's), or
+    PostgreSQL's stamp row (every commit that wrote, this connection's too)."""
+    if is_postgresql(conn):
+        return conn.stamp()  # type: ignore[attr-defined]
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def bump_stamp(conn: sqlite3.Connection) -> None:
-    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed."""
+    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed.
+    (PostgreSQL: the connection bumped the stamp row inside the transaction already.)"""
     from pxe import stamp
+
+    if is_postgresql(conn):
+        return
 
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     if path:

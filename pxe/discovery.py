@@ -114,7 +114,7 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
     from pxe.inventory import Inventory, build
 
     mac = validate.mac(mac)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     row = conn.execute("SELECT facts FROM discovered WHERE mac = ?", (mac,)).fetchone()
     if row is None:
         raise NotFound(f"no discovered machine has MAC {mac} (`pxe-stage nodes discovered` "

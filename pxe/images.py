@@ -169,7 +169,7 @@ def _commit(staged: _Staged) -> str:
 class Catalog:
     def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
         self.cfg = cfg
-        self.conn = conn or db.connect(cfg.db_path)
+        self.conn = conn or db.connect(cfg.database)
 
     def all(self) -> list[Image]:
         return [self._row(r) for r in self.conn.execute("SELECT * FROM images ORDER BY label")]

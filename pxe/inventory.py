@@ -135,7 +135,7 @@ class Inventory:
 
     def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
         self.cfg = cfg
-        self.conn = conn or db.connect(cfg.db_path)
+        self.conn = conn or db.connect(cfg.database)
 
     # -- reads -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -213,7 +213,8 @@ class Inventory:
                 seen_ips[node.ip] = node.name
         with db.transaction(self.conn):
             # The scheduler's pool always exists, whatever the site named it.
-            self.conn.execute("INSERT OR IGNORE INTO pools(name, created) VALUES (?, ?)",
+            self.conn.execute("INSERT INTO pools(name, created) VALUES (?, ?) "
+                              "ON CONFLICT (name) DO NOTHING",
                               (self.cfg.groups.scheduler_pool, time.time()))
             pools = {r[0] for r in self.conn.execute("SELECT name FROM pools")}
             for node in nodes:

@@ -707,10 +707,10 @@ def _announce(cfg: Config, conn: sqlite3.Connection, tracker: NodeChanges) -> No
 def _nap(conn: sqlite3.Connection, seconds: float) -> None:
     """Sleep up to ``seconds``, waking early when another process commits (a node's report)."""
     end = time.monotonic() + seconds
-    start = conn.execute("PRAGMA data_version").fetchone()[0]
+    start = db.change_counter(conn)
     while time.monotonic() < end:
         time.sleep(min(WAKE, max(0.0, end - time.monotonic())))
-        if conn.execute("PRAGMA data_version").fetchone()[0] != start:
+        if db.change_counter(conn) != start:
             return
 
 
@@ -722,9 +722,9 @@ def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
     seg = segments.load(cfg, segment)
     me = claims.driver_name(seg.name)
     scope = Scope(seg.name, me, seg.stale_seconds)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     started = time.monotonic()
-    last_key: tuple[int, int] | None = None
+    last_key: tuple[int | str, int] | None = None
     last_seen: tuple[tuple[int, str, str], ...] = ()
     last_beat = 0.0
     ran = False
@@ -773,7 +773,7 @@ def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
                 # Announced after reading ``active``: whatever made the last node final is
                 # committed by then, so the last announcement carries the final state.
                 # data_version moves when another connection commits, total_changes with ours.
-                key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+                key = (db.change_counter(conn), conn.total_changes)
                 if key != last_key:
                     _announce(cfg, conn, changes)
                     last_key = key
@@ -847,7 +847,7 @@ def notify(cfg: Config, outcome: Outcome) -> int | None:
     """
     if outcome.kind not in NEEDS_DRIVER or driver_running(cfg):
         return None
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     scope = Scope(segments.load(cfg).name)
     try:
         if not pending(conn, scope) and not scope.rows(conn, _active_rows(conn)):

@@ -13,6 +13,9 @@ import pytest
 
 from pxe import config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pg_support  # noqa: E402  (tests/ is not a package)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,7 +66,25 @@ class Site:
                     conn.close()
                 continue
             out[str(path.relative_to(self.root))] = path.read_bytes()
+        url = self.cfg.state.url
+        if url:
+            out["[state] url"] = pg_dump(url)
         return out
+
+
+def pg_dump(url: str) -> bytes:
+    """Every table's rows, in order: the PostgreSQL counterpart of SQLite's iterdump()."""
+    import psycopg
+
+    lines = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+            "ORDER BY table_name")]
+        for table in tables:
+            for row in conn.execute(f'SELECT * FROM "{table}" ORDER BY 1'):
+                lines.append(f"{table}: {row!r}")
+    return "\n".join(lines).encode()
 
 
 def make_site(root: Path, backend: str = "dnsmasq") -> Site:
@@ -74,8 +95,55 @@ def make_site(root: Path, backend: str = "dnsmasq") -> Site:
     # The Slurm face's subscriber does nothing without a [slurm] section.
     path.write_text(config.example(root, backend=backend)
                     + '\n[hooks]\nsubscribers = ["msm_plugin.wiki:on_event", '
-                    '"slurm_plugin.down:on_event"]\n')
+                    '"slurm_plugin.down:on_event"]\n' + state_section())
     return Site(root=root, config_path=path)
+
+
+def state_section() -> str:
+    """'' (the SQLite file) unless DYNPROV_TEST_STATE=postgresql: then a fresh database in the
+    run's throw-away PostgreSQL cluster (tests/pg_support.py)."""
+    if not pg_support.enabled():
+        return ""
+    cluster = pg_support.shared()
+    return f'\n[state]\nurl = "{cluster.url(cluster.create_database())}"\n'
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    pg_support.stop_shared()
+
+
+# Tests that are about SQLite itself, left out (deselected, not skipped) of the PostgreSQL run.
+SQLITE_ONLY = {
+    "tests/test_db_migrations.py": "upgrades SQLite files of older releases (table rebuilds, "
+    "PRAGMA user_version); PostgreSQL starts at the baseline, test_state_store.py runs the "
+    "later migrations and the version check on both",
+    "tests/test_bad_input_cli.py::test_unexpected_error_is_one_line_with_exit_1":
+        "a corrupt SQLite file",
+    "tests/test_state_store.py": "runs every test on both backends itself",
+}
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    if not pg_support.enabled():
+        return
+    keep, drop = [], []
+    for item in items:
+        where = item.nodeid.split("[")[0]
+        sqlite_only = where in SQLITE_ONLY or where.split("::")[0] in SQLITE_ONLY
+        (drop if sqlite_only else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture
+def state_target(tmp_path: Path) -> Path | str:
+    """What db.connect opens for a test that needs a bare database (no site): an SQLite file,
+    or under DYNPROV_TEST_STATE=postgresql a fresh PostgreSQL database."""
+    if pg_support.enabled():
+        cluster = pg_support.shared()
+        return cluster.url(cluster.create_database())
+    return tmp_path / "state.db"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -98,7 +98,7 @@ def test_unknown_mac_boots_discovery_reports_and_is_adopted(disco_site, tmp_path
 
 @pytest.mark.integration
 def test_adopt_refuses_taken_names_ips_macs_and_changes_nothing(disco_site, tmp_path):
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     settings = discovery.load(disco_site.cfg)
     assert discovery.record(conn, settings, UNKNOWN, "127.0.0.150",
                             "cpus 2\nnic eth0 " + UNKNOWN + "\n") == discovery.STORED
@@ -146,7 +146,7 @@ def test_a_flood_of_unknown_macs_is_bounded(disco_site):
         bad = client.post(f"http://127.0.0.1:{port}/discover", data={"mac": "zz"}).status_code
     assert codes == {200: CAP, 507: 1000 - CAP}
     assert repeats == {429} and too_big == 413 and bad == 400
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     assert tuple(conn.execute("SELECT COUNT(*), SUM(reports) FROM discovered").fetchone()) == \
         (CAP, CAP)
     assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'discovered'").fetchone()[0] \
@@ -168,7 +168,7 @@ def test_discovery_off_stores_nothing_and_config_is_checked(tmp_path):
         default = bootfetch.tftp_get("127.0.0.1", site.cfg.raw["serve"]["tftp_port"],
                                      "pxelinux.cfg/default")
     assert "LOCALBOOT 0" in default.text
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     assert conn.execute("SELECT COUNT(*) FROM discovered").fetchone()[0] == 0
     for section, message in (('enabled = true\n', "names no image"),
                              ('enabled = "yes"\n', "true or false"),

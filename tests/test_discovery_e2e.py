@@ -51,7 +51,7 @@ def test_unknown_machine_reports_its_hardware_and_is_adopted(tmp_path, boot_file
         append = append.replace("http://127.0.0.1:", "http://10.0.2.2:")
         vm = Vm(netboot_argv(boot_files, f"console=ttyS0,115200 {append}"),
                 tmp_path / "serial.log")
-        conn = db.connect(cfg.db_path)
+        conn = db.connect(cfg.database)
         try:
             deadline = time.monotonic() + 300
             found: list = []

@@ -113,10 +113,10 @@ def steps(data: dict) -> dict[str, dict]:
 def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     from pxe import db
 
-    conn = db.connect(lo_site.cfg.db_path)  # the node's run, as pxe.run records it
+    conn = db.connect(lo_site.cfg.database)  # the node's run, as pxe.run records it
     with db.transaction(conn):
         run = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos5', "
-                           "'ondemand', 1.0)").lastrowid
+                           "'ondemand', 1.0) RETURNING id").fetchone()[0]
         conn.execute("INSERT INTO run_nodes VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
                      (run,))
     conn.close()

@@ -248,7 +248,7 @@ def test_delete_in_use_needs_force(site, tmp_path):
     assert "node(s) n[001-002]" in proc.stderr and "-force" in proc.stderr
     assert unchanged(site, before)
     # a provisioning run (a job's request) that asked for sles11 and has not finished
-    with contextlib.closing(db.connect(cfg.db_path)) as conn:
+    with contextlib.closing(db.connect(cfg.database)) as conn:
         conn.execute("INSERT INTO runs(label, mode, created) VALUES ('sles11', 'perjob', ?)",
                      (time.time(),))
     proc = fg(site, "-delete", "-label", "sles11")

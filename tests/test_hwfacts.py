@@ -107,7 +107,7 @@ def test_call_home_carries_facts_into_nodes_show_and_the_faces(lo_site, tmp_path
                            "dynprov.token=wrong-token\n")
         refused = bbsh(bbpath, script, env=env)
         assert refused.returncode == 1, refused.stderr
-        conn = db.connect(cfg.db_path)
+        conn = db.connect(cfg.database)
         assert hwfacts.load(conn, ["n001"]) == {}  # a refused report stores nothing
         cmdline.write_text(f"dynprov.server=http://127.0.0.1:{port} dynprov.node=n001 "
                            f"dynprov.token={token}\n")

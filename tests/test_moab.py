@@ -126,7 +126,7 @@ def test_cluster_query_imports_nothing_heavy(site: Site, tmp_path: Path) -> None
     env = {"DYNPROV_CONFIG": str(site.config_path), "PATH": "/usr/bin:/bin"}
     for attempt in ("rebuild", "cached"):
         if attempt == "rebuild":
-            run.set_mode(db.connect(cfg.db_path), "perjob")  # a commit: the report is stale
+            run.set_mode(db.connect(cfg.database), "perjob")  # a commit: the report is stale
         proc = subprocess.run([sys.executable, "-X", "importtime", *argv("cluster-query")[1:]],
                               capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 0
@@ -167,7 +167,7 @@ def test_cluster_query_while_the_database_is_written(site: Site, tmp_path: Path)
     generations: list[int] = []
 
     def writer() -> None:
-        conn = db.connect(cfg.db_path)
+        conn = db.connect(cfg.database)
         for gen in range(1, 100_000):  # bounded
             if stop.is_set():
                 break
@@ -199,7 +199,7 @@ def test_cluster_query_while_the_database_is_written(site: Site, tmp_path: Path)
 @pytest.mark.integration
 def test_cluster_query_cache_follows_every_commit(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
-    conn = db.connect(cfg.db_path)  # an open connection keeps the WAL, as the daemons do
+    conn = db.connect(cfg.database)  # an open connection keeps the WAL, as the daemons do
     first = site.run(cmd="cluster-query").stdout
     assert site.run(cmd="cluster-query").stdout == first  # served from the report file
     for i in range(5):
@@ -274,7 +274,7 @@ def test_fg_moab_mode(site: Site, tmp_path: Path) -> None:
 def test_fg_moab_config_lines(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
     bin_dir = _tools(tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     conn.execute("INSERT INTO pools(name, created) VALUES ('cloud', 0)")
     conn.execute("UPDATE nodes SET pool = 'cloud' WHERE name = 'n004'")
     out = site.run("-config", cmd="fg-moab", check=True).stdout.splitlines()

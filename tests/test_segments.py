@@ -28,7 +28,7 @@ def _nodes(site: Site) -> Config:
 
 
 def _segment_of(cfg: Config) -> dict[str, str]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return segments.of_nodes(conn, MACS)
     finally:
@@ -41,7 +41,7 @@ def test_nodes_add_and_set_segment(site: Site) -> None:
     cfg = _nodes(site)
     site.run("nodes", "add", "n004", "--mac", "52:54:00:31:00:04", "--segment", "east",
              check=True)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     assert segments.of_nodes(conn, ["n004"]) == {"n004": "east"}
     out = site.run("nodes", "set", "n[001-002]", "--segment", "east", check=True)
     assert "2 node(s) now in segment east" in out.stdout
@@ -139,7 +139,7 @@ def test_a_claim_is_held_by_one_driver_until_its_lease_runs_out(site: Site, tmp_
                                                                 ) -> None:
     cfg = _nodes(site)
     add_images(cfg, tmp_path, centos5={})
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     req = run.request(cfg, conn, list(MACS), "centos5")
     keys = [(req.run_id, n) for n in MACS]
     now = 1000.0
@@ -164,7 +164,7 @@ def test_a_silent_segment_shows_its_run_nodes_down_and_back(site: Site, tmp_path
     cfg = _nodes(site)
     add_images(cfg, tmp_path, centos5={})
     site.run("nodes", "set", "n[001-002]", "--segment", "east", check=True)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     req = run.request(cfg, conn, list(MACS), "centos5")
     now = time.time()
     servers.beat(conn, "serve/east", servers.SERVE, "east", now - 100)

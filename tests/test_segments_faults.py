@@ -37,7 +37,7 @@ def test_a_dead_service_node_is_reported_and_resumes_on_restart(site: Site, tmp_
     add_nodes(cfg, [{"name": "e001", "mac": "52:54:00:32:00:01"},
                     {"name": "p001", "mac": "52:54:00:32:00:02"}])
     site.run("nodes", "set", "e001", "--segment", "east", check=True)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     req = run.request(cfg, conn, ["e001", "p001"], "centos5")
     # A driver elsewhere holds e001 for now (a live lease): nobody else may drive it.
     conn.execute("INSERT INTO run_claims VALUES (?, 'e001', 'driver/elsewhere', ?)",

@@ -150,7 +150,7 @@ def _facts(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
         return {}
     from pxe import db, hwfacts
 
-    return hwfacts.load(db.connect(load_config(args).db_path), names)
+    return hwfacts.load(db.connect(load_config(args).database), names)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -201,7 +201,7 @@ def cmd_discovered(args: argparse.Namespace) -> int:
 
     from pxe import db, discovery
 
-    rows = discovery.listing(db.connect(load_config(args).db_path))
+    rows = discovery.listing(db.connect(load_config(args).database))
     if args.json:
         print_json(rows)
         return 0

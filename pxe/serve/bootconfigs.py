@@ -100,16 +100,16 @@ class BootConfigs:
 
     # -- inside ----------------------------------------------------------------------------
     def _current_key(self) -> tuple[str, int] | None:
-        mark = stamp.read(self.db_path)  # before reading the database (see pxe.stamp)
+        mark = "" if db.is_url(self.cfg.database) else stamp.read(self.db_path)  # before the read
         conn = self._connection()
         if conn is None:
             return None
-        return mark, conn.execute("PRAGMA data_version").fetchone()[0]
+        return mark, db.change_counter(conn)  # PostgreSQL: the stamp row, read before the data
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is None:
             try:
-                self._conn = db.connect(self.cfg.db_path, create=False)
+                self._conn = db.connect(self.cfg.database, create=False)
                 self._conn.execute("SELECT 1 FROM nodes LIMIT 1")
             except sqlite3.Error as exc:
                 log.debug("boot configs: no state database yet (%s)", exc)

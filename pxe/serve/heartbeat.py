@@ -50,7 +50,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         if self.conn is None:
-            self.conn = db.connect(self.cfg.db_path)
+            self.conn = db.connect(self.cfg.database)
         conn = self.conn
         servers.beat(conn, self.name, servers.SERVE, self.segment.name)
         down, back = servers.watch(conn, self.segment.stale_seconds)
@@ -77,7 +77,7 @@ class Heartbeat:
         """A clean stop: other servers see this one stopped at once (no staleness to wait)."""
         try:
             if self.conn is None:
-                self.conn = db.connect(self.cfg.db_path)
+                self.conn = db.connect(self.cfg.database)
             servers.stopped(self.conn, self.name)
         except (sqlite3.Error, OSError) as exc:
             log.warning("cannot record the stop: %s", exc)
