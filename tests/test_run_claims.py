@@ -28,7 +28,7 @@ def test_two_drivers_racing_over_the_same_nodes_drive_each_node_once(site: Site,
                                                                      tmp_path: Path) -> None:
     count = 8
     with cluster(site, tmp_path, count) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         with run._driver_lock(c.cfg) as mine:  # no request-started driver joins: exactly two race
             assert mine
             req = run.request(c.cfg, conn, c.names, "centos5")
