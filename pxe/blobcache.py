@@ -8,7 +8,9 @@ only when the sha256 matches - a wrong, short or oversized answer is thrown away
 gets 404, never an unverified byte. Bounded: ``fetch_max_mb`` bytes and ``fetch_seconds`` for the
 whole fetch (also for waiting behind another worker fetching the same blob: one fetch per blob
 at a time, under an flock). The other served root gets a hard link (or a verified copy). It is a
-cache, not a copy job: nothing is fetched before a node asks for it.
+cache, not a copy job: a blob is fetched when a loader asks for it over HTTP, or when a node of
+the segment enters a run for an image (prefetch(), from the serve's heartbeat: TFTP clients
+cannot wait for a fetch), never before.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from pxe.images import BLOBS
@@ -190,3 +193,31 @@ def serve_missing(seg: SegmentSettings, roots: list[Path], name: str
     except (files.Missing, files.Refused, OSError) as exc:
         log.error("blob %s: fetched but cannot be opened: %s", sha, exc)
         return None
+
+
+def needed(conn: Any, segment: str) -> set[str]:
+    """The blobs the segment's nodes in a run are about to boot (kernel, initrd, root image)."""
+    from pxe import states
+
+    rows = conn.execute(
+        "SELECT DISTINCT i.kernel_sha, i.initrd_sha, i.rootfs_sha FROM run_nodes rn "
+        "JOIN runs r ON r.id = rn.run_id JOIN images i ON i.label = r.label "
+        f"WHERE r.finished IS NULL AND rn.state IN ({states.ACTIVE_SQL}) AND "
+        "COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = rn.node), '') = ?",
+        (segment,)).fetchall()
+    return {sha for row in rows for sha in row if sha and SHA256.match(sha)}
+
+
+def prefetch(seg: SegmentSettings, roots: list[Path], shas: set[str]) -> list[str]:
+    """Fetch (and verify) the blobs of ``shas`` missing here, before a loader asks for them over
+    TFTP, which cannot wait for a fetch; returns the ones fetched. Never raises."""
+    done = []
+    for sha in sorted(shas):
+        if all((root / BLOBS / sha).exists() for root in roots):
+            continue
+        try:
+            fetch(seg, sha, roots)
+            done.append(sha)
+        except (FetchError, OSError) as exc:
+            log.error("prefetch: %s", exc)
+    return done

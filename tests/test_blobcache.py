@@ -9,15 +9,20 @@ import hashlib
 import http.server
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from test_power_support import add_nodes
+from test_run_support import add_images
 from test_segments_support import serve_again as _serve
 from test_segments_support import service_site as _service_site
-from test_serve_support import LOOPBACK, put
+from test_serve_support import LOOPBACK, curl_tftp, put, serve_process, wait_for
 
+from pxe import db, run
+from pxe.images import Catalog
 from tests.conftest import Site, make_site
 
 
@@ -122,3 +127,33 @@ def test_the_primary_never_fetches(tmp_path: Path) -> None:
             put(site.cfg.paths.http_root, f"blobs/{sha}", b"x")
             assert httpx.get(f"{not_a_service_node.url}/blobs/{sha}",
                              timeout=30).status_code == 404
+
+
+@pytest.mark.integration
+def test_a_run_in_the_segment_prefetches_its_blobs_for_tftp(site: Site, tmp_path: Path) -> None:
+    """TFTP cannot wait for a fetch: when a node of the segment enters a run, the service node
+    fetches that image's blobs (verified) and its TFTP serves them."""
+    cfg = site.cfg
+    add_images(cfg, tmp_path, centos5={})
+    add_nodes(cfg, [{"name": "e001", "mac": "52:54:00:33:00:01"}])
+    site.run("nodes", "set", "e001", "--segment", "east", check=True)
+    image = Catalog(cfg).get("centos5")
+    conn = db.connect(cfg.database)
+    with _serve(site) as primary:
+        east = _service_site(site, tmp_path / "east", primary.url, name="east",
+                             heartbeat_seconds=0.2, stale_seconds=5)
+        with serve_process(east, http_workers=1, tftp_workers=1) as service:  # TFTP too
+            kernel = east.cfg.paths.tftp_root / "blobs" / image.kernel_sha
+            assert not kernel.exists()
+            req = run.request(cfg, conn, ["e001"], "centos5")
+            # a driver elsewhere holds the node: this test is about the blobs only
+            conn.execute("INSERT INTO run_claims VALUES (?, 'e001', 'driver/elsewhere', ?)",
+                         (req.run_id, time.time() + 3600))
+            wait_for(kernel.exists, "the kernel prefetched", timeout=30)
+            out = tmp_path / "kernel.tftp"
+            got = curl_tftp(service.tftp_port, f"blobs/{image.kernel_sha}", out)
+            assert got.returncode == 0, got.stderr
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == image.kernel_sha
+            assert "fetched" in service.log.read_text()
+    run.cancel(cfg, conn, ["e001"])
+    conn.close()
