@@ -18,6 +18,9 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
     - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
       stateless OS lived in memory); otherwise ``STATE=Idle``.
+``CPROC`` and ``CMEMORY`` come from the hardware facts the node sent at its last call-home
+(pxe.hwfacts.scheduler_resources, as measured); a node that never reported leaves them out, so
+Moab keeps what the workload RM says.
 ``OS`` is the OS the node last reported ready in; ``_none`` when there is none; in per-job mode a
 node that ran a job since its re-image reports ``_used-<os>``. Both markers start with ``_``, which
 no image label may (``validate.label``), so they match no OSLIST entry and no job request: the
@@ -56,7 +59,9 @@ ARCH = "ARCH"
 POWER = "POWER"
 MESSAGE = "MESSAGE"
 UPDATETIME = "UPDATETIME"
-ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME)  # the order they are printed
+CPROC = "CPROC"  # configured processors: the node's logical CPUs (its hardware facts)
+CMEMORY = "CMEMORY"  # configured memory in MB (Moab's MB are MiB, as TORQUE's physmem / 1024)
+ATTRIBUTES = (STATE, OS, OSLIST, ARCH, POWER, MESSAGE, UPDATETIME, CPROC, CMEMORY)  # print order
 
 IDLE, DOWN, DRAINED, UNKNOWN = "Idle", "Down", "Drained", "Unknown"
 POWER_ON, POWER_OFF = "On", "Off"
@@ -181,6 +186,7 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
                 nodes = lines
         else:
             nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()
+        resources = _resources(conn)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -242,7 +248,36 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             out.append(f"{name} {';'.join(items)}")
         else:
             out.append(line(name, attrs))
+    if resources:
+        out = _with_resources(out, resources)
     return Report("".join(f"{o}\n" for o in out), until)
+
+
+def _resources(conn: sqlite3.Connection) -> dict[str, str]:
+    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (digits: no escaping).
+    One pass over raw digits: this runs for every node on every rebuild."""
+    import sqlite3
+
+    from pxe import hwfacts
+
+    try:
+        rows = hwfacts.resource_text(conn)
+    except sqlite3.OperationalError:  # a database no writer has upgraded yet: no facts table
+        return {}
+    out: dict[str, str] = {}
+    for name, raw in rows:
+        procs, memory = raw.get("cpus", "0"), raw.get("memory_mib", "0")
+        text = (f";{CPROC}={procs}" if procs.lstrip("0") else "") + \
+            (f";{CMEMORY}={memory}" if memory.lstrip("0") else "")
+        if text:
+            out[name] = text
+    return out
+
+
+def _with_resources(lines: list[str], resources: Mapping[str, str]) -> list[str]:
+    """Each node's line with its resources last (every line has STATE: a ';' always fits)."""
+    get = resources.get
+    return [text + get(text[:text.find(" ")], "") for text in lines]
 
 
 def _number_params(sql: str) -> str:

@@ -104,10 +104,41 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             for r in conn.execute("SELECT * FROM discovered ORDER BY last_seen DESC, mac")]
 
 
-# -- the admin's step ----------------------------------------------------------------------------
+# -- the admin's steps ---------------------------------------------------------------------------
+def forget(cfg: Config, macs: list[str] | None) -> int:
+    """Drop discovered machines (``macs``, or all when None) so that others fit under
+    max_machines; all or nothing: a MAC not in the list is refused by name. Returns how many."""
+    conn = db.connect(cfg.database)
+    try:
+        if macs is not None:
+            macs = sorted({validate.mac(m) for m in macs})
+            known = {r[0] for r in conn.execute(
+                f"SELECT mac FROM discovered WHERE mac IN ({','.join('?' * len(macs))})", macs)}
+            missing = [m for m in macs if m not in known]
+            if missing:
+                raise NotFound(f"no discovered machine has MAC {missing[0]}"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                               + "; nothing forgotten (`pxe-stage nodes discovered` lists them)")
+        with db.transaction(conn):
+            if macs is None:
+                gone = conn.execute("DELETE FROM discovered").rowcount
+            else:
+                gone = 0
+                for start in range(0, len(macs), 500):
+                    chunk = macs[start:start + 500]
+                    gone += conn.execute(f"DELETE FROM discovered WHERE mac IN "
+                                         f"({','.join('?' * len(chunk))})", chunk).rowcount
+            if gone:
+                db.log_event(conn, "discovered-forgotten", None, f"{gone} machine(s)")
+        return gone
+    finally:
+        conn.close()
+
+
 def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
-          extra: dict[str, Any] | None = None) -> Any:
-    """Turn a discovered machine into node ``name`` (all or nothing); returns the Node.
+          extra: dict[str, Any] | None = None) -> tuple[Any, dict[str, str]]:
+    """Turn a discovered machine into node ``name`` (all or nothing); returns the Node and the
+    MACs of its other NICs left out because another node has them (MAC -> that node).
 
     The MAC is the one it reported from; its other NICs' MACs come along. Name, MAC and IP are
     checked like `nodes add` (taken ones refused by name); its facts become the node's."""
@@ -126,7 +157,8 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
         f"SELECT mac, node FROM macs WHERE mac IN ({','.join('?' * len(macs))})", macs)}
     if mac in taken:
         raise InputError(f"MAC {mac} already belongs to node {taken[mac]}")
-    macs = [m for m in macs if m not in taken]  # a second NIC someone else has: not this node's
+    left_out = {m: taken[m] for m in macs if m in taken}  # a second NIC another node has
+    macs = [m for m in macs if m not in taken]
     raw: dict[str, Any] = {"name": name, "macs": macs, "ip": ip, **(extra or {})}
     if facts.get("firmware") and "firmware" not in raw:
         raw["firmware"] = facts["firmware"]
@@ -137,4 +169,4 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
                      "FROM discovered WHERE mac = ?", (node.name, mac))
         conn.execute("DELETE FROM discovered WHERE mac = ?", (mac,))
         db.log_event(conn, "adopted", node.name, mac)
-    return node
+    return node, left_out

@@ -106,6 +106,16 @@ def _endpoints(cfg: Config) -> tuple[Endpoint, Endpoint, Any]:
             one(s.http, s.http_address, s.http_port, "HTTP"), s)
 
 
+IPXE_NAMES = ("undionly.kpxe", "undionly.kkpxe", "ipxe.pxe", "ipxe.efi", "snponly.efi")
+
+
+def is_ipxe_loader(name: str) -> bool:
+    """An iPXE binary (Debian's `ipxe` package names, or "ipxe" in the name): it sends DHCP
+    option 175 and so gets boot.ipxe; pxelinux and GRUB do not."""
+    base = name.rsplit("/", 1)[-1].lower()
+    return base in IPXE_NAMES or "ipxe" in base or base.endswith((".kpxe", ".kkpxe"))
+
+
 def _url(host: str, port: int, rel: str) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/{rel.lstrip('/')}"
@@ -155,17 +165,29 @@ class _Explainer:
         return step
 
     # -- the links ------------------------------------------------------------------------------
+    @property
+    def loader(self) -> str:
+        """The first loader this node's PXE ROM is given (by its firmware)."""
+        return self.cfg.boot.uefi_loader if self.node.firmware == "uefi" else \
+            self.cfg.boot.bios_loader
+
+    @property
+    def via_ipxe(self) -> bool:
+        """True when the first loader is iPXE and DHCP answers it with boot.ipxe (option 175):
+        then scripts, kernel and initrd come over HTTP and no pxelinux/GRUB config is read."""
+        return self.cfg.boot.ipxe_http and is_ipxe_loader(self.loader)
+
     def run(self) -> list[Step]:
         self.servers()
         self.dhcp()
         self.resolve_image()
         for mac in self.node.macs:
-            if self.node.firmware == "uefi":
+            if self.via_ipxe:
+                self.ipxe_chain(mac)
+            elif self.node.firmware == "uefi":
                 self.grub_chain(mac)
             else:
                 self.pxelinux_chain(mac)
-            if self.cfg.boot.ipxe_http:
-                self.ipxe_chain(mac)
         self.blobs()
         self.callhome()
         self.current_run()
@@ -199,20 +221,38 @@ class _Explainer:
     def dhcp(self) -> None:
         cfg, node = self.cfg, self.node
         step = self.add(Step("dhcp"))
-        loader = cfg.boot.uefi_loader if node.firmware == "uefi" else cfg.boot.bios_loader
+        loader = self.loader
         first, last = cfg.network.dynamic_range
-        options: dict[str, Any] = {
-            "address": node.ip or f"dynamic, from {first}-{last}",
-            "next-server": cfg.network.server,
-            f"filename ({node.firmware.upper()} PXE ROM)": loader,
-        }
-        if cfg.boot.ipxe_http:
-            options["filename (iPXE, option 175)"] = f"{self.renderer.base_url}/boot.ipxe"
+        rom = f"{node.firmware.upper()} PXE ROM"
+        if cfg.dhcp.mode == "proxy":
+            options: dict[str, Any] = {
+                "address": "from the site's DHCP server (dynprov answers only the PXE part)",
+                "boot server": cfg.network.server,
+                f"boot file ({rom}, pxe-service)": loader,
+            }
+        else:
+            options = {
+                "address": node.ip or f"dynamic, from {first}-{last}",
+                "next-server": cfg.network.server,
+                f"filename ({rom})": loader,
+            }
+            if cfg.boot.ipxe_http:
+                options["filename (iPXE, option 175)"] = f"{self.renderer.base_url}/boot.ipxe"
+        if self.via_ipxe:
+            chain = (f"{loader} over TFTP, then iPXE fetches boot.ipxe, its script, kernel and "
+                     "initrd over HTTP")
+        elif node.firmware == "uefi":
+            chain = f"{loader} (GRUB) over TFTP, then its config, kernel and initrd over TFTP"
+        else:
+            chain = f"{loader} over TFTP, then its config, kernel and initrd over TFTP"
         step.facts = {"backend": cfg.dhcp.backend, "config": str(cfg.dhcp.config_file),
-                      "mode": "iPXE over HTTP, PXE ROMs over TFTP" if cfg.boot.ipxe_http
-                      else "TFTP", "options": options,
+                      "mode": ("proxy: the site's DHCP server gives the address, dynprov the "
+                               "boot answer" if cfg.dhcp.mode == "proxy"
+                               else "server: dynprov gives the address and the boot answer"),
+                      "chain": chain, "options": options,
                       "live check": "not done: DHCP answers on "
-                                    f"{cfg.network.interface}; explain does not broadcast"}
+                                    f"{cfg.network.interface}; explain does not broadcast "
+                                    "(`pxe-stage dhcp probe` does: who answers a PXE ROM)"}
         try:
             installed = cfg.dhcp.config_file.read_text()
         except OSError as exc:
@@ -230,7 +270,7 @@ class _Explainer:
                           "no fixed address and may be ignored by the DHCP server",
                           "run `pxe-stage render` (it adds every inventory node)")
         step.facts["host lines"] = hosts
-        boot_words = ("dhcp-boot=", "filename ")
+        boot_words = ("dhcp-boot=", "filename ", "pxe-service=")
         step.facts["boot file lines"] = [f"line {i + 1}: {t.strip()}" for i, t in enumerate(lines)
                                          if t.strip().startswith(boot_words)]
         expected = self.renderer.dhcp_config(Inventory(cfg, self.conn).all())
@@ -264,6 +304,9 @@ class _Explainer:
 
     def _fetch_step(self, link: str, proto: str, rel: str, fix_missing: str,
                     expect_text: str | None = None) -> Step:
+        for done in self.steps:  # a shared link (loader, boot.ipxe) once, not once per MAC
+            if done.link == link:
+                return done
         step = self.add(Step(link))
         host = self.tftp if proto == "tftp" else self.http
         where = (f"tftp://{self.cfg.network.server}/{rel}" if proto == "tftp"
@@ -314,6 +357,10 @@ class _Explainer:
                          self.expected.get(rel))
 
     def ipxe_chain(self, mac: str) -> None:
+        rom = "UEFI" if self.node.firmware == "uefi" else "BIOS"
+        self._fetch_step(f"loader (iPXE, {rom} PXE ROM): {self.loader}", "tftp", self.loader,
+                         "run `pxe-stage render` to copy the boot loaders into the TFTP root "
+                         "(Debian: apt install ipxe)")
         self._fetch_step("iPXE script (shared)", "http", "boot.ipxe", "run `pxe-stage render`",
                          self.shared["boot.ipxe"])
         rel = boot_file_names(mac)["ipxe"]
@@ -325,9 +372,7 @@ class _Explainer:
         image = self.image
         if image is None:
             return
-        firmware_proto = ["tftp"]
-        if self.cfg.boot.ipxe_http:
-            firmware_proto.append("http")
+        firmware_proto = ["http"] if self.via_ipxe else ["tftp"]
         parts = [("kernel", image.kernel_sha, firmware_proto),
                  ("initrd", image.initrd_sha, firmware_proto),
                  ("rootfs", image.rootfs_sha, ["http"])]  # /init's wget

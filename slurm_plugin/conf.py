@@ -38,6 +38,7 @@ from pxe.sections import SAFE_PATH, Section
 BEGIN = "# BEGIN dynprov (dynprov-slurm config -install): generated; edits inside are replaced"
 END = "# END dynprov"
 _SAFE_PATH = SAFE_PATH
+REALMEMORY_HEADROOM = 0.02  # RealMemory this far below the reported MemTotal (see below)
 # slurm.conf keys we own: set outside our block too, Slurm would read both.
 _OURS = re.compile(r"^\s*(NodeFeaturesPlugins|RebootProgram|ResumeProgram|SuspendProgram|"
                    r"ResumeTimeout)\s*=", re.IGNORECASE)
@@ -88,6 +89,7 @@ def resume_timeout(ss: SlurmSettings, conn: Any) -> int:
 
 
 def slurm_lines(cfg: Config, conn: Any) -> list[str]:
+    from pxe import hwfacts
     from slurm_plugin import toolkit
 
     ss = settings(cfg)
@@ -101,13 +103,37 @@ def slurm_lines(cfg: Config, conn: Any) -> list[str]:
         "# power saving (takes effect with SuspendTime=...): on into the jobs' OS, off when idle",
         f"ResumeProgram={tool(ss, 'dynprov-slurm-resume')}",
         f"SuspendProgram={tool(ss, 'dynprov-slurm-suspend')}",
-        "# the OSes each node can boot, for reference: node_features/helpers already offers",
-        "# every helpers.conf feature to every node (no Feature= needed on NodeName lines)",
+        "# for your NodeName lines: CPUs= and RealMemory= (MiB) as each node reported them at",
+        f"# its last dynprov boot ({REALMEMORY_HEADROOM:.0%} below its MemTotal: Slurm drains a "
+        "node whose",
+        "# memory is below RealMemory); and the OSes it can boot, for reference only:",
+        "# node_features/helpers offers every helpers.conf feature to every node",
     ]
-    for name, arch in toolkit.scheduler_nodes(cfg, conn):
+    nodes = toolkit.scheduler_nodes(cfg, conn)
+    resources = hwfacts.scheduler_resources(conn, [name for name, _ in nodes])
+    for name, arch in nodes:
+        words = node_resource_words(resources.get(name, {}))
         if by_arch.get(arch):
-            lines.append(f"# NodeName={name} Feature={','.join(by_arch[arch])}")
+            words.append(f"Feature={','.join(by_arch[arch])}")
+        if words:
+            lines.append(f"# NodeName={name} {' '.join(words)}")
     return lines
+
+
+def node_resource_words(res: dict[str, int]) -> list[str]:
+    """``CPUs=`` and ``RealMemory=`` for a node's NodeName line, never above what it has.
+
+    slurmd reports CPUs (logical processors) and RealMemory (MemTotal in MiB) at registration
+    and slurmctld drains a node that has less than its line says ("Low RealMemory", "Low
+    CPUs"); less than it has is accepted. The facts come from the kernel that sent them, and
+    each image's kernel keeps a slightly different amount of memory for itself, so RealMemory
+    is rounded down by REALMEMORY_HEADROOM; the CPU count does not change with the kernel."""
+    words = []
+    if res.get("procs"):
+        words.append(f"CPUs={int(res['procs'])}")
+    if res.get("memory_mb"):
+        words.append(f"RealMemory={max(1, int(res['memory_mb'] * (1 - REALMEMORY_HEADROOM)))}")
+    return words
 
 
 def helpers_lines(cfg: Config, conn: Any) -> list[str]:

@@ -44,6 +44,7 @@ from typing import Any
 KNOWN_ATTRIBUTES = {"STATE", "OS", "OSLIST", "ARCH", "CPROC", "APROC", "CMEMORY", "AMEMORY",
                     "CSWAP", "ASWAP", "CDISK", "ADISK", "FEATURE", "PARTITION", "MESSAGE", "CAT",
                     "UPDATETIME", "POWER", "VARIABLE", "RACK", "SLOT", "NODEINDEX"}
+_COUNTS = {"CPROC", "APROC", "CMEMORY", "AMEMORY", "CSWAP", "ASWAP", "CDISK", "ADISK"}  # MB, procs
 STATES = {"Idle", "Busy", "Running", "Down", "Drained", "Draining", "Unknown", "Flush", "Reserved"}
 _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[0-9,-]+\])?$")
 _GEVENT = re.compile(r"^GEVENT\[[A-Za-z0-9_.-]+\]$")
@@ -128,6 +129,9 @@ def parse_wiki(text: str) -> dict[str, dict[str, str]]:
             raise WikiError(f"line {lineno}: missing or unknown STATE in {line!r}")
         if "POWER" in attrs and attrs["POWER"] not in ("On", "Off"):
             raise WikiError(f"line {lineno}: POWER must be On or Off: {line!r}")
+        for key in _COUNTS & attrs.keys():
+            if not attrs[key].isdigit():
+                raise WikiError(f"line {lineno}: {key} must be a whole number: {line!r}")
         if "OS" in attrs and not attrs["OS"]:
             raise WikiError(f"line {lineno}: empty OS in {line!r}")
         nodes[node] = attrs

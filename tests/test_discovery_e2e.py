@@ -1,78 +1,103 @@
-"""Discovery end to end: a QEMU machine the inventory does not know boots the real provisioning
-initramfs with the APPEND line `pxe-stage render` wrote for unknown MACs, reports its hardware
-to a real `pxe-stage serve` (user-mode network: the guest's 10.0.2.2 is the host's 127.0.0.1)
-and waits; the admin adopts it."""
+"""Discovery end to end: a QEMU lab machine the inventory does not know PXE-boots through our
+rendered dnsmasq config and `pxe-stage serve` in a network namespace (its NIC's iPXE ROM gets a
+dynamic address and boot.ipxe, whose per-MAC script is missing, so it falls through to the
+discovery image: the real provisioning initramfs), reports its hardware and waits; nothing is
+added until the admin adopts it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
-from initramfs_support import ROOT, kernel_root
-from test_initramfs_images import Vm, netboot_argv, qemu_available
+from test_e2e_support import build_test_image, need_root_tools, serial_logs_on_failure
 
-from pxe import bootfetch, db, discovery
-from tests.test_explain import make_lo_site, serving
+from lab import netns
+from lab.qemu import QemuMachine, VmSpec
+from pxe import db, discovery
 
 pytestmark = pytest.mark.e2e
 
-QEMU_MAC = "52:54:00:12:34:56"  # QEMU's default for the first NIC
+UNKNOWN = "52:54:00:d1:5c:01"  # in no inventory
 
 
 @pytest.fixture(scope="module")
 def boot_files(tmp_path_factory) -> dict[str, Path]:
     """A kernel and the provisioning initramfs, as tools/make-test-image builds them."""
-    out = tmp_path_factory.mktemp("disco-boot")
-    proc = subprocess.run([str(ROOT / "tools/make-test-image"), "centos5", "-o",
-                           str(out / "centos5.tar.gz"), "--kernel-root", str(kernel_root()),
-                           "--boot-dir", str(out / "boot")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return {"vmlinuz": out / "boot/vmlinuz", "initrd": out / "boot/initrd.img"}
+    return build_test_image(tmp_path_factory.mktemp("disco-boot"), "centos5")
 
 
-def test_unknown_machine_reports_its_hardware_and_is_adopted(tmp_path, boot_files):
-    qemu_available()
-    site = make_lo_site(tmp_path)
+def test_unknown_machine_pxe_boots_discovery_reports_waits_and_is_adopted(site, tmp_path,
+                                                                          boot_files):
+    need_root_tools()
     with open(site.config_path, "a") as fh:
         fh.write('\n[discovery]\nenabled = true\nimage = "discovery"\n')
-    site.run("images", "add", "discovery", "--kernel", str(boot_files["vmlinuz"]), "--initrd",
-             str(boot_files["initrd"]), check=True)
+    site.run("images", "add", "discovery", "--kernel", str(boot_files["kernel"]), "--initrd",
+             str(boot_files["initrd"]), "--cmdline", "console=ttyS0,115200", check=True)
     site.run("render", check=True)
     cfg = site.cfg
-    serve = cfg.raw["serve"]
-    with serving(site):
-        default = bootfetch.tftp_get("127.0.0.1", serve["tftp_port"], "pxelinux.cfg/default")
-        append = next(line.split("APPEND", 1)[1].strip() for line in default.text.splitlines()
-                      if line.strip().startswith("APPEND"))
-        append = append.replace("http://127.0.0.1:", "http://10.0.2.2:")
-        vm = Vm(netboot_argv(boot_files, f"console=ttyS0,115200 {append}"),
-                tmp_path / "serial.log")
-        conn = db.connect(cfg.database)
-        try:
+    first, last = (int(a.rsplit(".", 1)[1]) for a in cfg.network.dynamic_range)
+    run_dir = Path(f"/tmp/dpl-{uuid.uuid4().hex[:8]}")
+    run_dir.mkdir()
+    ns = netns.Netns(f"dpt-{uuid.uuid4().hex[:8]}", run_dir=run_dir)
+    logs = tmp_path / "serial"
+    logs.mkdir()
+    vm = None
+    found: list = []
+    conn = db.connect(cfg.database)
+    try:
+        ns.create()
+        ns.add_tap("tap0")
+        dhcp = subprocess.Popen(ns.argv([
+            "dnsmasq", "--keep-in-foreground", f"--conf-file={cfg.dhcp.config_file}", "--port=0",
+            f"--dhcp-leasefile={run_dir / 'leases'}", f"--pid-file={run_dir / 'dhcp.pid'}",
+            "--user=root", "--log-dhcp", f"--log-facility={logs / 'dnsmasq.log'}",
+        ]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ns.started.append(dhcp.pid)
+        with open(logs / "serve.log", "wb") as err:
+            serve = subprocess.Popen(ns.argv([
+                sys.executable, "-m", "pxe.cli.main", "--config", str(site.config_path),
+                "serve"]), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        ns.started.append(serve.pid)
+        vm = QemuMachine(VmSpec(name="lab1", mac=UNKNOWN, tap="tap0", run_dir=run_dir,
+                                serial_log=logs / "lab1.log", netns=ns.name, memory_mb=512))
+        with serial_logs_on_failure(logs):
+            vm.power_on()
             deadline = time.monotonic() + 300
-            found: list = []
-            while time.monotonic() < deadline and vm.proc.poll() is None and not found:
+            while time.monotonic() < deadline and vm.power_state() == "on" and not found:
                 found = discovery.listing(conn)
                 time.sleep(1)
-            # It waits for the admin: still running, nothing added to the inventory.
-            assert vm.proc.poll() is None, vm.log()[-3000:]
-        finally:
-            vm.stop()
-    assert found, vm.log()[-3000:]
-    assert "discovery mode" in vm.log()
+            assert found, "the unknown machine did not report within 300 s"
+            time.sleep(5)  # it waits for the admin: still up, still not a node
+            assert vm.power_state() == "on"
+            assert "discovery mode" in (logs / "lab1.log").read_text(errors="replace")
+    finally:
+        if vm is not None:
+            vm.power_off()
+        leftovers = ns.destroy()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert leftovers == [], f"processes left in the namespace: {leftovers}"
     machine = found[0]
-    assert machine["mac"] == QEMU_MAC
+    assert machine["mac"] == UNKNOWN
+    # it reported from an address of our dynamic range: the DHCP answer our config gives strangers
+    assert machine["ip"].startswith("198.18.0.") and \
+        first <= int(machine["ip"].rsplit(".", 1)[1]) <= last, machine["ip"]
     facts = machine["facts"]
-    assert {"name": "eth0", "mac": QEMU_MAC} in facts["nics"]
+    assert {"name": "eth0", "mac": UNKNOWN} in facts["nics"]
     assert facts["cpus"] >= 1 and 400 < facts["memory_mib"] <= 512
     assert facts["firmware"] == "bios"
-    assert conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == 0  # nothing by itself
     conn.close()
 
-    site.run("nodes", "adopt", QEMU_MAC, "--name", "n017", "--ip", "127.0.0.17", check=True)
+    out = site.run("nodes", "adopt", UNKNOWN, "--name", "n017", "--ip", "198.18.0.17",
+                   check=True)
+    assert "adopted 52:54:00:d1:5c:01 as n017" in out.stdout
     node = json.loads(site.run("nodes", "show", "n017", "--json", check=True).stdout)[0]
-    assert node["macs"] == [QEMU_MAC] and node["hardware"]["cpus"] == facts["cpus"]
+    assert node["macs"] == [UNKNOWN] and node["ip"] == "198.18.0.17"
+    assert node["hardware"]["cpus"] == facts["cpus"]
+    assert json.loads(site.run("nodes", "discovered", "--json", check=True).stdout) == []

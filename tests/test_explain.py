@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 MAC = "52:54:00:20:00:01"
 
 
-def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
+def make_lo_site(tmp_path: Path, boot_extra: str = "", backend: str = "dnsmasq") -> Site:
     """A site whose provisioning network is loopback, its ports fresh: the node's chain is then
     exactly what explain can fetch. ``boot_extra``: more lines for [boot]."""
     root = tmp_path / "site"
@@ -35,7 +35,7 @@ def make_lo_site(tmp_path: Path, boot_extra: str = "") -> Site:
     tftp_port, http_port = free_port(), free_port()
     if "ipxe_http" not in boot_extra:  # these tests walk the all-TFTP chain unless they say so
         boot_extra = "ipxe_http = false\n" + boot_extra
-    path.write_text(config.example(root, interface="lo", subnet="127.0.0.0/24",
+    path.write_text(config.example(root, backend=backend, interface="lo", subnet="127.0.0.0/24",
                                    server="127.0.0.1")
                     + f"\n[boot]\nhttp_port = {http_port}\n{boot_extra}\n")
     site = Site(root, path)
@@ -151,6 +151,21 @@ def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     assert "HTTP Request" not in text.stderr
 
 
+def test_two_nics_each_config_checked_and_shared_links_once(lo_site, tmp_path):
+    second = "52:54:00:20:00:02"
+    image = add_image_and_node(lo_site, tmp_path, "--mac", second)
+    with serving(lo_site):
+        proc, data = explain(lo_site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    links = [s["link"] for s in data["steps"]]
+    assert links.count("loader (BIOS PXE ROM): pxelinux.0") == 1
+    assert links.count("kernel over TFTP") == 1
+    by = steps(data)
+    for mac in (MAC, second):
+        assert f"KERNEL blobs/{image['kernel_sha']}" in by[f"loader config ({mac})"]["facts"]["content"]
+    assert set(by["dhcp"]["facts"]["host lines"]) == {MAC, second}
+
+
 def test_missing_blob_is_one_problem_with_its_fix(lo_site, image):
     for root in ("tftp", "http"):
         (lo_site.root / root / "blobs" / image["initrd_sha"]).unlink()
@@ -208,22 +223,76 @@ def test_unknown_node_and_bad_name(lo_site, image):
 
 @pytest.mark.parametrize("lo_site", ['ipxe_http = true\nuefi_loader = "grubx64.efi"'],
                          indirect=True)
-def test_uefi_node_grub_chain_and_ipxe_over_http(lo_site, tmp_path):
+def test_uefi_node_given_grub_walks_the_grub_chain_only(lo_site, tmp_path):
+    """GRUB never asks for boot.ipxe (it sends no option 175), even with ipxe_http on."""
     image = add_image_and_node(lo_site, tmp_path, "--firmware", "uefi")
     with serving(lo_site):
         proc, data = explain(lo_site, "n001")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     by = steps(data)
     assert by["dhcp"]["facts"]["options"]["filename (UEFI PXE ROM)"] == "grubx64.efi"
-    assert by["dhcp"]["facts"]["options"]["filename (iPXE, option 175)"].endswith("/boot.ipxe")
+    assert by["dhcp"]["facts"]["chain"].startswith("grubx64.efi (GRUB) over TFTP")
     assert "configfile /grub/grub.cfg-${net_default_mac}" in \
         by["loader dispatcher (GRUB)"]["facts"]["content"]
     assert f"linux /blobs/{image['kernel_sha']}" in by[f"loader config ({MAC})"]["facts"]["content"]
+    for what in ("kernel", "initrd"):
+        assert by[f"{what} over TFTP"]["facts"]["sha256"] == image[f"{what}_sha"]
+        assert f"{what} over HTTP" not in by
+    assert not [link for link in by if "iPXE" in link]
+
+
+@pytest.mark.parametrize("lo_site", ["ipxe_http = true"], indirect=True)  # the default loaders
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_ipxe_chain_is_loader_over_tftp_then_http_only(lo_site, tmp_path, firmware):
+    image = add_image_and_node(lo_site, tmp_path, "--firmware", firmware)
+    loader = {"bios": "undionly.kpxe", "uefi": "ipxe.efi"}[firmware]
+    with serving(lo_site):
+        proc, data = explain(lo_site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by = steps(data)
+    dhcp = by["dhcp"]["facts"]
+    assert dhcp["options"][f"filename ({firmware.upper()} PXE ROM)"] == loader
+    assert dhcp["options"]["filename (iPXE, option 175)"].endswith("/boot.ipxe")
+    assert any("tag:ipxe" in line and "boot.ipxe" in line for line in dhcp["boot file lines"])
+    first = by[f"loader (iPXE, {firmware.upper()} PXE ROM): {loader}"]["facts"]
+    assert first["size"] == Path(f"/usr/lib/ipxe/{loader}").stat().st_size
     assert "chain --autofree" in by["iPXE script (shared)"]["facts"]["content"]
     assert f"/blobs/{image['kernel_sha']}" in by[f"iPXE script ({MAC})"]["facts"]["content"]
     for what in ("kernel", "initrd"):
-        for proto in ("TFTP", "HTTP"):
-            assert by[f"{what} over {proto}"]["facts"]["sha256"] == image[f"{what}_sha"]
+        assert by[f"{what} over HTTP"]["facts"]["sha256"] == image[f"{what}_sha"]
+        assert by[f"{what} over HTTP"]["facts"]["fetch"].startswith("http://127.0.0.1:")
+        assert f"{what} over TFTP" not in by  # iPXE never asks TFTP for them
+    # pxelinux/GRUB configs are not part of this chain
+    assert not [link for link in by if link.startswith(("loader config", "loader dispatcher"))]
+
+
+def test_isc_dhcpd_backend_names_its_host_and_filename_lines(tmp_path):
+    site = make_lo_site(tmp_path, backend="isc")
+    add_image_and_node(site, tmp_path)
+    with serving(site):
+        proc, data = explain(site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dhcp = steps(data)["dhcp"]["facts"]
+    assert dhcp["backend"] == "isc" and dhcp["config"].endswith("dhcpd.conf")
+    assert any(f"hardware ethernet {MAC};" in line and "fixed-address 127.0.0.10;" in line
+               for line in dhcp["host lines"][MAC])
+    assert any('filename "pxelinux.0";' in line for line in dhcp["boot file lines"])
+
+
+def test_proxy_mode_says_who_gives_the_address(tmp_path):
+    site = make_lo_site(tmp_path)
+    site.config_path.write_text(site.config_path.read_text().replace(
+        'backend = "dnsmasq"\n', 'backend = "dnsmasq"\nmode = "proxy"\n', 1))
+    add_image_and_node(site, tmp_path)
+    with serving(site):
+        proc, data = explain(site, "n001")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dhcp = steps(data)["dhcp"]["facts"]
+    assert dhcp["mode"].startswith("proxy") and "site's DHCP server" in dhcp["options"]["address"]
+    assert dhcp["options"]["boot file (BIOS PXE ROM, pxe-service)"] == "pxelinux.0"
+    assert any(line.split(": ", 1)[1].startswith("pxe-service=") and "x86PC" in line
+               and "pxelinux.0" in line for line in dhcp["boot file lines"])
+    assert any("set:dynprov,n001" in line for line in dhcp["host lines"][MAC])
 
 
 def test_node_set_to_its_local_disk_has_no_image_links(lo_site, image):

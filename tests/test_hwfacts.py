@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from initramfs_support import bbsh, busybox_path
+from moab_standin import parse_wiki
 
 from pxe import db, hwfacts
 from pxe.inventory import Inventory
@@ -70,6 +71,30 @@ def test_dp_facts_reads_proc_and_sys_with_busybox(bbpath, tmp_path):
     assert empty.returncode == 0 and empty.stdout == "cpus 0\nfirmware bios\n"
 
 
+@pytest.mark.integration
+def test_dp_facts_reads_the_bmc_address_when_ipmitool_is_there(bbpath, tmp_path):
+    """A stand-in `ipmitool` (no local BMC here) printing `ipmitool lan print`'s real layout;
+    a machine whose ipmitool fails reports no address rather than a wrong one."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in bbpath.iterdir():
+        (tools / name.name).symlink_to(name.resolve())
+    fake = tools / "ipmitool"
+    fake.write_text("#!/bin/sh\n[ \"$*\" = \"lan print\" ] || exit 1\n"
+                    "printf 'Set in Progress         : Set Complete\\n"
+                    "IP Address Source       : Static Address\\n"
+                    "IP Address              : 10.20.0.17\\n"
+                    "Subnet Mask             : 255.255.255.0\\n'\n")
+    fake.chmod(0o755)
+    env = {**fake_machine(tmp_path / "m"), "PATH": str(tools)}
+    proc = bbsh(bbpath, "dp_facts", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert hwfacts.parse(proc.stdout)["bmc_address"] == "10.20.0.17"
+    fake.write_text("#!/bin/sh\necho 'Could not open device at /dev/ipmi0' >&2\nexit 1\n")
+    proc = bbsh(bbpath, "dp_facts", env=env)
+    assert proc.returncode == 0 and "bmc_address" not in hwfacts.parse(proc.stdout)
+
+
 @pytest.mark.unit
 def test_parser_keeps_only_well_formed_facts_and_is_bounded():
     text = "\n".join(["cpus 8", "cpus -1", "memory_kib 2048x", "memory_kib 4096",
@@ -124,6 +149,9 @@ def test_call_home_carries_facts_into_nodes_show_and_the_faces(lo_site, tmp_path
     assert f"eth0 {MAC}" in shown and "serial        SN-4711" in shown
     data = json.loads(lo_site.run("nodes", "show", "n001", "--json", check=True).stdout)
     assert data[0]["hardware"]["nics"][1]["mac"] == "52:54:00:20:00:02"
+    # Moab's cluster query (a real process, read as Moab reads it) carries them
+    wiki = parse_wiki(lo_site.run(cmd="cluster-query", check=True).stdout)
+    assert (wiki["n001"]["CPROC"], wiki["n001"]["CMEMORY"]) == ("4", "15931")
 
     lo_site.run("nodes", "remove", "n001", check=True)  # facts go with the node
     assert conn.execute("SELECT COUNT(*) FROM node_facts").fetchone()[0] == 0

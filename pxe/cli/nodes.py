@@ -74,8 +74,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "discovered", help="machines that PXE-booted with an unknown MAC ([discovery] enabled)",
         description="List the machines that booted the discovery image because the inventory "
                     "does not know their MAC, with the hardware they reported. Nothing becomes "
-                    "a node until `pxe-stage nodes adopt`.")
+                    "a node until `pxe-stage nodes adopt`. --forget drops machines from the "
+                    "list (e.g. after a flood filled [discovery] max_machines); one that boots "
+                    "again reports again.")
     add_json_flag(disc)
+    forget = disc.add_mutually_exclusive_group()
+    forget.add_argument("--forget", action="append", metavar="MAC",
+                        help="drop this machine from the list (repeat for several)")
+    forget.add_argument("--forget-all", action="store_true",
+                        help="drop every machine from the list")
     disc.set_defaults(func=cmd_discovered)
 
     adopt = verbs.add_parser(
@@ -201,6 +208,10 @@ def cmd_discovered(args: argparse.Namespace) -> int:
 
     from pxe import db, discovery
 
+    if args.forget or args.forget_all:
+        gone = discovery.forget(load_config(args), None if args.forget_all else args.forget)
+        print(f"forgot {gone} discovered machine(s)")
+        return 0
     rows = discovery.listing(db.connect(load_config(args).database))
     if args.json:
         print_json(rows)
@@ -223,11 +234,13 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     extra = {"firmware": args.firmware, "bmc_type": args.bmc_type,
              "bmc_address": args.bmc_address, "bmc_user": args.bmc_user,
              "bmc_secret": args.bmc_secret, "pool": args.pool}
-    node = discovery.adopt(load_config(args), args.mac, args.name, args.ip,
-                           {k: v for k, v in extra.items() if v is not None})
+    node, left_out = discovery.adopt(load_config(args), args.mac, args.name, args.ip,
+                                     {k: v for k, v in extra.items() if v is not None})
     print(f"adopted {node.macs[0]} as {node.name} ({', '.join(node.macs)}"
           f"{', ' + node.ip if node.ip else ''}, {node.firmware}); run `pxe-stage render` to "
           "give it its DHCP entry")
+    for mac, owner in left_out.items():
+        print(f"note: its NIC {mac} was left out: that MAC belongs to node {owner}")
     return 0
 
 

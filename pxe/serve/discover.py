@@ -89,7 +89,8 @@ async def report(request: Request) -> PlainTextResponse:
     elif outcome == discovery.FULL and time.monotonic() - _full_warned[0] > 60:
         _full_warned[0] = time.monotonic()
         log.warning("discovery: the table holds max_machines=%d machines; %s and others are "
-                    "not recorded (adopt or clear some: pxe-stage nodes discovered)",
+                    "not recorded (adopt some, or drop them: pxe-stage nodes discovered "
+                    "--forget MAC | --forget-all)",
                     settings.max_machines, mac)
     code, text = _ANSWERS[outcome]
     return PlainTextResponse(text, status_code=code)
