@@ -537,6 +537,34 @@ def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) 
                  len(todo) - len(set(todo) & set(failed)), len(failed))
 
 
+# -- after an outage of the segment's boot server (pxe.servers.watch) -------------------------------
+def _interrupted(conn: sqlite3.Connection, scope: Scope) -> list[sqlite3.Row]:
+    """Nodes power-cycled while their segment's boot server was down (their PXE had nothing to
+    talk to) that have not been sent to the network again since it came back."""
+    rows = conn.execute(
+        "SELECT rn.node, rn.run_id FROM run_nodes rn JOIN runs r ON r.id = rn.run_id "
+        "WHERE r.finished IS NULL AND rn.state = ? AND EXISTS (SELECT 1 FROM events e "
+        "WHERE e.node = rn.node AND e.run_id = rn.run_id AND e.kind = 'segment-up' "
+        "AND NOT EXISTS (SELECT 1 FROM events f WHERE f.node = rn.node AND f.run_id = rn.run_id "
+        "AND f.kind = 'run-power-retried' AND f.id > e.id)) ORDER BY rn.node",
+        (states.POWER_CYCLED,)).fetchall()
+    return scope.claimed(conn, rows)
+
+
+def _retry_netboot(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> None:
+    """Netboot them once more (same run step; its deadline still holds). A power failure is
+    only logged: the deadline decides, as for any node that does not boot."""
+    names = [r["node"] for r in rows]
+    results = _power_run(cfg, names, "netboot")
+    with db.transaction(conn):
+        for row in rows:
+            error = results[row["node"]]
+            db.log_event(conn, "run-power-retried", row["node"],
+                         error or "its segment's boot server is back: netboot again",
+                         row["run_id"])
+    log.info("netboot again after the boot server's outage: %s", ",".join(names))
+
+
 # -- follow-ups: what recorded reports call for (the driver acts; the server only records) -------
 class Scope:
     """What one driver drives: the nodes of its segment, those of them it holds the claim of."""
@@ -752,6 +780,9 @@ def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
                     requested = scope.claimed(conn, _requested(conn))
                     if requested:
                         _launch(cfg, conn, requested)
+                    interrupted = _interrupted(conn, scope)
+                    if interrupted:
+                        _retry_netboot(cfg, conn, interrupted)
                     active = scope.rows(conn, _active_rows(conn))
                     # After reading ``active``: a node that became final meanwhile is seen here.
                     follow_ups(cfg, conn, scope)

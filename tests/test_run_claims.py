@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -57,3 +58,27 @@ def test_two_drivers_racing_over_the_same_nodes_drive_each_node_once(site: Site,
         assert len(names) == 2
         assert conn.execute("SELECT COUNT(*) FROM run_claims").fetchone()[0] == 0
         assert [p.returncode for p in drivers] == [0, 0]
+
+
+@pytest.mark.integration
+def test_a_node_power_cycled_during_its_segments_outage_is_netbooted_again(site: Site,
+                                                                          tmp_path: Path) -> None:
+    """Its PXE had no boot server to talk to: when the segment's serve is back (the watch's
+    ``segment-up``), the driver holding it sends it to the network once more."""
+    with cluster(site, tmp_path, 2, behaviours={"n001": "silent", "n002": "silent"}) as c:
+        conn = db.connect(c.cfg.database)
+        req = run.request(c.cfg, conn, c.names, "centos5")
+        assert run.spawn_driver(c.cfg) is not None
+        wait_for(lambda: {r["state"] for r in run.latest(conn, c.names).values()}
+                 == {"power-cycled"})
+        wait_for(lambda: len(c.node("n001").boots) == 1)
+        with db.transaction(conn):  # what pxe.servers.watch records when the serve beats again
+            db.log_event(conn, "segment-up", "n001", "test", req.run_id)
+        wait_for(lambda: len(c.node("n001").boots) == 2)
+        retried = [e for e in run.history(conn, req.run_id) if e["kind"] == "run-power-retried"]
+        assert [e["node"] for e in retried] == ["n001"]
+        assert "netboot again" in retried[0]["detail"]
+        assert run.latest(conn, ["n001"])["n001"]["state"] == "power-cycled"  # same step
+        # once only, and n002 (no outage seen) is left alone
+        time.sleep(2 * run.POLL)
+        assert len(c.node("n001").boots) == 2 and len(c.node("n002").boots) == 1
