@@ -602,16 +602,18 @@ class Supervisor:
 
             bmc_class, _ = vbmc._build_classes()
             journal = vbmc.Journal(lab_dir(self.cfg) / "bmc-journal.jsonl")
+            bmcs = []
             for n in ipmi:
                 port = int(n["bmc"].rsplit(":", 1)[1])
-                bmc_class(n["name"], self.machines[n["name"]], BMC_USER, password, port,
-                          address="127.0.0.1", journal=journal)
+                bmcs.append(bmc_class(n["name"], self.machines[n["name"]], BMC_USER, password,
+                                      port, address="127.0.0.1", journal=journal))
 
             def loop() -> None:
                 import pyghmi.ipmi.private.session as ipmisession
 
                 while not self.stop.is_set():
-                    ipmisession.Session.wait_for_rsp(0.5)
+                    ipmisession.Session.wait_for_rsp(vbmc.TICK)
+                    vbmc.tick_all(bmcs)  # each VM's serial log into its SOL session
 
             threads.append(threading.Thread(target=loop, name="ipmi", daemon=True))
         if redfish:

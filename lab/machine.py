@@ -12,7 +12,9 @@ either. Contract, kept deliberately small:
   the machine uses it for the next power-on or reset, then falls back to its persistent device.
 
 Methods may be called from any thread; implementations must be thread-safe.
-Soft off (ACPI power button) is not part of the protocol: a BMC maps it to ``power_off()`` unless
+A machine may also have ``serial_path``: a file its serial port writes to, which the virtual
+BMC sends over serial-over-LAN while a console is attached (QEMU's serial log, or a file a test
+appends to). Soft off (ACPI power button) is not part of the protocol: a BMC maps it to ``power_off()`` unless
 the machine also has a ``shutdown()`` method.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 PowerState = Literal["on", "off"]
@@ -64,6 +67,7 @@ class SimulatedMachine:
     persistent_device: BootDevice = "disk"
     next_device: BootDevice | None = None
     boots: list[Boot] = field(default_factory=list)
+    serial_path: Path | None = None  # the node's serial output, which its BMC sends over SOL
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def power_state(self) -> PowerState:

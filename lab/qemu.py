@@ -120,6 +120,11 @@ class QemuMachine:
         self.boots: list[tuple[float, BootDevice]] = []
         self.on_event = on_event  # (node, "power-on" | "reset" | "power-off", device)
 
+    @property
+    def serial_path(self) -> Path:
+        """The serial log, which the node's virtual BMC follows into serial-over-LAN."""
+        return self.spec.serial_log
+
     def _tell(self, event: str, device: str = "") -> None:
         if self.on_event is not None:
             with contextlib.suppress(Exception):

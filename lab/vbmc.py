@@ -23,8 +23,15 @@ be tested on both; an unknown user name gets RAKP2 status 0x0D (unauthorized nam
 of silence; the boot-flags parameter (5) is parsed in full (valid, persistent and EFI bits are kept
 and reported back by Get System Boot Options); a closed session is forgotten; ``drop_first`` makes
 the BMC ignore its first N datagrams (a BMC that is slow to wake up) and ``Faults`` adds others
-(crossed logins, lost chassis-control answers); every change is appended to a JSON-lines journal
-so a test can see what the BMC side observed.
+(crossed logins, lost chassis-control answers, SOL sessions closed by the BMC); every change is
+appended to a JSON-lines journal so a test can see what the BMC side observed.
+
+Serial over LAN: the node's serial output (a Machine's ``serial_path``: QEMU's serial log in the
+lab, ``--serial-dir DIR/NAME.log`` for simulated nodes) is followed into the SOL session while one
+is attached (``tick``, between packets of the event loop), live from the moment of attaching as on
+real BMCs; SOL can be attached while the node is off (to watch it power on); Get Payload Instance
+Info (0x4B, which pyghmi's client sends as its keepalive) is answered; and SOL packets carry at
+most 255 bytes (pyghmi's client acks the count in one byte and fails on 256).
 
 Several BMCs share one process and one pyghmi event loop (one UDP port each); ``main()`` (the
 ``python3 -m lab.vbmc`` launcher) can also fork several such processes for a load target. ``VbmcProcess``
@@ -64,6 +71,24 @@ FLAG_VALID, FLAG_PERSISTENT, FLAG_EFI = 0x80, 0x40, 0x20
 DEVICE_CODES = {1: "network", 2: "disk"}  # 0001b force PXE, 0010b force default hard disk
 CC_NOT_IN_STATE = 0xD5  # "command not supported in present state" (cycle/reset while off)
 CROSS_PAUSE = 0.5  # s a crossed login waits before answering (clients resend meanwhile)
+SERIAL_CHUNK = 2048  # serial bytes put into SOL per tick (pyghmi sends 256-byte packets, each acked)
+TICK = 0.1  # s between ticks of the event loop (serial into SOL)
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return os.stat(path).st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def tick_all(bmcs: Sequence[Any]) -> None:
+    """One tick of every BMC of the loop (serial into SOL, SOL faults); never raises."""
+    for bmc in bmcs:
+        try:
+            bmc.tick()
+        except Exception:
+            traceback.print_exc(limit=3)
 
 
 @dataclass(frozen=True)
@@ -74,10 +99,13 @@ class Faults:
     stock pyghmi did - every resent Open Session Request gets a new session id - so the client
     meets a RAKP2 signed for another session id (its "wrong password" under load).
     ``lose_control_answers``: the first N chassis controls are carried out, their answers lost.
+    ``sol_close_after``: every SOL session is closed by the BMC this many seconds after it opened
+    (a BMC reset, another admin taking the console): the client must notice and reconnect.
     """
 
     cross_logins: int = 0
     lose_control_answers: int = 0
+    sol_close_after: float = 0.0  # > 0: the BMC closes every SOL session after this many seconds
 
 
 class Journal:
@@ -279,11 +307,18 @@ def _build_classes() -> tuple[type, type]:
             faults = faults or Faults()
             self.cross_logins = faults.cross_logins
             self.lose_control_answers = faults.lose_control_answers
+            self.sol_close_after = faults.sol_close_after
+            self.sol_owner = 0  # the session id that activated SOL (Get Payload Instance Info)
+            self.sol_opened = 0.0
+            self.serial_offset = 0
 
         def handle_raw_request(self, request: dict[str, Any], session: Any) -> None:
             if request["netfn"] == 6 and request["command"] == 0x54:  # inside a session too
                 records = b"".join(SUITE_RECORDS[n] for n in self.cipher_suites)
                 session.send_ipmi_response(data=list(b"\x01" + records))
+                return
+            if request["netfn"] == 6 and request["command"] == 0x4B:
+                self.get_payload_instance_info(session)
                 return
             super().handle_raw_request(request, session)
 
@@ -299,10 +334,57 @@ def _build_classes() -> tuple[type, type]:
             ipmisession._io_sendto(self.serversocket, packet, sockaddr)
 
         def activate_payload(self, request: dict[str, Any], session: Any) -> None:
+            had = self.sol
             super().activate_payload(request, session)
-            if self.sol is not None:
+            if self.sol is not None and self.sol is not had:
+                # pyghmi's server sends up to 256 bytes a packet; its client acks the count in
+                # one byte (bytearray((0, seq, count, 0))) and dies on 256: 255 at most.
+                self.sol.maxoutcount = 255
+                self.sol_owner = session.localsid
+                self.sol_opened = time.monotonic()
+                self.serial_offset = _size(self.serial_path())  # live from now, as real SOL
                 self._event("console-attached")
                 self.sol.send_data(f"[{self.name} serial console]\r\n")
+
+        def deactivate_payload(self, request: dict[str, Any], session: Any) -> None:
+            super().deactivate_payload(request, session)
+            if self.sol is None:
+                self.sol_owner = 0
+
+        def serial_path(self) -> Path | None:
+            return getattr(self.machine, "serial_path", None)
+
+        def tick(self) -> None:
+            """Called by the event loop between packets: the node's serial output into SOL
+            (at most SERIAL_CHUNK bytes a call, one SOL packet in flight), and the SOL fault."""
+            if self.sol is None or not self.activated:
+                return
+            if self.sol_close_after and time.monotonic() - self.sol_opened >= self.sol_close_after:
+                self.sol, self.activated, self.sol_owner = None, False, 0
+                self._event("console-closed", reason="fault: sol_close_after")
+                return
+            path = self.serial_path()
+            if path is None or self.sol.awaitingack:
+                return
+            size = _size(path)
+            if size < self.serial_offset:  # the file was replaced
+                self.serial_offset = 0
+            if size == self.serial_offset:
+                return
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(self.serial_offset)
+                    data = fh.read(SERIAL_CHUNK)
+            except OSError:
+                return
+            self.serial_offset += len(data)
+            self.sol.send_data(data)
+
+        def get_payload_instance_info(self, session: Any) -> None:
+            """NetFn 6 cmd 0x4B: who owns SOL instance 1 (0 = nobody); pyghmi's client asks it
+            at its keepalive, and stock pyghmi's server did not answer it (0xC1)."""
+            owner = self.sol_owner if self.activated and self.sol is not None else 0
+            session.send_ipmi_response(data=list(struct.pack("<I", owner)) + [0] * 8)
 
         def iohandler(self, data: Any) -> None:
             """Serial over LAN: what the admin types. A running simulated node echoes it."""
@@ -313,7 +395,7 @@ def _build_classes() -> tuple[type, type]:
                 self.sol.send_data(text)
 
         def is_active(self) -> bool:
-            return self.machine.power_state() == "on"
+            return True  # a BMC's SOL works while the host is off: the admin sees it power on
 
         def control_chassis(self, request: dict[str, Any], session: Any) -> None:
             if self.lose_control_answers <= 0:
@@ -466,8 +548,10 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
           drop_first: int = 0, power_on: bool = False, journal: Journal | None = None,
           lifetime: float = 3600.0, ready: Callable[[], None] | None = None,
           stop: threading.Event | None = None, parent: int | None = None,
-          cipher_suites: Sequence[int] = (3,), faults: Faults | None = None) -> None:
-    """Run one pyghmi event loop serving a BMC per spec, for at most ``lifetime`` seconds."""
+          cipher_suites: Sequence[int] = (3,), faults: Faults | None = None,
+          serial_dir: Path | None = None) -> None:
+    """Run one pyghmi event loop serving a BMC per spec, for at most ``lifetime`` seconds.
+    ``serial_dir``: each node's serial output is ``serial_dir/NAME.log`` (followed into SOL)."""
     import pyghmi.ipmi.private.session as ipmisession
 
     quiet_io()
@@ -475,7 +559,9 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
     journal = journal or Journal(None)
     bmcs = []
     for spec in specs:
-        machine = SimulatedMachine(spec.name, state="on" if power_on else "off")
+        machine = SimulatedMachine(spec.name, state="on" if power_on else "off",
+                                   serial_path=serial_dir / f"{spec.name}.log" if serial_dir
+                                   else None)
         bmcs.append(bmc_class(spec.name, machine, user, password, spec.port, address=address,
                               drop_first=drop_first, journal=journal,
                               cipher_suites=cipher_suites, faults=faults))
@@ -484,9 +570,10 @@ def serve(specs: Sequence[BmcSpec], user: str, password: str, *, address: str = 
     deadline = time.monotonic() + lifetime
     while time.monotonic() < deadline and not (stop and stop.is_set()):
         try:
-            ipmisession.Session.wait_for_rsp(0.5)
+            ipmisession.Session.wait_for_rsp(TICK)
         except Exception:  # one odd packet must not take every BMC of the process down
             traceback.print_exc(limit=3)
+        tick_all(bmcs)
         if parent is not None and os.getppid() != parent:
             break  # the launcher is gone: do not outlive it
 
@@ -512,6 +599,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lose-control-answers", type=int, default=0, metavar="N",
                    help="fault: each BMC carries out its first N chassis controls and loses "
                         "their answers")
+    p.add_argument("--sol-close-after", type=float, default=0.0, metavar="S",
+                   help="fault: the BMC closes every SOL session S seconds after it opened")
+    p.add_argument("--serial-dir", type=Path, metavar="DIR",
+                   help="each node's serial output is DIR/NAME.log: what is appended there is "
+                        "sent over SOL (the QEMU lab follows the VM's serial log the same way)")
     p.add_argument("--journal", type=Path, help="append BMC-side events (JSON lines) here")
     p.add_argument("--lifetime", type=float, default=3600.0, help="exit after S seconds")
     p.add_argument("--cipher-suites", default="3", metavar="LIST",
@@ -531,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     nproc = max(1, min(args.processes, len(specs)))
     kwargs = dict(address=args.address, drop_first=args.drop_first, power_on=args.power_on,
                   journal=Journal(args.journal), lifetime=args.lifetime, cipher_suites=suites,
-                  faults=Faults(args.cross_logins, args.lose_control_answers))
+                  faults=Faults(args.cross_logins, args.lose_control_answers,
+                                args.sol_close_after), serial_dir=args.serial_dir)
     if nproc == 1:
         serve(specs, args.user, password, ready=lambda: print(f"ready {len(specs)}", flush=True),
               **kwargs)  # type: ignore[arg-type]
@@ -593,7 +686,7 @@ class VbmcProcess:
                  processes: int = 1, drop_first: int = 0, power_on: bool = False,
                  journal: Path | None = None, lifetime: float = 600.0,
                  start_timeout: float = 60.0, cipher_suites: Sequence[int] = (3,),
-                 faults: Faults | None = None):
+                 faults: Faults | None = None, serial_dir: Path | None = None):
         self.argv = [sys.executable, "-m", "lab.vbmc", "--nodes", nodes, "--base-port",
                      str(base_port), "--user", user, "--password-file", str(password_file),
                      "--processes", str(processes), "--drop-first", str(drop_first),
@@ -601,7 +694,10 @@ class VbmcProcess:
                      "--cipher-suites", ",".join(str(n) for n in cipher_suites)]
         faults = faults or Faults()
         self.argv += ["--cross-logins", str(faults.cross_logins),
-                      "--lose-control-answers", str(faults.lose_control_answers)]
+                      "--lose-control-answers", str(faults.lose_control_answers),
+                      "--sol-close-after", str(faults.sol_close_after)]
+        if serial_dir:
+            self.argv += ["--serial-dir", str(serial_dir)]
         if power_on:
             self.argv.append("--power-on")
         if journal:

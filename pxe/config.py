@@ -131,7 +131,7 @@ _KNOWN: dict[str, set[str]] = {
     "state": {"url"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
-_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks",
+_OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks", "console",
                   "discovery", "segment"}
 
 

@@ -488,6 +488,22 @@ def change_counter(conn: sqlite3.Connection) -> int | str:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
+def read_stamp(target: Path | str) -> str:
+    """The change stamp of a store ("" if none yet): the -stamp file next to an SQLite database,
+    the stamp row of a PostgreSQL one (a connection of its own)."""
+    if is_url(target):
+        conn = connect(target, create=False)
+        try:
+            return str(change_counter(conn))
+        except Error:
+            return ""
+        finally:
+            conn.close()
+    from pxe import stamp
+
+    return stamp.read(target)
+
+
 def bump_stamp(conn: sqlite3.Connection) -> None:
     """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed.
     (PostgreSQL: the connection bumped the stamp row inside the transaction already.)"""

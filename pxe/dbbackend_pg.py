@@ -58,6 +58,11 @@ class ConnectionLost(PgOperationalError):
     """The server went away (restart, network); what a transaction wrote was rolled back."""
 
 
+class Unreachable(DynprovError, PgOperationalError):
+    """No server after the bounded wait: a one-line DynprovError for commands (exit 1) that the
+    run driver's ``except sqlite3.Error`` retry loop catches as well."""
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -254,7 +259,7 @@ class PgConnection:
                                        f"({_redacted(self.url)}) refused this user: "
                                        f"{_reason(exc)} (run as root or through sudo)") from None
                 if time.monotonic() >= deadline or not _retryable_connect(exc):
-                    raise DynprovError(f"cannot reach the state database "
+                    raise Unreachable(f"cannot reach the state database "
                                        f"({_redacted(self.url)}): {_one_line(exc)}") from None
                 if attempt == 1:
                     log.warning("state database unreachable (%s); retrying for up to %.0f s",

@@ -105,6 +105,21 @@ class Cluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def dump(url: str) -> bytes:
+    """Every table's rows, in order: the PostgreSQL counterpart of SQLite's iterdump()."""
+    import psycopg
+
+    lines = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        tables = [r[0] for r in conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+            "ORDER BY table_name")]
+        for table in tables:
+            for row in conn.execute(f'SELECT * FROM "{table}" ORDER BY 1'):
+                lines.append(f"{table}: {row!r}")
+    return "\n".join(lines).encode()
+
+
 _shared: Cluster | None = None
 
 

@@ -50,11 +50,11 @@ def images(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 
 class Lab:
-    def __init__(self, site, nodes: str):
+    def __init__(self, site, nodes: str, extra_config: str = ""):
         self.site = site
         self.name = f"dpt-{uuid.uuid4().hex[:8]}"
         with open(site.config_path, "a") as fh:
-            fh.write(lab_config(nodes, self.name))
+            fh.write(lab_config(nodes, self.name) + extra_config)
 
     @property
     def logs(self) -> list[Path]:
@@ -96,8 +96,8 @@ class Lab:
 
 
 @contextlib.contextmanager
-def lab_up(site, nodes: str) -> Iterator[Lab]:
-    lab = Lab(site, nodes)
+def lab_up(site, nodes: str, extra_config: str = "") -> Iterator[Lab]:
+    lab = Lab(site, nodes, extra_config)
     try:
         with serial_logs_on_failure(lab.logs):
             up = site.lab("up")
@@ -187,11 +187,14 @@ FAULTS = """  {name = "f1", mac = "52:54:00:e2:03:01", ip = "198.18.0.31", power
 def test_failed_boot_is_down_with_reason_and_killed_vm_times_out(site, images, tmp_path):
     """An image whose root file is not a root filesystem: f1's initramfs reports failed (Down
     with the reason); f2's QEMU is killed mid-boot (a node that never answers: timed out). Then
-    no stale lock: f2 can be switched again at once and comes up."""
+    no stale lock: f2 can be switched again at once and comes up.
+    Console logging is on (`serve` keeps an SOL session per IPMI node; the lab's BMCs carry each
+    VM's serial port over SOL): f1's failed boot - kernel lines, the initramfs's own lines - is
+    in its console log afterwards and `run show` prints it."""
     _need_stack()
     broken = tmp_path / "broken.tar.gz"
     broken.write_bytes(b"this is not a root filesystem")
-    with lab_up(site, FAULTS) as lab:
+    with lab_up(site, FAULTS, "\n[console]\nlog = true\n") as lab:
         # `pxe-stage images add` refuses such a file (checked as a bundle's root filesystem):
         # the fault goes in through the catalog itself, as a damaged store would have it.
         files = images["centos5"]
@@ -217,6 +220,7 @@ def test_failed_boot_is_down_with_reason_and_killed_vm_times_out(site, images, t
         q = lab.query()
         assert q["f1"]["STATE"] == "Down" and "root filesystem" in q["f1"]["MESSAGE"], q["f1"]
         assert q["f2"]["STATE"] == "Down" and "timed out" in q["f2"]["MESSAGE"], q["f2"]
+        _console_of_failed_run(site, "f1")
         from pxe import run
 
         deadline = time.monotonic() + 15
@@ -226,3 +230,23 @@ def test_failed_boot_is_down_with_reason_and_killed_vm_times_out(site, images, t
         sw = lab.os_switch("f2", "centos5")
         assert sw.returncode == 0, sw.stderr
         assert lab.wait_final(["f2"]) == {"f2": "ready"}
+
+
+def _console_of_failed_run(site, node: str) -> None:
+    """The node's console log holds its failed boot, and `run show` prints those lines."""
+    runs = json.loads(site.run("run", "list", "--json", check=True).stdout)
+    run_id = next(r["id"] for r in runs if r["label"] == "broken")
+    shown, deadline = "", time.monotonic() + 60
+    while time.monotonic() < deadline:  # the SOL copy may trail the serial port a little
+        shown = site.run("run", "show", str(run_id), "--console-lines", "5000", check=True).stdout
+        if "dynprov: FAILED" in shown.split(f"\n{node}:", 1)[-1]:
+            break
+        time.sleep(2)
+    mine = shown.split(f"\n{node}:", 1)[-1].split("\nf2:", 1)[0]
+    assert "console: " in mine and f"{node}.log lines " in mine, shown[-3000:]
+    assert "] Linux version" in mine, mine[:3000]           # the kernel's boot lines
+    assert "| dynprov: FAILED" in mine, mine[-3000:]        # the initramfs's own lines
+    assert "root filesystem" in mine
+    data = json.loads(site.run("run", "show", str(run_id), "--json", check=True).stdout)
+    member = next(m for m in data["nodes"] if m["node"] == node)
+    assert member["console"]["count"] > 0 and member["console"]["files"]

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pg_support
 import pytest
 from moab_standin import MoabStandIn, parse_wiki
 from test_power_support import add_nodes
@@ -144,9 +145,12 @@ def test_cluster_query_always_exits_0(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
     assert set(parse_wiki(site.run(cmd="cluster-query").stdout)) == {f"n00{i}" for i in range(1, 5)}
     # the database becomes unreadable: the last report's nodes, as Unknown with the reason
-    cfg.db_path.rename(cfg.db_path.with_suffix(".gone"))
-    for suffix in ("-wal", "-shm"):
-        Path(str(cfg.db_path) + suffix).unlink(missing_ok=True)
+    if cfg.state.url:  # PostgreSQL: the database is dropped
+        pg_support.shared().drop_database(cfg.state.url.split("///", 1)[1].split("?", 1)[0])
+    else:
+        cfg.db_path.rename(cfg.db_path.with_suffix(".gone"))
+        for suffix in ("-wal", "-shm"):
+            Path(str(cfg.db_path) + suffix).unlink(missing_ok=True)
     proc = site.run(cmd="cluster-query")
     assert proc.returncode == 0
     view = parse_wiki(proc.stdout)

@@ -222,6 +222,19 @@ def _wait_until_db_open(proc: subprocess.Popen, db_path: Path, limit: float = 30
     raise AssertionError(f"mover {proc.pid} did not open {db_path} within {limit} s")
 
 
+def _wait_until_queued(holder, procs: list[subprocess.Popen], limit: float = 60.0) -> None:
+    """PostgreSQL: until every mover waits for the writers' advisory lock the holder has."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a mover finished while the lock was held"
+        waiting = holder.execute("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND NOT granted").fetchone()[0]
+        if waiting >= len(procs):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the movers did not queue on the write lock within {limit} s")
+
+
 def _concurrently(site, *moves: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     """Start every mover while this test holds the write lock, then let them all go at once."""
     cfg = site.cfg
@@ -230,7 +243,9 @@ def _concurrently(site, *moves: tuple[str, ...]) -> list[subprocess.CompletedPro
     procs: list[subprocess.Popen] = []
     try:
         procs = [_start(site, *argv) for argv in moves]
-        for proc in procs:
+        if cfg.state.url:
+            _wait_until_queued(holder, procs)
+        for proc in procs if not cfg.state.url else ():
             _wait_until_db_open(proc, cfg.db_path)
         time.sleep(0.3)
         assert all(p.poll() is None for p in procs)  # all waiting on the same lock

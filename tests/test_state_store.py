@@ -318,3 +318,18 @@ def test_cli_runs_as_module_on_postgresql(cluster, site):
     assert [ln.split()[0] for ln in out.stdout.splitlines() if ln and ln[0] != "#"] == \
         ["n001", "n002", "n003"]
     assert not (site.root / "state" / "dynprov.db").exists()  # nothing went to SQLite
+
+
+@pytest.mark.unit
+def test_a_lost_connection_ends_a_command_in_one_line():
+    from pxe.cli import guard
+
+    def body(argv):  # type: ignore[no-untyped-def]
+        raise dbbackend_pg.ConnectionLost("the state database connection was lost (terminating "
+                                          "connection due to administrator command)")
+
+    err = __import__("io").StringIO()
+    code = guard.run("pxe-stage", body, [], stream=err)
+    assert code == 1
+    assert err.getvalue() == ("pxe-stage: state database error: the state database connection "
+                              "was lost (terminating connection due to administrator command)\n")

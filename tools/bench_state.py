@@ -14,7 +14,10 @@ only, started and removed here, run as the `postgres` user). Per round, backends
   call-home      --reports `ready` reports, one after another on one connection, as a serve
                  worker records them (pxe.reports.record_report: token check, node, agent,
                  event in one transaction) -> reports per second
-Medians and spreads (min-max). Ends with `RESULT ...` (tools/bench_common.result).
+Medians and spreads (min-max); "PG cost x" = PostgreSQL's time (or SQLite's rate) over SQLite's
+time (or PostgreSQL's rate), the *_ratio fields the same per round. PostgreSQL runs with
+fsync off here (a throw-away cluster): its figures are the protocol's and the server's cost,
+not a disk's. Ends with `RESULT ...` (tools/bench_common.result).
 """
 
 from __future__ import annotations
@@ -111,13 +114,18 @@ def bench(work: Path, args: argparse.Namespace) -> int:
                             ("query", "cluster-query (cold, real process)", "s"),
                             ("callhome_rate", "call-home reports recorded", "/s")):
         lite, pg = times["sqlite"][key], times["postgresql"][key]
+        cost = bc.median(lite) / bc.median(pg) if unit == "/s" else bc.median(pg) / bc.median(lite)
         rows.append([what, f"{bc.median(lite):.3f} {unit}", bc.spread(lite),
-                     f"{bc.median(pg):.3f} {unit}", bc.spread(pg),
-                     f"{bc.median(pg) / bc.median(lite):.2f}"])
+                     f"{bc.median(pg):.3f} {unit}", bc.spread(pg), f"{cost:.2f}"])
     print(f"state store, {args.nodes} nodes, {args.repeat} interleaved rounds, "
           f"{args.reports} reports per round; {bc.load_note()}")
-    print(bc.table(["case", "SQLite", "spread", "PostgreSQL", "spread", "PG/SQLite"], rows))
+    print(bc.table(["case", "SQLite", "spread", "PostgreSQL", "spread", "PG cost x"], rows))
     fields: dict[str, object] = {"nodes": args.nodes, "repeat": args.repeat}
+    for key, invert in (("setboot", False), ("query", False), ("callhome_rate", True)):
+        lite, pg = times["sqlite"][key], times["postgresql"][key]
+        ratio = [(s / p) if invert else (p / s) for s, p in zip(lite, pg, strict=True)]
+        fields[f"{key}_ratio"] = bc.median(ratio)  # PostgreSQL's cost over SQLite's, per round
+        fields[f"{key}_ratio_spread"] = bc.spread(ratio)
     for backend, short in (("sqlite", "sqlite"), ("postgresql", "pg")):
         for key in ("setboot", "query", "callhome_rate"):
             fields[f"{short}_{key}"] = bc.median(times[backend][key])

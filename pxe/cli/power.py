@@ -55,10 +55,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("console", help="serial console of one node (IPMI serial over LAN)",
                        description="Attach this terminal to the node's serial console; "
-                                   "'~.' at the start of a line quits.")
+                                   "'~.' at the start of a line quits. With --log, keep the "
+                                   "console's session open instead and write it to the node's "
+                                   "console log (<state_dir>/console/NODE.log: a UTC time on "
+                                   "every line, rotated at console.max_bytes, console.rotations "
+                                   "kept, mode 0640), reconnecting after 1, 2, 4 ... s when the "
+                                   "BMC drops the session; `serve --console-log` does this for "
+                                   "every IPMI node.",
+                       epilog="Exit status: 0 detached (or --log: stopped by --seconds or "
+                              "SIGTERM after a session was open); 1 failed (--log: no session "
+                              "could be opened, or --attempts used up; the log is held by "
+                              "another process; an unknown node; a node without an IPMI BMC); "
+                              "2 bad input.")
     c.add_argument("node")
     c.add_argument("--seconds", type=float, metavar="S",
                    help="detach after S seconds (to watch a boot from a script)")
+    c.add_argument("--log", action="store_true",
+                   help="write the console to the node's console log until --seconds, "
+                        "--attempts or SIGTERM, instead of this terminal")
+    c.add_argument("--attempts", type=int, metavar="N",
+                   help="with --log: give up after N sessions ended or failed to open")
     c.set_defaults(func=cmd_console)
 
 
@@ -191,6 +207,10 @@ def cmd_console(args: argparse.Namespace) -> int:
     from pxe.power.fanout import drivers
     from pxe.power.secrets import SecretStore
 
+    if args.seconds is not None and not 0 < args.seconds <= 10 ** 7:
+        raise InputError(f"--seconds {args.seconds:g}: expected a number of seconds > 0")
+    if args.attempts is not None and (not args.log or not 1 <= args.attempts <= 10 ** 6):
+        raise InputError("--attempts N: only with --log, N from 1 to 1000000")
     cfg = load_config(args)
     node = Inventory(cfg).get(args.node)
     if node.bmc_type != "ipmi":
@@ -204,6 +224,14 @@ def cmd_console(args: argparse.Namespace) -> int:
     if problems:
         raise DynprovError(f"{node.name}: {'; '.join(problems)}")
     secret = SecretStore(cfg.paths.secrets_file).lookup(node.bmc_secret)
+    if args.log:
+        from pxe.power.ipmi import keep_console_log
+
+        try:
+            return keep_console_log(cfg, Job(node, secret), seconds=args.seconds,
+                                    attempts=args.attempts)
+        except PowerError as exc:
+            raise DynprovError(str(exc)) from None
     try:
         return int(driver.attach(Job(node, secret), s, seconds=args.seconds))
     except PowerError as exc:

@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "(request, power, the node's reports, timeouts) with its "
                                       "time.")
     sh.add_argument("run_id", metavar="RUN", help="run ID")
+    sh.add_argument("--console-lines", type=int, default=40, metavar="N",
+                    help="per node, the last N console log lines inside the run's time window "
+                         "(from `serve --console-log` or `console NODE --log`; 0: only where "
+                         "they are: file and line numbers); default 40")
     add_json_flag(sh)
     sh.set_defaults(func=cmd_show)
 
@@ -177,8 +181,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     run_id = _run_id(args.run_id)
     if run_id is None:
         raise InputError(f"invalid run id {args.run_id!r}: expected a number")
-    run = provision.show(load_config(args), run_id)
+    if not 0 <= args.console_lines <= MAX_LIMIT:
+        raise InputError(f"--console-lines {args.console_lines}: expected 0..{MAX_LIMIT}")
+    cfg = load_config(args)
+    run = provision.show(cfg, run_id)
+    consoles = _consoles(cfg, run, args.console_lines)
     if args.json:
+        for member in run["nodes"]:
+            member["console"] = consoles.get(member["node"])
         print_json(run)
         return EXIT_OK
     print(f"run {run['id']}: {run['label']} ({run['mode']}), {run['state']}; created "
@@ -193,4 +203,26 @@ def cmd_show(args: argparse.Namespace) -> int:
             offset = f"+{step['ts'] - start:.1f}s" if start is not None else ""
             detail = f"  {step['detail']}" if step["detail"] else ""
             print(f"  {_time(step['ts'])} {offset:>8}  {step['kind']}{detail}")
+        _print_console(consoles.get(node["node"]))
     return EXIT_OK
+
+
+def _consoles(cfg: Any, run: dict[str, Any], limit: int) -> dict[str, Any]:
+    import time
+
+    from pxe import console_log
+
+    return console_log.for_run(cfg.paths.state_dir, run, limit=limit, now=time.time())
+
+
+def _print_console(console: dict[str, Any] | None) -> None:
+    """The node's console lines of the run: where they are, then the last ones."""
+    if not console or not console["count"]:
+        return
+    where = ", ".join(f"{f['file']} lines {f['first_line']}-{f['last_line']}"
+                      for f in console["files"])
+    shown = len(console["lines"])
+    print(f"  console: {console['count']} lines in this run ({where})"
+          + (f"; the last {shown}:" if shown else ""))
+    for line in console["lines"]:
+        print(f"    {_time(line['ts'])} | {line['text']}")

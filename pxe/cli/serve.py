@@ -28,13 +28,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve this segment's nodes only (service node; default: [segment] "
                         "name, else the primary's); blobs missing here are fetched from "
                         "[segment] primary_url and verified")
+    p.add_argument("--console-log", action="store_true",
+                   help="also keep an SOL console log of every IPMI node (as [console] log = "
+                        "true): <state_dir>/console/NODE.log, see `pxe-stage console --log`")
     p.add_argument("--check", action="store_true",
                    help="check the configuration, print the effective settings and exit")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pxe import segments
+    from pxe import console_settings, segments
     from pxe.serve import settings as serve_settings
 
     cfg = segments.pinned(load_config(args), args.segment)
@@ -44,12 +47,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_address=args.http_address, http_port=args.http_port,
         tftp_workers=args.tftp_workers, http_workers=args.http_workers,
         tftp=False if args.no_tftp else None, http=False if args.no_http else None)
+    consoles = console_settings.load(cfg, log=True if args.console_log else None)
     if args.check:
         for key, value in vars(settings).items():
             print(f"{key} = {value}")
+        for key, value in vars(consoles).items():
+            print(f"console.{key} = {value}")
         for key, value in vars(segment).items():
             print(f"segment.{key} = {value}")
         return 0
     from pxe.serve import daemon
 
-    return daemon.run(cfg, settings, segment)
+    return daemon.run(cfg, settings, consoles, segment)

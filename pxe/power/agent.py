@@ -52,8 +52,8 @@ def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
             now = time.time()
             reboot = row["reboot_requested"] is not None
             conn.execute("UPDATE agents SET seq = ?, last_seen = ?, reboot_requested = NULL, "
-                         "reboot_taken = CASE WHEN ? THEN ? ELSE reboot_taken END WHERE node = ?",
-                         (seq, now, reboot, now, node))
+                         "reboot_taken = CASE WHEN ? = 1 THEN ? ELSE reboot_taken END "
+                         "WHERE node = ?", (seq, now, int(reboot), now, node))
             if reboot:
                 db.log_event(conn, "agent-reboot-taken", node, f"seq {seq}")
             return "reboot" if reboot else "ok"

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from pxe.config import Config
 from pxe.errors import InputError
 from pxe.inventory import Node
 from pxe.power import rmcp
@@ -256,6 +257,42 @@ class IpmiDriver:
             restore()
             con.close()
         return 0
+
+
+def keep_console_log(cfg: Config, job: Job, *, seconds: float | None = None,
+                     attempts: int | None = None) -> int:
+    """`pxe-stage console NODE --log`: the node's SOL session into its console log until
+    ``seconds``, ``attempts`` or SIGTERM/SIGINT (see pxe.console_sol). Exit status: 0 when a
+    session was open at some point and we stopped on time or on a signal, else 1."""
+    import signal
+
+    from pxe import console_log, console_settings, console_sol
+
+    node = job.node
+    settings = console_settings.load(cfg)
+    path = console_log.log_path(cfg.paths.state_dir, node.name)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    target = console_sol.SolTarget(node.name, node.bmc_address or "",
+                                   node.bmc_port or DEFAULT_PORT, node.bmc_user or "",
+                                   job.secret or "")
+    try:
+        with console_log.ConsoleLog(path, max_bytes=settings.max_bytes,
+                                    rotations=settings.rotations) as log:
+            print(f"console {node.name}: logging to {path}", file=sys.stderr, flush=True)
+            result = console_sol.keep(target, log, seconds=seconds, attempts=attempts,
+                                      backoff_max=settings.backoff_max, stop=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary = (f"console {node.name}: {result.sessions} SOL session(s) in "
+               f"{result.attempts} attempt(s)")
+    given_up = attempts is not None and result.attempts >= attempts and not stop.is_set()
+    if result.sessions == 0 or given_up:
+        raise PowerError("error", f"{summary}; last: {result.last_error or 'no session'}")
+    print(summary, file=sys.stderr)
+    return 0
 
 
 def _raw_terminal() -> Callable[[], None]:

@@ -10,6 +10,8 @@ Process model (2 cores here, more on a real server):
 A worker that dies is started again (its transfer slots are given back); more than
 MAX_RESTARTS deaths in RESTART_WINDOW seconds stop the daemon with exit status 1. SIGTERM or
 SIGINT stops every worker (by PID) and exits 0. Workers get SIGTERM if the supervisor dies.
+With console logging on (`--console-log`, ``[console] log``), the supervisor also keeps one
+console logger process per IPMI node (pxe.console_fleet), started and stopped with the workers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 from pxe import segments
 from pxe.config import Config
+from pxe.console_fleet import ConsoleFleet
+from pxe.console_settings import ConsoleSettings
 from pxe.errors import DynprovError
 from pxe.segments import SegmentSettings
 from pxe.serve import metrics, tftp
@@ -100,9 +104,12 @@ def _sd_notify(text: str) -> None:
 
 class Daemon:
     def __init__(self, cfg: Config, settings: ServeSettings,
+                 consoles: ConsoleSettings | None = None,
                  segment: SegmentSettings | None = None):
         self.cfg = cfg
         self.s = settings
+        self.fleet = ConsoleFleet(cfg, consoles) if consoles is not None and consoles.log \
+            else None
         self.segment = segment or segments.load(cfg)
         self.beat = Heartbeat(cfg, self.segment)
         self.parent = os.getpid()
@@ -218,6 +225,8 @@ class Daemon:
             if self.segment.name:
                 parts.append(f"segment {self.segment.name}")
             log.info("serving %s", "; ".join(parts))
+            if self.fleet is not None:
+                self.fleet.start()
             _sd_notify("READY=1")
             return self._supervise()
         finally:
@@ -232,6 +241,8 @@ class Daemon:
             self.beat.maybe()  # heartbeat, the watch over other segments (pxe.serve.heartbeat)
             sentinels = [w.process.sentinel for w in self.workers]
             multiprocessing.connection.wait(sentinels, timeout=0.5)
+            if self.fleet is not None and not self.stop.is_set():
+                self.fleet.tick()
             for w in self.workers:
                 if w.process.is_alive() or self.stop.is_set():
                     continue
@@ -252,6 +263,8 @@ class Daemon:
         return 0
 
     def _stop_all(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         live = [w.process for w in self.workers if w.process is not None]
         for p in live:
             if p.is_alive():
@@ -266,5 +279,6 @@ class Daemon:
                 p.join(5)
 
 
-def run(cfg: Config, settings: ServeSettings, segment: SegmentSettings | None = None) -> int:
-    return Daemon(cfg, settings, segment).run()
+def run(cfg: Config, settings: ServeSettings, consoles: ConsoleSettings | None = None,
+        segment: SegmentSettings | None = None) -> int:
+    return Daemon(cfg, settings, consoles, segment).run()
