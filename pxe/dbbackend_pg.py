@@ -240,6 +240,7 @@ class PgConnection:
         self.total_changes = 0
         self._tx_changes = 0
         self._connect_timeout = connect_timeout
+        self.lock_space = 0
         self._conn: psycopg.Connection[Any] | None = None
         self._open()
 
@@ -266,6 +267,9 @@ class PgConnection:
                                 _one_line(exc), self._connect_timeout)
                 time.sleep(RECONNECT_PAUSE)
         conn.adapters.register_loader("numeric", _NumericLoader)
+        # The locks are per schema: stores side by side in one database (search_path in the
+        # URL) do not queue on each other.
+        self.lock_space = int(conn.execute("SELECT hashtext(current_schema())").fetchone()[0])
         self._conn = conn
 
     def _raw(self) -> psycopg.Connection[Any]:
@@ -357,7 +361,8 @@ class PgConnection:
             conn = self._raw()
             try:
                 # One round trip: BEGIN and the single-writer lock SQLite's BEGIN IMMEDIATE takes.
-                conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK:d})" if exclusive
+                conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK:d}, "
+                             f"{self.lock_space:d})" if exclusive
                              else "BEGIN ISOLATION LEVEL REPEATABLE READ")
                 break
             except psycopg.Error as exc:
@@ -581,7 +586,7 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
         # A session lock taken before BEGIN: the transaction then starts after the previous
         # holder's COMMIT and sees its tables (a lock taken inside would leave the catalog
         # lookups of this transaction stale).
-        raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        raw.execute("SELECT pg_advisory_lock(%s, %s)", (MIGRATION_LOCK, conn.lock_space))
         with raw.transaction():
             found = schema_version(conn)  # another process may have upgraded it meanwhile
             if found > db.SCHEMA_VERSION:
@@ -590,9 +595,8 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
             raw.execute(translate(_STAMP_TABLE))
             raw.execute("INSERT INTO dynprov_stamp(id, value) VALUES (1, %s) "
                         "ON CONFLICT (id) DO NOTHING", (new_stamp(),))
-            if found == 0:
-                for statement in db.statements(BASELINE):
-                    raw.execute(statement)
+            if found == 0:  # one round trip (no parameters: the simple query protocol)
+                raw.execute(";\n".join(s.rstrip(";") for s in db.statements(BASELINE)))
                 for m in db.MIGRATIONS[:BASELINE_VERSION]:
                     raw.execute("INSERT INTO schema_version VALUES (%s, %s, %s)",
                                 (m.version, m.description + " (baseline)", time.time()))
@@ -606,7 +610,7 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
                             (step.version, step.description, time.time()))
             step = None
             conn._bump(raw)
-        raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        raw.execute("SELECT pg_advisory_unlock(%s, %s)", (MIGRATION_LOCK, conn.lock_space))
     except psycopg.Error as exc:
         what = (f"migration {step.version} ({step.description})" if step is not None
                 else "the schema upgrade")

@@ -89,8 +89,7 @@ def state_section() -> str:
     run's throw-away PostgreSQL cluster (tests/pg_support.py)."""
     if not pg_support.enabled():
         return ""
-    cluster = pg_support.shared()
-    return f'\n[state]\nurl = "{cluster.url(cluster.create_database())}"\n'
+    return f'\n[state]\nurl = "{pg_support.shared().new_store()}"\n'
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
@@ -134,8 +133,7 @@ def state_target(tmp_path: Path) -> Path | str:
     """What db.connect opens for a test that needs a bare database (no site): an SQLite file,
     or under DYNPROV_TEST_STATE=postgresql a fresh PostgreSQL database."""
     if pg_support.enabled():
-        cluster = pg_support.shared()
-        return cluster.url(cluster.create_database())
+        return pg_support.shared().new_store()
     return tmp_path / "state.db"
 
 

@@ -146,7 +146,7 @@ def test_cluster_query_always_exits_0(site: Site, tmp_path: Path) -> None:
     assert set(parse_wiki(site.run(cmd="cluster-query").stdout)) == {f"n00{i}" for i in range(1, 5)}
     # the database becomes unreadable: the last report's nodes, as Unknown with the reason
     if cfg.state.url:  # PostgreSQL: the database is dropped
-        pg_support.shared().drop_database(cfg.state.url.split("///", 1)[1].split("?", 1)[0])
+        pg_support.shared().drop_store(cfg.state.url)
     else:
         cfg.db_path.rename(cfg.db_path.with_suffix(".gone"))
         for suffix in ("-wal", "-shm"):

@@ -84,7 +84,7 @@ def _columns(conn, backend: str) -> dict[str, list[tuple[str, bool]]]:
             out[t] = [(r[1], bool(r[3]) or bool(r[5])) for r in conn.execute(f"PRAGMA table_info({t})")]
     else:
         rows = conn.execute("SELECT table_name, column_name, is_nullable = 'NO' FROM "
-                            "information_schema.columns WHERE table_schema = 'public' "
+                            "information_schema.columns WHERE table_schema = current_schema() "
                             "ORDER BY table_name, ordinal_position").fetchall()
         for t, c, notnull in rows:
             out.setdefault(t, []).append((c, bool(notnull)))
