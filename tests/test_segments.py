@@ -192,3 +192,27 @@ def test_a_silent_segment_shows_its_run_nodes_down_and_back(site: Site, tmp_path
     assert servers.silent_segments(conn, 30, now + 2) == {"east": now + 1}
     kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE node = 'n001' ORDER BY id")]
     assert kinds.count("segment-down") == 1 and kinds.count("segment-up") == 1
+
+
+@pytest.mark.unit
+def test_segments_lists_nodes_and_the_servers_heartbeats(site: Site) -> None:
+    cfg = _nodes(site)
+    site.run("nodes", "set", "n[001-002]", "--segment", "east", check=True)
+    conn = db.connect(cfg.database)
+    now = time.time()
+    servers.beat(conn, "serve/a", servers.SERVE, "", now)
+    servers.beat(conn, "serve/b", servers.SERVE, "east", now - 100)  # silent
+    servers.beat(conn, "serve/c", servers.SERVE, "west", now)
+    servers.stopped(conn, "serve/c", now)
+    out = site.run("segments", check=True).stdout.splitlines()
+    assert out[0].split() == ["SEGMENT", "NODES", "SERVED", "BY", "SERVE", "LAST", "HEARD",
+                              "DRIVERS"]
+    rows = {line.split()[0]: line.split() for line in out[1:]}
+    assert rows["(primary)"][1:4] == ["1", rows["(primary)"][2], "alive"]
+    assert rows["east"][1:4] == ["2", "-", "silent"]
+    assert rows["west"][1:4] == ["0", "-", "silent"]  # stopped: nobody serves it
+    import json
+
+    data = json.loads(site.run("segments", "--json", check=True).stdout)
+    west = next(s for s in data if s["segment"] == "west")
+    assert west["servers"][0]["status"] == "stopped"
