@@ -3,9 +3,11 @@
 The original syntax, single-dash options, with --long forms too:
 
     fg-moab-image -upload -image FILE -label LABEL [-group G]... [-init]
-    fg-moab-image -delete -label LABEL [-force] [-init]
+    fg-moab-image -delete -label LABEL [-version N] [-force] [-init]
     fg-moab-image -list [-json]
-    fg-moab-image -get -label LABEL -o FILE
+    fg-moab-image -history -label LABEL [-json]
+    fg-moab-image -rollback -label LABEL [-version N] [-init]
+    fg-moab-image -get -label LABEL [-version N] -o FILE
     fg-moab-image -init
     fg-moab-image -sudoers [-command PATH] [-o /etc/sudoers.d/NAME]
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PROG = "fg-moab-image"
-ACTIONS = ("upload", "delete", "list", "get", "sudoers")
+ACTIONS = ("upload", "delete", "list", "history", "rollback", "get", "sudoers")
 
 EPILOG = """\
 Members of the image group ([groups] image, default fgimage) and root may change the
@@ -34,7 +36,16 @@ scheduler's OSLIST at its next poll. -init re-publishes the OS list and re-rende
 config (once after several uploads or deletes). -delete refuses an image that a node runs or is
 switching to, or that a provisioning run asked for, unless -force.
 
-Exit status: 0 ok, 1 failed (including permission denied), 2 bad usage or input."""
+Uploading a label that exists adds a new version (1, 2, 3...) that becomes current; the earlier
+ones are kept (up to [images] keep_versions; older ones no node runs are pruned). Only the
+label's owner or an admin (root or [api] admin_group) may add a version, roll back or delete.
+-history lists the kept versions (* = current; RUNNING: nodes running it now, BOOTED: nodes
+that reached ready on it). -rollback makes the previous version (or -version N) current again
+in one step: running nodes keep what they booted, the next boot of the label gets it.
+-delete -version N deletes one kept version that is not the current one.
+
+Exit status: 0 ok, 1 failed (including permission denied and an unknown label), 2 bad usage or
+input (including a malformed -version or a version that is not kept)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     acts.add_argument("-upload", "--upload", action="store_true", help="upload -image as -label")
     acts.add_argument("-delete", "--delete", action="store_true", help="delete -label")
     acts.add_argument("-list", "--list", action="store_true", help="list the images")
+    acts.add_argument("-history", "--history", action="store_true",
+                      help="list the kept versions of -label")
+    acts.add_argument("-rollback", "--rollback", action="store_true",
+                      help="make the previous version of -label (or -version) current again")
     acts.add_argument("-get", "--get", action="store_true",
                       help="write -label's bundle, byte-identical to the upload, to -o")
     acts.add_argument("-init", "--init", action="store_true",
@@ -57,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-label", "--label", metavar="LABEL",
                    help="image label: [A-Za-z0-9._-], what users write in msub -l os=LABEL "
                         "(default for -upload: the bundle manifest's)")
+    p.add_argument("-version", "--version", metavar="N",
+                   help="a version number: for -rollback, -delete and -get")
     p.add_argument("-o", "-output", "--output", metavar="FILE", help="output file ('-' = stdout)")
     p.add_argument("-group", "--group", metavar="GROUP", action="append", default=[],
                    help="also apply the customization scripts of node group GROUP (repeatable)")
     p.add_argument("-force", "--force", action="store_true", help="delete even if in use")
-    p.add_argument("-json", "--json", action="store_true", help="-list as JSON")
+    p.add_argument("-json", "--json", action="store_true", help="-list or -history as JSON")
     p.add_argument("-command", "--command", metavar="PATH",
                    help="-sudoers: the program the rule allows (default: this one)")
     p.add_argument("-config", "--config", metavar="FILE",
@@ -82,11 +99,14 @@ def _action(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     if not chosen:
         if args.init:
             return "init"
-        parser.error("no action: use -upload, -delete, -list, -get, -init or -sudoers")
+        parser.error("no action: use -upload, -delete, -list, -history, -rollback, -get, -init "
+                     "or -sudoers")
     action = chosen[0]
-    if args.init and action not in ("upload", "delete"):
-        parser.error(f"-init goes alone or after -upload / -delete, not with -{action}")
-    needs = {"upload": ("image",), "delete": ("label",), "get": ("label", "output")}
+    if args.init and action not in ("upload", "delete", "rollback"):
+        parser.error(f"-init goes alone or after -upload / -delete / -rollback, not with "
+                     f"-{action}")
+    needs = {"upload": ("image",), "delete": ("label",), "get": ("label", "output"),
+             "history": ("label",), "rollback": ("label",)}
     for name in needs.get(action, ()):
         if not getattr(args, name):
             flag = "-o" if name == "output" else f"-{name}"
@@ -95,6 +115,10 @@ def _action(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
         parser.error("-group goes with -upload")
     if args.force and action != "delete":
         parser.error("-force goes with -delete")
+    if args.version is not None and action not in ("rollback", "delete", "get"):
+        parser.error("-version goes with -rollback, -delete or -get")
+    if args.json and action not in ("list", "history"):
+        parser.error("-json goes with -list or -history")
     return action
 
 
@@ -114,6 +138,12 @@ def _run(action: str, args: argparse.Namespace) -> int:
 
     client = remote.resolve(args.server) if action != "sudoers" else None
     if client is not None:
+        if action in ("history", "rollback") or args.version is not None:
+            from pxe.errors import DynprovError
+
+            raise DynprovError(f"-{action}{' -version' if args.version is not None else ''} "
+                               "is not available through -server yet; run it on the "
+                               "management host (sudo fg-moab-image ...)")
         repo: Any = remote.RemoteRepository(client)
     else:
         cfg = repository.load_config(args.config)
@@ -133,21 +163,38 @@ def _run(action: str, args: argparse.Namespace) -> int:
         return 0
     if client is None:
         repo = repository.Repository(cfg)
+    if args.version is not None:
+        from pxe.cli.images import version_number
+
+        args.version = version_number(args.version, "-version")
     if action == "upload":
         done = repo.upload(Path(args.image), args.label, args.group)
         image = done.image
-        print(f"uploaded image {image.label} ({image.os_name}, {image.arch}, {image.mode}; "
+        version = f" version {image.version}" if getattr(image, "version", 1) > 1 else ""
+        print(f"uploaded image {image.label}{version} ({image.os_name}, {image.arch}, {image.mode}; "
               f"bundle sha256 {done.bundle_sha256[:16]}, {done.bundle_bytes} bytes)")
         if done.customized:
             print(f"customized with {', '.join(done.customized)}")
     elif action == "delete":
-        still = repo.delete(args.label, force=args.force)
-        print(f"deleted image {args.label}" + (f" (forced; still used by {', '.join(still)})"
-                                                if still else ""))
+        if args.version is not None:
+            still = repo.delete(args.label, force=args.force, version=args.version)
+            what = f"version {args.version} of image {args.label}"
+        else:
+            still = repo.delete(args.label, force=args.force)
+            what = f"image {args.label}"
+        print(f"deleted {what}" + (f" (forced; still used by {', '.join(still)})"
+                                   if still else ""))
     elif action == "list":
         _list(repo, args.json)
+    elif action == "history":
+        _history(repo, args.label, args.json)
+    elif action == "rollback":
+        old, new = repo.rollback(args.label, args.version)
+        print(f"image {args.label}: version {new} is current again (was {old}); running nodes "
+              "keep theirs, the next boot gets it")
     elif action == "get":
-        sha, size = repo.get(args.label, args.output)
+        sha, size = (repo.get(args.label, args.output, version=args.version)
+                     if args.version is not None else repo.get(args.label, args.output))
         if args.output != "-":
             print(f"wrote {args.output} ({size} bytes, sha256 {sha[:16]})")
     if args.init or action == "init":
@@ -171,10 +218,27 @@ def _list(repo, as_json: bool) -> None:
         return
     from pxe.cli.common import print_table
 
-    print_table(("LABEL", "OS", "ARCH", "MODE", "OWNER", "SIZE", "UPLOADED", "IN USE BY"),
-                [(e.label, e.os_name, e.arch, e.mode, e.owner, e.bundle_bytes,
+    print_table(("LABEL", "VERSION", "OS", "ARCH", "MODE", "OWNER", "SIZE", "UPLOADED",
+                 "IN USE BY"),
+                [(e.label, _version(e), e.os_name, e.arch, e.mode, e.owner, e.bundle_bytes,
                   time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)),
                   ",".join(e.in_use)) for e in entries])
+
+
+def _version(entry: Any) -> str:
+    """``2/3``: the current version of the kept ones."""
+    return f"{entry.version}/{entry.versions}"
+
+
+def _history(repo, label: str, as_json: bool) -> None:
+    from pxe.cli.common import print_json, print_table
+    from pxe.cli.images import HISTORY_HEADERS, history_rows
+
+    versions = repo.history(label)
+    if as_json:
+        print_json([v.public() for v in versions])
+    else:
+        print_table(HISTORY_HEADERS, history_rows(versions))
 
 
 if __name__ == "__main__":

@@ -130,13 +130,31 @@ SELECT CASE WHEN n.pool = ?1 AND n.state NOT IN ({{slow}})
                        WHERE r.finished IS NULL AND rn.state IN ({{active}}))
     AND NOT (?2 AND n.used)
     AND (n.current_os IS NULL OR n.current_os NOT GLOB {_SAFE_GLOB})
+    {{condition}}
   THEN n.name || ' {STATE}={IDLE};{OS}=' || COALESCE(NULLIF(n.current_os, ''), '{NO_OS}')
     || COALESCE(';{OSLIST}=' || osl.labels, '') || ';{ARCH}=' || n.arch
     || CASE n.state WHEN 'off' THEN ';{POWER}={POWER_OFF}' WHEN 'unknown' THEN ''
                     ELSE ';{POWER}={POWER_ON}' END
     || CASE WHEN n.updated THEN ';{UPDATETIME}=' || CAST(n.updated AS INTEGER) ELSE '' END
+    {{facts}}
   ELSE char(0) || n.name END
-FROM nodes n LEFT JOIN osl ON osl.arch = n.arch ORDER BY n.name"""
+FROM nodes n LEFT JOIN osl ON osl.arch = n.arch {{facts_join}} ORDER BY n.name"""
+# CPROC/CMEMORY from the node's hardware facts (pxe.hwfacts: json.dumps of whole numbers), read
+# by SQLite's JSON functions as pxe.hwfacts.resource_text reads them; a facts text that is not
+# that (not JSON, a value that is not a whole number >= 0) takes the Python path.
+_FACT_KEYS = ((CPROC, "cpus"), (CMEMORY, "memory_mib"))
+_FACTS_OK = " AND ".join(
+    f"COALESCE(json_type(f.facts, '$.{key}') = 'integer' AND json_extract(f.facts, '$.{key}') >= 0,"
+    f" json_type(f.facts, '$.{key}') IS NULL)" for _, key in _FACT_KEYS)
+_FACTS_SQL = {
+    # CASE: SQLite evaluates in this order (a JSON function on text that is not JSON raises)
+    "condition": f"AND CASE WHEN f.facts IS NULL THEN 1 WHEN json_valid(f.facts) THEN {_FACTS_OK} "
+                 "ELSE 0 END",
+    "facts": " ".join(f"|| COALESCE(';{attr}=' || NULLIF(json_extract(f.facts, '$.{key}'), 0), '')"
+                      for attr, key in _FACT_KEYS),
+    "facts_join": "LEFT JOIN node_facts f ON f.node = n.name",
+}
+_NO_FACTS_SQL = {"condition": "", "facts": "", "facts_join": ""}
 
 
 def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = None, *,
@@ -173,20 +191,26 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             osl = " UNION ALL ".join("SELECT ?, ?" for _ in joined) or "SELECT NULL, NULL"
             # 'off' too: whether its OS survived depends on the image (stateless: none while off)
             slow = ",".join(f"'{s}'" for s in (*NODE_DOWN, *RUN_ACTIVE, "off"))
+            facts_in_sql = _facts_in_sql(conn)
             sql = (f"WITH osl(arch, labels) AS ({osl})"
-                   + _COMMON_SQL.format(slow=slow, active=active_marks))
+                   + _COMMON_SQL.format(slow=slow, active=active_marks,
+                                        **(_FACTS_SQL if facts_in_sql else _NO_FACTS_SQL)))
             # ?1 and ?2 are numbered; the osl pairs follow as ?3, ?4, ...
             args = [scheduler_pool, int(perjob), *(v for pair in joined.items() for v in pair)]
             lines = [row[0] for row in conn.execute(_number_params(sql), args)]
             rest = [text[1:] for text in lines if text[0] == "\0"]
-            if rest:
-                details = {r[0]: r for r in _select_names(conn, columns, rest)}
-                nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
-            else:
-                nodes = lines
+            # SQLite's lines carry their resources when it read the facts; else all from here
+            resources = _resources(conn, rest) if facts_in_sql else _resources(conn)
+            if not rest:  # every line formatted by SQLite: no Python loop over 10,000 rows
+                conn.execute("COMMIT")
+                if resources:
+                    lines = _with_resources(lines, resources)
+                return Report("\n".join(lines) + "\n" if lines else "", None)
+            details = {r[0]: r for r in _select_names(conn, columns, rest)}
+            nodes = [details[t[1:]] if t[0] == "\0" else t for t in lines]
         else:
             nodes = conn.execute(f"SELECT {columns} FROM nodes ORDER BY name").fetchall()
-        resources = _resources(conn)
+            resources = _resources(conn)
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
@@ -253,15 +277,28 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
     return Report("".join(f"{o}\n" for o in out), until)
 
 
-def _resources(conn: sqlite3.Connection) -> dict[str, str]:
-    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (digits: no escaping).
-    One pass over raw digits: this runs for every node on every rebuild."""
+def _facts_in_sql(conn: sqlite3.Connection) -> bool:
+    """Whether SQLite can read the resources: the facts table is there and JSON is built in."""
     import sqlite3
 
+    try:
+        return conn.execute("SELECT json_valid('{}') FROM sqlite_master WHERE type = 'table' "
+                            "AND name = 'node_facts'").fetchone() is not None
+    except sqlite3.OperationalError:  # an SQLite built without JSON: every line from Python
+        return False
+
+
+def _resources(conn: sqlite3.Connection, names: list[str] | None = None) -> dict[str, str]:
+    """node -> ";CPROC=n;CMEMORY=m" from the toolkit's resources view (digits: no escaping),
+    of every node or of ``names``. One pass over raw digits."""
+    import sqlite3
+
+    if names == []:
+        return {}
     from pxe import hwfacts
 
     try:
-        rows = hwfacts.resource_text(conn)
+        rows = hwfacts.resource_text(conn, names)
     except sqlite3.OperationalError:  # a database no writer has upgraded yet: no facts table
         return {}
     out: dict[str, str] = {}

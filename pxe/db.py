@@ -265,6 +265,38 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 """
 
+# Version 6 (issue 20): image versions. ``images`` stays the current version of each label (what
+# every reader and the per-request boot configs use) and names it in ``version``;
+# ``image_versions`` keeps every version kept (pxe.imageversions), the current one included.
+# Nodes record the version they booted (``current_version``, next to ``current_os``), run nodes
+# the version current when their run started. Existing images become version 1.
+VERSIONS_V6 = """
+CREATE TABLE image_versions (
+    label        TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    os_name      TEXT NOT NULL DEFAULT '',
+    arch         TEXT NOT NULL DEFAULT 'x86_64',
+    mode         TEXT NOT NULL DEFAULT 'stateless',
+    cmdline      TEXT NOT NULL DEFAULT '',
+    kernel_sha   TEXT NOT NULL,
+    initrd_sha   TEXT,
+    rootfs_sha   TEXT,
+    rootfs_name  TEXT,
+    prov_seconds INTEGER NOT NULL DEFAULT 600,
+    owner        TEXT NOT NULL DEFAULT 'root',   -- who uploaded this version
+    created      REAL NOT NULL,
+    PRIMARY KEY (label, version)
+);
+ALTER TABLE images ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE nodes ADD COLUMN current_version INTEGER;
+ALTER TABLE run_nodes ADD COLUMN image_version INTEGER;
+INSERT INTO image_versions(label, version, os_name, arch, mode, cmdline, kernel_sha, initrd_sha,
+    rootfs_sha, rootfs_name, prov_seconds, owner, created)
+    SELECT label, 1, os_name, arch, mode, cmdline, kernel_sha, initrd_sha, rootfs_sha,
+           rootfs_name, prov_seconds, owner, created FROM images;
+UPDATE nodes SET current_version = 1 WHERE current_os IN (SELECT label FROM images);
+"""
+
 # Version 7 (issue 21, pxe.segments / pxe.claims): service nodes. A node belongs to a segment
 # ('' = the primary's own); each run node may be claimed by one run driver (a lease: who and until
 # when), so drivers on several servers never drive a node twice; every serve and driver records a
@@ -304,9 +336,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "run step 'installed' in the node and run-node states", CHECKS_V3),
     Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
     Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
-    # Version 6 is reserved for image versions (issue 20, another branch): this empty entry keeps
-    # the numbering contiguous on this branch and is replaced by that migration when they merge.
-    Migration(6, "reserved (image versions, issue 20)", ""),
+    Migration(6, "image versions; the version each node booted", VERSIONS_V6),
     Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
 )
 
@@ -421,6 +451,13 @@ URL_SCHEMES = ("postgresql://", "postgres://")
 def is_url(target: Path | str) -> bool:
     """A PostgreSQL URL ([state] url) rather than the path of an SQLite file."""
     return isinstance(target, str) and target.startswith(URL_SCHEMES)
+
+
+def where(target: Path | str) -> str:
+    """The store for a message: the file, or the URL without its password."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
 
 
 def is_postgresql(conn: object) -> bool:

@@ -444,7 +444,9 @@ def _reason(exc: psycopg.Error) -> str:
 
 def _redacted(url: str) -> str:
     """The URL without a password (it may carry one: never in a log or a message)."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    from pxe import db
+
+    return db.where(url)
 
 
 # -- schema ---------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ node (the last report wins); the discovery table holds the same shape for unknow
 
 from __future__ import annotations
 
-import json
 import re
-import sqlite3
 import time
-from collections.abc import Iterable
-from typing import Any
 
-from pxe import db
+TYPE_CHECKING = False  # cluster-query's rebuild imports this module: no typing, json, pxe.db
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable
+    from typing import Any
 
 MAX_TEXT = 8192  # bytes of facts text accepted from one report
 MAX_ITEMS = 64  # disks and NICs kept per node
@@ -73,6 +73,10 @@ def is_empty(facts: dict[str, Any]) -> bool:
 
 def store(conn: sqlite3.Connection, node: str, facts: dict[str, Any]) -> None:
     """Keep ``node``'s latest facts (one row per node: bounded by the inventory)."""
+    import json
+
+    from pxe import db
+
     with db.transaction(conn):
         conn.execute("INSERT INTO node_facts(node, facts, reported) VALUES (?, ?, ?) "
                      "ON CONFLICT(node) DO UPDATE SET facts = excluded.facts, "
@@ -81,6 +85,8 @@ def store(conn: sqlite3.Connection, node: str, facts: dict[str, Any]) -> None:
 
 def load(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, Any]]:
     """name -> facts (with `reported`, a Unix time) for the nodes that reported any."""
+    import json
+
     out: dict[str, dict[str, Any]] = {}
     names = list(names)
     for start in range(0, len(names), 500):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pxe import atomic, db, userfile, validate
+from pxe import atomic, db, imageversions, userfile, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 
@@ -38,6 +38,7 @@ class Image:
     prov_seconds: int = 600
     owner: str = "root"
     created: float = 0.0
+    version: int = 1  # pxe.imageversions: which kept version is current
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +171,7 @@ class Catalog:
     def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
         self.cfg = cfg
         self.conn = conn or db.connect(cfg.database)
+        self.pruned: list[int] = []  # the versions the last add() pruned (keep_versions)
 
     def all(self) -> list[Image]:
         return [self._row(r) for r in self.conn.execute("SELECT * FROM images ORDER BY label")]
@@ -190,8 +192,15 @@ class Catalog:
     def add(self, label: str, kernel: Path, initrd: Path | None = None,
             rootfs: Path | None = None, *, os_name: str = "", arch: str = "x86_64",
             mode: str = "stateless", cmdline: str = "", prov_seconds: int = 600,
-            owner: str = "root", replace: bool = False, from_user: bool = False) -> Image:
+            owner: str = "root", version: int | None = None,
+            from_user: bool = False) -> Image:
         """Check every input, copy files into the store, then record the image in one step.
+
+        A label that exists gets a new version (1, 2, 3... pxe.imageversions), which becomes
+        current; the label keeps its owner, the version records ``owner`` as its uploader, and
+        versions beyond ``[images] keep_versions`` that no node uses are pruned. ``version``:
+        the number the caller expects (the repository names the bundle file after it); another
+        number means a concurrent upload took it, and nothing is recorded.
 
         Inputs are opened once (regular files only, never through a final symlink) and copied
         from those descriptors, each against its ``[images]`` size cap, measured before copying
@@ -208,10 +217,7 @@ class Catalog:
             validate.label(os_name, "OS name")
         if from_user:
             check_prov_seconds(prov_seconds)
-        if not replace:
-            row = self.conn.execute("SELECT owner FROM images WHERE label = ?", (label,)).fetchone()
-            if row:
-                raise InputError(f"image label {label!r} already exists (owner {row[0]})")
+        keep = imageversions.keep_versions(self.cfg)
         if mode == "stateful" and rootfs is None:
             raise InputError("a stateful image needs a root filesystem to write to disk")
         caps = size_caps(self.cfg)
@@ -234,7 +240,7 @@ class Catalog:
                 return self._add_locked(dict(
                     label=label, opened=opened, paths=paths, caps=caps, os_name=os_name,
                     arch=arch, mode=mode, cmdline=cmdline, prov_seconds=prov_seconds,
-                    owner=owner, replace=replace, from_user=from_user))
+                    owner=owner, version=version, keep=keep, from_user=from_user))
 
     @property
     def lock_path(self) -> Path:
@@ -261,16 +267,7 @@ class Catalog:
                           cmdline=a["cmdline"], prov_seconds=int(a["prov_seconds"]),
                           owner=a["owner"], created=time.time())
             with db.transaction(self.conn):
-                if a["replace"]:
-                    self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
-                try:
-                    fields = image.public()
-                    self.conn.execute(
-                        f"INSERT INTO images({', '.join(fields)}) "
-                        f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
-                except sqlite3.IntegrityError:
-                    raise InputError(f"image label {label!r} already exists") from None
-                db.log_event(self.conn, "image-added", detail=label)
+                image = self._record(image, a["version"], a["keep"])
         except BaseException:
             for s in staged:
                 with contextlib.suppress(FileNotFoundError):
@@ -279,6 +276,89 @@ class Catalog:
             raise
         self._collect_garbage()
         return image
+
+    def _record(self, image: Image, expected: int | None, keep: int) -> Image:
+        """Inside the transaction: the new version, made current; then the retention prune."""
+        label, conn = image.label, self.conn
+        number = imageversions.next_version(conn, label)
+        if expected is not None and expected != number:
+            raise DynprovError(f"another upload of {label!r} took version {number - 1} "
+                               "meanwhile; nothing was recorded, try again")
+        owner = conn.execute("SELECT owner FROM images WHERE label = ?", (label,)).fetchone()
+        fields = {**image.public(), "version": number}
+        imageversions.record(conn, fields)
+        if owner is None:
+            conn.execute(f"INSERT INTO images({', '.join(fields)}) "
+                         f"VALUES ({', '.join('?' * len(fields))})", tuple(fields.values()))
+        else:
+            imageversions.make_current(conn, label, number)
+        self.pruned = imageversions.prune(conn, label, keep)
+        db.log_event(conn, "image-added", detail=f"{label} version {number}")
+        return Image(**{**fields, "owner": owner[0] if owner else image.owner})
+
+    # -- versions (pxe.imageversions) -----------------------------------------------------
+    def history(self, label: str) -> list[imageversions.Version]:
+        """Every kept version of ``label``, oldest first, with blob sizes and node counts."""
+        now = self.get(label).version
+        running = imageversions.running(self.conn, label)
+        booted = imageversions.booted(self.conn, label)
+        out = []
+        for r in self.conn.execute("SELECT * FROM image_versions WHERE label = ? "
+                                   "ORDER BY version", (label,)):
+            sizes = {role: self._blob_size(r[f"{role}_sha"], role)
+                     for role in ("kernel", "initrd", "rootfs")}
+            out.append(imageversions.Version(
+                label=label, version=r["version"], created=r["created"], owner=r["owner"],
+                kernel_sha=r["kernel_sha"], initrd_sha=r["initrd_sha"], rootfs_sha=r["rootfs_sha"],
+                sizes=sizes, current=r["version"] == now, running=running.get(r["version"], []),
+                booted=booted.get(r["version"], 0)))
+        return out
+
+    def _blob_size(self, sha: str | None, role: str) -> int | None:
+        if not sha:
+            return None
+        root = self.cfg.paths.http_root if role == "rootfs" else self.cfg.paths.tftp_root
+        try:
+            return (root / BLOBS / sha).stat().st_size
+        except OSError:
+            return None
+
+    def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
+        """Make a kept version current again (default: the newest one older than the current
+        one), in one UPDATE; returns (old, new). Running nodes keep what they booted."""
+        with atomic.locked(self.lock_path), db.transaction(self.conn):
+            old = imageversions.current(self.conn, label)
+            new = imageversions.previous(self.conn, label) if version is None else version
+            imageversions.row(self.conn, label, new)  # exists, or InputError naming the kept ones
+            if new == old:
+                raise InputError(f"version {new} of image {label!r} is already the current one")
+            imageversions.make_current(self.conn, label, new)
+            db.log_event(self.conn, "image-rollback", detail=f"{label} version {old} -> {new}")
+        return old, new
+
+    def remove_version(self, label: str, version: int, force: bool = False) -> list[str]:
+        """Delete one kept version that is not the current one; refused while nodes run it or a
+        run is booting it unless ``force``. Returns the nodes that still ran it."""
+        with atomic.locked(self.lock_path):
+            with db.transaction(self.conn):
+                now = imageversions.current(self.conn, label)
+                imageversions.row(self.conn, label, version)
+                if version == now:
+                    raise InputError(f"version {version} is the current version of {label!r}; "
+                                     "roll back to another version first, or delete the label")
+                nodes = imageversions.running(self.conn, label).get(version, [])
+                if not force and (nodes or version in imageversions.pending(self.conn, label)):
+                    from pxe.nodeset import fold
+
+                    who = f"node(s) {fold(nodes)} run it" if nodes else "a provisioning run " \
+                        "is booting it"
+                    raise DynprovError(f"version {version} of image {label!r} is in use: {who}; "
+                                       "use force to delete it anyway")
+                self.conn.execute("DELETE FROM image_versions WHERE label = ? AND version = ?",
+                                  (label, version))
+                db.log_event(self.conn, "image-version-removed", detail=f"{label} version {version}")
+            self._collect_garbage()
+        return nodes
 
     def in_use(self, label: str) -> list[str]:
         rows = self.conn.execute(
@@ -297,14 +377,13 @@ class Catalog:
         with atomic.locked(self.lock_path):
             with db.transaction(self.conn):
                 self.conn.execute("DELETE FROM images WHERE label = ?", (label,))
+                self.conn.execute("DELETE FROM image_versions WHERE label = ?", (label,))
                 db.log_event(self.conn, "image-removed", detail=label)
             self._collect_garbage()
 
     def _collect_garbage(self) -> None:
-        """Delete stored files that no image references any more (and stale temp files)."""
-        live: set[str] = set()
-        for row in self.conn.execute("SELECT kernel_sha, initrd_sha, rootfs_sha FROM images"):
-            live.update(v for v in row if v)
+        """Delete stored files that no kept image version references (and stale temp files)."""
+        live = imageversions.live_blobs(self.conn)
         for root in (self.cfg.paths.tftp_root, self.cfg.paths.http_root):
             store = root / BLOBS
             if not store.is_dir():

@@ -36,6 +36,7 @@ class Node:
     groups: tuple[str, ...] = ()
     pool: str = "hpc"
     current_os: str | None = None
+    current_version: int | None = None  # the image version it booted (pxe.imageversions)
     desired_os: str | None = None
     boot_target: str = "local"
     boot_token: str | None = field(default=None, repr=False)
@@ -61,6 +62,7 @@ def _node_from_row(row: sqlite3.Row, macs: Sequence[str]) -> Node:
         bmc_port=row["bmc_port"], bmc_user=row["bmc_user"], bmc_secret=row["bmc_secret"],
         groups=tuple(g for g in row["groups"].split(",") if g), pool=row["pool"],
         current_os=row["current_os"], desired_os=row["desired_os"],
+        current_version=row["current_version"] if row["current_os"] else None,
         boot_target=row["boot_target"], boot_token=row["boot_token"], state=row["state"],
         state_reason=row["state_reason"], used=bool(row["used"]), updated=row["updated"],
     )

@@ -197,12 +197,12 @@ def run_rows(conn: sqlite3.Connection, *, run_id: int | None = None, active: boo
                                   "ORDER BY id", (r[0],)):
                 history.setdefault(e[1] or "", []).append(
                     {"ts": e[0], "kind": e[2], "detail": e[3]})
-        for n in conn.execute("SELECT node, state, reason, deadline, updated FROM run_nodes "
-                              "WHERE run_id = ? ORDER BY node", (r[0],)):
+        for n in conn.execute("SELECT node, state, reason, deadline, updated, image_version "
+                              "FROM run_nodes WHERE run_id = ? ORDER BY node", (r[0],)):
             state = states.effective(n[1], n[3], now)
             counts[state] = counts.get(state, 0) + 1
             member = {"node": n[0], "state": state, "reason": n[2], "deadline": n[3],
-                      "updated": n[4]}
+                      "updated": n[4], "image_version": n[5]}
             if state != n[1]:
                 member["reason"] = member["reason"] or "past its deadline (not yet recorded)"
             if steps:

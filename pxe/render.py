@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pxe import assets, validate
 from pxe.config import Config
+from pxe.dhcpinputs import DhcpHost
 from pxe.errors import DynprovError, NotFound
 from pxe.images import Image
 from pxe.inventory import Node
@@ -115,11 +116,14 @@ def read_template(source: TemplateSource) -> str:
         raise DynprovError(f"{source.path}: cannot read template: {exc.strerror or exc}") from None
 
 
-def template_env(cfg: Config, **options):
-    """A Jinja environment whose loader is find_template (site overrides, then packaged)."""
+def template_env(cfg: Config, loaded: set[str] | None = None, **options):
+    """A Jinja environment whose loader is find_template (site overrides, then packaged);
+    ``loaded`` collects the name of every template it reads (includes and imports too)."""
     import jinja2
 
     def load(name: str):
+        if loaded is not None:
+            loaded.add(name)
         source = find_template(cfg, name)
         text = read_template(source)
         mtime = source.path.stat().st_mtime
@@ -179,13 +183,14 @@ class Renderer:
         self.cfg = cfg
         self.sources: dict[str, TemplateSource] = {}  # every template this renderer used
         self._loaded: dict[str, CheckedTemplate] = {}
+        self.read_templates: set[str] = set()  # every template file read, includes too
         # Checked here, before a render writes anything: a bad [discovery] stops it whole.
         self.discovery = discovery.load(cfg)
 
     @cached_property
     def env(self):
-        return template_env(self.cfg, autoescape=False, keep_trailing_newline=True,
-                            trim_blocks=False)
+        return template_env(self.cfg, self.read_templates, autoescape=False,
+                            keep_trailing_newline=True, trim_blocks=False)
 
     def template(self, name: str) -> CheckedTemplate:
         """Loaded once per Renderer (one render): 10,000s of nodes cost no extra stat() calls."""
@@ -217,12 +222,14 @@ class Renderer:
         return f"http://{self.cfg.network.server}:{self.cfg.boot.http_port}"
 
     # -- DHCP ------------------------------------------------------------------------------
-    def dhcp_config(self, nodes: Iterable[Node], backend: str | None = None) -> str:
+    def dhcp_config(self, nodes: Iterable[Node | DhcpHost], backend: str | None = None) -> str:
+        """The DHCP config. Templates see each node as a DhcpHost (pxe.dhcpinputs): its DHCP
+        facts, not what set-boot changes, so a set-boot never changes this file."""
         backend = backend or self.cfg.dhcp.backend
         name = "dhcp/dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcp/dhcpd.conf.j2"
         if backend == "dnsmasq" and self.cfg.dhcp.mode == "proxy":
             name = "dhcp/dnsmasq-proxy.conf.j2"
-        hosts = [n for n in nodes if n.macs]
+        hosts = [DhcpHost.of(n) for n in nodes if n.macs]
         return self.template(name).render(net=self.net, boot=self.cfg.boot, hosts=hosts,
                                           dhcp=self.cfg.dhcp)
 

@@ -87,7 +87,10 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
             from pxe.power import agent
 
             agent.adopt(conn, node, token, now)  # the token lives on as the image agent's
-            fields = {"state_reason": "", "current_os": image, "used": 0, "boot_token": None}
+            from pxe.imageversions import booted_version
+
+            fields = {"state_reason": "", "current_os": image, "used": 0, "boot_token": None,
+                      "current_version": booted_version(conn, node, run_id, image)}
         elif kind == "failed":
             fields = {"state_reason": detail or "failed", "boot_token": None}
         moved = False

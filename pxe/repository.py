@@ -2,8 +2,9 @@
 
 Layout under ``[images] repository_dir`` (default ``<state_dir>/images``), all root-owned::
 
-    bundles/<label>.bundle    the uploaded file, byte for byte (what ``-get`` returns)
+    bundles/<label>.bundle    version 1's uploaded file, byte for byte (what ``-get`` returns)
     bundles/<label>.json      who uploaded it, when, its sha256, size, customization, manifest
+    bundles/<label>@<N>.*     the same for version N >= 2 ('@' is never in a label)
     .incoming/                uploads in progress (same file system, so the final step is a rename)
     repository.lock           serialises uploads and deletes
 
@@ -12,6 +13,10 @@ against ``max_bundle_bytes``), checked and unpacked there (pxe.bundle), customiz
 (pxe.customize), and only then, under the lock, renamed into ``bundles/`` and added to the
 Catalog; any failure (bad bundle, failing script, a full disk) removes what it wrote and leaves
 the repository and the Catalog as they were.
+
+Uploading a label that exists adds a version (pxe.imageversions): only the label's owner or an
+admin may, as only they may delete or roll it back; ``[images] keep_versions`` bounds how many
+are kept, and a pruned version's bundle goes with it.
 
 Who may change it: root, or a member of ``[groups] image`` (default ``fgimage``) through the
 sudoers rule of pxe.sudoers; the user's own files are read and written with the user's own
@@ -37,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pxe import atomic, audit, authz, bundle, config, customize, userfile, validate
+from pxe import atomic, audit, authz, bundle, config, customize, db, imageversions, userfile, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 from pxe.images import CAP_KEYS, Catalog, Image, size_caps
@@ -58,7 +63,7 @@ class Settings:
 
 
 _KEYS = ("repository_dir", "max_bundle_bytes", "customize_dir", "customize_timeout",
-         "provisioning_initrd", *CAP_KEYS.values())  # the size caps: pxe.images.size_caps
+         "provisioning_initrd", "keep_versions", *CAP_KEYS.values())  # the size caps: pxe.images.size_caps
 
 
 def settings(cfg: Config) -> Settings:
@@ -89,6 +94,7 @@ def settings(cfg: Config) -> Settings:
         return value
 
     size_caps(cfg)
+    imageversions.keep_versions(cfg)
     repo = path("repository_dir", cfg.paths.state_dir / "images")
     assert repo is not None
     return Settings(
@@ -140,6 +146,8 @@ class Entry:
     groups: list[str] = field(default_factory=list)
     customized: list[str] = field(default_factory=list)
     in_use: list[str] = field(default_factory=list)
+    version: int = 1  # the current one (pxe.imageversions)
+    versions: int = 1  # how many are kept
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,7 +178,7 @@ class Repository:
         try:
             return Catalog(self.cfg, self._conn)
         except (sqlite3.Error, PermissionError) as exc:
-            raise DynprovError(f"cannot open the state database {self.cfg.db_path}: {exc}; "
+            raise DynprovError(f"cannot open the state database {db.where(self.cfg.database)}: {exc}; "
                                f"members of group {self.cfg.groups.image} run it as "
                                "`sudo fg-moab-image ...`") from None
 
@@ -186,20 +194,57 @@ class Repository:
                 f"cannot write the image repository {self.root}: permission denied; members "
                 f"of group {self.cfg.groups.image} run it as `sudo fg-moab-image ...`") from None
 
-    def bundle_path(self, label: str) -> Path:
-        return self.bundles / f"{validate.label(label, 'image label')}.bundle"
+    def _version(self, label: str, version: int | None) -> int:
+        """``version``, or the label's current one (1 for a label the catalog does not know)."""
+        if version is not None:
+            return version
+        if label in self.catalog.labels():
+            return self.catalog.get(label).version
+        return 1
 
-    def _meta_path(self, label: str) -> Path:
-        return self.bundles / f"{label}.json"
+    def _stem(self, label: str, version: int | None) -> str:
+        number = self._version(validate.label(label, "image label"), version)
+        return label if number == 1 else f"{label}@{number}"
 
-    def _meta(self, label: str) -> dict[str, Any]:
+    def bundle_path(self, label: str, version: int | None = None) -> Path:
+        """The uploaded bundle of a version (default: the current one)."""
+        return self.bundles / f"{self._stem(label, version)}.bundle"
+
+    def _meta_path(self, label: str, version: int | None = None) -> Path:
+        return self.bundles / f"{self._stem(label, version)}.json"
+
+    def _meta(self, label: str, version: int | None = None) -> dict[str, Any]:
         try:
-            return json.loads(self._meta_path(label).read_text())
+            return json.loads(self._meta_path(label, version).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
     def _exists(self, label: str) -> bool:
-        return label in self.catalog.labels() or self.bundle_path(label).exists()
+        return label in self.catalog.labels() or self.bundle_path(label, 1).exists()
+
+    def _version_files(self, label: str) -> dict[int, list[Path]]:
+        """The bundle files of every version of ``label`` on disk, by version."""
+        out: dict[int, list[Path]] = {}
+        if not self.bundles.is_dir():
+            return out
+        for path in self.bundles.iterdir():
+            stem = path.name.rsplit(".", 1)[0]
+            if path.suffix not in (".bundle", ".json"):
+                continue
+            if stem == label:
+                out.setdefault(1, []).append(path)
+            elif stem.startswith(f"{label}@") and stem[len(label) + 1:].isdigit():
+                out.setdefault(int(stem[len(label) + 1:]), []).append(path)
+        return out
+
+    def sweep_bundles(self, label: str) -> None:
+        """Remove the bundles of versions the catalog no longer keeps (pruned or deleted)."""
+        kept = set(imageversions.numbers(self.catalog.conn, label))
+        for number, paths in self._version_files(label).items():
+            if number not in kept:
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
 
     # -- ownership: the uploader, or root for `pxe-stage images add` and older images --------
     def owner_of(self, label: str) -> str:
@@ -217,17 +262,13 @@ class Repository:
         return user == "root" or self.admin_group() in authz.user_groups(user)
 
     def _require_owner(self, user: str, label: str, action: str) -> None:
-        """Only an image's owner or an admin may delete (or force-delete) it."""
+        """Only an image's owner or an admin may delete (or force-delete) it, add a version to
+        it or roll it back."""
         owner = self.owner_of(label)
         if user != owner and not self._is_admin(user):
             raise authz.PermissionDenied(
                 f"permission denied: image {label!r} belongs to {owner}; only its owner or an "
                 f"admin (root or group {self.admin_group()!r}) may {action} it (you are {user})")
-
-    def _taken(self, label: str) -> InputError:
-        return InputError(f"image label {label!r} already exists (owner {self.owner_of(label)}); "
-                          "its owner or an admin deletes it first (fg-moab-image -delete "
-                          "-label ...)")
 
     def users_of(self, label: str) -> tuple[list[str], list[int]]:
         """Nodes that run or are switching to ``label``, and provisioning runs asking for it."""
@@ -242,8 +283,8 @@ class Repository:
         user = self._require("uploading an image")
         if label is not None:
             validate.label(label, "image label")
-            if self._exists(label):
-                raise self._taken(label)
+            if self._exists(label):  # a new version: refused early for another user's label
+                self._require_owner(user, label, "add a version to")
         scripts = customize.select(self.settings.customize_dir, groups)
         fh = _open_source(Path(source))
         size = os.fstat(fh.fileno()).st_size
@@ -331,27 +372,42 @@ class Repository:
 
     def _publish(self, label: str, incoming: Path, meta: dict[str, Any], found: bundle.Bundle,
                  initrd: Path | None, rootfs: Path | None, user: str) -> Image:
-        final, meta_path = self.bundle_path(label), self._meta_path(label)
         man = found.manifest
         with atomic.locked(self.lock_path):
             if self._exists(label):
-                raise self._taken(label)
+                self._require_owner(user, label, "add a version to")
+            number = imageversions.next_version(self.catalog.conn, label)
+            final, meta_path = self.bundle_path(label, number), self._meta_path(label, number)
             try:
-                atomic.write_text(meta_path, json.dumps(meta, indent=2) + "\n", mode=0o640)
+                atomic.write_text(meta_path, json.dumps({**meta, "version": number}, indent=2)
+                                  + "\n", mode=0o640)
                 os.replace(incoming, final)
-                return self.catalog.add(
+                image = self.catalog.add(
                     label, found.kernel, initrd, rootfs, os_name=man.os_name, arch=man.arch,
                     mode=man.mode, cmdline=man.cmdline, prov_seconds=man.prov_seconds,
-                    owner=user)
+                    owner=user, version=number)
             except BaseException:
                 for path in (final, meta_path):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
+            self.sweep_bundles(label)
+        if number > 1:
+            self._refresh_boot_files()
+        return image
+
+    def _refresh_boot_files(self) -> None:
+        """Sites whose boot files are written out (``[boot] write_files``) get them re-rendered
+        when a label's current version changes; serve renders per request anyway."""
+        if self.cfg.boot.write_files:
+            from pxe.setboot import render_all
+
+            render_all(self.cfg, reload=False)
 
     # -- delete ----------------------------------------------------------------------------
-    def delete(self, label: str, force: bool = False) -> list[str]:
-        """Remove an image and its bundle; refused while nodes or runs use it unless ``force``.
+    def delete(self, label: str, force: bool = False, version: int | None = None) -> list[str]:
+        """Remove an image (every version) and its bundles, or with ``version`` one kept version
+        that is not the current one; refused while nodes or runs use it unless ``force``.
 
         Returns the nodes that still used it (only non-empty with ``force``).
         """
@@ -361,6 +417,14 @@ class Repository:
             if not self._exists(label):
                 raise NotFound(f"unknown image label {label!r}")
             self._require_owner(user, label, "force-delete" if force else "delete")
+            if version is not None:
+                if label not in self.catalog.labels():
+                    raise NotFound(f"unknown image label {label!r}")
+                nodes = self.catalog.remove_version(label, version, force=force)
+                self.sweep_bundles(label)
+                audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label,
+                             version=version, force=force, in_use=nodes)
+                return nodes
             nodes, runs = self.users_of(label)
             if (nodes or runs) and not force:
                 from pxe.nodeset import fold
@@ -374,13 +438,36 @@ class Repository:
                                    "use -force to delete it anyway")
             if label in self.catalog.labels():
                 self.catalog.remove(label, force=True)
-            for path in (self.bundle_path(label), self._meta_path(label)):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            for paths in self._version_files(label).values():
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
         audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label, force=force,
                      in_use=nodes)
         self.publish_oslist()
         return nodes
+
+    # -- versions ----------------------------------------------------------------------------
+    def history(self, label: str) -> list[imageversions.Version]:
+        """Every kept version of ``label`` (anyone may look, as at ``-list``)."""
+        validate.label(label, "image label")
+        return self.catalog.history(label)
+
+    def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
+        """Make a kept version current again (default: the previous one); the owner or an
+        admin only. Returns (old, new)."""
+        user = self._require("rolling back an image")
+        validate.label(label, "image label")
+        with atomic.locked(self.lock_path) if self.root.is_dir() else contextlib.nullcontext():
+            if label not in self.catalog.labels():
+                raise NotFound(f"unknown image label {label!r}")
+            self._require_owner(user, label, "roll back")
+            old, new = self.catalog.rollback(label, version)
+        audit.append(self.cfg.paths.state_dir, user, "image-rollback", label=label,
+                     version=new, previous=old)
+        self._refresh_boot_files()
+        self.publish_oslist()
+        return old, new
 
     # -- list / get --------------------------------------------------------------------------
     def list(self) -> list[Entry]:
@@ -392,20 +479,26 @@ class Repository:
                 owner=image.owner, created=image.created,
                 bundle_bytes=meta.get("bundle_bytes"), bundle_sha256=meta.get("bundle_sha256"),
                 groups=list(meta.get("groups", [])), customized=list(meta.get("customized", [])),
-                in_use=self.catalog.in_use(image.label)))
+                in_use=self.catalog.in_use(image.label), version=image.version,
+                versions=len(imageversions.numbers(self.catalog.conn, image.label))))
         return entries
 
-    def get(self, label: str, output: str) -> tuple[str, int]:
-        """Copy the uploaded bundle, checked against its recorded sha256, to ``output``
-        (``-`` = standard output), written with the caller's own permissions."""
+    def get(self, label: str, output: str, version: int | None = None) -> tuple[str, int]:
+        """Copy the uploaded bundle of the current version (or ``version``), checked against its
+        recorded sha256, to ``output`` (``-`` = standard output), written with the caller's own
+        permissions."""
         self._require("retrieving an image bundle")
-        path = self.bundle_path(label)
+        validate.label(label, "image label")
+        if version is not None and label in self.catalog.labels():
+            imageversions.row(self.catalog.conn, label, version)  # kept, or exit 2 naming them
+        path = self.bundle_path(label, version)
         if not path.exists():
             if label in self.catalog.labels():
-                raise NotFound(f"image {label!r} has no uploaded bundle (it was added with "
+                raise NotFound(f"image {label!r} has no uploaded bundle for version "
+                               f"{self._version(label, version)} (it was added with "
                                "`pxe-stage images add`)")
             raise NotFound(f"unknown image label {label!r}")
-        expected = self._meta(label).get("bundle_sha256")
+        expected = self._meta(label, version).get("bundle_sha256")
         with open(path, "rb") as src:
             if output == "-":
                 sha, size = _copy(src, sys.stdout.buffer)

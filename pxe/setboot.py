@@ -9,7 +9,7 @@ nodes queue instead of interleaving.
 
 from __future__ import annotations
 
-import secrets
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,7 +69,7 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
         wrong = [n for n in names if rows[n][0] != image.arch]
         if wrong:
             raise InputError(f"image {label} is for {image.arch}; not for node(s) {', '.join(wrong)}")
-    tokens = {n: secrets.token_urlsafe(24) for n in names} if image else None
+    tokens = dict(zip(names, _tokens(len(names)), strict=True)) if image else None
     if keep_tokens and image is None:
         tokens = {n: rows[n][1] for n in names if rows[n][1]}
     target = "os" if image else "local"
@@ -89,6 +89,16 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
     return [BootSet(n, target, label or rows[n][2], (tokens or {}).get(n)) for n in names]
 
 
+def _tokens(count: int) -> list[str]:
+    """``count`` one-time tokens, each as secrets.token_urlsafe(24) makes them (24 bytes of
+    os.urandom, the system's CSPRNG, as 32 URL-safe characters), from one read instead of
+    ``count`` (and without importing secrets: hmac and OpenSSL's hashes)."""
+    import base64
+
+    text = base64.urlsafe_b64encode(os.urandom(24 * count)).decode("ascii")
+    return [text[i:i + 32] for i in range(0, 32 * count, 32)]  # 24 bytes = 32 chars, no "="
+
+
 def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
     """name -> (arch, boot_token, desired_os) of the named nodes that exist."""
     out: dict[str, tuple] = {}
@@ -103,37 +113,52 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
-               servers: bool = False, segment: str | None = None) -> RenderReport:
+               servers: bool = False, inventory: Inventory | None = None,
+               segment: str | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
     pxe.serve.standard_configs. ``segment`` (default: ``[segment] name``, else the primary's):
-    only that segment's nodes (pxe.segments) - each boot server renders its own."""
-    from pxe import dhcp, render, segments, stage
+    only that segment's nodes (pxe.segments) - each boot server renders its own.
 
-    inv = Inventory(cfg)
+    The DHCP config is rendered and checked only when what it is made of changed since it was
+    installed (pxe.dhcpinputs): a set-boot changes nothing in it.
+    """
+    from pxe import dhcp, dhcpinputs, render, segments, stage
+
+    inv = inventory or Inventory(cfg)
     mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
-    nodes = [n for n in inv.all() if n.segment == mine]
+
+    def nodes() -> list:
+        return [n for n in inv.all() if n.segment == mine]
+
     renderer = render.Renderer(cfg)
-    text = renderer.dhcp_config(nodes)
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
+        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine).hosts())
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
-        files = renderer.all_boot_files(nodes, images())
+        files = renderer.all_boot_files(nodes(), images())
         if servers:
             from pxe.serve import standard_configs
 
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        with render.naming_template(renderer):
-            dhcp_changed = dhcp.install(cfg, text, reload=reload)
+        snapshot = dhcpinputs.read(inv.conn, mine)
+        if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
+            dhcp_changed = False
+        else:
+            text = renderer.dhcp_config(snapshot.hosts())
+            used = set(renderer.read_templates)
+            with render.naming_template(renderer):
+                dhcp_changed = dhcp.install(cfg, text, reload=reload)
+            dhcpinputs.save(cfg, snapshot, used)
         if cfg.boot.write_files or servers:
-            files = renderer.all_boot_files(nodes, images())
+            files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)
             pruned = stage.prune(cfg, files)
         else:  # pxe-stage serve renders them per request: no files (and none left stale)

@@ -20,10 +20,10 @@ def path_for(db_path: str | os.PathLike[str]) -> str:
 
 def bump(db_path: str | os.PathLike[str]) -> None:
     """Give the stamp a new value (a fixed-width overwrite in place: one write, no rename)."""
-    import secrets  # not on the readers' path (cluster-query imports this module)
-    import time
+    import time  # not on the readers' path (cluster-query imports this module)
 
-    value = f"{time.time_ns():x}.{secrets.token_hex(6)}".ljust(WIDTH).encode()[:WIDTH]
+    # os.urandom as secrets.token_hex does, without importing secrets (hmac, OpenSSL's hashes)
+    value = f"{time.time_ns():x}.{os.urandom(6).hex()}".ljust(WIDTH).encode()[:WIDTH]
     fd = os.open(path_for(db_path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.pwrite(fd, value, 0)

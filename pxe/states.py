@@ -115,9 +115,11 @@ def enter(conn: sqlite3.Connection, label: str, mode: str, nodes: Sequence[str],
     checked that none of the nodes is in an active run. Returns the run's id."""
     run_id = int(conn.execute("INSERT INTO runs(label, mode, created, state) VALUES (?, ?, ?, ?) "
                               "RETURNING id", (label, mode, now, RUN_RUNNING)).fetchone()[0])
-    conn.executemany(
-        "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
-        "VALUES (?, ?, ?, '', ?, ?)", [(run_id, n, REQUESTED, deadline, now) for n in nodes])
+    version = conn.execute("SELECT version FROM images WHERE label = ?", (label,)).fetchone()
+    conn.executemany(  # image_version: what the node will boot (pxe.imageversions)
+        "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated, image_version) "
+        "VALUES (?, ?, ?, '', ?, ?, ?)",
+        [(run_id, n, REQUESTED, deadline, now, version[0] if version else None) for n in nodes])
     conn.executemany(
         "UPDATE nodes SET state = ?, state_reason = ?, updated = ? WHERE name = ?",
         [(REQUESTED, f"run {run_id}: {label} requested", now, n) for n in nodes])
@@ -144,9 +146,14 @@ def transition(conn: sqlite3.Connection, run_id: int, node: str, new: str, reaso
         return False
     now = time.time() if now is None else now
     marks = ",".join("?" * len(sources))
+    # Power-cycled: the node fetches its loader config now, so the image version it boots is
+    # the one current now (a rollback since the run started counts; pxe.imageversions).
+    version = (", image_version = COALESCE((SELECT i.version FROM images i JOIN runs r ON "
+               "r.label = i.label WHERE r.id = run_nodes.run_id), image_version)"
+               if new == POWER_CYCLED else "")
     cur = conn.execute(
-        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ? WHERE run_id = ? AND node = ? "
-        f"AND state IN ({marks})", (new, reason, now, run_id, node, *sources))
+        f"UPDATE run_nodes SET state = ?, reason = ?, updated = ?{version} WHERE run_id = ? "
+        f"AND node = ? AND state IN ({marks})", (new, reason, now, run_id, node, *sources))
     if cur.rowcount == 0:
         return False
     fields: dict[str, object] = {"state": new, "state_reason": reason or f"run {run_id}: {new}",
@@ -158,7 +165,8 @@ def transition(conn: sqlite3.Connection, run_id: int, node: str, new: str, reaso
     return True
 
 
-_NODE_COLUMNS = frozenset({"state", "state_reason", "current_os", "used", "boot_token"})
+_NODE_COLUMNS = frozenset({"state", "state_reason", "current_os", "current_version", "used",
+                           "boot_token"})
 
 
 def set_node(conn: sqlite3.Connection, node: str, now: float | None = None,

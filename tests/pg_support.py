@@ -18,7 +18,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-PG_BIN = Path(os.environ.get("DYNPROV_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """Debian's newest installed server (/usr/lib/postgresql/<major>/bin), or DYNPROV_PG_BIN."""
+    if os.environ.get("DYNPROV_PG_BIN"):
+        return Path(os.environ["DYNPROV_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 PG_USER = "postgres"
 START_TIMEOUT = 60
 

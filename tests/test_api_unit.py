@@ -323,7 +323,8 @@ def test_upload_list_show_get_delete(client, site, tmp_path):
     assert r.headers["x-bundle-sha256"] == listed[0]["bundle_sha256"]
     r = client.put("/api/v1/images/centos7", content=bundle.read_bytes(),
                    headers={**headers, "Content-Type": "application/octet-stream"})
-    assert r.status_code == 409 and "already exists" in r.json()["error"]
+    assert r.status_code == 201, r.text  # the owner's second upload: version 2
+    assert client.get("/api/v1/images/centos7", headers=headers).json()["version"] == 2
     assert client.delete("/api/v1/images/centos7", headers=headers).status_code == 200
     actions = [(a["user"], a["action"]) for a in audit.read(site.cfg.paths.state_dir)]
     assert ("imager", "image-upload") in actions and ("imager", "image-delete") in actions

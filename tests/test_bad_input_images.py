@@ -258,11 +258,11 @@ def test_images_add_bad_labels(site, files, name):
     assert site.snapshot() == before
 
 
-def test_images_add_duplicate_label_names_the_owner(site, files):
+def test_images_add_of_a_label_that_exists_adds_a_version(site, files):
     assert add(site, "centos5", files).returncode == 0
-    before = site.snapshot()
-    refused(add(site, "centos5", files), 2, "image label 'centos5' already exists (owner root)")
-    assert site.snapshot() == before
+    proc = add(site, "centos5", files)
+    assert proc.returncode == 0 and "added image centos5 version 2" in proc.stdout, proc.stderr
+    assert [v.version for v in Catalog(site.cfg).history("centos5")] == [1, 2]
 
 
 # -- fg-moab-image -upload: what it is given to read ---------------------------------------------
@@ -490,12 +490,30 @@ def test_member_cannot_delete_roots_image_but_an_admin_can(team, tmp_path):
 
 @needs_root
 def test_upload_over_another_members_label_names_the_owner(team, tmp_path):
+    """Only the owner or an admin adds a version, rolls back or deletes a version."""
     _upload(team, team.alice, "taken-by-alice", tmp_path)
     before = team.site.snapshot()
     theirs = team.give(team.bob, _bundle(tmp_path, label="other"))
     proc = team.fg(team.bob, "-upload", "-image", str(theirs), "-label", "taken-by-alice")
-    refused(proc, 2, f"image label 'taken-by-alice' already exists (owner {team.alice})")
+    refused(proc, 1, f"permission denied: image 'taken-by-alice' belongs to {team.alice}; only "
+                     f"its owner or an admin (root or group '{team.admin_group}') may add a "
+                     f"version to it (you are {team.bob})")
     assert team.site.snapshot() == before
+    mine = team.give(team.alice, _bundle(tmp_path, label="other"))
+    proc = team.fg(team.alice, "-upload", "-image", str(mine), "-label", "taken-by-alice")
+    assert proc.returncode == 0 and "version 2" in proc.stdout, proc.stderr
+    before = team.site.snapshot()
+    for argv in (("-rollback",), ("-rollback", "-version", "1"), ("-delete", "-version", "1")):
+        proc = team.fg(team.bob, *argv, "-label", "taken-by-alice")
+        action = "roll back" if argv[0] == "-rollback" else "delete"
+        refused(proc, 1, f"belongs to {team.alice}; only its owner or an admin (root or group "
+                         f"'{team.admin_group}') may {action} it (you are {team.bob})")
+    assert team.site.snapshot() == before
+    proc = team.fg(team.admin, "-rollback", "-label", "taken-by-alice")  # an admin may
+    assert proc.returncode == 0 and "version 1 is current again (was 2)" in proc.stdout, proc.stderr
+    proc = team.fg(team.alice, "-delete", "-version", "2", "-label", "taken-by-alice")
+    assert proc.returncode == 0, proc.stderr
+    assert [v.version for v in Catalog(team.site.cfg).history("taken-by-alice")] == [1]
 
 
 @needs_root
@@ -578,7 +596,7 @@ def test_rest_upload_over_a_taken_label_names_the_owner(api, tmp_path):
         .status_code == 201
     before = stored(server)
     r = _put(server, bob, "rest-taken", _bundle(tmp_path, label="y").read_bytes())
-    _rest_refused(r, 409, f"already exists (owner {alice})")
+    _rest_refused(r, 403, f"image 'rest-taken' belongs to {alice}")
     assert stored(server) == before
 
 

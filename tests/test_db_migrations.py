@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_node ON events(node, ts);
 """
 
+RUN_NODES = "run_nodes(run_id, node, state, reason, deadline, updated)"  # the release-1 columns
 TABLES = ("pools", "nodes", "macs", "images", "settings", "runs", "run_nodes", "events")
 
 
@@ -134,7 +135,8 @@ def fill(path: Path, node_state: str = "ready") -> None:
             ('centos7', 'ondemand', 10.0, 20.0, 'done'),
             ('centos7', 'perjob', 30.0, NULL, 'running'),
             ('sles11', 'ondemand', 40.0, 41.0, 'failed');
-        INSERT INTO run_nodes VALUES (1, 'n001', 'ready', '', 15.0, 19.0),
+        INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated)
+                              VALUES (1, 'n001', 'ready', '', 15.0, 19.0),
                                      (2, 'n003', 'booting', '', 630.0, 31.0),
                                      (3, 'n002', 'timed out', 'late', 41.0, 41.0);
         INSERT INTO events(ts, node, run_id, kind, detail) VALUES
@@ -145,10 +147,20 @@ def fill(path: Path, node_state: str = "ready") -> None:
     conn.close()
 
 
+# Columns later migrations append (ALTER TABLE ... ADD COLUMN): the old columns must keep their
+# data; the new ones are checked by their own migration's test.
+ADDED = {"images": ("version",), "nodes": ("current_version",), "run_nodes": ("image_version",)}
+
+
 def rows(path: Path) -> dict[str, list[tuple]]:
     conn = sqlite3.connect(path)
     try:
-        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in TABLES}
+        out = {}
+        for t in TABLES:
+            cols = [r[1] for r in conn.execute(f"PRAGMA table_info({t})")
+                    if r[1] not in ADDED.get(t, ())]
+            out[t] = conn.execute(f"SELECT {', '.join(cols)} FROM {t} ORDER BY 1, 2").fetchall()
+        return out
     finally:
         conn.close()
 
@@ -204,7 +216,7 @@ def test_release_1_database_is_recognised_and_upgraded_with_its_data(release_1):
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
         conn.execute("INSERT INTO macs VALUES ('52:54:00:00:00:09', 'nope', 0)")
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        conn.execute("INSERT INTO run_nodes VALUES (99, 'n001', 'ready', '', NULL, 1.0)")
+        conn.execute(f"INSERT INTO {RUN_NODES} VALUES (99, 'n001', 'ready', '', NULL, 1.0)")
     conn.close()
 
 
@@ -215,7 +227,7 @@ def test_release_1_database_is_recognised_and_upgraded_with_its_data(release_1):
     "UPDATE runs SET state = 'cancelled' WHERE id = 1",
     "UPDATE runs SET mode = 'sometimes' WHERE id = 1",
     "UPDATE run_nodes SET state = 'off' WHERE run_id = 1",
-    "INSERT INTO run_nodes VALUES (1, 'n002', 'timed-out', '', NULL, 1.0)",
+    f"INSERT INTO {RUN_NODES} VALUES (1, 'n002', 'timed-out', '', NULL, 1.0)",
 ])
 def test_state_columns_refuse_words_outside_the_vocabulary(release_1, statement):
     conn = db.connect(release_1)
@@ -236,7 +248,7 @@ def test_every_state_the_code_writes_is_accepted(tmp_path):
             conn.execute("INSERT INTO runs(label, mode, created, state) VALUES ('l', ?, 1.0, ?)",
                          (mode, state))
     for i, state in enumerate((*run.ACTIVE, *run.FINAL)):
-        conn.execute("INSERT INTO run_nodes VALUES (1, ?, ?, '', NULL, 1.0)", (f"n{i}", state))
+        conn.execute(f"INSERT INTO {RUN_NODES} VALUES (1, ?, ?, '', NULL, 1.0)", (f"n{i}", state))
     assert conn.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] == len(node_states)
     conn.close()
 
@@ -355,4 +367,34 @@ def test_version_2_database_gets_the_installed_step_with_its_data(release_1):
     with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
         conn.execute("UPDATE run_nodes SET state = 'rebooting' WHERE run_id = 2")
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+
+
+def test_migration_6_turns_images_into_version_1(tmp_path):
+    """A version-5 database: each image becomes version 1 and nodes running it record it."""
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(db._VERSION_TABLE)
+    for m in db.MIGRATIONS[:5]:  # frozen: never edited once on main
+        for statement in db.statements(m.sql):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, ?, 0)", (m.version, m.description))
+    conn.execute("PRAGMA user_version = 5")
+    conn.execute("INSERT INTO images(label, kernel_sha, initrd_sha, owner, created) "
+                 "VALUES ('centos7', 'aa', 'bb', 'alice', 1.0)")
+    conn.execute("INSERT INTO nodes(name, current_os) VALUES ('n001', 'centos7'), ('n002', NULL)")
+    conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos7', 'ondemand', 1.0)")
+    conn.execute("INSERT INTO run_nodes(run_id, node, state, updated) VALUES (1, 'n001', 'ready', 2.0)")
+    conn.execute("COMMIT")
+    conn.close()
+    conn = db.connect(path)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION >= 6
+    assert [tuple(r) for r in conn.execute(
+        "SELECT label, version, kernel_sha, initrd_sha, owner, created FROM image_versions")] == \
+        [("centos7", 1, "aa", "bb", "alice", 1.0)]
+    assert conn.execute("SELECT version FROM images").fetchone()[0] == 1
+    assert [tuple(r) for r in conn.execute("SELECT name, current_version FROM nodes ORDER BY 1")] \
+        == [("n001", 1), ("n002", None)]
+    assert conn.execute("SELECT image_version FROM run_nodes").fetchone()[0] is None
     conn.close()

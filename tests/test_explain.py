@@ -117,7 +117,8 @@ def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     with db.transaction(conn):
         run = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos5', "
                            "'ondemand', 1.0) RETURNING id").fetchone()[0]
-        conn.execute("INSERT INTO run_nodes VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
+        conn.execute("INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
+                     "VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
                      (run,))
     conn.close()
     with serving(lo_site):

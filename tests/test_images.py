@@ -53,9 +53,9 @@ def test_shared_blobs_survive_until_last_user_goes(site, kernel):
 
 def test_labels_and_duplicates(site, kernel):
     cat = Catalog(site.cfg)
-    cat.add("centos5", kernel)
-    with pytest.raises(InputError, match="already exists"):
-        cat.add("centos5", kernel)
+    assert cat.add("centos5", kernel).version == 1
+    assert cat.add("centos5", kernel).version == 2  # a label that exists gets a new version
+    assert [v.version for v in cat.history("centos5")] == [1, 2]
     for bad in ("../x", "a b", "{{x}}", "x/y"):
         with pytest.raises(InputError, match="invalid label"):
             cat.add(bad, kernel)

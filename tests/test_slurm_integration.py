@@ -275,7 +275,7 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
         # a node moved out of the scheduler's pool is refused
         conn = db.connect(cfg.database)
         with db.transaction(conn):
-            conn.execute("INSERT OR IGNORE INTO pools(name, created) VALUES ('lab', 0)")
+            conn.execute("INSERT INTO pools(name, created) VALUES ('lab', 0) ON CONFLICT (name) DO NOTHING")
             conn.execute("UPDATE nodes SET pool = 'lab' WHERE name = 'n001'")
         proc = cli("helper", "beta", env=n1.env)
         assert proc.returncode == 1 and "not the scheduler's pool" in proc.stderr, proc.stderr

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from msm_plugin import cluster_query, wiki
-from pxe import config, db, stamp
+from pxe import config, db, hwfacts, stamp
 
 pytestmark = pytest.mark.unit
 
@@ -55,6 +55,47 @@ def test_sql_lines_equal_python_lines(tmp_path, mode):
     lines = fast.text.splitlines()
     assert len(lines) == 11 and "a-ready STATE=Idle;OS=centos5;OSLIST=centos5,rocky9;" in lines[0]
     assert any(ln.startswith("i-odd-os ") and "we\\:ird" in ln for ln in lines)  # escaped
+
+
+@pytest.mark.parametrize("keep", [("a-ready", "h-arm", "c-unknown", "k-empty-os"), ()])
+def test_every_line_from_sql_equals_python_lines(tmp_path, keep):
+    """The path where SQLite formats every line (the common cluster), and an empty one."""
+    conn = db.connect(tmp_path / "state.db")
+    _mixed(conn)
+    with db.transaction(conn):
+        conn.execute("DELETE FROM run_nodes")
+        marks = ",".join("?" * len(keep)) or "''"
+        conn.execute(f"DELETE FROM nodes WHERE name NOT IN ({marks})", keep)
+    if keep:  # hardware facts: CPROC/CMEMORY on lines SQLite formatted
+        hwfacts.store(conn, "a-ready", hwfacts.parse("cpus 4\nmemory_kib 16314204\n"))
+    now = time.time()
+    fast = wiki.build(conn, "hpc", now)
+    assert fast.text == wiki.build(conn, "hpc", now, common_in_sql=False).text
+    assert fast.until is None and len(fast.text.splitlines()) == len(keep)
+    assert ("a-ready STATE=Idle;" in fast.text and ";CPROC=4;CMEMORY=15931\n" in fast.text) \
+        == bool(keep)
+    assert not conn.in_transaction
+
+
+def test_odd_facts_take_the_python_path_and_match(tmp_path):
+    """Facts text that is not what pxe.hwfacts stores (not JSON, a value that is not a whole
+    number >= 0): SQLite leaves the line to Python, whose reading is the reference."""
+    conn = db.connect(tmp_path / "state.db")
+    _mixed(conn)
+    odd = {"a-ready": '{"cpus": -1, "memory_mib": 8}', "c-unknown": '{"cpus": "4"}',
+           "h-arm": "not json", "k-empty-os": '{"cpus": 2.5, "memory_mib": 1024}',
+           "b-off": '{"cpus": 0, "memory_mib": 0}'}
+    with db.transaction(conn):
+        conn.executemany("INSERT INTO node_facts(node, facts, reported) VALUES (?, ?, 1)",
+                         list(odd.items()))
+    assert wiki._facts_in_sql(conn)
+    now = time.time()
+    fast = wiki.build(conn, "hpc", now)
+    assert fast.text == wiki.build(conn, "hpc", now, common_in_sql=False).text
+    assert "a-ready STATE=Idle;" in fast.text and ";CMEMORY=8\n" in fast.text
+    conn.execute("DROP TABLE node_facts")  # a database no writer has upgraded: no resources
+    assert not wiki._facts_in_sql(conn)
+    assert "CPROC" not in wiki.build(conn, "hpc", now).text
 
 
 def test_commit_bumps_the_stamp_and_the_key(tmp_path):

@@ -5,8 +5,11 @@ tool printing the same WIKI lines from the same database, in one run (not a time
     tools/bench_cluster_query.py [--nodes 10000] [--repeat 7]
 
 Measured in --repeat interleaved rounds (every case once per round, order alternating), median
-and spread (min-max) of the wall time of a real process:
-  floor     sqlite3 -batch DB "<one SELECT producing the same lines>"
+and spread (min-max) of the wall time of a real process (and the median CPU time, user + system,
+which other load on a shared machine disturbs less). The checkout's bytecode is compiled first,
+as tools/install-launcher leaves it:
+  floor     sqlite3 -batch DB "<one SELECT producing the same lines>" (every node has
+            hardware facts, as after its first call-home: CPROC and CMEMORY on every line)
   warm      cluster-query as Moab runs it (the console-script wrapper, no argument), the report
             file still true for the database's change key: stat + read + write, no SQLite
   lean      the same entry point from a `python3 -S` launcher (no site-packages processing)
@@ -21,7 +24,9 @@ Ends with `RESULT ...` (tools/bench_common.result).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,17 +47,22 @@ import bench_common as bc  # noqa: E402
 launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
 from msm_plugin import wiki  # noqa: E402
-from pxe import config, db  # noqa: E402
+from pxe import config, db, hwfacts  # noqa: E402
 
-# The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER).
+# The same lines wiki.build prints for a healthy node (STATE=Idle; OS; OSLIST; ARCH; POWER;
+# UPDATETIME; CPROC and CMEMORY from the hardware facts every node sent at its call-home).
 FLOOR_SQL = """
 WITH osl AS (SELECT arch, group_concat(label, ',') AS labels
              FROM (SELECT arch, label FROM images ORDER BY label) GROUP BY arch)
 SELECT n.name || ' STATE=Idle;OS=' || COALESCE(n.current_os, '_none')
        || COALESCE(';OSLIST=' || osl.labels, '') || ';ARCH=' || n.arch || ';POWER=On'
        || ';UPDATETIME=' || CAST(n.updated AS INTEGER)
-FROM nodes n LEFT JOIN osl ON osl.arch = n.arch ORDER BY n.name;
+       || ';CPROC=' || json_extract(f.facts, '$.cpus')
+       || ';CMEMORY=' || json_extract(f.facts, '$.memory_mib')
+FROM nodes n LEFT JOIN osl ON osl.arch = n.arch LEFT JOIN node_facts f ON f.node = n.name
+ORDER BY n.name;
 """
+FACTS = "cpus 32\nmemory_kib 263856128\ncpu_model Intel Xeon Gold 6130\nserial SN{i:08d}\n"
 
 
 def populate(cfg: config.Config, count: int) -> None:
@@ -66,6 +76,10 @@ def populate(cfg: config.Config, count: int) -> None:
         conn.executemany(
             "INSERT INTO nodes(name, state, current_os, updated) VALUES (?, 'ready', ?, ?)",
             [(f"n{i:05d}", labels[i % len(labels)], now) for i in range(1, count + 1)])
+        conn.executemany(  # what each node reported at its last call-home (pxe.hwfacts)
+            "INSERT INTO node_facts(node, facts, reported) VALUES (?, ?, ?)",
+            [(f"n{i:05d}", json.dumps(hwfacts.parse(FACTS.format(i=i))), now)
+             for i in range(1, count + 1)])
         conn.executemany(
             "INSERT INTO macs(mac, node) VALUES (?, ?)",
             [(f"52:54:{i >> 24 & 255:02x}:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
@@ -73,12 +87,17 @@ def populate(cfg: config.Config, count: int) -> None:
     conn.close()
 
 
-def run_once(argv: list[str], env: dict[str, str], before=None) -> tuple[float, bytes]:
+def run_once(argv: list[str], env: dict[str, str], before=None) -> tuple[float, float, bytes]:
+    """(wall s, CPU s of the process: user + system, less disturbed by other load, stdout)."""
     if before:
         before()
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, env=env, check=True, timeout=120)
-    return time.perf_counter() - start, proc.stdout
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - used.ru_utime) + (after.ru_stime - used.ru_stime)
+    return elapsed, cpu, proc.stdout
 
 
 def body(text: bytes) -> list[bytes]:
@@ -131,6 +150,7 @@ def main() -> int:
             "python_S": ([sys.executable, "-S", "-c", "pass"], None),
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
         outs: dict[str, bytes] = {}
         subprocess.run([str(script)], env=env, stdout=subprocess.DEVNULL, check=True)
         for r in range(args.repeat):  # interleaved: every case once per round, order alternating
@@ -139,8 +159,9 @@ def main() -> int:
                 argv, before = cases[name]
                 if name.startswith("warm"):
                     run_once(argv, env)  # whatever ran before, the report is now fresh
-                seconds, outs[name] = run_once(argv, env, before)
+                seconds, used, outs[name] = run_once(argv, env, before)
                 times[name].append(seconds)
+                cpu[name].append(used)
         report = wiki.report_path(cfg.paths.state_dir)
         reads = []
         for _ in range(args.repeat):
@@ -164,14 +185,18 @@ def main() -> int:
         "python_S": "python3 -S -c pass",
         "file": "file:// URL: one read, no process",
     }
-    print(bc.table(["case", "median ms", "spread ms", "x floor"],
+    cpu["file"] = times["file"]
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(bc.table(["case", "median ms", "spread ms", "x floor", "CPU ms", "CPU x floor"],
                    [(names[k], f"{med[k] * 1000:.1f}",
-                     bc.spread([t * 1000 for t in times[k]]), f"{med[k] / floor:.2f}")
+                     bc.spread([t * 1000 for t in times[k]]), f"{med[k] / floor:.2f}",
+                     f"{med_cpu[k] * 1000:.1f}", f"{med_cpu[k] / med_cpu['floor']:.2f}")
                     for k in names]))
     print(f"cold / floor = {med['cold_lean'] / floor:.2f}x with the launcher Moab runs "
           f"(aim <= 3x); warm {med['warm_lean'] / floor:.2f}x")
     bc.result({"nodes": args.nodes, "repeat": args.repeat, "same_lines": same,
                "floor_ms": floor * 1000, "cold_ms": med["cold_lean"] * 1000,
+               "cold_cpu_ratio": med_cpu["cold_lean"] / med_cpu["floor"],
                "warm_ms": med["warm_lean"] * 1000, "cold_wrapper_ms": med["cold"] * 1000,
                "cold_ratio": med["cold_lean"] / floor, "warm_ratio": med["warm_lean"] / floor,
                "cold_ratio_spread": f"{min(times['cold_lean']) / max(times['floor']):.2f}-"

@@ -4,13 +4,19 @@ the same file, and what rendering a loader config per request costs `pxe-stage s
 
     tools/bench_render.py [--nodes 10000] [--backend isc|dnsmasq] [--repeat 5] [--rate 500] [--json]
 
-One run, both sides interleaved, the same repeats; median and spread (min-max):
-  set-boot     `pxe-stage set-boot n[00000-N] --os|--local` as a process (one DB transaction;
-               loader configs are rendered per request by serve, no files)
-  render       `pxe-stage render --no-reload` as a process: DHCP config rendered, checked by the
-               daemon (dhcpd -t / dnsmasq --test) and installed, loaders installed
+One run, every case interleaved (order alternating), the same repeats; median and spread
+(min-max). Every command is a real process started as an admin's is: through the `python3 -S`
+launcher tools/install-launcher installs (bytecode compiled, as it leaves it):
+  unchanged    `pxe-stage set-boot n[00000-N] --os|--local --render --no-reload`: one transaction,
+               then render: the DHCP config's inputs (pxe.dhcpinputs) are those it was installed
+               and checked from, so it is neither rendered nor checked again (loader configs are
+               rendered per request by serve: no files)
+  changed      the same after the installed DHCP file was removed: the full render, the daemon's
+               check (dhcpd -t / dnsmasq --test) and the install, in the same process
+  set-boot     `pxe-stage set-boot` alone (what the database part costs)
   bare check   the daemon's own check of the same file (the goal: set-boot + render <= 2x it)
-  python       `python3 -c pass`: what any Python command pays to start (two commands: 2x)
+  python       `python3 -S -c pass`: what the launcher's interpreter pays to start
+and, in this process, the set-boot transaction alone (rows updated, events, COMMIT).
 Per request: every MAC's iPXE script rendered from the database (cache emptied by a set-boot),
 in-process (ms per config), then over HTTP from a running `pxe-stage serve --no-tftp` at --rate
 requests/s, against a static file of the same size from the same server (ms added per config).
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from importlib.machinery import SourceFileLoader  # noqa: E402
+
 import bench_common as bc  # noqa: E402
 
 from pxe import config  # noqa: E402
@@ -41,14 +50,20 @@ from pxe.images import Catalog  # noqa: E402
 from pxe.inventory import Inventory, build  # noqa: E402
 from tests.conftest import fake_bzimage  # noqa: E402
 
+launcher = SourceFileLoader("install_launcher", str(ROOT / "tools" / "install-launcher")).load_module()
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(wall s, CPU s of the process: user + system, less disturbed by other load, stdout)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr}")
-    return elapsed
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu, proc.stdout
 
 
 def mac_of(i: int) -> str:
@@ -74,6 +89,27 @@ def site_with(n: int, backend: str, root: Path, http_port: int) -> config.Config
     Catalog(cfg).add("centos5", fake_bzimage(root / "vmlinuz", os.urandom(1024)),
                      cmdline="console=ttyS0,115200")
     return cfg
+
+
+def transaction_only(cfg: config.Config, n: int, repeat: int) -> tuple[float, float]:
+    """Median (wall s, CPU s) of the set-boot transaction alone, in this process: N rows
+    updated, N per-node events, COMMIT (with SQLite's WAL checkpoint) - the database's part."""
+    from pxe import db
+    from pxe.setboot import _tokens
+
+    inv = Inventory(cfg)
+    names = [f"n{i:05d}" for i in range(n)]
+    wall, cpu = [], []
+    for _ in range(repeat):
+        tokens = dict(zip(names, _tokens(n), strict=True))
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with db.transaction(inv.conn):
+            inv.set_boot(names, "os", "centos5", tokens)
+            db.log_events(inv.conn, "set-boot", names, "centos5")
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    inv.conn.close()
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def in_process(cfg: config.Config, n: int) -> float:
@@ -123,47 +159,66 @@ def main() -> int:
         port = bc.free_port()
         cfg = site_with(n, args.backend, Path(tmp) / "site", port)
         env = {**os.environ, "DYNPROV_CONFIG": str(cfg.path), "PYTHONPATH": str(ROOT)}
-        last = f"{n - 1:05d}"
-        setboot, render, bare, python = [], [], [], []
+        stage = str(launcher.install(Path(tmp) / "pxe-stage", py, ROOT, "pxe-stage"))
+        nodes = f"n[00000-{n - 1:05d}]"
+        subprocess.run([stage, "render", "--no-reload"], env=env, check=True, capture_output=True)
+        cases = {
+            "unchanged": lambda t: [stage, "set-boot", nodes, *t, "--render", "--no-reload"],
+            "changed": lambda t: [stage, "set-boot", nodes, *t, "--render", "--no-reload"],
+            "setboot": lambda t: [stage, "set-boot", nodes, *t],
+            "bare": lambda t: dhcp_backend(args.backend).check_argv(cfg.dhcp.config_file),
+            "python": lambda t: [py, "-S", "-c", "pass"],
+        }
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        cpu: dict[str, list[float]] = {k: [] for k in cases}
+        outputs: dict[str, str] = {}
         for r in range(args.repeat):
-            target = ["--os", "centos5"] if r % 2 == 0 else ["--local"]
-            steps = [("setboot", lambda t=target: timed(
-                          [py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", *t], env)),
-                     ("render", lambda: timed([py, "-m", "pxe.cli.main", "render", "--no-reload"],
-                                              env)),
-                     ("bare", lambda: timed(dhcp_backend(args.backend).check_argv(
-                         cfg.dhcp.config_file), env)),
-                     ("python", lambda: timed([py, "-c", "pass"], env))]
-            if r % 2:  # interleaved both ways: neither side always runs first
-                steps = steps[2:] + steps[:2]
-            for name, step in steps:
-                if name == "render":
-                    cfg.dhcp.config_file.unlink(missing_ok=True)  # a full install every time
-                {"setboot": setboot, "render": render, "bare": bare, "python": python}[name].append(
-                    step())
-        total = [s + r for s, r in zip(setboot, render, strict=True)]
-        med = {k: statistics.median(v) for k, v in
-               (("setboot", setboot), ("render", render), ("total", total), ("bare", bare),
-                ("python", python))}
-        print(f"{n} nodes, backend {args.backend}, {args.repeat} repeats interleaved; "
+            order = list(cases) if r % 2 == 0 else list(reversed(cases))
+            for i, name in enumerate(order):
+                target = ["--os", "centos5"] if (r + i) % 2 == 0 else ["--local"]
+                if name == "changed":
+                    cfg.dhcp.config_file.unlink()  # render, check and install it again
+                seconds, used, outputs[name] = timed(cases[name](target), env)
+                times[name].append(seconds)
+                cpu[name].append(used)
+        if "installed" not in outputs["changed"] or "unchanged" not in outputs["unchanged"]:
+            raise SystemExit(f"unexpected output: {outputs}")
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+        print(f"{n} nodes, backend {args.backend}, {args.repeat} rounds interleaved; "
               f"{bc.load_note()}")
-        print(bc.table(["step", "median s", "spread s"],
-                       [("set-boot (process)", f"{med['setboot']:.3f}", bc.spread(setboot)),
-                        ("render + daemon check (process)", f"{med['render']:.3f}",
-                         bc.spread(render)),
-                        ("total", f"{med['total']:.3f}", bc.spread(total)),
-                        ("bare daemon check", f"{med['bare']:.3f}", bc.spread(bare)),
-                        ("python3 -c pass", f"{med['python']:.3f}", bc.spread(python))]))
-        ratio = med["total"] / med["bare"]
-        print(f"total / bare check = {ratio:.2f}x (goal <= 2x); two interpreter starts alone are "
-              f"{2 * med['python'] / med['bare']:.2f}x the bare check")
-        fields.update(setboot_s=med["setboot"], render_s=med["render"], total_s=med["total"],
-                      bare_check_s=med["bare"], python_s=med["python"], render_ratio=ratio,
-                      render_ratio_spread=f"{min(total) / max(bare):.2f}-"
-                                          f"{max(total) / min(bare):.2f}")
+        names = {"unchanged": "set-boot --render, DHCP unchanged",
+                 "changed": "set-boot --render, DHCP changed (render + check)",
+                 "setboot": "set-boot alone",
+                 "bare": "bare daemon check",
+                 "python": "python3 -S -c pass"}
+        print(bc.table(["one process (python3 -S launcher)", "median s", "spread s", "x bare",
+                        "CPU s", "CPU x bare"],
+                       [(names[k], f"{med[k]:.3f}", bc.spread(times[k]),
+                         f"{med[k] / med['bare']:.2f}", f"{med_cpu[k]:.3f}",
+                         f"{med_cpu[k] / med_cpu['bare']:.2f}") for k in names]))
+        ratio, changed = med["unchanged"] / med["bare"], med["changed"] / med["bare"]
+        print(f"set-boot + render / bare check = {ratio:.2f}x with the DHCP config unchanged (what "
+              f"a set-boot leaves it), {changed:.2f}x when it changed (goal <= 2x)")
+
+        def spread(key: str) -> str:
+            return f"{min(times[key]) / max(times['bare']):.2f}-" \
+                   f"{max(times[key]) / min(times['bare']):.2f}"
+
+        tx_wall, tx_cpu = transaction_only(cfg, n, args.repeat)
+        print(f"the set-boot transaction alone, in-process: {tx_wall:.3f} s wall, {tx_cpu:.3f} s "
+              f"CPU = {tx_cpu / med_cpu['bare']:.2f}x the bare check's CPU")
+        fields.update(transaction_cpu_s=tx_cpu, transaction_cpu_ratio=tx_cpu / med_cpu["bare"])
+        fields.update(unchanged_s=med["unchanged"], changed_s=med["changed"],
+                      setboot_s=med["setboot"], bare_check_s=med["bare"], python_s=med["python"],
+                      render_ratio=ratio, render_ratio_spread=spread("unchanged"),
+                      render_changed_ratio=changed,
+                      render_cpu_ratio=med_cpu["unchanged"] / med_cpu["bare"],
+                      render_changed_cpu_ratio=med_cpu["changed"] / med_cpu["bare"],
+                      render_changed_ratio_spread=spread("changed"))
 
         # -- per request --------------------------------------------------------------------
-        subprocess.run([py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", "--os",
+        subprocess.run([py, "-m", "pxe.cli.main", "set-boot", nodes, "--os",
                         "centos5"], env=env, check=True, capture_output=True)
         per_config = in_process(cfg, n)
         print(f"in-process: {per_config * 1000:.3f} ms per config rendered from the database "
@@ -182,7 +237,7 @@ def main() -> int:
             bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{port}/healthz"), "serve")
             rendered_lat, static_lat = [], []
             for r in range(2):  # two rounds, each a cold rendered series and a static series
-                subprocess.run([py, "-m", "pxe.cli.main", "set-boot", f"n[00000-{last}]", "--os",
+                subprocess.run([py, "-m", "pxe.cli.main", "set-boot", nodes, "--os",
                                 "centos5"], env=env, check=True, capture_output=True)
                 paths = [f"/ipxe/{mac_of(i % n).replace(':', '-')}.ipxe"
                          for i in range(r * count // 2, r * count // 2 + count)]

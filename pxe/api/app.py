@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -199,10 +200,10 @@ async def image_upload(request: Request, who: Identity) -> Response:
     requestBody:
       content: {application/octet-stream: {schema: {type: string, format: binary}}}
     responses:
-      201: {description: uploaded and published}
+      201: {description: "uploaded and published (a label that exists: as its new version)"}
       400: {description: bad label or bad bundle}
-      403: {description: not in the image group}
-      409: {description: label exists, or another upload of it is in progress}
+      403: {description: "not in the image group, or the label is another user's"}
+      409: {description: another upload of the label is in progress}
       413: {description: larger than the limit (nothing is kept)}
     """
     groups = request.query_params.getlist("group")
@@ -237,17 +238,17 @@ async def image_bundle(request: Request, who: Identity) -> Response:
 
     label = validate.label(request.path_params["label"], "image label")
     repo = uploads.ApiRepository(request.app.state.cfg, who.user)
-    path = repo.bundle_path(label)
 
-    def meta() -> dict[str, Any]:
+    def meta() -> tuple[Path, dict[str, Any]]:  # the current version's (pxe.imageversions)
+        path = repo.bundle_path(label)
         if not path.is_file():
             if label in repo.catalog.labels():
                 raise NotFound(f"image {label!r} has no uploaded bundle (it was added with "
                                "`pxe-stage images add`)")
             raise NotFound(f"unknown image label {label!r}")
-        return repo._meta(label)
+        return path, repo._meta(label)
 
-    info = await run_in_threadpool(meta)
+    path, info = await run_in_threadpool(meta)
     headers = {"x-bundle-sha256": str(info.get("bundle_sha256") or "")}
     return FileResponse(path, media_type="application/octet-stream", headers=headers,
                         filename=f"{label}.bundle")

@@ -2,7 +2,7 @@
 
 - A second upload of a label while one is in progress gets 409 at once: a per-label flock in
   ``<state_dir>/api/locks`` (shared by every worker process; the kernel drops it if a worker
-  dies). A label that already exists is 409 too.
+  dies). A label that already exists gets a new version (its owner; another user: 403).
 - The body is refused with 413 before it is read when Content-Length says it is too big, and
   while it streams as soon as it passes the limit (``[api] max_upload_bytes``, at most
   ``[images] max_bundle_bytes``); the partial file is removed.
@@ -31,7 +31,7 @@ from starlette.requests import Request
 from pxe import repository, validate
 from pxe.api.common import ApiError
 from pxe.config import Config
-from pxe.errors import InputError
+from pxe.errors import DynprovError, InputError
 
 FLUSH = 1 << 20
 
@@ -108,8 +108,8 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
         # One repository (and so one SQLite connection) per worker-thread call: a connection
         # belongs to the thread that opened it.
         taken = await anyio.to_thread.run_sync(_taken_by, cfg, user, label)
-        if taken is not None:
-            raise ApiError(409, str(taken))
+        if taken is not None:  # another user's label (an owner's upload adds a version)
+            raise ApiError(403, str(taken))
         repo = ApiRepository(cfg, user)
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
@@ -130,9 +130,15 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
             "bundle_bytes": done.bundle_bytes, "customized": done.customized, "owner": user}
 
 
-def _taken_by(cfg: Config, user: str, label: str) -> InputError | None:
+def _taken_by(cfg: Config, user: str, label: str) -> DynprovError | None:
     repo = ApiRepository(cfg, user)
-    return repo._taken(label) if repo._exists(label) else None
+    if not repo._exists(label):
+        return None
+    try:
+        repo._require_owner(user, label, "add a version to")
+    except DynprovError as exc:
+        return exc
+    return None
 
 
 async def _spool(request: Request, path: Path, most: int) -> Spooled:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +15,8 @@ def load_config(args: argparse.Namespace) -> config.Config:
 
 
 def print_json(data: Any) -> None:
+    import json  # only the --json outputs pay for it
+
     json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TextIO
 
 from pxe.errors import DynprovError
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: typing (and re, enum) cost the poll ~10 ms
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import TextIO
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_FLAG = "--debug"

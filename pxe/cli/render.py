@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 
 from pxe.cli.common import load_config
-from pxe.setboot import render_all
+from pxe.config import Config
+from pxe.setboot import RenderReport, render_all
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("render", help="render and install DHCP and boot configs",
                        description="Render the DHCP config from the inventory, check it with the "
-                                   "daemon itself, install it atomically and reload; write every "
-                                   "node's boot files and the boot loaders into the TFTP root.")
+                                   "daemon itself, install it atomically and reload (only when "
+                                   "what it is made of changed since it was installed: nodes' "
+                                   "DHCP facts, the config, the templates, the daemon); install "
+                                   "the boot loaders into the TFTP root, and every node's boot "
+                                   "files where [boot] write_files is on.")
     p.add_argument("--check", action="store_true",
                    help="render everything in memory, check the DHCP config with the daemon and "
                         "list which template file (site override or packaged) each output came "
@@ -39,14 +43,19 @@ def cmd_render(args: argparse.Namespace) -> int:
         for name, source in sorted(report.sources.items()):
             print(f"  {name}: {source.describe()}")
         return 0
+    print_report(cfg, report)
+    if args.servers:
+        from pxe.serve import settings
+
+        print(f"standard server configs: {settings.load(cfg).standard_configs_dir}")
+    return 0
+
+
+def print_report(cfg: Config, report: RenderReport) -> None:
+    """What an install did (render, and set-boot --render)."""
     print(f"dhcp ({cfg.dhcp.backend}) {cfg.dhcp.config_file}: "
           f"{'installed' if report.dhcp_changed else 'unchanged'}")
     print(f"boot files: {report.boot_files} ({report.boot_changed} changed, "
           f"{len(report.pruned)} stale removed)")
     for name, status in report.loaders.items():
         print(f"loader {name}: {status}")
-    if args.servers:
-        from pxe.serve import settings
-
-        print(f"standard server configs: {settings.load(cfg).standard_configs_dir}")
-    return 0

@@ -193,9 +193,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"run {run['id']}: {run['label']} ({run['mode']}), {run['state']}; created "
           f"{_time(run['created'])}, finished {_time(run['finished'])}")
-    print_table(("NODE", "STATE", "DEADLINE", "REASON"),
-                [(n["node"], n["state"], _time(n["deadline"]), n["reason"])
-                 for n in run["nodes"]])
+    print_table(("NODE", "STATE", "VERSION", "DEADLINE", "REASON"),
+                [(n["node"], n["state"], n.get("image_version") or "-", _time(n["deadline"]),
+                  n["reason"]) for n in run["nodes"]])
     for node in run["nodes"]:
         print(f"\n{node['node']}:")
         start = node["steps"][0]["ts"] if node["steps"] else None

@@ -6,6 +6,8 @@ import argparse
 
 from pxe import validate
 from pxe.cli.common import load_config
+from pxe.errors import InputError
+from pxe.inventory import Inventory
 from pxe.nodeset import fold
 from pxe.setboot import set_boot
 
@@ -18,14 +20,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--os", metavar="LABEL", help="boot this image")
     target.add_argument("--local", action="store_true", help="boot the local disk")
+    p.add_argument("--render", action="store_true",
+                   help="then run `render` in the same process (one start instead of two; the "
+                        "DHCP config is checked and installed only if it changed)")
+    p.add_argument("--no-reload", action="store_true",
+                   help="with --render: do not run the DHCP reload command")
     p.set_defaults(func=cmd_set_boot)
 
 
 def cmd_set_boot(args: argparse.Namespace) -> int:
     if args.os is not None:
         validate.label(args.os, "image label")  # bad input (exit 2) before any lookup
-    nodes = set_boot(load_config(args), args.nodes, None if args.local else args.os)
+    if args.no_reload and not args.render:
+        raise InputError("--no-reload is for --render")
+    cfg = load_config(args)
+    inventory = Inventory(cfg)
+    nodes = set_boot(cfg, args.nodes, None if args.local else args.os, inventory)
     # The node set as given (folding 10,000 names again costs more than the whole change).
     shown = args.nodes if isinstance(args.nodes, str) else fold(n.name for n in nodes)
     print(f"{shown}: next boot {args.os or 'local disk'} ({len(nodes)} node(s))")
+    if args.render:
+        from pxe.cli.render import print_report
+        from pxe.setboot import render_all
+
+        print_report(cfg, render_all(cfg, reload=not args.no_reload, inventory=inventory))
     return 0

@@ -1,0 +1,201 @@
+"""What the DHCP config is made of, and whether the installed one is still exactly that.
+
+The DHCP config is a function of: each node's DHCP facts (DhcpHost: name, MACs, IP, arch,
+firmware, BMC type and address, groups, pool; never what set-boot or a boot changes: boot target,
+image, token, state), the site's [network], [boot] and [dhcp] sections, the template files it was
+rendered from, the code that renders it and the daemon binary that checked it. After installing
+(or confirming) the file, `render` stores a key of all of these with the file's sha256 in
+``<state_dir>/dhcp-installed.json`` (under the render lock). When the key and the file on disk
+still match, the file is byte for byte what a render would write and the daemon accepted it:
+`render` then neither renders nor checks it again. Anything else (a node added, an override
+template edited, the file edited by hand, another dhcpd binary) renders, checks and installs.
+Standard library only: `set-boot --render` pays for jinja2 only when the file changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable
+
+    from pxe.config import Config
+
+STAMP_NAME = "dhcp-installed.json"
+FORMAT = 1  # bump when what the key covers changes
+HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
+# The code a DHCP config depends on besides the templates (a dynprov upgrade renders again).
+_CODE = ("render.py", "dhcpinputs.py", "config.py")
+
+
+class DhcpHost:
+    """One node as the DHCP templates see it: the facts a DHCP config may depend on.
+    (A plain class: a dataclass costs every `set-boot` a few ms to create.)"""
+
+    __slots__ = ("name", "macs", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups",
+                 "pool")
+
+    def __init__(self, name: str, macs: tuple[str, ...], ip: str | None = None,
+                 arch: str = "x86_64", firmware: str = "bios", bmc_type: str = "none",
+                 bmc_address: str | None = None, groups: tuple[str, ...] = (),
+                 pool: str = "hpc"):
+        self.name, self.macs, self.ip, self.arch, self.firmware = name, macs, ip, arch, firmware
+        self.bmc_type, self.bmc_address, self.groups, self.pool = bmc_type, bmc_address, groups, pool
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DhcpHost) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"DhcpHost{self._values()!r}"
+
+    @classmethod
+    def of(cls, node: object) -> DhcpHost:
+        """The DHCP view of an inventory Node (or of a DhcpHost: itself)."""
+        if isinstance(node, DhcpHost):
+            return node
+        return cls(*(getattr(node, f) for f in cls.__slots__))
+
+
+class Snapshot:
+    """Every node's DHCP facts as read, and their digest."""
+
+    __slots__ = ("rows", "macs", "digest")
+
+    def __init__(self, rows: list[tuple], macs: list[tuple], digest: str):
+        self.rows = rows  # HOST_COLUMNS of every node, by name
+        self.macs = macs  # (node, idx, mac) in order
+        self.digest = digest  # sha256 of exactly these rows
+
+    def hosts(self) -> list[DhcpHost]:
+        """The rows as DhcpHosts (only a render needs them)."""
+        by_node: dict[str, list[str]] = {}
+        for node, _idx, mac in self.macs:
+            by_node.setdefault(node, []).append(mac)
+        return [DhcpHost(name, tuple(by_node.get(name, ())), ip, arch, firmware, bmc_type,
+                         bmc_address, tuple(g for g in (groups or "").split(",") if g), pool)
+                for name, ip, arch, firmware, bmc_type, bmc_address, groups, pool in self.rows]
+
+
+def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
+    """Every node's DHCP facts, in name order, from one consistent read; with ``segment``, only
+    the nodes of that segment (pxe.segments: '' is the primary's, the nodes without a row)."""
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        if segment is None:
+            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
+            macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
+        else:
+            of = "COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = {}), '') = ?"
+            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes n WHERE "
+                                 f"{of.format('n.name')} ORDER BY name", (segment,))
+            macs = sorted(_tuples(conn, "SELECT m.node, m.idx, m.mac FROM macs m WHERE "
+                                        f"{of.format('m.node')}", (segment,)))
+    finally:
+        if own:
+            conn.execute("COMMIT")
+    h = hashlib.sha256(repr(HOST_COLUMNS).encode())
+    for part in (rows, macs):  # one repr per row (no newline in any): unambiguous, and fast
+        h.update(b"\0" + "\n".join(map(repr, part)).encode())
+    return Snapshot(rows, macs, h.hexdigest())
+
+
+def _tuples(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
+    """The rows as plain tuples (sqlite3: no Row object for each of 10,000s of rows)."""
+    cursor = conn.cursor()
+    try:
+        cursor.row_factory = None
+    except (AttributeError, TypeError):  # a connection whose rows are its own kind
+        pass
+    rows = cursor.execute(sql, args).fetchall()
+    return rows if not rows or type(rows[0]) is tuple else [tuple(r) for r in rows]
+
+
+def stamp_path(cfg: Config) -> Path:
+    return cfg.paths.state_dir / STAMP_NAME
+
+
+def key(cfg: Config, digest: str, templates: Iterable[str]) -> str:
+    """The key of everything the DHCP config is rendered and checked from."""
+    from pxe import render
+
+    h = hashlib.sha256()
+    for part in (f"format={FORMAT}", repr(cfg.network), repr(cfg.boot), repr(cfg.dhcp),
+                 f"hosts={digest}", _checker(cfg)):
+        h.update(part.encode() + b"\0")
+    for name in sorted(templates):
+        source = render.find_template(cfg, name)
+        h.update(f"template {name} {source.path}\0".encode())
+        h.update(hashlib.sha256(source.path.read_bytes()).digest())
+    here = Path(__file__).parent
+    for name in _CODE:
+        h.update(_identity(here / name).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _checker(cfg: Config) -> str:
+    """Which program checked the file: another binary (an upgrade) checks again."""
+    from pxe.dhcp.base import find_binary
+
+    if cfg.dhcp.check_command:
+        program = cfg.dhcp.check_command[0]
+    else:
+        program = find_binary("dhcpd" if cfg.dhcp.backend == "isc" else "dnsmasq") or "-"
+    return f"checker={program} {_identity(Path(program))}"
+
+
+def _identity(path: Path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return f"{st.st_dev}.{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+
+
+def _file_sha(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def installed(cfg: Config, snapshot: Snapshot) -> bool:
+    """True when the installed config is what a render of ``snapshot`` would install and check."""
+    try:
+        stored = json.loads(stamp_path(cfg).read_text(encoding="utf-8"))
+        if stored.get("file") != str(cfg.dhcp.config_file):
+            return False
+        wanted = key(cfg, snapshot.digest, stored["templates"])
+    except Exception:  # noqa: BLE001 - unreadable record, or a template gone: render (and say why)
+        return False
+    return (stored.get("key") == wanted
+            and stored.get("sha256") == _file_sha(cfg.dhcp.config_file))
+
+
+def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str]) -> None:
+    """Record that the installed file was rendered from ``snapshot`` and ``templates`` and
+    accepted (the caller holds the render lock and has just installed or confirmed it)."""
+    from pxe import atomic
+
+    names = sorted(set(templates))
+    data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
+            "key": key(cfg, snapshot.digest, names),
+            "sha256": _file_sha(cfg.dhcp.config_file)}
+    atomic.write_text(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+
+
+def forget(cfg: Config) -> None:
+    """Drop the record (the next render checks and installs in full)."""
+    stamp_path(cfg).unlink(missing_ok=True)
