@@ -114,6 +114,8 @@ def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
 
 def _tuples(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
     """The rows as plain tuples (sqlite3: no Row object for each of 10,000s of rows)."""
+    if not hasattr(conn, "cursor"):  # pxe.dbbackend_pg's connection: no cursors of its own
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     cursor = conn.cursor()
     try:
         cursor.row_factory = None
