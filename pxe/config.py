@@ -132,7 +132,7 @@ _KNOWN: dict[str, set[str]] = {
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
 _OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks", "console",
-                  "discovery"}
+                  "discovery", "segment"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -297,6 +297,37 @@ INSERT INTO image_versions(label, version, os_name, arch, mode, cmdline, kernel_
 UPDATE nodes SET current_version = 1 WHERE current_os IN (SELECT label FROM images);
 """
 
+# Version 7 (issue 21, pxe.segments / pxe.claims): service nodes. A node belongs to a segment
+# ('' = the primary's own); each run node may be claimed by one run driver (a lease: who and until
+# when), so drivers on several servers never drive a node twice; every serve and driver records a
+# heartbeat in ``servers`` so another server notices one that died. New tables only: the
+# existing ones keep their columns (and their positional INSERTs elsewhere keep working).
+SEGMENTS_V7 = """
+CREATE TABLE node_segments (
+    node    TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+    segment TEXT NOT NULL            -- a label (pxe.validate.label); no row = the primary's ('')
+);
+CREATE INDEX node_segments_segment ON node_segments(segment);
+CREATE TABLE run_claims (
+    run_id  INTEGER NOT NULL,
+    node    TEXT NOT NULL,
+    driver  TEXT NOT NULL,           -- the servers.name of the driver holding the lease
+    expires REAL NOT NULL,
+    PRIMARY KEY (run_id, node)
+);
+CREATE TABLE servers (
+    name      TEXT PRIMARY KEY,       -- role/host/segment/pid: one row per running process
+    role      TEXT NOT NULL,          -- serve | driver
+    segment   TEXT NOT NULL DEFAULT '',
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    stopped   REAL                    -- set by a clean stop; NULL while running (or dead)
+);
+CREATE INDEX servers_segment ON servers(segment, role);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -306,6 +337,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
     Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
     Migration(6, "image versions; the version each node booted", VERSIONS_V6),
+    Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs
