@@ -440,7 +440,7 @@ class _Explainer:
 def explain(cfg: Config, name: str, *, timeout: float = 2.0) -> Explanation:
     """The chain ``name`` will see; NotFound for a node the inventory does not know."""
     name = validate.hostname(name)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         node = Inventory(cfg, conn).get(name)
     except NotFound:

@@ -211,35 +211,42 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
-               servers: bool = False, inventory: Inventory | None = None) -> RenderReport:
+               servers: bool = False, inventory: Inventory | None = None,
+               segment: str | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
-    pxe.serve.standard_configs.
+    pxe.serve.standard_configs. ``segment`` (default: ``[segment] name``, else the primary's):
+    only that segment's nodes (pxe.segments) - each boot server renders its own.
 
     The DHCP config is rendered and checked only when what it is made of changed since it was
     installed (pxe.dhcpinputs): a set-boot changes nothing in it.
     """
-    from pxe import dhcp, dhcpinputs, render, stage
+    from pxe import dhcp, dhcpinputs, render, segments, stage
 
     inv = inventory or Inventory(cfg)
+    mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
+
+    def nodes() -> list:
+        return [n for n in inv.all() if n.segment == mine]
+
     renderer = render.Renderer(cfg)
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
-        text = renderer.dhcp_config(dhcpinputs.read(inv.conn).hosts())
+        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine).hosts())
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
-        files = renderer.all_boot_files(inv.all(), images())
+        files = renderer.all_boot_files(nodes(), images())
         if servers:
             from pxe.serve import standard_configs
 
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        snapshot = dhcpinputs.read(inv.conn)
+        snapshot = dhcpinputs.read(inv.conn, mine)
         if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
             dhcp_changed = False
         else:
@@ -249,7 +256,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                 dhcp_changed = dhcp.install(cfg, text, reload=reload)
             dhcpinputs.save(cfg, snapshot, used)
         if cfg.boot.write_files or servers:
-            files = renderer.all_boot_files(inv.all(), images())
+            files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)
             pruned = stage.prune(cfg, files)
         else:  # pxe-stage serve renders them per request: no files (and none left stale)

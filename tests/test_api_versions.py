@@ -201,7 +201,7 @@ def test_fg_moab_image_and_pxe_stage_versions_through_the_service(server, accoun
 def test_nodes_show_through_the_service_has_the_hardware_facts(server, accounts, tmp_path):
     from pxe import db, hwfacts
 
-    conn = db.connect(server.site.cfg.db_path)
+    conn = db.connect(server.site.cfg.database)
     hwfacts.store(conn, "n002", hwfacts.parse(
         "cpus 16\nmemory_kib 67108864\ncpu_model Test CPU 9000\nserial SN-42\n"
         "disk vda 10737418240\nnic eth0 52:54:00:00:03:02\n"))

@@ -113,10 +113,10 @@ def steps(data: dict) -> dict[str, dict]:
 def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     from pxe import db
 
-    conn = db.connect(lo_site.cfg.db_path)  # the node's run, as pxe.run records it
+    conn = db.connect(lo_site.cfg.database)  # the node's run, as pxe.run records it
     with db.transaction(conn):
         run = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos5', "
-                           "'ondemand', 1.0)").lastrowid
+                           "'ondemand', 1.0) RETURNING id").fetchone()[0]
         conn.execute("INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
                      "VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
                      (run,))
@@ -322,7 +322,7 @@ def test_image_version_it_will_boot_and_the_one_it_last_booted(lo_site, image, t
     assert facts["version"] == 1 and facts["last booted"] is None  # never booted by dynprov
     kernel = fake_bzimage(tmp_path / "vmlinuz2", os.urandom(70_000))
     lo_site.run("images", "add", "centos5", "--kernel", str(kernel), check=True)  # version 2
-    conn = db.connect(lo_site.cfg.db_path)  # the node booted version 1, as call-home records it
+    conn = db.connect(lo_site.cfg.database)  # the node booted version 1, as call-home records it
     with db.transaction(conn):
         conn.execute("UPDATE nodes SET current_os = 'centos5', current_version = 1 "
                      "WHERE name = 'n001'")
