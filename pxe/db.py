@@ -581,7 +581,7 @@ def log_events(conn: sqlite3.Connection, kind: str, nodes: list[str] | tuple[str
     """The same event for many nodes in one statement (SQLite: the names as one JSON array,
     ~2x cheaper than 10,000 bound rows; another backend: one executemany)."""
     now = time.time()
-    if isinstance(conn, sqlite3.Connection) and sqlite3.sqlite_version_info >= (3, 38):
+    if not is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38):
         import json
 
         conn.execute("INSERT INTO events(ts, node, run_id, kind, detail) "

@@ -163,7 +163,7 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token
 def _json_sql(conn: sqlite3.Connection) -> bool:
     """Whether the set-based statements apply: SQLite with JSON built in and UPDATE ... FROM
     (3.38; older, and other backends, take the same rows one by one)."""
-    return isinstance(conn, sqlite3.Connection) and sqlite3.sqlite_version_info >= (3, 38)
+    return not db.is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38)
 
 
 def _arch_counts(conn: sqlite3.Connection, names: list[str]) -> dict[str | None, int]:

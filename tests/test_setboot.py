@@ -31,8 +31,8 @@ def _site(site: Site, tmp_path: Path, count: int) -> object:
 
 
 def _store(cfg):
-    """The state store the site uses (an SQLite file, or PostgreSQL once [state] url exists)."""
-    return getattr(cfg, "database", cfg.db_path)
+    """The state store the site uses: the SQLite file, or PostgreSQL ([state] url)."""
+    return cfg.database
 
 
 def _stored(cfg) -> dict[str, tuple]:
