@@ -41,8 +41,9 @@ def _regular(config_path: str) -> str:
     return config_path
 
 
-def _site(config_path: str) -> tuple[str, str]:
-    """(state_dir, scheduler_pool) from the site config, read without the full config checks."""
+def _site(config_path: str) -> tuple[str, str, str]:
+    """(state_dir, scheduler_pool, [state] url or "") from the site config, read without the
+    full config checks."""
     import tomllib
 
     from pxe.config import Groups  # the defaults; importing pxe.config costs no netaddr
@@ -55,7 +56,10 @@ def _site(config_path: str) -> tuple[str, str]:
     pool = (data.get("groups") or {}).get("scheduler_pool", Groups.scheduler_pool)
     if not isinstance(pool, str):
         raise ValueError(f"{config_path}: groups.scheduler_pool must be a string")
-    return state_dir, pool
+    url = (data.get("state") or {}).get("url", "")
+    if not isinstance(url, str):
+        raise ValueError(f"{config_path}: state.url must be a string")
+    return state_dir, pool, url
 
 
 DEFAULT_POOL = "hpc"  # pxe.config.Groups.scheduler_pool (a unit test keeps them equal)
@@ -69,7 +73,7 @@ def _scan(config_path: str) -> dict[str, str] | None:
     name anywhere else (dotted keys, inline tables, quoted keys), escapes, or twice. A result is
     used only with a report keyed by this very config file (device, inode, mtime).
     """
-    wanted = {"state_dir": "[paths]", "scheduler_pool": "[groups]"}
+    wanted = {"state_dir": "[paths]", "scheduler_pool": "[groups]", "url": "[state]"}
     found: dict[str, str] = {}
     section = ""
     with open(_regular(config_path), encoding="utf-8") as fh:
@@ -80,6 +84,8 @@ def _scan(config_path: str) -> dict[str, str] | None:
                 continue
             if "\\" in line:
                 return None
+            if line.startswith("#"):
+                continue
             for key, where in wanted.items():
                 if key not in line:
                     continue
@@ -92,13 +98,14 @@ def _scan(config_path: str) -> dict[str, str] | None:
     state_dir = found.get("state_dir")
     if not state_dir or not os.path.isabs(state_dir):
         return None
-    return {"state_dir": state_dir, "scheduler_pool": found.get("scheduler_pool", DEFAULT_POOL)}
+    return {"state_dir": state_dir, "scheduler_pool": found.get("scheduler_pool", DEFAULT_POOL),
+            "url": found.get("url", "")}
 
 
 def _state_dir_fast(config_path: str) -> str | None:
     """paths.state_dir from the plain scan (see _scan), else None."""
     site = _scan(config_path)
-    return site["state_dir"] if site else None
+    return site["state_dir"] if site and not site["url"] else None  # PostgreSQL: no stamp file
 
 
 def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
@@ -117,11 +124,11 @@ def query(config_path: str, *, refresh_only: bool = False) -> bytes | str:
                 return data
     try:
         site = _scan(config_path)
-        state_dir, pool = (site["state_dir"], site["scheduler_pool"]) if site else \
-            _site(config_path)
+        state_dir, pool, url = (site["state_dir"], site["scheduler_pool"], site["url"]) \
+            if site else _site(config_path)
     except Exception as exc:  # noqa: BLE001 - always answer
         return f"# {PROG}: cannot read the configuration: {_one_line(exc)}\n"
-    db_path = os.path.join(state_dir, "dynprov.db")
+    db_path = url or os.path.join(state_dir, "dynprov.db")
     report = wiki.report_file(state_dir)
     try:
         return wiki.refresh(db_path, state_dir, pool, config_path)

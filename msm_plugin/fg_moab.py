@@ -244,7 +244,7 @@ def _run(args: argparse.Namespace) -> int:
     from pxe import run as prun
 
     cfg = config.load(args.site_config)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     if args.mode is not None:
         if args.mode == "":
             print(prun.get_mode(conn))

@@ -138,12 +138,6 @@ def _run(action: str, args: argparse.Namespace) -> int:
 
     client = remote.resolve(args.server) if action != "sudoers" else None
     if client is not None:
-        if action in ("history", "rollback") or args.version is not None:
-            from pxe.errors import DynprovError
-
-            raise DynprovError(f"-{action}{' -version' if args.version is not None else ''} "
-                               "is not available through -server yet; run it on the "
-                               "management host (sudo fg-moab-image ...)")
         repo: Any = remote.RemoteRepository(client)
     else:
         cfg = repository.load_config(args.config)
@@ -198,11 +192,15 @@ def _run(action: str, args: argparse.Namespace) -> int:
         if args.output != "-":
             print(f"wrote {args.output} ({size} bytes, sha256 {sha[:16]})")
     if args.init or action == "init":
-        from msm_plugin import wiki
+        if client is not None:  # the service answers with where it published the list
+            oslist, report = repo.init()
+            where = f" ({oslist})" if oslist else ""
+        else:
+            from msm_plugin import wiki
 
-        report = repo.init()
-        report_file = wiki.report_path(repo.cfg.paths.state_dir)
-        where = f" ({report_file})" if report_file.exists() else ""
+            report = repo.init()
+            report_file = wiki.report_path(repo.cfg.paths.state_dir)
+            where = f" ({report_file})" if report_file.exists() else ""
         print(f"re-published the OS list{where}; boot configs: {report.boot_files} files, "
               f"{report.boot_changed} changed")
     return 0

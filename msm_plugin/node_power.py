@@ -73,7 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise InputError(f"unknown power verb {args.verb!r}: expected ON, OFF, RESET, "
                              "REBOOT, CYCLE or the node list again")
         action = "cycle"
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     results = prun.power(cfg, conn, names, action)
     bad = {n: e for n, e in results.items() if e}
     for name, error in bad.items():

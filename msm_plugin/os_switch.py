@@ -102,7 +102,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # InputError (exit 2) for an empty, malformed or oversized list, counted before expanding
     names = expand(args.nodes, max_nodes(cfg))
     ms = settings(cfg)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
 
     if action == "power":
         results = prun.power(cfg, conn, names, value)

@@ -164,6 +164,8 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
     ``common_in_sql=False`` builds every line in Python (the reference the tests compare with).
     """
     now = time.time() if now is None else now
+    if not isinstance(conn, __import__("sqlite3").Connection):
+        common_in_sql = False  # the one-query fast path is SQLite's dialect (GLOB, char(0))
     conn.execute("BEGIN")
     try:
         mode_row = conn.execute("SELECT value FROM settings WHERE key = ?",
@@ -451,6 +453,8 @@ def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
         data = cached(path, key)
         if data is not None:
             return data.decode("utf-8")
+    if str(db_path).startswith(("postgresql://", "postgres://")):
+        return _refresh_pg(str(db_path), path, scheduler_pool, config_path, keyed)
     import sqlite3
 
     if not os.path.exists(db_path):
@@ -469,11 +473,44 @@ def refresh(db_path: Path | str, state_dir: Path | str, scheduler_pool: str,
         return _header("-", report.until, time.time()) + report.text  # cannot write: still answer
 
 
+def _pg_key(conn: sqlite3.Connection, config_path: Path | str | None) -> str:
+    """change_key() for a PostgreSQL store: the stamp row (every commit that wrote moves it)."""
+    mark = conn.stamp()  # type: ignore[attr-defined]
+    if config_path is None:
+        return f"pg.{mark}"
+    try:
+        st = os.stat(config_path)
+    except OSError:
+        return f"pg.{mark}/-"
+    return f"pg.{mark}/{st.st_dev}.{st.st_ino}.{st.st_mtime_ns}"
+
+
+def _refresh_pg(url: str, path: str, scheduler_pool: str, config_path: Path | str | None,
+                keyed: bool) -> str:
+    """refresh() on PostgreSQL: one connection reads the stamp, then (if stale) the report."""
+    from pxe import db
+
+    conn = db.connect(url, create=False)
+    try:
+        key = _pg_key(conn, config_path)  # before the read: a later commit changes it
+        if keyed:
+            data = cached(path, key)
+            if data is not None:
+                return data.decode("utf-8")
+        report = build(conn, scheduler_pool)
+    finally:
+        conn.close()
+    try:
+        return write(path, key, report)
+    except OSError:
+        return _header("-", report.until, time.time()) + report.text
+
+
 def refresh_cfg(cfg: Config, *, force: bool = True) -> str:
     """Rewrite the report for a loaded site configuration, from a process that writes the
     database (the run driver, os-switch, fg-moab, node-power, pools): always rebuilt, keyed by
     the stamp (see change_key); ``force`` is accepted for callers and changes nothing."""
-    return refresh(cfg.db_path, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path,
+    return refresh(cfg.database, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path,
                    keyed=False)
 
 

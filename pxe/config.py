@@ -6,6 +6,7 @@ Found at ``--config``, else ``$DYNPROV_CONFIG``, else ``/etc/dynprov/dynprov.tom
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class State:
+    """Where the state lives: the SQLite file under paths.state_dir (url None, the default) or a
+    PostgreSQL database shared by several boot servers (docs/admin-guide.md, "Choosing the state
+    store")."""
+
+    url: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     network: Network
@@ -93,11 +103,17 @@ class Config:
     boot: Boot = field(default_factory=Boot)
     groups: Groups = field(default_factory=Groups)
     limits: Limits = field(default_factory=Limits)
+    state: State = field(default_factory=State)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def db_path(self) -> Path:
         return self.paths.state_dir / "dynprov.db"
+
+    @property
+    def database(self) -> Path | str:
+        """What pxe.db.connect opens: the PostgreSQL URL if [state] url is set, else db_path."""
+        return self.state.url or self.db_path
 
     @property
     def lock_path(self) -> Path:
@@ -112,10 +128,11 @@ _KNOWN: dict[str, set[str]] = {
              "write_files"},
     "groups": {"image", "pool", "scheduler_pool"},
     "limits": {"max_nodes", "import_max_bytes"},
+    "state": {"url"},
 }
 # Sections other modules own (power, serve, moab...); checked by those modules.
 _OPEN_SECTIONS = {"power", "serve", "moab", "images", "api", "lab", "slurm", "hooks", "console",
-                  "discovery"}
+                  "discovery", "segment"}
 
 
 def locate(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -355,8 +372,21 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
         import_max_bytes=r.bounded("limits", "import_max_bytes", 1024, 1 << 34,
                                    Limits.import_max_bytes),
     )
+    state = State(url=r.checked("state", "url", state_url, None))
     return Config(path=path, network=network, dhcp=dhcp, paths=paths, boot=boot, groups=groups,
-                  limits=limits, raw=data)
+                  limits=limits, state=state, raw=data)
+
+
+_STATE_URL = re.compile(r"^postgres(?:ql)?://[\x21-\x7e]*$")
+
+
+def state_url(value: str) -> str:
+    """[state] url: a postgresql:// URL (libpq's form), printable ASCII without spaces."""
+    if not _STATE_URL.match(value) or len(value) > 1024:
+        raise InputError("must be a PostgreSQL URL such as postgresql://dynprov@dbhost/dynprov "
+                         "or postgresql:///dynprov?host=/run/postgresql (omit [state] url for "
+                         "the SQLite file under paths.state_dir)")
+    return value
 
 
 def _loader_name(value: str) -> str:

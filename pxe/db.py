@@ -1,4 +1,5 @@
-"""The state database: one SQLite file (WAL) under the state dir, shared by every command.
+"""The state database: one SQLite file (WAL) under the state dir, shared by every command, or
+a PostgreSQL database shared by several boot servers ([state] url, pxe.dbbackend_pg).
 
 WAL lets the scheduler's poll read a consistent snapshot while a provisioning run writes.
 All schema lives here: the ordered MIGRATIONS below (version 1 is the first release's schema,
@@ -296,6 +297,37 @@ INSERT INTO image_versions(label, version, os_name, arch, mode, cmdline, kernel_
 UPDATE nodes SET current_version = 1 WHERE current_os IN (SELECT label FROM images);
 """
 
+# Version 7 (issue 21, pxe.segments / pxe.claims): service nodes. A node belongs to a segment
+# ('' = the primary's own); each run node may be claimed by one run driver (a lease: who and until
+# when), so drivers on several servers never drive a node twice; every serve and driver records a
+# heartbeat in ``servers`` so another server notices one that died. New tables only: the
+# existing ones keep their columns (and their positional INSERTs elsewhere keep working).
+SEGMENTS_V7 = """
+CREATE TABLE node_segments (
+    node    TEXT PRIMARY KEY REFERENCES nodes(name) ON DELETE CASCADE,
+    segment TEXT NOT NULL            -- a label (pxe.validate.label); no row = the primary's ('')
+);
+CREATE INDEX node_segments_segment ON node_segments(segment);
+CREATE TABLE run_claims (
+    run_id  INTEGER NOT NULL,
+    node    TEXT NOT NULL,
+    driver  TEXT NOT NULL,           -- the servers.name of the driver holding the lease
+    expires REAL NOT NULL,
+    PRIMARY KEY (run_id, node)
+);
+CREATE TABLE servers (
+    name      TEXT PRIMARY KEY,       -- role/host/segment/pid: one row per running process
+    role      TEXT NOT NULL,          -- serve | driver
+    segment   TEXT NOT NULL DEFAULT '',
+    host      TEXT NOT NULL,
+    pid       INTEGER NOT NULL,
+    started   REAL NOT NULL,
+    heartbeat REAL NOT NULL,
+    stopped   REAL                    -- set by a clean stop; NULL while running (or dead)
+);
+CREATE INDEX servers_segment ON servers(segment, role);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -305,17 +337,21 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "hardware facts of nodes and discovered machines", FACTS_V4),
     Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
     Migration(6, "image versions; the version each node booted", VERSIONS_V6),
+    Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs
 
 # Bookkeeping, not part of any migration: one row per applied migration.
-_VERSION_TABLE = """
+VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_version (
     version     INTEGER PRIMARY KEY,
     description TEXT NOT NULL,
     applied     REAL NOT NULL
 )"""
+
+
+_VERSION_TABLE = VERSION_TABLE  # the name older tests use
 
 
 class SchemaError(DynprovError):
@@ -349,7 +385,7 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def _too_new(path: Path, version: int) -> SchemaError:
+def too_new(path: Path | str, version: int) -> SchemaError:
     return SchemaError(f"{path}: the state database has schema version {version}, newer than this "
                        f"dynprov understands ({SCHEMA_VERSION}); install the dynprov release that "
                        f"wrote it (or newer), or restore a backup made for this one")
@@ -361,7 +397,7 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
     a failure leaves the database exactly as it was."""
     found = schema_version(conn)
     if found > SCHEMA_VERSION:
-        raise _too_new(path, found)
+        raise too_new(path, found)
     if found == SCHEMA_VERSION or (found == 0 and not create):
         return found
     if found == 0:
@@ -373,8 +409,8 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
         try:
             found = schema_version(conn)  # another process may have upgraded it meanwhile
             if found > SCHEMA_VERSION:
-                raise _too_new(path, found)
-            conn.execute(_VERSION_TABLE)
+                raise too_new(path, found)
+            conn.execute(VERSION_TABLE)
             if found:  # a legacy database: record the version it had
                 conn.execute("INSERT OR IGNORE INTO schema_version VALUES (?, ?, ?)",
                              (found, MIGRATIONS[found - 1].description + " (found)", time.time()))
@@ -407,9 +443,35 @@ def migrate(conn: sqlite3.Connection, path: Path, create: bool = True) -> int:
     return found
 
 
-def connect(path: Path, create: bool = True) -> sqlite3.Connection:
+Error = sqlite3.Error  # what both backends raise (pxe.dbbackend_pg's errors subclass these)
+IntegrityError = sqlite3.IntegrityError
+URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_url(target: Path | str) -> bool:
+    """A PostgreSQL URL ([state] url) rather than the path of an SQLite file."""
+    return isinstance(target, str) and target.startswith(URL_SCHEMES)
+
+
+def where(target: Path | str) -> str:
+    """The store for a message: the file, or the URL without its password."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
+
+
+def is_postgresql(conn: object) -> bool:
+    return not isinstance(conn, sqlite3.Connection)
+
+
+def connect(path: Path | str, create: bool = True) -> sqlite3.Connection:
     """Open the state database, creating or upgrading its schema as needed; refuses a database
-    written by a newer dynprov (SchemaError, exit 1). Safe for concurrent processes."""
+    written by a newer dynprov (SchemaError, exit 1). Safe for concurrent processes.
+    ``path``: the SQLite file, or a postgresql:// URL (Config.database gives the right one)."""
+    if is_url(path):
+        from pxe import dbbackend_pg
+
+        return dbbackend_pg.connect(str(path), create)  # type: ignore[return-value]
     path = Path(path)
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +500,8 @@ def connect(path: Path, create: bool = True) -> sqlite3.Connection:
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT: writers queue on the lock instead of failing mid-way."""
+    """BEGIN IMMEDIATE ... COMMIT: writers queue on the lock instead of failing mid-way
+    (PostgreSQL: BEGIN and a transaction-scoped advisory lock, pxe.dbbackend_pg)."""
     if conn.in_transaction:
         yield conn
         return
@@ -454,9 +517,38 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         bump_stamp(conn)
 
 
-def bump_stamp(conn: sqlite3.Connection) -> None:
-    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed."""
+def change_counter(conn: sqlite3.Connection) -> int | str:
+    """A value that moves whenever any connection commits a change (cache keys, watch loops):
+    SQLite's data_version (other connections' commits; add total_changes for this one's), or
+    PostgreSQL's stamp row (every commit that wrote, this connection's too)."""
+    if is_postgresql(conn):
+        return conn.stamp()  # type: ignore[attr-defined]
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def read_stamp(target: Path | str) -> str:
+    """The change stamp of a store ("" if none yet): the -stamp file next to an SQLite database,
+    the stamp row of a PostgreSQL one (a connection of its own)."""
+    if is_url(target):
+        conn = connect(target, create=False)
+        try:
+            return str(change_counter(conn))
+        except Error:
+            return ""
+        finally:
+            conn.close()
     from pxe import stamp
+
+    return stamp.read(target)
+
+
+def bump_stamp(conn: sqlite3.Connection) -> None:
+    """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed.
+    (PostgreSQL: the connection bumped the stamp row inside the transaction already.)"""
+    from pxe import stamp
+
+    if is_postgresql(conn):
+        return
 
     path = conn.execute("PRAGMA database_list").fetchone()[2]
     if path:
@@ -486,7 +578,15 @@ def log_event(conn: sqlite3.Connection, kind: str, node: str | None = None,
 
 def log_events(conn: sqlite3.Connection, kind: str, nodes: list[str] | tuple[str, ...],
                detail: str = "", run_id: int | None = None) -> None:
-    """The same event for many nodes in one statement."""
+    """The same event for many nodes in one statement (SQLite: the names as one JSON array,
+    ~2x cheaper than 10,000 bound rows; another backend: one executemany)."""
     now = time.time()
+    if not is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38):
+        import json
+
+        conn.execute("INSERT INTO events(ts, node, run_id, kind, detail) "
+                     "SELECT ?, j.value, ?, ?, ? FROM json_each(?) AS j ORDER BY j.key",
+                     (now, run_id, kind, detail, json.dumps(list(nodes))))
+        return
     conn.executemany("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
                      [(now, n, run_id, kind, detail) for n in nodes])

@@ -87,14 +87,22 @@ class Snapshot:
                 for name, ip, arch, firmware, bmc_type, bmc_address, groups, pool in self.rows]
 
 
-def read(conn: sqlite3.Connection) -> Snapshot:
-    """Every node's DHCP facts, in name order, from one consistent read."""
+def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
+    """Every node's DHCP facts, in name order, from one consistent read; with ``segment``, only
+    the nodes of that segment (pxe.segments: '' is the primary's, the nodes without a row)."""
     own = not conn.in_transaction
     if own:
         conn.execute("BEGIN")
     try:
-        rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
-        macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
+        if segment is None:
+            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
+            macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
+        else:
+            of = "COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = {}), '') = ?"
+            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes n WHERE "
+                                 f"{of.format('n.name')} ORDER BY name", (segment,))
+            macs = sorted(_tuples(conn, "SELECT m.node, m.idx, m.mac FROM macs m WHERE "
+                                        f"{of.format('m.node')}", (segment,)))
     finally:
         if own:
             conn.execute("COMMIT")
@@ -104,14 +112,16 @@ def read(conn: sqlite3.Connection) -> Snapshot:
     return Snapshot(rows, macs, h.hexdigest())
 
 
-def _tuples(conn: sqlite3.Connection, sql: str) -> list[tuple]:
+def _tuples(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
     """The rows as plain tuples (sqlite3: no Row object for each of 10,000s of rows)."""
+    if not hasattr(conn, "cursor"):  # pxe.dbbackend_pg's connection: no cursors of its own
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
     cursor = conn.cursor()
     try:
         cursor.row_factory = None
     except (AttributeError, TypeError):  # a connection whose rows are its own kind
         pass
-    rows = cursor.execute(sql).fetchall()
+    rows = cursor.execute(sql, args).fetchall()
     return rows if not rows or type(rows[0]) is tuple else [tuple(r) for r in rows]
 
 

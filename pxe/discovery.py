@@ -108,7 +108,7 @@ def listing(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 def forget(cfg: Config, macs: list[str] | None) -> int:
     """Drop discovered machines (``macs``, or all when None) so that others fit under
     max_machines; all or nothing: a MAC not in the list is refused by name. Returns how many."""
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         if macs is not None:
             macs = sorted({validate.mac(m) for m in macs})
@@ -145,7 +145,7 @@ def adopt(cfg: Config, mac: str, name: str, ip: str | None = None,
     from pxe.inventory import Inventory, build
 
     mac = validate.mac(mac)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     row = conn.execute("SELECT facts FROM discovered WHERE mac = ?", (mac,)).fetchone()
     if row is None:
         raise NotFound(f"no discovered machine has MAC {mac} (`pxe-stage nodes discovered` "

@@ -294,10 +294,13 @@ class _Explainer:
                           "the catalog: its loader config falls back to the local disk",
                           f"`pxe-stage set-boot {node.name} --os LABEL` with a label from "
                           "`pxe-stage images list`")
-            else:
-                step.facts.update({"mode": self.image.mode, "arch": self.image.arch,
+            else:  # its next boot gets the label's current version (pxe.imageversions)
+                step.facts.update({"version": self.image.version, "mode": self.image.mode,
+                                   "arch": self.image.arch,
                                    "kernel args": redact(self.renderer.kernel_args(node,
                                                                                    self.image))})
+        step.facts["last booted"] = ({"image": node.current_os, "version": node.current_version}
+                                     if node.current_os else None)
         self.expected = self.renderer.node_boot_files(node, self.image)
         catalog = Catalog(self.cfg, self.conn)
         self.shared = self.renderer.shared_boot_files({i.label: i for i in catalog.all()})
@@ -437,7 +440,7 @@ class _Explainer:
 def explain(cfg: Config, name: str, *, timeout: float = 2.0) -> Explanation:
     """The chain ``name`` will see; NotFound for a node the inventory does not know."""
     name = validate.hostname(name)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         node = Inventory(cfg, conn).get(name)
     except NotFound:

@@ -170,7 +170,7 @@ def _commit(staged: _Staged) -> str:
 class Catalog:
     def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
         self.cfg = cfg
-        self.conn = conn or db.connect(cfg.db_path)
+        self.conn = conn or db.connect(cfg.database)
         self.pruned: list[int] = []  # the versions the last add() pruned (keep_versions)
 
     def all(self) -> list[Image]:

@@ -18,7 +18,7 @@ from pxe.config import Config
 from pxe.errors import InputError, NotFound
 
 FIELDS = ("name", "macs", "ip", "arch", "firmware", "bmc_type", "bmc_address", "bmc_port",
-          "bmc_user", "bmc_secret", "groups", "pool", "current_os", "desired_os")
+          "bmc_user", "bmc_secret", "groups", "pool", "current_os", "desired_os", "segment")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Node:
     state_reason: str = ""
     used: bool = False
     updated: float = 0.0
+    segment: str = ""  # the boot server's segment ('' = the primary's; pxe.segments)
 
     def public(self) -> dict[str, Any]:
         """The node as shown by list/show/--json: no token (it is a credential)."""
@@ -124,6 +125,7 @@ def build(cfg: Config, raw: dict[str, Any]) -> Node:
         pool=validate.label(str(raw.get("pool") or cfg.groups.scheduler_pool), "pool"),
         current_os=opt("current_os", validate.label),
         desired_os=opt("desired_os", validate.label),
+        segment=opt("segment", lambda v: validate.label(v, "segment")) or "",
     )
     if bmc_type in ("ipmi", "redfish") and not node.bmc_address:
         raise InputError(f"node {name}: BMC type {bmc_type} needs a bmc_address")
@@ -135,7 +137,7 @@ class Inventory:
 
     def __init__(self, cfg: Config, conn: sqlite3.Connection | None = None):
         self.cfg = cfg
-        self.conn = conn or db.connect(cfg.db_path)
+        self.conn = conn or db.connect(cfg.database)
 
     # -- reads -------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -185,7 +187,12 @@ class Inventory:
                 f"SELECT node, mac FROM macs WHERE node IN ({marks}) ORDER BY node, idx", names)
         for node, mac in query:
             macs.setdefault(node, []).append(mac)
-        return [_node_from_row(r, macs.get(r["name"], ())) for r in rows]
+        from pxe import segments
+
+        where = segments.of_nodes(self.conn, [r["name"] for r in rows])
+        return [replace(_node_from_row(r, macs.get(r["name"], ())),
+                        segment=where.get(r["name"], ""))
+                for r in rows]
 
     # -- writes ------------------------------------------------------------------------------
     def add(self, nodes: Sequence[Node], replace_existing: bool = False) -> None:
@@ -208,7 +215,8 @@ class Inventory:
                 seen_ips[node.ip] = node.name
         with db.transaction(self.conn):
             # The scheduler's pool always exists, whatever the site named it.
-            self.conn.execute("INSERT OR IGNORE INTO pools(name, created) VALUES (?, ?)",
+            self.conn.execute("INSERT INTO pools(name, created) VALUES (?, ?) "
+                              "ON CONFLICT (name) DO NOTHING",
                               (self.cfg.groups.scheduler_pool, time.time()))
             pools = {r[0] for r in self.conn.execute("SELECT name FROM pools")}
             for node in nodes:
@@ -251,6 +259,11 @@ class Inventory:
                     "INSERT INTO macs(mac, node, idx) VALUES (?, ?, ?)",
                     [(mac, node.name, i) for i, mac in enumerate(node.macs)])
                 db.log_event(self.conn, "node-added", node.name)
+            for segment in sorted({n.segment for n in nodes}):
+                from pxe import segments
+
+                segments.assign(self.conn, [n.name for n in nodes if n.segment == segment],
+                                segment)
 
     def remove(self, names: Sequence[str]) -> None:
         with db.transaction(self.conn):

@@ -80,7 +80,7 @@ def node_names(nodes: str | Iterable[str]) -> list[str]:
 
 
 def _connect(cfg: Config) -> sqlite3.Connection:
-    return db.connect(cfg.db_path)
+    return db.connect(cfg.database)
 
 
 def start(cfg: Config, nodes: str | Iterable[str], os_label: str, *, wait: bool = False,

@@ -300,9 +300,12 @@ class Client:
             bar.done()
         return self._check(res)
 
-    def download(self, label: str, output: str) -> tuple[str, int]:
-        """The bundle of ``label`` to ``output`` ('-' = stdout), checked against its sha256."""
+    def download(self, label: str, output: str, version: int | None = None) -> tuple[str, int]:
+        """The bundle of ``label`` (its current version, or ``version``) to ``output``
+        ('-' = stdout), checked against its sha256."""
         path = f"{V1}/images/{urllib.parse.quote(label, safe='')}/bundle"
+        if version is not None:
+            path += f"?version={int(version)}"
         if output == "-":
             sink = _Hashing(sys.stdout.buffer)
             res = self.request("GET", path, sink=sink)
@@ -394,10 +397,22 @@ def for_args(args: Any) -> Client | None:
 
 def nodes(client: Client, spec: str | None = None) -> list[Any]:
     """Nodes as pxe.inventory.Node objects, so the commands print them as they do locally."""
+    return [_node(d) for d in client.get(f"{V1}/nodes", nodes=spec)]
+
+
+def nodes_with_facts(client: Client, spec: str | None = None
+                     ) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """Nodes and, by name, the hardware facts they reported (pxe.hwfacts), in one request."""
+    data = client.get(f"{V1}/nodes", nodes=spec, hardware="true")
+    facts = {d["name"]: d["hardware"] for d in data if d.get("hardware")}
+    return [_node(d) for d in data], facts
+
+
+def _node(data: dict[str, Any]) -> Any:
     from pxe.inventory import Node
 
-    data = client.get(f"{V1}/nodes", nodes=spec)
-    return [Node(**{**d, "macs": tuple(d["macs"]), "groups": tuple(d["groups"])}) for d in data]
+    data = {k: v for k, v in data.items() if k != "hardware"}
+    return Node(**{**data, "macs": tuple(data["macs"]), "groups": tuple(data["groups"])})
 
 
 def images(client: Client) -> list[Any]:
@@ -425,21 +440,35 @@ class RemoteRepository:
             label = manifest_label(Path(source))
         d = self.client.upload(Path(source), label, list(groups))
         image = SimpleNamespace(label=d["label"], os_name=d["os_name"], arch=d["arch"],
-                                mode=d["mode"])
+                                mode=d["mode"], version=int(d.get("version") or 1))
         return SimpleNamespace(image=image, bundle_sha256=d["bundle_sha256"],
                                bundle_bytes=d["bundle_bytes"], customized=d["customized"])
 
-    def delete(self, label: str, force: bool = False) -> list[str]:
-        path = f"{V1}/images/{urllib.parse.quote(label, safe='')}"
+    def _path(self, label: str) -> str:
+        return f"{V1}/images/{urllib.parse.quote(label, safe='')}"
+
+    def delete(self, label: str, force: bool = False, version: int | None = None) -> list[str]:
+        """The image (every version), or with ``version`` one kept version."""
+        path = self._path(label) + (f"/versions/{int(version)}" if version is not None else "")
         return list(self.client.delete(path, force="true" if force else None)["still_used_by"])
+
+    def history(self, label: str) -> list[Any]:
+        from pxe.imageversions import Version
+
+        return [Version(**d) for d in self.client.get(self._path(label) + "/versions")]
+
+    def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
+        d = self.client.post(self._path(label) + "/rollback",
+                             {} if version is None else {"version": int(version)})
+        return int(d["previous"]), int(d["current"])
 
     def list(self) -> list[Any]:
         from pxe.repository import Entry
 
         return [Entry(**d) for d in self.client.get(f"{V1}/images")]
 
-    def get(self, label: str, output: str) -> tuple[str, int]:
-        return self.client.download(label, output)
+    def get(self, label: str, output: str, version: int | None = None) -> tuple[str, int]:
+        return self.client.download(label, output, version)
 
     def init(self) -> tuple[str | None, Any]:
         from types import SimpleNamespace

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pxe import atomic, audit, authz, bundle, config, customize, imageversions, userfile, validate
+from pxe import atomic, audit, authz, bundle, config, customize, db, imageversions, userfile, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 from pxe.images import CAP_KEYS, Catalog, Image, size_caps
@@ -178,7 +178,7 @@ class Repository:
         try:
             return Catalog(self.cfg, self._conn)
         except (sqlite3.Error, PermissionError) as exc:
-            raise DynprovError(f"cannot open the state database {self.cfg.db_path}: {exc}; "
+            raise DynprovError(f"cannot open the state database {db.where(self.cfg.database)}: {exc}; "
                                f"members of group {self.cfg.groups.image} run it as "
                                "`sudo fg-moab-image ...`") from None
 

@@ -22,6 +22,11 @@ Who drives a run (the caller must not wait for boots, e.g. Moab's blocking OS-sw
     reports); it exits when no node is in a run and nothing is left to do. After releasing its
     lock it looks once more, so a request recorded while it was stopping is never left behind.
 
+Several servers (pxe.segments): each run node is driven by the driver of its node's segment, and
+only while that driver holds the node's claim in the database (pxe.claims: a lease it renews), so
+drivers on several servers sharing one database never drive a node twice; the flock above only
+keeps one host from starting two drivers of a segment. Drivers record heartbeats (pxe.servers).
+
 Timeouts: each node's deadline is request time + the image's ``prov_seconds`` (capped by the
 caller's ``max_seconds``: the Moab face passes PROVDURATION minus a margin, so that a node shows
 Down with our reason before the scheduler gives up). The rule is pxe.states.is_overdue; whoever
@@ -52,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pxe import db, hooks, states
+from pxe import claims, db, hooks, segments, servers, states
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
 from pxe.reports import Outcome
@@ -426,15 +431,22 @@ def _power_run(cfg: Config, names: Sequence[str], action: str) -> dict[str, str 
 
 
 # -- the driver -------------------------------------------------------------------------------------
-def _lock_path(cfg: Config) -> Path:
-    return cfg.paths.state_dir / "run-driver.lock"
+def _lock_path(cfg: Config, segment: str = segments.PRIMARY, instance: str = "") -> Path:
+    """run-driver.lock for the primary's segment, run-driver-<segment>[-<instance>].lock else."""
+    parts = [p for p in (segment, instance) if p]
+    if instance and not segment:
+        parts.insert(0, "primary")
+    return cfg.paths.state_dir / ("-".join(["run-driver", *parts]) + ".lock")
 
 
 @contextlib.contextmanager
-def _driver_lock(cfg: Config, mark: bool = False) -> Iterator[bool]:
-    """Try to become the driver: yields True with the flock held, False if another has it.
-    ``mark`` writes our PID into the lock file (for admins: who drives)."""
-    path = _lock_path(cfg)
+def _driver_lock(cfg: Config, segment: str = segments.PRIMARY, instance: str = "",
+                 mark: bool = False) -> Iterator[bool]:
+    """Try to become this host's driver of the segment: yields True with the flock held, False
+    if another has it. ``mark`` writes our PID into the lock file (for admins: who drives).
+    Only a guard against starting two drivers on one host: drivers of several hosts share the
+    nodes through their claims (pxe.claims)."""
+    path = _lock_path(cfg, segment, instance)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -451,20 +463,24 @@ def _driver_lock(cfg: Config, mark: bool = False) -> Iterator[bool]:
         os.close(fd)
 
 
-def driver_running(cfg: Config) -> bool:
-    with _driver_lock(cfg) as mine:
+def driver_running(cfg: Config, segment: str | None = None) -> bool:
+    """Does this host run a driver of the segment (default: the config's)?"""
+    with _driver_lock(cfg, segments.load(cfg, segment).name) as mine:
         return not mine
 
 
-def spawn_driver(cfg: Config) -> int | None:
-    """Start a detached driver unless one runs; returns its PID (None if one was running)."""
-    if driver_running(cfg):
+def spawn_driver(cfg: Config, segment: str | None = None) -> int | None:
+    """Start a detached driver of the segment (default: the config's) unless one runs here;
+    returns its PID (None if one was running)."""
+    name = segments.load(cfg, segment).name
+    if driver_running(cfg, name):
         return None
     logfile = cfg.paths.state_dir / "run-driver.log"
     fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pxe.run", "--config", str(Path(cfg.path).resolve()), "drive"],
+            [sys.executable, "-m", "pxe.run", "--config", str(Path(cfg.path).resolve()),
+             *(["--segment", name] if name else []), "drive"],
             stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
             start_new_session=True, cwd="/",
             env={**os.environ, "DYNPROV_CONFIG": str(Path(cfg.path).resolve())})
@@ -521,7 +537,65 @@ def _launch(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) 
                  len(todo) - len(set(todo) & set(failed)), len(failed))
 
 
+# -- after an outage of the segment's boot server (pxe.servers.watch) -------------------------------
+def _interrupted(conn: sqlite3.Connection, scope: Scope) -> list[sqlite3.Row]:
+    """Nodes power-cycled while their segment's boot server was down (their PXE had nothing to
+    talk to) that have not been sent to the network again since it came back."""
+    rows = conn.execute(
+        "SELECT rn.node, rn.run_id FROM run_nodes rn JOIN runs r ON r.id = rn.run_id "
+        "WHERE r.finished IS NULL AND rn.state = ? AND EXISTS (SELECT 1 FROM events e "
+        "WHERE e.node = rn.node AND e.run_id = rn.run_id AND e.kind = 'segment-up' "
+        "AND NOT EXISTS (SELECT 1 FROM events f WHERE f.node = rn.node AND f.run_id = rn.run_id "
+        "AND f.kind = 'run-power-retried' AND f.id > e.id)) ORDER BY rn.node",
+        (states.POWER_CYCLED,)).fetchall()
+    return scope.claimed(conn, rows)
+
+
+def _retry_netboot(cfg: Config, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> None:
+    """Netboot them once more (same run step; its deadline still holds). A power failure is
+    only logged: the deadline decides, as for any node that does not boot."""
+    names = [r["node"] for r in rows]
+    results = _power_run(cfg, names, "netboot")
+    with db.transaction(conn):
+        for row in rows:
+            error = results[row["node"]]
+            db.log_event(conn, "run-power-retried", row["node"],
+                         error or "its segment's boot server is back: netboot again",
+                         row["run_id"])
+    log.info("netboot again after the boot server's outage: %s", ",".join(names))
+
+
 # -- follow-ups: what recorded reports call for (the driver acts; the server only records) -------
+class Scope:
+    """What one driver drives: the nodes of its segment, those of them it holds the claim of."""
+
+    def __init__(self, segment: str = segments.PRIMARY, driver: str | None = None,
+                 lease: float = 30.0):
+        self.segment = segment
+        self.driver = driver
+        self.lease = lease
+
+    def rows(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]) -> list[sqlite3.Row]:
+        """The rows (with a ``node`` column) of nodes in this segment."""
+        if not rows:
+            return []
+        where = segments.of_nodes(conn, {r["node"] for r in rows})
+        return [r for r in rows if where.get(r["node"], segments.PRIMARY) == self.segment]
+
+    def claimed(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
+                ) -> list[sqlite3.Row]:
+        """The rows of this segment whose run node this driver holds (claiming them now)."""
+        mine = self.rows(conn, rows)
+        if self.driver is None or not mine:
+            return mine
+        held = claims.claim(conn, self.driver, [(r["run_id"], r["node"]) for r in mine],
+                            self.lease)
+        return [r for r in mine if (r["run_id"], r["node"]) in held]
+
+
+ANY = None  # follow_ups()/pending() without a scope: every node (one driver per site)
+
+
 def _installed(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Stateful nodes that wrote their disk and still boot from the network next."""
     return conn.execute(
@@ -555,18 +629,20 @@ def _unsettled(cfg: Config, conn: sqlite3.Connection, names: Sequence[str]) -> l
                        if r["node"] in wanted})
 
 
-def pending(conn: sqlite3.Connection) -> bool:
-    """Is there a follow-up to do (a boot target to reset)?"""
-    return bool(_installed(conn) or _left_on_network(conn))
+def pending(conn: sqlite3.Connection, scope: Scope | None = ANY) -> bool:
+    """Is there a follow-up to do (a boot target to reset), in ``scope``'s segment if given?"""
+    rows = [*_installed(conn), *_left_on_network(conn)]
+    return bool(rows if scope is None else scope.rows(conn, rows))
 
 
-def follow_ups(cfg: Config, conn: sqlite3.Connection) -> list[str]:
+def follow_ups(cfg: Config, conn: sqlite3.Connection, scope: Scope | None = ANY) -> list[str]:
     """Act on what nodes reported: "installed" -> next boot from the disk (files and BMC; the
     token stays for the installed system's "ready"); a run ended -> the safe default. A node
     whose boot cannot be reset is failed (Down) with the reason, never left to re-install.
     Returns the nodes acted on."""
     done: list[str] = []
-    for row in _installed(conn):
+    installed = _installed(conn)
+    for row in installed if scope is None else scope.claimed(conn, installed):
         node, run_id = row["node"], row["run_id"]
         why = _reset_boot(cfg, conn, [node], keep_tokens=True)
         if why is None:
@@ -581,6 +657,7 @@ def follow_ups(cfg: Config, conn: sqlite3.Connection) -> list[str]:
                 _finish_runs(conn)
         done.append(node)
     left = _left_on_network(conn)
+    left = left if scope is None else scope.rows(conn, left)
     for timed_out in (True, False):  # a timed-out node keeps its token: a late "ready" counts
         names = [r["node"] for r in left if (r["state"] == states.TIMED_OUT) == timed_out]
         keep = timed_out
@@ -599,7 +676,7 @@ def follow_ups(cfg: Config, conn: sqlite3.Connection) -> list[str]:
     return done
 
 
-def reconcile(cfg: Config, conn: sqlite3.Connection) -> list[str]:
+def reconcile(cfg: Config, conn: sqlite3.Connection, scope: Scope | None = ANY) -> list[str]:
     """A new driver's first step: end in a defined state what a stopped driver left half-done.
 
     Deadlines that passed meanwhile are recorded (timed out, next boot the disk); nodes whose
@@ -608,7 +685,7 @@ def reconcile(cfg: Config, conn: sqlite3.Connection) -> list[str]:
     all final are closed. Requested nodes are launched by the driver's next step, as always.
     Returns the nodes it touched (each also gets a ``run-reconciled`` event)."""
     touched = expire(cfg, conn)
-    touched += follow_ups(cfg, conn)
+    touched += follow_ups(cfg, conn, scope)
     with db.transaction(conn):
         _finish_runs(conn)
         for name in sorted(set(touched)):
@@ -658,44 +735,58 @@ def _announce(cfg: Config, conn: sqlite3.Connection, tracker: NodeChanges) -> No
 def _nap(conn: sqlite3.Connection, seconds: float) -> None:
     """Sleep up to ``seconds``, waking early when another process commits (a node's report)."""
     end = time.monotonic() + seconds
-    start = conn.execute("PRAGMA data_version").fetchone()[0]
+    start = db.change_counter(conn)
     while time.monotonic() < end:
         time.sleep(min(WAKE, max(0.0, end - time.monotonic())))
-        if conn.execute("PRAGMA data_version").fetchone()[0] != start:
+        if db.change_counter(conn) != start:
             return
 
 
-def drive(cfg: Config, *, poll: float = POLL) -> int:
-    """Be the driver until no node is in a run and nothing is left to do. Returns 0; 1 if
-    another driver holds the lock."""
-    conn = db.connect(cfg.db_path)
+def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
+          instance: str = "") -> int:
+    """Be the driver of a segment (default: the config's, see pxe.segments) until none of its
+    nodes is in a run and nothing is left to do. Returns 0; 1 if another driver of the segment
+    on this host holds the lock."""
+    seg = segments.load(cfg, segment)
+    me = claims.driver_name(seg.name)
+    scope = Scope(seg.name, me, seg.stale_seconds)
+    conn = db.connect(cfg.database)
     started = time.monotonic()
-    last_key: tuple[int, int] | None = None
+    last_key: tuple[int | str, int] | None = None
     last_seen: tuple[tuple[int, str, str], ...] = ()
+    last_beat = 0.0
     ran = False
     failures = 0
     changes = NodeChanges()
     while time.monotonic() - started < MAX_DRIVE:
-        with _driver_lock(cfg, mark=True) as mine:
+        with _driver_lock(cfg, seg.name, instance, mark=True) as mine:
             if not mine:
                 return 0 if ran else 1
             if not ran:
-                log.info("driver started")
+                log.info("driver %s started", me)
                 try:
-                    reconcile(cfg, conn)
+                    servers.beat(conn, me, servers.DRIVER, seg.name)
+                    reconcile(cfg, conn, scope)
                 except (sqlite3.Error, OSError) as exc:
                     log.error("reconciling failed (the loop retries): %s", exc)
             ran = True
             while time.monotonic() - started < MAX_DRIVE:
                 try:
+                    if time.monotonic() - last_beat >= seg.heartbeat_seconds:
+                        servers.beat(conn, me, servers.DRIVER, seg.name)
+                        claims.renew(conn, me, scope.lease)
+                        last_beat = time.monotonic()
                     expire(cfg, conn)
-                    requested = _requested(conn)
+                    requested = scope.claimed(conn, _requested(conn))
                     if requested:
                         _launch(cfg, conn, requested)
-                    active = _active_rows(conn)
+                    interrupted = _interrupted(conn, scope)
+                    if interrupted:
+                        _retry_netboot(cfg, conn, interrupted)
+                    active = scope.rows(conn, _active_rows(conn))
                     # After reading ``active``: a node that became final meanwhile is seen here.
-                    follow_ups(cfg, conn)
-                    todo = pending(conn)
+                    follow_ups(cfg, conn, scope)
+                    todo = pending(conn, scope)
                 except (sqlite3.Error, OSError) as exc:  # e.g. the database busy for 30 s
                     failures += 1
                     log.error("driver step failed (%d in a row), retrying: %s", failures, exc)
@@ -713,7 +804,7 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
                 # Announced after reading ``active``: whatever made the last node final is
                 # committed by then, so the last announcement carries the final state.
                 # data_version moves when another connection commits, total_changes with ours.
-                key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+                key = (db.change_counter(conn), conn.total_changes)
                 if key != last_key:
                     _announce(cfg, conn, changes)
                     last_key = key
@@ -722,9 +813,12 @@ def drive(cfg: Config, *, poll: float = POLL) -> int:
                 _nap(conn, poll)
         # Lock released. A request (or report) recorded while we were stopping found our lock
         # and started no driver; it committed before that, so it is visible now.
-        if not _requested(conn) and not pending(conn):
+        if not scope.rows(conn, _requested(conn)) and not pending(conn, scope):
             break
-    log.info("driver exits: no node in a run")
+    log.info("driver exits: no node of its segment in a run")
+    with contextlib.suppress(sqlite3.Error):
+        claims.release(conn, me)
+        servers.stopped(conn, me)
     conn.close()
     return 0
 
@@ -784,9 +878,10 @@ def notify(cfg: Config, outcome: Outcome) -> int | None:
     """
     if outcome.kind not in NEEDS_DRIVER or driver_running(cfg):
         return None
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
+    scope = Scope(segments.load(cfg).name)
     try:
-        if not pending(conn) and not _active_rows(conn):
+        if not pending(conn, scope) and not scope.rows(conn, _active_rows(conn)):
             return None
     finally:
         conn.close()
@@ -801,12 +896,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pxe.run",
         description="The provisioning run's driver (started by os-switch; one per state dir).")
     parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
+    parser.add_argument("--segment", metavar="NAME",
+                        help="drive this segment's nodes (default: [segment] name, else the "
+                             "primary's)")
+    parser.add_argument("--instance", metavar="NAME", default="",
+                        help="a second driver of the segment on this host (failover drills, "
+                             "tests): its own lock; the nodes are shared through claims")
     parser.add_argument("command", choices=("drive",))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s pxe.run[%(process)d]: %(levelname)s: %(message)s")
     try:
-        return drive(config.load(args.config))
+        if args.instance:
+            from pxe import validate
+
+            validate.label(args.instance, "driver instance")
+        return drive(config.load(args.config), segment=args.segment, instance=args.instance)
     except DynprovError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -4,6 +4,8 @@ Readers that keep a copy derived from the database (cluster-query's report file,
 configs `pxe-stage serve` renders per request) key the copy on it: one open + read, no SQLite
 connection and no parsing of SQLite's private files (-shm headers). Read the stamp BEFORE
 reading the database: a copy is then never older than the key it is stored under.
+A PostgreSQL store keeps its stamp in the database instead (pxe.dbbackend_pg; db.change_counter),
+so that every server reads the same one.
 """
 
 from __future__ import annotations

@@ -113,9 +113,8 @@ def enter(conn: sqlite3.Connection, label: str, mode: str, nodes: Sequence[str],
     """A new run with ``nodes`` in its first step (requested): the run row, the run nodes,
     their mirror and a ``run-requested`` event each. The caller holds a transaction and has
     checked that none of the nodes is in an active run. Returns the run's id."""
-    cur = conn.execute("INSERT INTO runs(label, mode, created, state) VALUES (?, ?, ?, ?)",
-                       (label, mode, now, RUN_RUNNING))
-    run_id = int(cur.lastrowid or 0)
+    run_id = int(conn.execute("INSERT INTO runs(label, mode, created, state) VALUES (?, ?, ?, ?) "
+                              "RETURNING id", (label, mode, now, RUN_RUNNING)).fetchone()[0])
     version = conn.execute("SELECT version FROM images WHERE label = ?", (label,)).fetchone()
     conn.executemany(  # image_version: what the node will boot (pxe.imageversions)
         "INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated, image_version) "

@@ -29,7 +29,7 @@ def load(config_path: str | None) -> tuple[Config, sqlite3.Connection]:
     from pxe import config, db
 
     cfg = config.load(config_path)
-    return cfg, db.connect(cfg.db_path)
+    return cfg, db.connect(cfg.database)
 
 
 def image_labels(conn: sqlite3.Connection) -> dict[str, list[str]]:
@@ -52,7 +52,7 @@ def scheduler_node_names(cfg: Config) -> set[str]:
     from pxe import db
     from pxe.pools import scheduler_pool
 
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return {r[0] for r in conn.execute("SELECT name FROM nodes WHERE pool = ?",
                                            (scheduler_pool(cfg),))}

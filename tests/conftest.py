@@ -13,6 +13,9 @@ import pytest
 
 from pxe import config
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pg_support  # noqa: E402  (tests/ is not a package)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -63,6 +66,9 @@ class Site:
                     conn.close()
                 continue
             out[str(path.relative_to(self.root))] = path.read_bytes()
+        url = self.cfg.state.url
+        if url:
+            out["[state] url"] = pg_support.dump(url)
         return out
 
 
@@ -74,8 +80,61 @@ def make_site(root: Path, backend: str = "dnsmasq") -> Site:
     # The Slurm face's subscriber does nothing without a [slurm] section.
     path.write_text(config.example(root, backend=backend)
                     + '\n[hooks]\nsubscribers = ["msm_plugin.wiki:on_event", '
-                    '"slurm_plugin.down:on_event"]\n')
+                    '"slurm_plugin.down:on_event"]\n' + state_section())
     return Site(root=root, config_path=path)
+
+
+def state_section() -> str:
+    """'' (the SQLite file) unless DYNPROV_TEST_STATE=postgresql: then a fresh database in the
+    run's throw-away PostgreSQL cluster (tests/pg_support.py)."""
+    if not pg_support.enabled():
+        return ""
+    return f'\n[state]\nurl = "{pg_support.shared().new_store()}"\n'
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    pg_support.stop_shared()
+
+
+# Tests that are about SQLite itself, left out (deselected, not skipped) of the PostgreSQL run.
+SQLITE_ONLY = {
+    "tests/test_db_migrations.py": "upgrades SQLite files of older releases (table rebuilds, "
+    "PRAGMA user_version); PostgreSQL starts at the baseline, test_state_store.py runs the "
+    "later migrations and the version check on both",
+    "tests/test_bad_input_cli.py::test_unexpected_error_is_one_line_with_exit_1":
+        "a corrupt SQLite file",
+    "tests/test_state_store.py": "runs every test on both backends itself",
+    "tests/test_wiki_common_sql.py::test_sql_lines_equal_python_lines":
+        "cluster-query's one-query fast path is SQLite's dialect (PostgreSQL takes the Python "
+        "path, which this test compares it with)",
+    "tests/test_pools_authz.py::test_member_may_move_and_is_named_in_the_audit_log":
+        "the member writes through the state dir's group permissions (the SQLite file); "
+        "PostgreSQL grants by database role (its refusal: test_bad_input_cli.py)",
+    "tests/test_wiki_common_sql.py::test_commit_bumps_the_stamp_and_the_key":
+        "the -stamp file next to an SQLite database (PostgreSQL: test_state_store.py)",
+}
+
+
+def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def]
+    if not pg_support.enabled():
+        return
+    keep, drop = [], []
+    for item in items:
+        where = item.nodeid.split("[")[0]
+        sqlite_only = where in SQLITE_ONLY or where.split("::")[0] in SQLITE_ONLY
+        (drop if sqlite_only else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture
+def state_target(tmp_path: Path) -> Path | str:
+    """What db.connect opens for a test that needs a bare database (no site): an SQLite file,
+    or under DYNPROV_TEST_STATE=postgresql a fresh PostgreSQL database."""
+    if pg_support.enabled():
+        return pg_support.shared().new_store()
+    return tmp_path / "state.db"
 
 
 @pytest.hookimpl(hookwrapper=True)

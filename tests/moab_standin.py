@@ -468,7 +468,7 @@ class NodeSimulator:
         from pxe.reports import record_report
         from pxe.serve.callhome import follow_up
 
-        conn = db.connect(self.cfg.db_path)
+        conn = db.connect(self.cfg.database)
         try:
             outcome = record_report(conn, node, token, kind, detail)
         finally:

@@ -203,7 +203,7 @@ def test_run_show_prints_the_console_lines_of_the_run(site, tmp_path: Path):
     before = Clock(time.time() - 600)
     with ConsoleLog(console_log.log_path(state, "c1"), clock=before) as log:
         log.feed(b"an older boot, not this run\n")
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     with driver_held(cfg):  # the run stays 'requested': its window runs to now
         req = run.request(cfg, conn, ["c1"], "centos5")
     conn.close()

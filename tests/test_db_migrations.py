@@ -287,7 +287,7 @@ def test_a_newer_legacy_style_database_is_refused(tmp_path):
 
 
 def test_the_commands_refuse_a_newer_database_with_exit_1(site):
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     conn.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)", (db.SCHEMA_VERSION + 7,))
     conn.close()
     before = site.snapshot()

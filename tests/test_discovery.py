@@ -102,7 +102,7 @@ def test_unknown_mac_boots_discovery_reports_and_is_adopted(disco_site, tmp_path
 
 @pytest.mark.integration
 def test_adopt_refuses_taken_names_ips_macs_and_changes_nothing(disco_site, tmp_path):
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     settings = discovery.load(disco_site.cfg)
     assert discovery.record(conn, settings, UNKNOWN, "127.0.0.150",
                             "cpus 2\nnic eth0 " + UNKNOWN + "\n") == discovery.STORED
@@ -131,7 +131,7 @@ def test_adopt_refuses_taken_names_ips_macs_and_changes_nothing(disco_site, tmp_
 
 @pytest.mark.integration
 def test_adopt_leaves_out_a_second_nic_another_node_has_and_says_so(disco_site):
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     settings = discovery.load(disco_site.cfg)
     facts = f"cpus 2\nnic eth0 {UNKNOWN}\nnic eth1 {SECOND}\n"
     assert discovery.record(conn, settings, UNKNOWN, None, facts) == discovery.STORED
@@ -170,13 +170,13 @@ def test_a_flood_of_unknown_macs_is_bounded(disco_site):
         with ThreadPoolExecutor(16) as pool:
             codes = Counter(pool.map(one, range(1000)))
         minutes = 1 + int((time.monotonic() - started) // 60)
-        stored = discovery.listing(db.connect(disco_site.cfg.db_path))[0]["mac"]
+        stored = discovery.listing(db.connect(disco_site.cfg.database))[0]["mac"]
         repeats = {client.post(url, data={"mac": stored}).status_code for _ in range(50)}
         too_big = client.post(url, data={"mac": stored, "facts": big}).status_code
         bad = client.post(url, data={"mac": "zz"}).status_code
     assert codes == {200: CAP, 507: 1000 - CAP}
     assert repeats == {429} and too_big == 413 and bad == 400
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     assert tuple(conn.execute("SELECT COUNT(*), SUM(reports) FROM discovered").fetchone()) == \
         (CAP, CAP)
     assert conn.execute("SELECT COUNT(*) FROM events WHERE kind = 'discovered'").fetchone()[0] \
@@ -194,7 +194,7 @@ def test_a_flood_of_unknown_macs_is_bounded(disco_site):
 
 @pytest.mark.integration
 def test_a_full_list_is_cleared_by_the_admin_and_takes_machines_again(disco_site):
-    conn = db.connect(disco_site.cfg.db_path)
+    conn = db.connect(disco_site.cfg.database)
     settings = discovery.load(disco_site.cfg)
     flood = [f"52:54:02:00:00:{i:02x}" for i in range(CAP)]
     for mac in flood:
@@ -232,7 +232,7 @@ def test_discovery_off_stores_nothing_and_config_is_checked(tmp_path):
         default = bootfetch.tftp_get("127.0.0.1", site.cfg.raw["serve"]["tftp_port"],
                                      "pxelinux.cfg/default")
     assert "LOCALBOOT 0" in default.text
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     assert conn.execute("SELECT COUNT(*) FROM discovered").fetchone()[0] == 0
     for section, message in (('enabled = true\n', "names no image"),
                              ('enabled = "yes"\n', "true or false"),

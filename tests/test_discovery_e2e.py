@@ -49,7 +49,7 @@ def test_unknown_machine_pxe_boots_discovery_reports_waits_and_is_adopted(site, 
     logs.mkdir()
     vm = None
     found: list = []
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         ns.create()
         ns.add_tap("tap0")

@@ -111,7 +111,7 @@ def test_school_proxy_dhcp_wol_agent_reimage(site, school_images, tmp_path):
 
             # ws2 runs an image without an agent and the site has no soft reboot command (and its
             # ready report is older than the grace for an agent's first poll).
-            conn = db.connect(site.cfg.db_path)
+            conn = db.connect(site.cfg.database)
             _wait_for(lambda: time.time() - conn.execute(
                 "SELECT adopted FROM agents WHERE node = 'ws2'").fetchone()[0]
                 > reboot.FIRST_POLL_GRACE, 30, "ws2's first-poll grace to pass")

@@ -81,7 +81,7 @@ class Lab:
         """Each node's run state once all are final (ready, failed, timed out)."""
         from pxe import db
 
-        conn = db.connect(self.site.cfg.db_path)
+        conn = db.connect(self.site.cfg.database)
         deadline = time.monotonic() + timeout
         states: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -139,7 +139,7 @@ def test_os_switch_three_nodes_ipmi_bios_redfish_uefi_wol_then_perjob_reimage(si
         # Per-job mode: a node already running centos5 is re-imaged anyway (after its job).
         from pxe import db, run
 
-        conn = db.connect(site.cfg.db_path)
+        conn = db.connect(site.cfg.database)
         run.set_mode(conn, "perjob")
         boots_before = _boots(site, "n1")
         t0 = time.monotonic()

@@ -113,10 +113,10 @@ def steps(data: dict) -> dict[str, dict]:
 def test_healthy_node_every_link_fetched_and_matching(lo_site, image):
     from pxe import db
 
-    conn = db.connect(lo_site.cfg.db_path)  # the node's run, as pxe.run records it
+    conn = db.connect(lo_site.cfg.database)  # the node's run, as pxe.run records it
     with db.transaction(conn):
         run = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('centos5', "
-                           "'ondemand', 1.0)").lastrowid
+                           "'ondemand', 1.0) RETURNING id").fetchone()[0]
         conn.execute("INSERT INTO run_nodes(run_id, node, state, reason, deadline, updated) "
                      "VALUES (?, 'n001', 'power-cycled', '', NULL, 2.0)",
                      (run,))
@@ -306,3 +306,38 @@ def test_node_set_to_its_local_disk_has_no_image_links(lo_site, image):
     assert by["image"]["facts"]["boot target"] == "local"
     assert "LOCALBOOT 0" in by[f"loader config ({MAC})"]["facts"]["content"]
     assert not [link for link in by if link.startswith(("kernel", "initrd", "rootfs"))]
+
+
+QUICK = ("--timeout", "0.2")  # no server runs in this test: its fetches may give up early
+
+
+def test_image_version_it_will_boot_and_the_one_it_last_booted(lo_site, image, tmp_path):
+    """The image step names the current version of the node's label (what its next boot gets,
+    so a rollback shows at once) and the label and version it last booted. No server runs: only
+    the image step matters here, so the fetches give up quickly."""
+    from pxe import db
+
+    proc, data = explain(lo_site, "n001", *QUICK)
+    facts = steps(data)["image"]["facts"]
+    assert facts["version"] == 1 and facts["last booted"] is None  # never booted by dynprov
+    kernel = fake_bzimage(tmp_path / "vmlinuz2", os.urandom(70_000))
+    lo_site.run("images", "add", "centos5", "--kernel", str(kernel), check=True)  # version 2
+    conn = db.connect(lo_site.cfg.database)  # the node booted version 1, as call-home records it
+    with db.transaction(conn):
+        conn.execute("UPDATE nodes SET current_os = 'centos5', current_version = 1 "
+                     "WHERE name = 'n001'")
+    conn.close()
+    proc, data = explain(lo_site, "n001", *QUICK)
+    facts = steps(data)["image"]["facts"]
+    assert facts["version"] == 2
+    assert facts["last booted"] == {"image": "centos5", "version": 1}
+    text = lo_site.run("explain", "n001", *QUICK).stdout
+    assert "    version: 2\n" in text
+    assert "    last booted:\n      image: centos5\n      version: 1\n" in text
+    lo_site.run("images", "rollback", "centos5", check=True)
+    proc, data = explain(lo_site, "n001", *QUICK)
+    assert steps(data)["image"]["facts"]["version"] == 1
+    lo_site.run("set-boot", "n001", "--local", check=True)  # no image to boot: no version line
+    proc, data = explain(lo_site, "n001", *QUICK)
+    facts = steps(data)["image"]["facts"]
+    assert "version" not in facts and facts["last booted"] == {"image": "centos5", "version": 1}

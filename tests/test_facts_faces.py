@@ -92,7 +92,7 @@ def test_dynprov_slurm_config_node_lines_carry_the_facts(site: Site, tmp_path: P
         (tools / f"dynprov-slurm-{name}").chmod(0o755)
     with open(site.config_path, "a") as fh:
         fh.write(f'\n[slurm]\ntools_dir = "{tools}"\n')
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     hwfacts.store(conn, "n001", hwfacts.parse(FOUR_CPUS))
     hwfacts.store(conn, "n003", hwfacts.parse("cpus 64\nmemory_kib 268435456\n"))
     conn.close()

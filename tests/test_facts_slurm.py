@@ -56,7 +56,7 @@ def test_real_slurm_takes_the_node_lines_made_from_real_facts(site: Site, tmp_pa
         site.run("nodes", "add", name, "--mac", f"52:54:00:ab:03:{i:02x}", check=True)
     with open(site.config_path, "a") as fh:
         fh.write(f'\n[slurm]\ntools_dir = "{slurm_tools(tmp_path)}"\n')
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     hwfacts.store(conn, "n001", facts)
     conn.close()
     proc = cli("config", env={"DYNPROV_CONFIG": str(site.config_path)})

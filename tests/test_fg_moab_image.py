@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pg_support
 import pytest
 
 from pxe import db
@@ -61,6 +62,8 @@ def state(site: Site) -> tuple[dict[str, bytes], list[str]]:
         if path.is_file() and not path.name.startswith("dynprov.db") and \
                 not path.name.endswith(".lock"):
             files[str(path.relative_to(site.root))] = path.read_bytes()
+    if site.cfg.state.url:
+        return files, pg_support.dump(site.cfg.state.url)
     conn = sqlite3.connect(site.cfg.db_path)
     try:
         return files, list(conn.iterdump())
@@ -246,7 +249,7 @@ def test_delete_in_use_needs_force(site, tmp_path):
     assert "node(s) n[001-002]" in proc.stderr and "-force" in proc.stderr
     assert unchanged(site, before)
     # a provisioning run (a job's request) that asked for sles11 and has not finished
-    with contextlib.closing(db.connect(cfg.db_path)) as conn:
+    with contextlib.closing(db.connect(cfg.database)) as conn:
         conn.execute("INSERT INTO runs(label, mode, created) VALUES ('sles11', 'perjob', ?)",
                      (time.time(),))
     proc = fg(site, "-delete", "-label", "sles11")

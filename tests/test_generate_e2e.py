@@ -41,7 +41,7 @@ def test_generated_debian_boots_and_reports_ready_with_its_package(site, tmp_pat
         assert states == {"g1": "ready"}, states
         print(f"os-switch -> ready from inside the generated Debian: {took:.1f} s")
 
-        conn = db.connect(site.cfg.db_path)
+        conn = db.connect(site.cfg.database)
         reports = [(r["kind"], r["detail"]) for r in conn.execute(
             "SELECT kind, detail FROM events WHERE node = 'g1' AND kind LIKE 'report-%' "
             "ORDER BY id")]

@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pg_support
 import pytest
 from moab_standin import MoabStandIn, parse_wiki
 from test_power_support import add_nodes
@@ -126,7 +127,7 @@ def test_cluster_query_imports_nothing_heavy(site: Site, tmp_path: Path) -> None
     env = {"DYNPROV_CONFIG": str(site.config_path), "PATH": "/usr/bin:/bin"}
     for attempt in ("rebuild", "cached"):
         if attempt == "rebuild":
-            run.set_mode(db.connect(cfg.db_path), "perjob")  # a commit: the report is stale
+            run.set_mode(db.connect(cfg.database), "perjob")  # a commit: the report is stale
         proc = subprocess.run([sys.executable, "-X", "importtime", *argv("cluster-query")[1:]],
                               capture_output=True, text=True, env=env, timeout=60)
         assert proc.returncode == 0
@@ -144,9 +145,12 @@ def test_cluster_query_always_exits_0(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
     assert set(parse_wiki(site.run(cmd="cluster-query").stdout)) == {f"n00{i}" for i in range(1, 5)}
     # the database becomes unreadable: the last report's nodes, as Unknown with the reason
-    cfg.db_path.rename(cfg.db_path.with_suffix(".gone"))
-    for suffix in ("-wal", "-shm"):
-        Path(str(cfg.db_path) + suffix).unlink(missing_ok=True)
+    if cfg.state.url:  # PostgreSQL: the database is dropped
+        pg_support.shared().drop_store(cfg.state.url)
+    else:
+        cfg.db_path.rename(cfg.db_path.with_suffix(".gone"))
+        for suffix in ("-wal", "-shm"):
+            Path(str(cfg.db_path) + suffix).unlink(missing_ok=True)
     proc = site.run(cmd="cluster-query")
     assert proc.returncode == 0
     view = parse_wiki(proc.stdout)
@@ -167,7 +171,7 @@ def test_cluster_query_while_the_database_is_written(site: Site, tmp_path: Path)
     generations: list[int] = []
 
     def writer() -> None:
-        conn = db.connect(cfg.db_path)
+        conn = db.connect(cfg.database)
         for gen in range(1, 100_000):  # bounded
             if stop.is_set():
                 break
@@ -199,7 +203,7 @@ def test_cluster_query_while_the_database_is_written(site: Site, tmp_path: Path)
 @pytest.mark.integration
 def test_cluster_query_cache_follows_every_commit(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
-    conn = db.connect(cfg.db_path)  # an open connection keeps the WAL, as the daemons do
+    conn = db.connect(cfg.database)  # an open connection keeps the WAL, as the daemons do
     first = site.run(cmd="cluster-query").stdout
     assert site.run(cmd="cluster-query").stdout == first  # served from the report file
     for i in range(5):
@@ -274,7 +278,7 @@ def test_fg_moab_mode(site: Site, tmp_path: Path) -> None:
 def test_fg_moab_config_lines(site: Site, tmp_path: Path) -> None:
     cfg = _plain_site(site, tmp_path)
     bin_dir = _tools(tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     conn.execute("INSERT INTO pools(name, created) VALUES ('cloud', 0)")
     conn.execute("UPDATE nodes SET pool = 'cloud' WHERE name = 'n004'")
     out = site.run("-config", cmd="fg-moab", check=True).stdout.splitlines()

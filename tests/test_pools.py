@@ -48,7 +48,7 @@ def cfg(site) -> Config:
 
 @pytest.fixture
 def conn(cfg: Config) -> Iterator[sqlite3.Connection]:
-    connection = db.connect(cfg.db_path)
+    connection = db.connect(cfg.database)
     yield connection
     connection.close()
 
@@ -99,7 +99,7 @@ def test_scheduler_pool_from_config_is_created(site):
     with open(site.config_path, "a") as fh:
         fh.write('\n[groups]\nscheduler_pool = "batch"\n')
     cfg = site.cfg
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     listed = {p.name: p for p in pools.list_pools(cfg, conn)}
     assert listed["batch"].scheduler and listed["batch"].created is None  # listing writes nothing
     assert not pools.exists(conn, "batch")
@@ -184,8 +184,8 @@ def test_from_mismatch_is_all_or_nothing(cfg, conn, four):
 def _start_run(conn: sqlite3.Connection, node: str, node_state: str = "power-cycled",
                finished: float | None = None) -> int:
     cur = conn.execute("INSERT INTO runs(label, mode, created, finished) VALUES "
-                       "('centos', 'ondemand', ?, ?)", (time.time(), finished))
-    run_id = int(cur.lastrowid or 0)
+                       "('centos', 'ondemand', ?, ?) RETURNING id", (time.time(), finished))
+    run_id = int(cur.fetchone()[0])
     conn.execute("INSERT INTO run_nodes(run_id, node, state, updated) VALUES (?, ?, ?, ?)",
                  (run_id, node, node_state, time.time()))
     return run_id

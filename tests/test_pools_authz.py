@@ -101,7 +101,7 @@ def shared_site(users: Users) -> Iterator[Site]:
 
 
 def snapshot(site: Site) -> tuple:
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         return (conn.execute("SELECT name FROM pools ORDER BY name").fetchall(),
                 conn.execute("SELECT name, pool FROM nodes ORDER BY name").fetchall(),

@@ -33,7 +33,7 @@ def add_nodes(site, count: int) -> list[str]:
 def snapshot(site) -> tuple:
     """What fg-pool may change: the pools, every node's pool, the pool events, the audit log."""
     cfg = site.cfg
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return (conn.execute("SELECT name FROM pools ORDER BY name").fetchall(),
                 conn.execute("SELECT name, pool FROM nodes ORDER BY name").fetchall(),
@@ -44,7 +44,7 @@ def snapshot(site) -> tuple:
 
 
 def node_pools(site) -> dict[str, str]:
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         return dict(conn.execute("SELECT name, pool FROM nodes").fetchall())
     finally:
@@ -195,7 +195,7 @@ def test_busy_nodes_move_with_force(four):
     record = audit.read(four.cfg.paths.state_dir)[-1]
     assert (record["nodes"], record["force"], record["forced"]) == ("n[001-003]", True,
                                                                     "n[002-003]")
-    conn = db.connect(four.cfg.db_path)
+    conn = db.connect(four.cfg.database)
     assert pools.usable_for_scheduler(four.cfg, conn) == {"n004"}
     conn.close()
 
@@ -222,15 +222,30 @@ def _wait_until_db_open(proc: subprocess.Popen, db_path: Path, limit: float = 30
     raise AssertionError(f"mover {proc.pid} did not open {db_path} within {limit} s")
 
 
+def _wait_until_queued(holder, procs: list[subprocess.Popen], limit: float = 60.0) -> None:
+    """PostgreSQL: until every mover waits for the writers' advisory lock the holder has."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "a mover finished while the lock was held"
+        waiting = holder.execute("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND NOT granted").fetchone()[0]
+        if waiting >= len(procs):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the movers did not queue on the write lock within {limit} s")
+
+
 def _concurrently(site, *moves: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     """Start every mover while this test holds the write lock, then let them all go at once."""
     cfg = site.cfg
-    holder = db.connect(cfg.db_path)
+    holder = db.connect(cfg.database)
     holder.execute("BEGIN IMMEDIATE")
     procs: list[subprocess.Popen] = []
     try:
         procs = [_start(site, *argv) for argv in moves]
-        for proc in procs:
+        if cfg.state.url:
+            _wait_until_queued(holder, procs)
+        for proc in procs if not cfg.state.url else ():
             _wait_until_db_open(proc, cfg.db_path)
         time.sleep(0.3)
         assert all(p.poll() is None for p in procs)  # all waiting on the same lock

@@ -96,7 +96,7 @@ def test_wol_status_comes_from_the_agent_heartbeat(site, listener):
     cfg = power_config(site, wol_broadcast="127.0.0.1", wol_port=listener.port, agent_stale=30)
     add_nodes(cfg, [{"name": "w010", "mac": MAC1, "bmc_type": "wol"},
                     {"name": "w011", "mac": MAC2, "bmc_type": "wol"}])
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     with db.transaction(conn):
         conn.execute("INSERT INTO agents (node, token_sha, seq, adopted, last_seen) VALUES "
                      "('w010', 'x', 3, ?, ?), ('w011', 'y', 2, ?, ?)",

@@ -172,7 +172,7 @@ def test_driver_killed_mid_run_next_driver_reconciles(site: Site, tmp_path: Path
     with nobody to record it. The next driver ends both in a defined state."""
     with cluster(site, tmp_path, 2, behaviours={"n001": "silent", "n002": "silent"},
                  images={"centos5": {"prov_seconds": 600}, "sles11": {"prov_seconds": 30}}) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         a = provision.start(c.cfg, "n001", "centos5", conn=conn)
         b = provision.start(c.cfg, "n002", "sles11", conn=conn)
         spawned = {p for p in (a.driver_pid, b.driver_pid) if p is not None}
@@ -245,7 +245,7 @@ def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: 
                                 text.replace("\n[hooks]\n", "\n[boot]\nwrite_files = true\n\n[hooks]\n", 1))
     with cluster(site, tmp_path, 1, behaviours={"n001": "silent"},
                  images={"centos5": {"prov_seconds": 600}}) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         a = provision.start(c.cfg, "n001", "centos5", conn=conn)
         wait_for(lambda: [r["state"] for r in run_nodes(c.cfg)] == ["power-cycled"])
         lock = c.cfg.paths.state_dir / "run-driver.lock"

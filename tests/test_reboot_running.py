@@ -39,7 +39,7 @@ def boot_ready(site, name: str, label: str = "img1") -> str:
 
     site.run("set-boot", name, "--os", label, check=True)
     token = Inventory(site.cfg).get(name).boot_token
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     record_report(conn, name, token, "ready", label)
     conn.close()
     return token
@@ -47,7 +47,7 @@ def boot_ready(site, name: str, label: str = "img1") -> str:
 
 def age_agent(site) -> None:
     """The ready report was a while ago: no agent first poll is due any more."""
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     conn.execute("UPDATE agents SET adopted = adopted - 60")
     conn.close()
 
@@ -60,7 +60,7 @@ def form(**fields) -> dict:
 @pytest.mark.integration
 def test_the_way_to_reboot_is_decided_from_agent_heartbeat_and_call_home(tmp_path):
     site = wol_site(tmp_path)
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     row = lambda n: conn.execute("SELECT name, bmc_type, state, current_os FROM nodes "  # noqa: E731
                                  "WHERE name = ?", (n,)).fetchone()
     plain, soft = Settings(), Settings(soft_reboot_command=("true",))
@@ -89,7 +89,7 @@ def test_agent_polls_are_authenticated_and_take_a_reboot_once(tmp_path):
         assert httpx.post(url, **form(node="w2", token=token, seq=7)).status_code == 403
         assert httpx.post(url, **form(node="nobody", token=token, seq=8)).status_code == 404
         assert httpx.post(url, **form(node="w1", token=token, seq="x")).status_code == 400
-        conn = db.connect(site.cfg.db_path)
+        conn = db.connect(site.cfg.database)
         agent.request_reboot(conn, ["w1"])
         assert httpx.post(url, **form(node="w1", token=token, seq=9)).text == "reboot"
         assert agent.wait_taken(conn, ["w1"], timeout=1) == {"w1"}
@@ -114,7 +114,7 @@ def test_running_wol_node_with_no_way_is_refused_at_once_and_nothing_recorded(tm
     assert sw.returncode == 1
     assert f"w1: {MSG}" in sw.stderr.splitlines()
     assert "w2: provisioning exam" in sw.stdout  # an off machine is still woken
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     assert [r[0] for r in conn.execute("SELECT node FROM run_nodes")] == ["w2"]
     assert conn.execute("SELECT state FROM nodes WHERE name = 'w1'").fetchone()[0] == "ready"
     from pxe import run

@@ -41,7 +41,7 @@ def _site(site: Site, tmp_path: Path, count: int = 4, **images: dict) -> Config:
 
 
 def _report(cfg: Config, **kw) -> dict[str, dict[str, str]]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return parse_wiki(wiki.build(conn, cfg.groups.scheduler_pool, **kw).text)
     finally:
@@ -90,7 +90,7 @@ def test_strict_parser_rejects(bad: str) -> None:
 @pytest.mark.unit
 def test_report_states(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     conn.execute("INSERT INTO pools(name, created) VALUES ('cloud', 0)")
     conn.execute("UPDATE nodes SET pool = 'cloud' WHERE name = 'n004'")
     conn.execute("UPDATE nodes SET state = 'ready', current_os = 'centos5', used = 1 "
@@ -115,7 +115,7 @@ def test_report_states(site: Site, tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_request_refusals_and_idempotence(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     with driver_held(cfg):
         req = run.request(cfg, conn, ["n001", "n002", "n099"], "centos5", pool="hpc")
         assert req.started == ["n001", "n002"] and req.run_id
@@ -146,7 +146,7 @@ def test_request_refusals_and_idempotence(site: Site, tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_plan_ondemand_vs_perjob(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     conn.execute("UPDATE nodes SET state = 'ready', current_os = 'centos5' "
                  "WHERE name IN ('n001', 'n002')")
     conn.execute("UPDATE nodes SET state = 'failed', current_os = 'centos5' WHERE name = 'n003'")
@@ -164,7 +164,7 @@ def test_plan_ondemand_vs_perjob(site: Site, tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_pool_outside_scheduler_refused(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     conn.execute("INSERT INTO pools(name, created) VALUES ('cloud', 0)")
     conn.execute("UPDATE nodes SET pool = 'cloud' WHERE name = 'n002'")
     with driver_held(cfg):
@@ -178,7 +178,7 @@ def test_pool_outside_scheduler_refused(site: Site, tmp_path: Path) -> None:
 def test_timeout_found_by_whoever_looks_next(site: Site, tmp_path: Path) -> None:
     """No driver: the deadline passes; the report shows it at once, the next writer records it."""
     cfg = _site(site, tmp_path, centos5={"prov_seconds": 1})
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     with driver_held(cfg):
         req = run.request(cfg, conn, ["n001"], "centos5")
         deadline = run_nodes(cfg)[0]["deadline"]
@@ -202,7 +202,7 @@ def test_timeout_found_by_whoever_looks_next(site: Site, tmp_path: Path) -> None
 @pytest.mark.unit
 def test_max_seconds_caps_the_deadline(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path, centos5={"prov_seconds": 3600})
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     with driver_held(cfg):
         before = time.time()
         run.request(cfg, conn, ["n001"], "centos5", max_seconds=540)
@@ -214,7 +214,7 @@ def test_max_seconds_caps_the_deadline(site: Site, tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_mark_used_and_ready_clears_it(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     run.mark_used(conn, ["n001"], "42.server")
     assert node_row(cfg, "n001")["used"] == 1
     with pytest.raises(NotFound):
@@ -238,7 +238,7 @@ def test_mark_used_and_ready_clears_it(site: Site, tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_mode_setting(site: Site, tmp_path: Path) -> None:
     cfg = _site(site, tmp_path)
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     assert run.get_mode(conn) == "ondemand"
     run.set_mode(conn, "perjob")
     assert run.get_mode(conn) == "perjob"
@@ -250,7 +250,7 @@ def test_mode_setting(site: Site, tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_run_to_ready_and_back_to_safe_default(site: Site, tmp_path: Path) -> None:
     with cluster(site, tmp_path, 3) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         req = run.request(c.cfg, conn, c.names, "centos5")
         assert run.spawn_driver(c.cfg) is not None
         rows = run.wait(c.cfg, conn, c.names)
@@ -278,7 +278,7 @@ def test_run_to_ready_and_back_to_safe_default(site: Site, tmp_path: Path) -> No
 @pytest.mark.integration
 def test_bmc_failing_mid_run_others_proceed(site: Site, tmp_path: Path) -> None:
     with cluster(site, tmp_path, 3, dead=["n002"]) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         run.request(c.cfg, conn, c.names, "centos5")
         run.spawn_driver(c.cfg)
         rows = run.wait(c.cfg, conn, c.names)
@@ -293,7 +293,7 @@ def test_bmc_failing_mid_run_others_proceed(site: Site, tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_node_reports_failure_with_its_reason(site: Site, tmp_path: Path) -> None:
     with cluster(site, tmp_path, 2, behaviours={"n002": "fail:no disk found"}) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         run.request(c.cfg, conn, c.names, "centos5")
         run.spawn_driver(c.cfg)
         rows = run.wait(c.cfg, conn, c.names)
@@ -307,7 +307,7 @@ def test_node_reports_failure_with_its_reason(site: Site, tmp_path: Path) -> Non
 def test_node_never_calls_home_times_out(site: Site, tmp_path: Path) -> None:
     with cluster(site, tmp_path, 2, behaviours={"n002": "silent"},
                  images={"centos5": {"prov_seconds": 3}}) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         run.request(c.cfg, conn, c.names, "centos5")
         run.spawn_driver(c.cfg)
         # the driver records the timeout by itself (nobody else looks here)
@@ -327,7 +327,7 @@ def test_node_never_calls_home_times_out(site: Site, tmp_path: Path) -> None:
 def test_stateful_installed_then_disk(site: Site, tmp_path: Path) -> None:
     with cluster(site, tmp_path, 1, behaviours={"n001": "stateful"},
                  images={"rhel": {"mode": "stateful"}}) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         run.request(c.cfg, conn, ["n001"], "rhel")
         run.spawn_driver(c.cfg)
         assert run.wait(c.cfg, conn, ["n001"])["n001"]["state"] == "ready"
@@ -344,7 +344,7 @@ def test_stateful_installed_then_disk(site: Site, tmp_path: Path) -> None:
 def test_driver_death_leaves_no_stale_lock(site: Site, tmp_path: Path) -> None:
     """A request whose driver never ran is picked up by the driver the next request starts."""
     with cluster(site, tmp_path, 2) as c:
-        conn = db.connect(c.cfg.db_path)
+        conn = db.connect(c.cfg.database)
         with driver_held(c.cfg):  # as if a driver held the lock, then died (lock released)
             run.request(c.cfg, conn, ["n001"], "centos5")
         assert not run.driver_running(c.cfg)

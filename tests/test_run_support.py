@@ -122,7 +122,7 @@ def stop_runs(cfg: Config, limit: float = 30.0) -> None:
     """Cancel every run still open and wait (bounded) for the driver to exit by itself."""
     from pxe import run
 
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         names = [r[0] for r in conn.execute("SELECT name FROM nodes")]
         if names:
@@ -159,7 +159,7 @@ def wait_for(cond: Any, limit: float = 60.0, pause: float = 0.1) -> None:
 
 
 def run_nodes(cfg: Config) -> list[dict[str, Any]]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return [dict(r) for r in conn.execute(
             "SELECT rn.*, r.label FROM run_nodes rn JOIN runs r ON r.id = rn.run_id "
@@ -169,7 +169,7 @@ def run_nodes(cfg: Config) -> list[dict[str, Any]]:
 
 
 def node_row(cfg: Config, name: str) -> dict[str, Any]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         row = conn.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
         return dict(row)

@@ -8,7 +8,7 @@ import os
 import pytest
 from test_serve_support import curl_tftp, tftp_thread
 
-from pxe import stamp
+from pxe import db
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
 from pxe.render import Renderer
@@ -37,9 +37,9 @@ def test_set_boot_writes_no_files_and_the_server_renders_what_the_file_would_say
         return {p for root in (cfg.paths.tftp_root, cfg.paths.http_root) if root.exists()
                 for p in root.rglob("*")}
 
-    before, files_before = stamp.read(cfg.db_path), tree()
+    before, files_before = db.read_stamp(cfg.database), tree()
     set_boot(cfg, "n[001-002]", "centos5")
-    assert stamp.read(cfg.db_path) != before  # the writer bumped the stamp after COMMIT
+    assert db.read_stamp(cfg.database) != before  # the writer bumped the stamp after COMMIT
     assert tree() == files_before  # the image's blobs, and not one config file
     configs = BootConfigs(cfg)
     renderer = Renderer(cfg)

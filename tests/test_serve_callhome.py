@@ -46,7 +46,7 @@ def token(site, node: str) -> str | None:
 
 
 def node_row(site, node: str):
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         return conn.execute("SELECT state, state_reason, current_os, boot_token, boot_target FROM nodes "
                             "WHERE name = ?", (node,)).fetchone()
@@ -55,7 +55,7 @@ def node_row(site, node: str):
 
 
 def events(site, kind: str, node: str) -> list[str]:
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         return [r[0] for r in conn.execute("SELECT detail FROM events WHERE kind = ? AND node = ?",
                                            (kind, node))]
@@ -217,7 +217,7 @@ def test_the_server_only_records_the_driver_acts(site):
     assert (row["state"], row["current_os"], row["boot_token"]) == ("ready", "img1", None)
     assert row["boot_target"] == "os"  # left as it was: acting is the driver's job
     assert not run.driver_running(site.cfg)
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         kinds = [k for (k,) in conn.execute("SELECT kind FROM events WHERE node = 'n001' "
                                             "ORDER BY id")]

@@ -55,7 +55,7 @@ def provisioned(site: Site, tmp: Path, count: int) -> Iterator[tuple[Booter, str
             with Booter(cfg, srv.url, bmcs.journal, nodes, {r["name"]: r["mac"] for r in rows}
                         ) as booter:
                 try:
-                    conn = db.connect(cfg.db_path)
+                    conn = db.connect(cfg.database)
                     started = toolkit.start(cfg, conn, names, "alpha")
                     assert sorted(started.accepted) == names, started.refused
                     try:
@@ -71,7 +71,7 @@ def provisioned(site: Site, tmp: Path, count: int) -> Iterator[tuple[Booter, str
 
 
 def _row(cfg, name: str) -> dict:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return dict(conn.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
     finally:
@@ -79,7 +79,7 @@ def _row(cfg, name: str) -> dict:
 
 
 def _events(cfg, kind: str) -> list[tuple[str, str]]:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         return [(r[0], r[1]) for r in conn.execute(
             "SELECT node, detail FROM events WHERE kind = ? ORDER BY id", (kind,))]
@@ -273,9 +273,9 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
         after = {n: _row(cfg, n) for n in ("n001", "n002")}
         assert before == after
         # a node moved out of the scheduler's pool is refused
-        conn = db.connect(cfg.db_path)
+        conn = db.connect(cfg.database)
         with db.transaction(conn):
-            conn.execute("INSERT OR IGNORE INTO pools(name, created) VALUES ('lab', 0)")
+            conn.execute("INSERT INTO pools(name, created) VALUES ('lab', 0) ON CONFLICT (name) DO NOTHING")
             conn.execute("UPDATE nodes SET pool = 'lab' WHERE name = 'n001'")
         proc = cli("helper", "beta", env=n1.env)
         assert proc.returncode == 1 and "not the scheduler's pool" in proc.stderr, proc.stderr

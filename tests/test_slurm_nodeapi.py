@@ -41,7 +41,7 @@ def token(site: Site, node: str) -> str | None:
 
 def state(site: Site) -> list[tuple]:
     """Everything a refusal must leave alone: nodes, settings, runs (events may grow)."""
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     try:
         return [tuple(r) for t in ("nodes", "settings", "runs", "run_nodes")
                 for r in conn.execute(f"SELECT * FROM {t} ORDER BY 1")]
@@ -58,7 +58,7 @@ def enroll(client: TestClient, site: Site, node: str) -> str:
 def test_enroll_issues_a_key_and_keeps_only_its_hash(served) -> None:
     client, site = served
     key = enroll(client, site, "n001")
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     stored = db.get_setting(conn, "node-key:n001")
     assert stored == hashlib.sha256(key.encode()).hexdigest() and key not in stored
     # the boot token stays valid for the agent's "ready", but enrolls only once: the token is
@@ -76,7 +76,7 @@ def test_enroll_issues_a_key_and_keeps_only_its_hash(served) -> None:
 
 def test_token_only_from_the_nodes_address(served) -> None:
     client, site = served
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     with db.transaction(conn):
         conn.execute("UPDATE nodes SET ip = '198.18.0.13' WHERE name = 'n003'")
     before = state(site)
@@ -105,7 +105,7 @@ def test_used_token_cannot_enroll(served) -> None:
     client, site = served
     from pxe.reports import record_report
 
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     record_report(conn, "n002", token(site, "n002"), "ready")
     before = state(site)
     r = client.post("/node/enroll", data={"node": "n002", "token": "anything"})
@@ -124,7 +124,7 @@ def test_next_image_and_reboot(served) -> None:
     with driver_held(site.cfg):  # the request is recorded; no driver powers anything here
         r = client.post("/node/reboot", data={"node": "n001", "key": key})
     assert r.status_code == 200 and "provisioning beta" in r.text, r.text
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     rows = conn.execute("SELECT rn.node, rn.state, r.label FROM run_nodes rn JOIN runs r "
                         "ON r.id = rn.run_id").fetchall()
     assert [tuple(x) for x in rows] == [("n001", "requested", "beta")]
@@ -134,7 +134,7 @@ def test_refusals_change_nothing(served) -> None:
     client, site = served
     key1 = enroll(client, site, "n001")
     enroll(client, site, "n002")
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     with db.transaction(conn):
         conn.execute("INSERT INTO pools(name, created) VALUES ('lab', 0)")
         conn.execute("UPDATE nodes SET pool = 'lab' WHERE name = 'n003'")
@@ -202,7 +202,7 @@ def test_node_secret_only_with_the_unused_token(served) -> None:
     assert r.status_code == 403 and "already done" in r.text and key not in r.content
     from pxe.reports import record_report
 
-    conn = db.connect(site.cfg.db_path)
+    conn = db.connect(site.cfg.database)
     record_report(conn, "n001", good["token"], "ready")  # the token is used up
     r = client.post("/node/secret", data=good)
     assert r.status_code == 403 and "token already used" in r.text

@@ -49,8 +49,8 @@ def test_effective_state(state: str, deadline: float | None, now: float, shown: 
     assert states.is_overdue(state, deadline, now) == (shown == "timed out" != state)
 
 
-def _db(tmp_path: Path) -> sqlite3.Connection:
-    conn = db.connect(tmp_path / "state.db")
+def _db(target: Path | str) -> sqlite3.Connection:
+    conn = db.connect(target)  # the state_target fixture: SQLite, or PostgreSQL on that run
     conn.execute("INSERT INTO nodes(name, pool) VALUES ('n001', 'hpc')")
     conn.execute("INSERT INTO runs(label, mode, created) VALUES ('x', 'ondemand', 0)")
     conn.execute("INSERT INTO run_nodes(run_id, node, state, deadline, updated) "
@@ -58,10 +58,10 @@ def _db(tmp_path: Path) -> sqlite3.Connection:
     return conn
 
 
-def test_sql_rule_matches_the_python_rule(tmp_path: Path) -> None:
+def test_sql_rule_matches_the_python_rule(state_target: Path | str) -> None:
     """Writers select overdue rows with overdue_sql; readers use is_overdue: same answer at,
     before and after the deadline, for every state."""
-    conn = _db(tmp_path)
+    conn = _db(state_target)
     for state in states.RUN_STATES:
         conn.execute("UPDATE run_nodes SET state = ?", (state,))
         for now in (99.0, 100.0, 101.0):
@@ -70,8 +70,8 @@ def test_sql_rule_matches_the_python_rule(tmp_path: Path) -> None:
             assert bool(hit) == states.is_overdue(state, 100.0, now), (state, now)
 
 
-def test_the_writer_moves_run_node_mirror_and_log_together(tmp_path: Path) -> None:
-    conn = _db(tmp_path)
+def test_the_writer_moves_run_node_mirror_and_log_together(state_target: Path | str) -> None:
+    conn = _db(state_target)
     with db.transaction(conn):
         assert states.transition(conn, 1, "n001", states.BOOTING, "", 5.0,
                                  node_fields={"state_reason": "initramfs up"})
@@ -93,8 +93,8 @@ def test_the_writer_moves_run_node_mirror_and_log_together(tmp_path: Path) -> No
     assert conn.execute("SELECT state FROM run_nodes").fetchone()[0] == "ready"
 
 
-def test_the_writer_refuses_words_outside_the_vocabulary(tmp_path: Path) -> None:
-    conn = _db(tmp_path)
+def test_the_writer_refuses_words_outside_the_vocabulary(state_target: Path | str) -> None:
+    conn = _db(state_target)
     with pytest.raises(states.BadTransition):
         states.transition(conn, 1, "n001", "rebooting")
     with pytest.raises(states.BadTransition):

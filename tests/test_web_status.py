@@ -44,7 +44,7 @@ def _populate(site) -> None:
     cfg = site.cfg
     Inventory(cfg).add([build(cfg, {"name": f"n{i:03d}", "macs": f"52:54:00:00:01:{i:02x}"})
                         for i in range(1, 5)])
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     now = time.time()
     with db.transaction(conn):
         conn.execute("INSERT INTO images(label, os_name, kernel_sha, created) "
@@ -129,7 +129,7 @@ def test_live_update(browser, server, accounts):
         page.fill("#password", PASSWORD)
         page.click("#login-button")
         page.wait_for_selector("body[data-loaded=true]", timeout=15000)
-        conn = db.connect(server.site.cfg.db_path)
+        conn = db.connect(server.site.cfg.database)
         with db.transaction(conn):
             conn.execute("UPDATE nodes SET state = 'ready', current_os = 'centos7' "
                          "WHERE name = 'n002'")

@@ -35,8 +35,8 @@ def _mixed(conn) -> None:
         ]
         conn.executemany("INSERT INTO nodes(name, arch, pool, state, state_reason, current_os, "
                          "used, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        run_id = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('rocky9', 'ondemand', ?)",
-                              (now,)).lastrowid
+        run_id = conn.execute("INSERT INTO runs(label, mode, created) VALUES ('rocky9', 'ondemand', ?) "
+                              "RETURNING id", (now,)).fetchone()[0]
         conn.execute("INSERT INTO run_nodes(run_id, node, state, deadline, updated) "
                      "VALUES (?, 'j-in-run', 'booting', ?, ?)", (run_id, now + 600, now))
 
@@ -119,13 +119,18 @@ def test_config_scan_is_plain_or_gives_up(tmp_path):
     assert cluster_query.DEFAULT_POOL == config.Groups.scheduler_pool
     path = tmp_path / "c.toml"
     path.write_text('[paths]\nstate_dir = "/srv/state"\n[groups]\nscheduler_pool = "batch"\n')
-    assert cluster_query._scan(str(path)) == {"state_dir": "/srv/state", "scheduler_pool": "batch"}
+    assert cluster_query._scan(str(path)) == {"state_dir": "/srv/state", "scheduler_pool": "batch",
+                                              "url": ""}
+    path.write_text('[paths]\nstate_dir = "/srv/state"\n# a url comment\n'
+                    '[state]\nurl = "postgresql:///d"\n')
+    assert cluster_query._scan(str(path))["url"] == "postgresql:///d"
     path.write_text('[paths]\nstate_dir = "/srv/state"\n')
     assert cluster_query._scan(str(path))["scheduler_pool"] == "hpc"
     for text in ('[paths]\nstate_dir = "/srv/state"\ngroups.scheduler_pool = "x"\n',
                  '[paths]\nstate_dir = "/srv/state"\n[groups]\nscheduler_pool = \'x\'\n',
                  'paths = { state_dir = "/srv/state" }\n',
                  '[paths]\nstate_dir = "/srv/s\\u0074ate"\n',
-                 '[paths]\nstate_dir = "relative"\n'):
+                 '[paths]\nstate_dir = "relative"\n',
+                 '[paths]\nstate_dir = "/srv/state"\nstate.url = "postgresql:///d"\n'):
         path.write_text(text)
         assert cluster_query._scan(str(path)) is None, text

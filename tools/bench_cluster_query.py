@@ -66,7 +66,7 @@ FACTS = "cpus 32\nmemory_kib 263856128\ncpu_model Intel Xeon Gold 6130\nserial S
 
 
 def populate(cfg: config.Config, count: int) -> None:
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     now = time.time()
     labels = ["centos5", "rocky9", "sles11", "ubuntu22"]
     with db.transaction(conn):
@@ -133,7 +133,7 @@ def main() -> int:
         launcher.install(lean, sys.executable, ROOT)
         env = {**os.environ, "DYNPROV_CONFIG": str(cfg_path),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        holder = db.connect(cfg.db_path)  # the server daemon keeps one open, as in production
+        holder = db.connect(cfg.database)  # the server daemon keeps one open, as in production
 
         def commit() -> None:  # a writer's transaction: COMMIT, then the stamp is bumped
             with db.transaction(holder):

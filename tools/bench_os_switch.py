@@ -92,7 +92,7 @@ def main() -> int:
             if proc.returncode != 0:
                 print(f"os-switch failed ({proc.returncode}): {proc.stderr}", file=sys.stderr)
                 return 1
-            conn = db.connect(cfg.db_path)
+            conn = db.connect(cfg.database)
             end = start + 600
             while time.time() < end:
                 states = dict(conn.execute(

@@ -57,6 +57,13 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
         ("api_vs_ipmipower", "power status, 200 BMCs: pxe.power.run / ipmipower", "<= 3x",
          "api_vs_ipmipower_spread"),
         ("speedup_vs_ipmitool", "the same: ipmitool loop / pxe.power.run", ">= 20x", None)]),
+    "state": (["--nodes", "10000", "--repeat", "3"], [
+        ("setboot_ratio", "set-boot of 10,000 nodes, PostgreSQL time / SQLite time", "-",
+         "setboot_ratio_spread"),
+        ("query_ratio", "cluster-query cold, 10,000 nodes, PostgreSQL / SQLite", "-",
+         "query_ratio_spread"),
+        ("callhome_rate_ratio", "call-home reports per second, SQLite / PostgreSQL", "-",
+         "callhome_rate_ratio_spread")]),
     "os_switch": (["--nodes", "1000"], [
         ("vs_ipmipower", "os-switch 1,000 nodes to all power-cycled / ipmipower --cycle", "-",
          None)]),

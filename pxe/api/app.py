@@ -96,20 +96,31 @@ async def nodes_list(request: Request, who: Identity) -> Response:
     parameters:
       - {name: nodes, in: query, required: false, description: "node set, e.g. n[001-016]",
          schema: {type: string}}
+      - {name: hardware, in: query, required: false, description: "true: each node with the
+         hardware facts it reported (`hardware`, null if none yet; as `pxe-stage nodes show
+         --json`)", schema: {type: boolean}}
     responses: {200: {description: list of nodes}, 404: {description: unknown node}}
     """
     from pxe.inventory import Inventory
 
     spec = request.query_params.get("nodes")
     names = nodeset(spec, request.app.state.cfg) if spec is not None else None
+    with_facts = flag(request, "hardware")
     cfg = request.app.state.cfg
 
     def read() -> list[dict[str, Any]]:
-        inv = Inventory(cfg, connection(cfg))
-        return [node_public(n) for n in (inv.select(names) if names is not None else inv.all())]
+        conn = connection(cfg)
+        inv = Inventory(cfg, conn)
+        nodes = [node_public(n) for n in (inv.select(names) if names is not None else inv.all())]
+        if with_facts:
+            facts = _hardware(conn, [n["name"] for n in nodes])
+            for node in nodes:
+                node["hardware"] = facts.get(node["name"])
+        return nodes
 
     cache = request.app.state.cache
-    key = "nodes:" + (",".join(names) if names is not None else "*")
+    key = ("nodes+hw:" if with_facts else "nodes:") + (",".join(names) if names is not None
+                                                       else "*")
     return json_bytes(await run_in_threadpool(cache.get, cfg, key, read))
 
 
@@ -141,8 +152,20 @@ async def node_show(request: Request, who: Identity) -> Response:
 
     name = validate.hostname(request.path_params["name"])
     cfg = request.app.state.cfg
-    node = await run_in_threadpool(lambda: Inventory(cfg, connection(cfg)).get(name))
-    return Json(node.public())
+
+    def read() -> dict[str, Any]:
+        conn = connection(cfg)
+        node = Inventory(cfg, conn).get(name)
+        return node.public() | {"hardware": _hardware(conn, [name]).get(name)}
+
+    return Json(await run_in_threadpool(read))
+
+
+def _hardware(conn: Any, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The hardware facts the nodes reported at call-home (pxe.hwfacts), by name."""
+    from pxe import hwfacts
+
+    return hwfacts.load(conn, names)
 
 
 def _is_admin(request: Request, who: Identity) -> bool:
@@ -207,7 +230,8 @@ async def image_upload(request: Request, who: Identity) -> Response:
       413: {description: larger than the limit (nothing is kept)}
     """
     groups = request.query_params.getlist("group")
-    result = await uploads.receive(request, request.path_params["label"], groups, who.user)
+    result = await uploads.receive(request, request.path_params["label"], groups, who.user,
+                                   admin=_is_admin(request, who))
     return Json(result, status_code=201)
 
 
@@ -230,28 +254,111 @@ async def image_delete(request: Request, who: Identity) -> Response:
 async def image_bundle(request: Request, who: Identity) -> Response:
     """
     summary: The uploaded bundle, byte for byte (X-Bundle-Sha256 gives its recorded sha256)
+    parameters:
+      - {name: version, in: query, required: false, description: "a kept version (default:
+         the current one; fg-moab-image -get -version N)", schema: {type: integer}}
     responses:
       200: {description: the bundle, content: {application/octet-stream: {}}}
+      400: {description: malformed version, or a version that is not kept}
       404: {description: no such image or no uploaded bundle}
     """
+    from pxe import imageversions
     from pxe.errors import NotFound
 
     label = validate.label(request.path_params["label"], "image label")
+    raw = request.query_params.get("version")
+    version = None if raw is None else imageversions.parse_version(raw, "version")
     repo = uploads.ApiRepository(request.app.state.cfg, who.user)
 
-    def meta() -> tuple[Path, dict[str, Any]]:  # the current version's (pxe.imageversions)
-        path = repo.bundle_path(label)
+    def meta() -> tuple[Path, dict[str, Any]]:  # the current version's, or a kept one's
+        if version is not None and label in repo.catalog.labels():
+            imageversions.row(repo.catalog.conn, label, version)  # kept, or 400 naming them
+        path = repo.bundle_path(label, version)
         if not path.is_file():
             if label in repo.catalog.labels():
-                raise NotFound(f"image {label!r} has no uploaded bundle (it was added with "
-                               "`pxe-stage images add`)")
+                raise NotFound(f"image {label!r} has no uploaded bundle "
+                               f"{'for version ' + str(version) + ' ' if version else ''}"
+                               "(it was added with `pxe-stage images add`)")
             raise NotFound(f"unknown image label {label!r}")
-        return path, repo._meta(label)
+        return path, repo._meta(label, version)
 
     path, info = await run_in_threadpool(meta)
     headers = {"x-bundle-sha256": str(info.get("bundle_sha256") or "")}
     return FileResponse(path, media_type="application/octet-stream", headers=headers,
                         filename=f"{label}.bundle")
+
+
+def _version_param(request: Request) -> tuple[str, int]:
+    from pxe import imageversions
+
+    label = validate.label(request.path_params["label"], "image label")
+    return label, imageversions.parse_version(request.path_params["version"], "version")
+
+
+@endpoint("read")
+async def image_history(request: Request, who: Identity) -> Response:
+    """
+    summary: The kept versions of an image, oldest first (as `fg-moab-image -history -json`)
+    responses:
+      200: {description: "versions: version, current, created, owner, hashes, sizes, running,
+            booted"}
+      404: {description: unknown label}
+    """
+    from pxe.repository import Repository
+
+    label = validate.label(request.path_params["label"], "image label")
+    cfg = request.app.state.cfg
+    versions = await run_in_threadpool(
+        lambda: Repository(cfg, connection(cfg)).history(label))
+    return Json([v.public() for v in versions])
+
+
+@endpoint("image", "rolling back an image")
+async def image_rollback(request: Request, who: Identity) -> Response:
+    """
+    summary: Make a kept version current again (default the previous one); the image's owner
+      or an admin (fg-moab-image -rollback)
+    requestBody:
+      content: {application/json: {schema: {type: object, properties: {
+                version: {type: integer, description: "default: the newest one older than
+                the current one"}}}}}
+    responses:
+      200: {description: "label, previous, current"}
+      400: {description: "malformed version, a version that is not kept, or the current one"}
+      403: {description: "not the image's owner nor an admin (the owner is named)"}
+      404: {description: unknown label}
+    """
+    from pxe import imageversions
+
+    label = validate.label(request.path_params["label"], "image label")
+    data = await json_body(request, ("version",))
+    raw = data.get("version")
+    if isinstance(raw, bool) or not isinstance(raw, (int, str, type(None))):
+        raise ApiError(400, f"version: must be an integer, got {raw!r}")
+    version = None if raw is None else imageversions.parse_version(raw, "version")
+    repo = uploads.ApiRepository(request.app.state.cfg, who.user, admin=_is_admin(request, who))
+    old, new = await run_in_threadpool(repo.rollback, label, version)
+    return Json({"label": label, "previous": old, "current": new})
+
+
+@endpoint("image", "deleting an image version")
+async def image_version_delete(request: Request, who: Identity) -> Response:
+    """
+    summary: Delete one kept version that is not the current one; the image's owner or an
+      admin (fg-moab-image -delete -version N; refused while in use unless force=true)
+    parameters: [{name: force, in: query, schema: {type: boolean}}]
+    responses:
+      200: {description: "deleted, version, forced, still_used_by"}
+      400: {description: "malformed version, a version that is not kept, or the current one"}
+      403: {description: "not the image's owner nor an admin (the owner is named)"}
+      404: {description: unknown label}
+      409: {description: nodes run it or a run is booting it}
+    """
+    label, version = _version_param(request)
+    force = flag(request, "force")
+    repo = uploads.ApiRepository(request.app.state.cfg, who.user, admin=_is_admin(request, who))
+    still = await run_in_threadpool(lambda: repo.delete(label, force, version=version))
+    return Json({"deleted": label, "version": version, "forced": force, "still_used_by": still})
 
 
 @endpoint("image", "re-publishing the OS list")
@@ -261,8 +368,8 @@ async def images_init(request: Request, who: Identity) -> Response:
     responses: {200: {description: oslist path and boot file counts}}
     """
     repo = uploads.ApiRepository(request.app.state.cfg, who.user)
-    oslist, report = await run_in_threadpool(repo.init)
-    return Json({"oslist": str(oslist) if oslist else None, "boot_files": report.boot_files,
+    report = await run_in_threadpool(repo.init)  # the OS list goes where the hooks put it
+    return Json({"oslist": None, "boot_files": report.boot_files,
                  "boot_changed": report.boot_changed})
 
 
@@ -512,6 +619,10 @@ def routes() -> list[Route]:
         Route(f"{V1}/images/{{label}}", image_upload, methods=["PUT"]),
         Route(f"{V1}/images/{{label}}", image_delete, methods=["DELETE"]),
         Route(f"{V1}/images/{{label}}/bundle", image_bundle, methods=["GET"]),
+        Route(f"{V1}/images/{{label}}/versions", image_history, methods=["GET"]),
+        Route(f"{V1}/images/{{label}}/versions/{{version}}", image_version_delete,
+              methods=["DELETE"]),
+        Route(f"{V1}/images/{{label}}/rollback", image_rollback, methods=["POST"]),
         Route(f"{V1}/pools", pools_list, methods=["GET"]),
         Route(f"{V1}/pools", pool_create, methods=["POST"]),
         Route(f"{V1}/pools/{{name}}", pool_show, methods=["GET"]),

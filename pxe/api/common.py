@@ -58,9 +58,9 @@ _local = threading.local()
 
 def connection(cfg: Config) -> sqlite3.Connection:
     conn = getattr(_local, "conn", None)
-    if conn is None or getattr(_local, "path", None) != cfg.db_path:
-        conn = _local.conn = db.connect(cfg.db_path)
-        _local.path = cfg.db_path
+    if conn is None or getattr(_local, "path", None) != cfg.database:
+        conn = _local.conn = db.connect(cfg.database)
+        _local.path = cfg.database
     return conn
 
 
@@ -78,14 +78,17 @@ class JsonCache:
         self.conn: sqlite3.Connection | None = None
         self.path: Any = None
 
-    def _version(self, cfg: Config) -> int:
+    def _version(self, cfg: Config) -> int | str:
         with self.lock:
-            if self.conn is None or self.path != cfg.db_path:
+            if self.conn is None or self.path != cfg.database:
                 connection(cfg)  # makes the schema on first use
-                self.conn = sqlite3.connect(cfg.db_path, timeout=30.0, isolation_level=None,
-                                            check_same_thread=False)
-                self.path = cfg.db_path
-            return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+                if db.is_url(cfg.database):  # the stamp row moves with every commit, ours too
+                    self.conn = db.connect(cfg.database)
+                else:
+                    self.conn = sqlite3.connect(cfg.db_path, timeout=30.0, isolation_level=None,
+                                                check_same_thread=False)
+                self.path = cfg.database
+            return db.change_counter(self.conn)
 
     def get(self, cfg: Config, key: str, build: Callable[[], Any]) -> bytes:
         """Blocking: call from a worker thread."""

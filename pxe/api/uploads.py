@@ -2,7 +2,8 @@
 
 - A second upload of a label while one is in progress gets 409 at once: a per-label flock in
   ``<state_dir>/api/locks`` (shared by every worker process; the kernel drops it if a worker
-  dies). A label that already exists gets a new version (its owner; another user: 403).
+  dies). A label that already exists gets a new version (its owner or an admin; another
+  user: 403 naming the owner).
 - The body is refused with 413 before it is read when Content-Length says it is too big, and
   while it streams as soon as it passes the limit (``[api] max_upload_bytes``, at most
   ``[images] max_bundle_bytes``); the partial file is removed.
@@ -86,7 +87,10 @@ def label_lock(lock_dir: Path, label: str) -> Iterator[None]:
         os.close(fd)
 
 
-async def receive(request: Request, label: str, groups: list[str], user: str) -> dict[str, Any]:
+async def receive(request: Request, label: str, groups: list[str], user: str,
+                  admin: bool = False) -> dict[str, Any]:
+    """Spool, check and publish one upload; ``admin``: the API's roles made the caller an
+    admin (root or [api] admin_group), who may add a version to any user's label."""
     state = request.app.state
     cfg: Config = state.cfg
     validate.label(label, "image label")
@@ -107,10 +111,10 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
     with label_lock(state.settings.api_dir / "locks", label):
         # One repository (and so one SQLite connection) per worker-thread call: a connection
         # belongs to the thread that opened it.
-        taken = await anyio.to_thread.run_sync(_taken_by, cfg, user, label)
+        taken = await anyio.to_thread.run_sync(_taken_by, cfg, user, label, admin)
         if taken is not None:  # another user's label (an owner's upload adds a version)
             raise ApiError(403, str(taken))
-        repo = ApiRepository(cfg, user)
+        repo = ApiRepository(cfg, user, admin=admin)
         await anyio.to_thread.run_sync(repo._prepare)
         work = Path(tempfile.mkdtemp(prefix="api.", dir=repo.incoming))
         try:
@@ -126,12 +130,13 @@ async def receive(request: Request, label: str, groups: list[str], user: str) ->
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
     image = done.image
     return {"label": image.label, "os_name": image.os_name, "arch": image.arch,
-            "mode": image.mode, "bundle_sha256": done.bundle_sha256,
-            "bundle_bytes": done.bundle_bytes, "customized": done.customized, "owner": user}
+            "mode": image.mode, "version": image.version, "bundle_sha256": done.bundle_sha256,
+            "bundle_bytes": done.bundle_bytes, "customized": done.customized, "owner": image.owner,
+            "uploaded_by": user}
 
 
-def _taken_by(cfg: Config, user: str, label: str) -> DynprovError | None:
-    repo = ApiRepository(cfg, user)
+def _taken_by(cfg: Config, user: str, label: str, admin: bool) -> DynprovError | None:
+    repo = ApiRepository(cfg, user, admin=admin)
     if not repo._exists(label):
         return None
     try:

@@ -29,7 +29,9 @@ def status(conn: sqlite3.Connection, scheduler_pool: str) -> dict[str, Any]:
     conn.execute("BEGIN")
     try:
         last = {r[0]: {"ts": r[1], "kind": r[2], "detail": r[3]} for r in conn.execute(
-            "SELECT node, MAX(ts), kind, detail FROM events WHERE node IS NOT NULL GROUP BY node")}
+            "SELECT e.node, e.ts, e.kind, e.detail FROM events e JOIN "
+            "(SELECT node, MAX(id) AS id FROM events WHERE node IS NOT NULL GROUP BY node) m "
+            "ON e.id = m.id")}
         nodes = [{"name": r[0], "pool": r[1], "os": r[2], "desired_os": r[3], "state": r[4],
                   "reason": r[5], "arch": r[6], "updated": r[7], "last_event": last.get(r[0])}
                  for r in conn.execute("SELECT name, pool, current_os, desired_os, state, "

@@ -12,8 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "explain", help="show the boot chain a node will see, each link checked live",
         description="Show the exact boot chain NODE will see: the DHCP answer (backend, mode, "
                     "option values, the config lines), the loader for its firmware, the loader "
-                    "config it fetches and its content, the kernel/initrd/rootfs with sizes, "
-                    "hashes and paths, the call-home URL and its current run. Every file is "
+                    "config it fetches and its content, the image version it will boot (the "
+                    "current version of its label) and the label and version it last booted, "
+                    "the kernel/initrd/rootfs with sizes, hashes and paths, the call-home URL "
+                    "and its current run. Every file is "
                     "fetched from the running `pxe-stage serve` over TFTP and HTTP the way the "
                     "firmware would, on loopback or a local address only. Each problem is "
                     "printed as a sentence with its fix.",

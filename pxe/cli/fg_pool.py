@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_remote(client, args)
     cfg = config.load(args.config)
     user = pools.authorize(cfg) if args.list is None else None  # before touching any state
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         if args.list == "":
             listed = pools.list_pools(cfg, conn)

@@ -64,7 +64,9 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return f"input is not valid UTF-8 text: {exc}", EXIT_USAGE
     if isinstance(exc, MemoryError):
         return "out of memory", EXIT_FAILED
-    if type(exc).__module__ == "sqlite3" or type(exc).__name__ == "OperationalError":
+    sqlite3 = sys.modules.get("sqlite3")  # not imported here: whoever raised it had it loaded
+    if (sqlite3 is not None and isinstance(exc, sqlite3.Error)) \
+            or type(exc).__name__ == "OperationalError":  # (PostgreSQL's subclass sqlite3's)
         text = str(exc)
         if "readonly" in text or "unable to open" in text:
             return (f"the state database cannot be written by this user ({text}); run as root "

@@ -90,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "current (*), how many nodes run it now and how many reached ready on it.")
     hist.add_argument("label")
     add_json_flag(hist)
+    remote.add_server_flag(hist)
     hist.set_defaults(func=cmd_history)
 
     back = verbs.add_parser(
@@ -101,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     back.add_argument("--version", metavar="N",
                       help="the version to restore (default: the newest one older than the "
                            "current one)")
+    remote.add_server_flag(back)
     back.set_defaults(func=cmd_rollback)
 
 
@@ -158,7 +160,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    versions = Catalog(load_config(args)).history(args.label)
+    client = remote.for_args(args)
+    versions = (remote.RemoteRepository(client).history(args.label) if client
+                else Catalog(load_config(args)).history(args.label))
     if args.json:
         print_json([v.public() for v in versions])
         return 0
@@ -169,7 +173,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from pxe.repository import Repository
 
-    old, new = Repository(load_config(args)).rollback(args.label, version_number(args.version))
+    version = version_number(args.version)
+    client = remote.for_args(args)  # the service applies the same owner/admin rule
+    repo = remote.RemoteRepository(client) if client else Repository(load_config(args))
+    old, new = repo.rollback(args.label, version)
     print(f"image {args.label}: version {new} is current again (was {old}); running nodes keep "
           "theirs, the next boot gets it")
     return 0

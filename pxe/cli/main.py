@@ -21,6 +21,7 @@ COMMANDS = (
     "run",
     "initramfs",
     "serve",
+    "segments",
     "api",
     "units",
     "explain",

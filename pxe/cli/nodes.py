@@ -1,4 +1,4 @@
-"""`pxe-stage nodes add|list|show|remove|import|export|discovered|adopt`."""
+"""`pxe-stage nodes add|set|list|show|remove|import|export|discovered|adopt`."""
 
 from __future__ import annotations
 
@@ -29,7 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="key in the BMC secrets file, or file:/path (never the password)")
     add.add_argument("--groups", help="comma-separated groups")
     add.add_argument("--pool", help="resource pool (default: the scheduler's pool)")
+    add.add_argument("--segment", metavar="NAME",
+                     help="the boot server's segment (`pxe-stage serve --segment NAME`); "
+                          "default: the primary's")
     add.set_defaults(func=cmd_add)
+
+    put = verbs.add_parser(
+        "set", help="change nodes' segment",
+        description="Move nodes to another segment: the service node started with `pxe-stage "
+                    "serve --segment NAME` serves them from now on (boot configs at once; run "
+                    "`pxe-stage render --segment NAME` on both servers for DHCP). All or nothing.")
+    put.add_argument("nodes", help="node set, e.g. n[001-016]")
+    put.add_argument("--segment", metavar="NAME", required=True,
+                     help="segment name; '' moves the nodes back to the primary's")
+    put.set_defaults(func=cmd_set)
 
     lst = verbs.add_parser("list", help="list nodes")
     lst.add_argument("nodes", nargs="?", help="node set, e.g. n[001-016]")
@@ -97,10 +110,24 @@ def cmd_add(args: argparse.Namespace) -> int:
     raw = {"name": args.name, "macs": args.mac, "ip": args.ip, "arch": args.arch,
            "firmware": args.firmware, "bmc_type": args.bmc_type, "bmc_address": args.bmc_address,
            "bmc_port": args.bmc_port, "bmc_user": args.bmc_user, "bmc_secret": args.bmc_secret,
-           "groups": args.groups, "pool": args.pool}
+           "groups": args.groups, "pool": args.pool, "segment": args.segment}
     node = build(cfg, {k: v for k, v in raw.items() if v is not None})
     Inventory(cfg).add([node])
     print(f"added {node.name} ({', '.join(node.macs)}{', ' + node.ip if node.ip else ''})")
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    from pxe import segments
+
+    cfg = load_config(args)
+    segment = args.segment if args.segment == segments.PRIMARY else \
+        segments.check_name(args.segment)  # checked before the node set is even expanded
+    inv = Inventory(cfg)
+    names = [n.name for n in inv.select(args.nodes)]
+    segments.assign(inv.conn, names, segment)
+    print(f"{len(names)} node(s) now in segment {segment or '(primary)'}; run `pxe-stage render "
+          f"--segment` on the servers involved to move their DHCP entries")
     return 0
 
 
@@ -124,18 +151,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _facts(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
-    """Hardware facts the nodes reported (pxe.hwfacts); none through --server yet."""
-    if remote.for_args(args) is not None:
-        return {}
+def _read_with_facts(args: argparse.Namespace, spec: str) -> tuple[list, dict[str, dict]]:
+    """Nodes and the hardware facts they reported (pxe.hwfacts), locally or from the service."""
+    client = remote.for_args(args)
+    if client is not None:
+        return remote.nodes_with_facts(client, spec)
     from pxe import db, hwfacts
 
-    return hwfacts.load(db.connect(load_config(args).db_path), names)
+    nodes = _read(args, spec)
+    return nodes, hwfacts.load(db.connect(load_config(args).database), [n.name for n in nodes])
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    nodes = _read(args, args.nodes)
-    facts = _facts(args, [n.name for n in nodes])
+    nodes, facts = _read_with_facts(args, args.nodes)
     if args.json:
         print_json([n.public() | {"hardware": facts.get(n.name)} for n in nodes])
         return 0
@@ -185,7 +213,7 @@ def cmd_discovered(args: argparse.Namespace) -> int:
         gone = discovery.forget(load_config(args), None if args.forget_all else args.forget)
         print(f"forgot {gone} discovered machine(s)")
         return 0
-    rows = discovery.listing(db.connect(load_config(args).db_path))
+    rows = discovery.listing(db.connect(load_config(args).database))
     if args.json:
         print_json(rows)
         return 0

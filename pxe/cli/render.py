@@ -26,13 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write configs for dnsmasq's TFTP, tftpd-hpa and nginx (large "
                         "sites running those instead of serve's) into [serve] "
                         "standard_configs_dir")
+    p.add_argument("--segment", metavar="NAME",
+                   help="render for this segment's boot server: only its nodes (default: "
+                        "[segment] name, else the primary's nodes)")
     p.set_defaults(func=cmd_render)
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     report = render_all(cfg, reload=not args.no_reload, check_only=args.check,
-                        servers=args.servers)
+                        servers=args.servers, segment=args.segment)
     if args.check:
         print(f"{cfg.dhcp.backend}: rendered config passes the daemon's check")
         print(f"boot files: {report.boot_files} rendered")

@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tftp", action="store_true", help="do not serve TFTP")
     p.add_argument("--no-http", action="store_true",
                    help="do not serve HTTP (no boot files over HTTP, no call-home)")
+    p.add_argument("--segment", metavar="NAME",
+                   help="serve this segment's nodes only (service node; default: [segment] "
+                        "name, else the primary's); blobs missing here are fetched from "
+                        "[segment] primary_url and verified")
     p.add_argument("--console-log", action="store_true",
                    help="also keep an SOL console log of every IPMI node (as [console] log = "
                         "true): <state_dir>/console/NODE.log, see `pxe-stage console --log`")
@@ -33,10 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pxe import console_settings
+    from pxe import console_settings, segments
     from pxe.serve import settings as serve_settings
 
-    cfg = load_config(args)
+    cfg = segments.pinned(load_config(args), args.segment)
+    segment = segments.load(cfg)
     settings = serve_settings.load(
         cfg, tftp_address=args.tftp_address, tftp_port=args.tftp_port,
         http_address=args.http_address, http_port=args.http_port,
@@ -48,7 +53,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"{key} = {value}")
         for key, value in vars(consoles).items():
             print(f"console.{key} = {value}")
+        for key, value in vars(segment).items():
+            print(f"segment.{key} = {value}")
         return 0
     from pxe.serve import daemon
 
-    return daemon.run(cfg, settings, consoles)
+    return daemon.run(cfg, settings, consoles, segment)

@@ -185,6 +185,18 @@ def label_in_use(label: str, config_path: Path | None) -> str | None:
     if (repo_dir / "bundles" / f"{label}.bundle").exists():
         return f"the image repository ({repo_dir})"
     db_path = cfg.db_path
+    if cfg.state.url:  # PostgreSQL: read through the toolkit (no schema made for a read)
+        from pxe import db
+
+        try:
+            conn = db.connect(cfg.database, create=False)
+            try:
+                row = conn.execute("SELECT 1 FROM images WHERE label = ?", (label,)).fetchone()
+            finally:
+                conn.close()
+        except (db.Error, DynprovError):
+            return None
+        return "the image catalog (the PostgreSQL state store)" if row else None
     if not Path(db_path).is_file():
         return None
     try:

@@ -30,8 +30,10 @@ def _sha(token: str) -> str:
 
 def adopt(conn: sqlite3.Connection, node: str, token: str, now: float) -> None:
     """The ``ready`` boot's token becomes the agent's (caller holds the report's transaction)."""
-    conn.execute("INSERT OR REPLACE INTO agents(node, token_sha, seq, adopted) VALUES (?, ?, 0, ?)",
-                 (node, _sha(token), now))
+    conn.execute("INSERT INTO agents(node, token_sha, seq, adopted) VALUES (?, ?, 0, ?) "
+                 "ON CONFLICT (node) DO UPDATE SET token_sha = excluded.token_sha, seq = 0, "
+                 "adopted = excluded.adopted, last_seen = NULL, reboot_requested = NULL, "
+                 "reboot_taken = NULL", (node, _sha(token), now))
 
 
 def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
@@ -50,8 +52,8 @@ def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
             now = time.time()
             reboot = row["reboot_requested"] is not None
             conn.execute("UPDATE agents SET seq = ?, last_seen = ?, reboot_requested = NULL, "
-                         "reboot_taken = CASE WHEN ? THEN ? ELSE reboot_taken END WHERE node = ?",
-                         (seq, now, reboot, now, node))
+                         "reboot_taken = CASE WHEN ? = 1 THEN ? ELSE reboot_taken END "
+                         "WHERE node = ?", (seq, now, int(reboot), now, node))
             if reboot:
                 db.log_event(conn, "agent-reboot-taken", node, f"seq {seq}")
             return "reboot" if reboot else "ok"

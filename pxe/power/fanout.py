@@ -235,7 +235,7 @@ def _wol_status(cfg: Config, s: Any, name: str) -> PowerResult:
     from pxe import db
     from pxe.power import agent
 
-    conn = db.connect(cfg.db_path)
+    conn = db.connect(cfg.database)
     try:
         age = agent.heartbeat_age(conn, name)
     finally:

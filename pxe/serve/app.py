@@ -98,6 +98,17 @@ async def prometheus(request: Request) -> PlainTextResponse:
     return PlainTextResponse(counters.render(extra), media_type=PROMETHEUS_TEXT)
 
 
+def _blob_cache(cfg: Config) -> Any:
+    """A service node's hook for a missing blob (pxe.blobcache), or None on the primary."""
+    from pxe import blobcache, segments
+
+    seg = segments.load(cfg)
+    if not seg.name or not seg.primary_url:
+        return None
+    roots = [cfg.paths.http_root, cfg.paths.tftp_root]
+    return lambda name: blobcache.serve_missing(seg, roots, name)
+
+
 def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters | None = None,
                row_index: int | None = None, tftp_rows: Sequence[int] = (),
                routes: Sequence[BaseRoute] = ()) -> Any:
@@ -117,6 +128,7 @@ def create_app(cfg: Config, settings: ServeSettings, counters: metrics.Counters 
     app.state.settings = settings
     app.state.http_root = files.root_of(cfg.paths.http_root)
     app.state.boot_configs = BootConfigs(cfg)
+    app.state.fill_missing = _blob_cache(cfg)
     app.state.counters = counters
     app.state.metrics_row = row
     app.state.tftp_rows = tuple(tftp_rows)

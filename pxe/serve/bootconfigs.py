@@ -6,7 +6,8 @@ A node's pxelinux (`pxelinux.cfg/01-<mac>`), GRUB (`grub/grub.cfg-<mac>`) and iP
 `set-boot` of 10,000 nodes is one transaction and no files (files only for sites serving with
 tftpd-hpa/nginx, `[boot] write_files`). Rendered text is cached per worker, keyed by the change
 stamp writers bump after COMMIT (pxe.stamp) and SQLite's own commit counter (data_version): a
-request costs one small read when nothing changed.
+request costs one small read when nothing changed. A service node (`serve --segment NAME`,
+pxe.segments) answers only for the nodes of its segment: another segment's MAC is unknown here.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ class BootConfigs:
     """Render-on-request for one worker process (opens its own connection on first use)."""
 
     def __init__(self, cfg: Config):
+        from pxe import segments
         from pxe.render import SHARED_TEMPLATES
 
         self.cfg = cfg
+        self.segment = segments.load(cfg).name  # a service node answers for its segment only
         self.db_path = str(cfg.db_path)
         self.shared_names = frozenset(SHARED_TEMPLATES)
         self._conn: sqlite3.Connection | None = None
@@ -97,16 +100,16 @@ class BootConfigs:
 
     # -- inside ----------------------------------------------------------------------------
     def _current_key(self) -> tuple[str, int] | None:
-        mark = stamp.read(self.db_path)  # before reading the database (see pxe.stamp)
+        mark = "" if db.is_url(self.cfg.database) else stamp.read(self.db_path)  # before the read
         conn = self._connection()
         if conn is None:
             return None
-        return mark, conn.execute("PRAGMA data_version").fetchone()[0]
+        return mark, db.change_counter(conn)  # PostgreSQL: the stamp row, read before the data
 
     def _connection(self) -> sqlite3.Connection | None:
         if self._conn is None:
             try:
-                self._conn = db.connect(self.cfg.db_path, create=False)
+                self._conn = db.connect(self.cfg.database, create=False)
                 self._conn.execute("SELECT 1 FROM nodes LIMIT 1")
             except sqlite3.Error as exc:
                 log.debug("boot configs: no state database yet (%s)", exc)
@@ -142,8 +145,10 @@ class BootConfigs:
         from pxe.inventory import _node_from_row
 
         assert self._conn is not None
-        row = self._conn.execute("SELECT n.* FROM macs m JOIN nodes n ON n.name = m.node "
-                                 "WHERE m.mac = ?", (mac,)).fetchone()
+        row = self._conn.execute(
+            "SELECT n.* FROM macs m JOIN nodes n ON n.name = m.node WHERE m.mac = ? AND "
+            "COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = n.name), '') = ?",
+            (mac, self.segment)).fetchone()
         return _node_from_row(row, (mac,)) if row is not None else None
 
     def _image(self, label: str | None):

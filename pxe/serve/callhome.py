@@ -42,9 +42,9 @@ class BadReport(Exception):
 def _connection(cfg: Config) -> sqlite3.Connection:
     """One state-database connection per thread of the pool."""
     conn = getattr(_local, "conn", None)
-    if conn is None or getattr(_local, "path", None) != cfg.db_path:
-        conn = _local.conn = db.connect(cfg.db_path)
-        _local.path = cfg.db_path
+    if conn is None or getattr(_local, "path", None) != cfg.database:
+        conn = _local.conn = db.connect(cfg.database)
+        _local.path = cfg.database
     return conn
 
 

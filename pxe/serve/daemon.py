@@ -30,11 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pxe import segments
 from pxe.config import Config
 from pxe.console_fleet import ConsoleFleet
 from pxe.console_settings import ConsoleSettings
 from pxe.errors import DynprovError
+from pxe.segments import SegmentSettings
 from pxe.serve import metrics, tftp
+from pxe.serve.heartbeat import Heartbeat
 from pxe.serve.settings import ServeSettings
 
 log = logging.getLogger("dynprov.serve")
@@ -101,11 +104,14 @@ def _sd_notify(text: str) -> None:
 
 class Daemon:
     def __init__(self, cfg: Config, settings: ServeSettings,
-                 consoles: ConsoleSettings | None = None):
+                 consoles: ConsoleSettings | None = None,
+                 segment: SegmentSettings | None = None):
         self.cfg = cfg
         self.s = settings
         self.fleet = ConsoleFleet(cfg, consoles) if consoles is not None and consoles.log \
             else None
+        self.segment = segment or segments.load(cfg)
+        self.beat = Heartbeat(cfg, self.segment)
         self.parent = os.getpid()
         self.tftp_sock: socket.socket | None = None
         self.http_sock: socket.socket | None = None
@@ -216,6 +222,8 @@ class Daemon:
             if self.s.http:
                 parts.append(f"HTTP on {self.s.http_address}:{self.s.http_port} "
                              f"({self.s.http_workers} workers, root {self.cfg.paths.http_root})")
+            if self.segment.name:
+                parts.append(f"segment {self.segment.name}")
             log.info("serving %s", "; ".join(parts))
             if self.fleet is not None:
                 self.fleet.start()
@@ -223,12 +231,14 @@ class Daemon:
             return self._supervise()
         finally:
             self._stop_all()
+            self.beat.stop()
             for sig, old in handlers.items():
                 signal.signal(sig, old)
             self.close()
 
     def _supervise(self) -> int:
         while not self.stop.is_set():
+            self.beat.maybe()  # heartbeat, the watch over other segments (pxe.serve.heartbeat)
             sentinels = [w.process.sentinel for w in self.workers]
             multiprocessing.connection.wait(sentinels, timeout=0.5)
             if self.fleet is not None and not self.stop.is_set():
@@ -269,5 +279,6 @@ class Daemon:
                 p.join(5)
 
 
-def run(cfg: Config, settings: ServeSettings, consoles: ConsoleSettings | None = None) -> int:
-    return Daemon(cfg, settings, consoles).run()
+def run(cfg: Config, settings: ServeSettings, consoles: ConsoleSettings | None = None,
+        segment: SegmentSettings | None = None) -> int:
+    return Daemon(cfg, settings, consoles, segment).run()

@@ -35,9 +35,9 @@ _full_warned = [0.0]  # when "table full" was last logged (at most once a minute
 
 def _connection(cfg: Config) -> sqlite3.Connection:
     conn = getattr(_local, "conn", None)
-    if conn is None or getattr(_local, "path", None) != cfg.db_path:
-        conn = _local.conn = db.connect(cfg.db_path)
-        _local.path = cfg.db_path
+    if conn is None or getattr(_local, "path", None) != cfg.database:
+        conn = _local.conn = db.connect(cfg.database)
+        _local.path = cfg.database
     return conn
 
 

@@ -155,7 +155,11 @@ async def boot_file(request: Request) -> Response:
             return Response(text, media_type="text/plain; charset=utf-8")
         fd, st, rel = files.open_file(root, name)
     except files.Missing:
-        return PlainTextResponse("not found\n", status_code=404)
+        fill = getattr(request.app.state, "fill_missing", None)  # a service node's blob cache
+        opened = await anyio.to_thread.run_sync(fill, name) if fill is not None else None
+        if opened is None:
+            return PlainTextResponse("not found\n", status_code=404)
+        fd, st, rel = opened
     except files.Refused as exc:
         client = request.client.host if request.client else "?"
         log.warning("HTTP %s: %r refused: %s", client, name, exc)
