@@ -37,6 +37,8 @@ NODE_LINES = {
     "g2": f'  {{name = "g2", mac = "52:54:00:e2:16:02", ip = "{NODE_IPS["g2"]}", power = "ipmi"}},',
 }
 HELPER = "/usr/lib/dynprov/slurm/dynprov-slurm-helper"
+# slurmctld's side: starts a job as soon as its rebooted node is back (not at Slurm's 30 s check)
+PROLOG_CTLD = Path(__file__).resolve().parents[1] / "contrib" / "slurm" / "dynprov-slurm-prolog-ctld"
 LABELS = ("slA", "slB")
 BROKEN = "slX"  # in the catalog and helpers.conf; its boot fails in the initramfs
 BROKEN_REASON = f"image {BROKEN} has no {INIT_PATH}"  # slA's cmdline names init=INIT_PATH
@@ -110,7 +112,8 @@ class Controller:
         text = conf.read_text().replace(
             "StateSaveLocation=/var/spool/slurmctld\n",
             f"StateSaveLocation={self.base}/state\nSlurmctldPidFile={self.base}/ctld.pid\n"
-            f"SlurmctldLogFile={self.base}/slurmctld.log\nSlurmctldDebug=debug\n")
+            f"SlurmctldLogFile={self.base}/slurmctld.log\nSlurmctldDebug=debug\n"
+            f"PrologSlurmctld={PROLOG_CTLD}\n")
         (self.etc / "slurm.conf").write_text(text + f"AuthInfo=socket={self.socket}\n")
         # slurmctld never runs the helper; the plugin reads the features
         (self.etc / "helpers.conf").write_text(helpers_conf("/bin/true"))

@@ -18,13 +18,14 @@ slurm / (bare to ready) is reported beside it. Each side is split with the run's
 (runs.created, the node's ready update): before the power-cycle, the boot, after ready.
 Network rule: the nodes live in the lab's namespace; everything else is loopback.
 
-    tools/bench_slurm_boot.py [--rounds N] [--images DIR] [--json]
+    tools/bench_slurm_boot.py [--rounds N] [--images DIR] [--json] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,8 @@ def bench(work: Path, args: argparse.Namespace) -> int:
                     slurm.append(slurm_boot(lab, job, "slB"))
                 print(f"round {i + 1} {side:5}: "
                       f"{(bare[-1] if side == 'bare' else slurm[-1])[0]:6.1f} s", flush=True)
+        if args.keep:  # the lab removes its directory on the way out
+            shutil.copy(lab.ctl.base / "slurmctld.log", work / "slurmctld.log")
     ratios = [s[0] / b[0] for b, s in zip(bare, slurm, strict=True)]
     reg_ratios = [s[0] / b[3] for b, s in zip(bare, slurm, strict=True)]
     med = {k: bc.median([x[j] for x in rows]) for k, rows, j in (
@@ -169,10 +172,12 @@ def main() -> int:
                    help="reuse slA.bundle, slB.bundle and conf/ there; build them into DIR "
                         "(kept) when missing (default: build into the work dir)")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the work dir (slurmctld.log with timestamps, for where time goes)")
     args = p.parse_args()
     if not 1 <= args.rounds <= 20:
         p.error("--rounds must be 1..20")
-    return bc.run_in_workdir("bench-slurm-boot-", bench, args)
+    return bc.run_in_workdir("bench-slurm-boot-", bench, args, keep=args.keep)
 
 
 if __name__ == "__main__":
