@@ -17,7 +17,8 @@ helper (the Helper= program; default tools_dir's dynprov-slurm-helper, else the 
 contrib/slurm/dynprov-slurm-helper as installed with dynprov - never the Python one),
 resume_timeout (seconds; default the longest image prov_seconds plus 60), exec_time (helper
 ExecTime, s, default 10), slurm_conf (the slurm.conf the run driver's hook hands scontrol as
-SLURM_CONF when it sets a failed node DOWN; default Slurm's own).
+SLURM_CONF when it sets a failed node DOWN; default Slurm's own), prolog_ctld (the
+PrologSlurmctld= program; default contrib/slurm/dynprov-slurm-prolog-ctld as installed).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ _SAFE_PATH = SAFE_PATH
 REALMEMORY_HEADROOM = 0.02  # RealMemory this far below the reported MemTotal (see below)
 # slurm.conf keys we own: set outside our block too, Slurm would read both.
 _OURS = re.compile(r"^\s*(NodeFeaturesPlugins|RebootProgram|ResumeProgram|SuspendProgram|"
-                   r"ResumeTimeout)\s*=", re.IGNORECASE)
+                   r"ResumeTimeout|PrologSlurmctld)\s*=", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -51,16 +52,17 @@ class SlurmSettings:
     resume_timeout: int | None = None
     exec_time: int = 10
     slurm_conf: str | None = None
+    prolog_ctld: str | None = None
 
 
 def settings(cfg: Config) -> SlurmSettings:
     sec = Section(cfg, "slurm", {"tools_dir", "helper", "resume_timeout", "exec_time",
-                                 "slurm_conf"})
+                                 "slurm_conf", "prolog_ctld"})
     values: dict[str, Any] = {}
     for key, low in (("resume_timeout", 30), ("exec_time", 1)):
         if key in sec:
             values[key] = sec.integer(key, low)
-    for key in ("tools_dir", "helper", "slurm_conf"):
+    for key in ("tools_dir", "helper", "slurm_conf", "prolog_ctld"):
         if key in sec:
             values[key] = sec.path(key)
     return SlurmSettings(**values)
@@ -103,6 +105,9 @@ def slurm_lines(cfg: Config, conn: Any) -> list[str]:
         "# power saving (takes effect with SuspendTime=...): on into the jobs' OS, off when idle",
         f"ResumeProgram={tool(ss, 'dynprov-slurm-resume')}",
         f"SuspendProgram={tool(ss, 'dynprov-slurm-suspend')}",
+        "# a job whose node Slurm rebooted into its image starts when the node is back, not at",
+        "# slurmctld's next 30 s job check (see the admin guide; ends at once for other jobs)",
+        f"PrologSlurmctld={prolog_ctld_program(ss)}",
         "# for your NodeName lines: CPUs= and RealMemory= (MiB) as each node reported them at",
         f"# its last dynprov boot ({REALMEMORY_HEADROOM:.0%} below its MemTotal: Slurm drains a "
         "node whose",
@@ -133,6 +138,19 @@ def helper_program(ss: SlurmSettings) -> str:
     path = str((assets.slurm() / "dynprov-slurm-helper").absolute())
     if not _SAFE_PATH.match(path):
         raise DynprovError(f"{path}: a path helpers.conf cannot carry; set [slurm] helper")
+    return path
+
+
+def prolog_ctld_program(ss: SlurmSettings) -> str:
+    """The PrologSlurmctld= program: ``[slurm] prolog_ctld``, else the sh one shipped with
+    dynprov (contrib/slurm/dynprov-slurm-prolog-ctld), run by slurmctld on its own host."""
+    if ss.prolog_ctld:
+        return ss.prolog_ctld
+    from pxe import assets
+
+    path = str((assets.slurm() / "dynprov-slurm-prolog-ctld").absolute())
+    if not _SAFE_PATH.match(path):
+        raise DynprovError(f"{path}: a path slurm.conf cannot carry; set [slurm] prolog_ctld")
     return path
 
 

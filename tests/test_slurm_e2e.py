@@ -91,6 +91,11 @@ def test_sbatch_constraint_reimages_the_node_and_the_job_runs_in_b(slurm: SlurmL
     after = console.split("switch_root")[-1]
     assert after.index("written: /etc/munge/munge.key") \
         < after.index("dynprov: slurm: munged and slurmd started")
+    # the job started when g1 was back (dynprov-slurm-prolog-ctld ended), not at slurmctld's
+    # periodic 30 s check ("job_time_limit: Configuration for JobId=N complete")
+    log = (slurm.ctl.base / "slurmctld.log").read_text(errors="replace")
+    assert f"prolog_running_decr: Configuration for JobId={job_id} is complete" in log, \
+        slurm.ctl.log_tail()
     print(f"sbatch --constraint=slB -> job done in slB: {took:.1f} s")
 
 

@@ -113,8 +113,13 @@ class Controller:
             "StateSaveLocation=/var/spool/slurmctld\n",
             f"StateSaveLocation={self.base}/state\nSlurmctldPidFile={self.base}/ctld.pid\n"
             f"SlurmctldLogFile={self.base}/slurmctld.log\nSlurmctldDebug=debug\n"
-            f"PrologSlurmctld={PROLOG_CTLD}\n")
+            f"PrologSlurmctld={self.base}/prolog-ctld\n")
         (self.etc / "slurm.conf").write_text(text + f"AuthInfo=socket={self.socket}\n")
+        # slurmctld runs PrologSlurmctld with its own environment: no SLURM_CONF, and this
+        # slurm.conf is not at Slurm's default path (a site's is)
+        prolog = self.base / "prolog-ctld"
+        prolog.write_text(f"#!/bin/sh\nSLURM_CONF={self.etc / 'slurm.conf'} exec {PROLOG_CTLD}\n")
+        prolog.chmod(0o755)
         # slurmctld never runs the helper; the plugin reads the features
         (self.etc / "helpers.conf").write_text(helpers_conf("/bin/true"))
         (self.base / "state").mkdir(exist_ok=True)

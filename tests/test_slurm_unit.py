@@ -48,6 +48,10 @@ def test_config_prints_both_files(slurm_site: Site, tmp_path: Path) -> None:
     assert f"RebootProgram={tools}/dynprov-slurm-reboot\n" in slurm
     assert f"ResumeProgram={tools}/dynprov-slurm-resume\n" in slurm
     assert "ResumeTimeout=900\n" in slurm
+    # starts a rebooted node's job when the node is back, not at slurmctld's 30 s check
+    prolog = [ln for ln in slurm.splitlines() if ln.startswith("PrologSlurmctld=")]
+    assert len(prolog) == 1 and prolog[0].endswith("/dynprov-slurm-prolog-ctld"), prolog
+    assert os.access(prolog[0].split("=", 1)[1], os.X_OK)
     assert "# NodeName=n001 Feature=centos5,sles11\n" in slurm
     # one Feature= line per label: Slurm 22.05 refuses the comma form
     assert helpers.splitlines() == [
