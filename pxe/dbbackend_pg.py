@@ -395,12 +395,12 @@ class PgConnection:
         self._tx_changes = 0
         return Cursor(conn.cursor(), -1, False)
 
-    def _commit(self) -> Cursor:
+    def _commit(self, bump: bool = True) -> Cursor:
         conn = self._raw()
         try:
             # The stamp moves in the same round trip as the COMMIT (hex and '.': a safe literal).
             conn.execute(f"UPDATE dynprov_stamp SET value = '{new_stamp()}' WHERE id = 1; COMMIT"
-                         if self._tx_changes else "COMMIT")
+                         if self._tx_changes and bump else "COMMIT")
         except psycopg.Error as exc:
             raise _translate_error(exc, conn) from None
         finally:
@@ -427,6 +427,12 @@ class PgConnection:
     def rollback(self) -> None:
         if self.in_transaction:
             self._rollback()
+
+    def commit_bookkeeping(self) -> None:
+        """COMMIT without moving the stamp: liveness writes no reader's cache shows
+        (db.transaction(bookkeeping=True))."""
+        if self.in_transaction:
+            self._commit(bump=False)
 
     # the change stamp
     def _bump(self, conn: psycopg.Connection[Any]) -> None:
