@@ -58,3 +58,31 @@ def test_heartbeats_and_leases_leave_the_stamp_and_the_report_warm(site: Site, t
     assert wiki.refresh(cfg.database, cfg.paths.state_dir, cfg.groups.scheduler_pool,
                         cfg.path) != report
     conn.close()
+
+
+def _wiki_line(cfg, name: str) -> str:
+    text = wiki.refresh(cfg.database, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path)
+    return next(line for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.unit
+def test_moab_hears_why_a_silent_segments_run_node_is_down(site: Site, tmp_path: Path) -> None:
+    cfg = site.cfg
+    add_nodes(cfg, [{"name": n, "mac": m} for n, m in MACS.items()])
+    add_images(cfg, tmp_path, centos5={})
+    site.run("nodes", "set", "n001", "--segment", "east", check=True)
+    conn = db.connect(cfg.database)
+    req = run.request(cfg, conn, list(MACS), "centos5")
+    now = 2_000_000_000.0  # later than the run's deadline is far (explicit clock)
+    servers.beat(conn, "serve/east", servers.SERVE, "east", now - 100)
+    servers.beat(conn, "serve/primary", servers.SERVE, "", now)
+    assert servers.watch(conn, 30, now)[0] == ["n001"]
+    line = _wiki_line(cfg, "n001")
+    assert "STATE=Down" in line and "boot server of segment east silent since" in line, line
+    assert "provisioning centos5" not in line
+    assert f"provisioning centos5\\: requested (run {req.run_id})" in _wiki_line(cfg, "n002")
+    servers.beat(conn, "serve/east2", servers.SERVE, "east", now + 1)  # back
+    assert servers.watch(conn, 30, now + 1)[1] == ["n001"]
+    line = _wiki_line(cfg, "n001")
+    assert f"provisioning centos5\\: requested (run {req.run_id})" in line, line
+    conn.close()
