@@ -13,6 +13,7 @@ from test_run_support import add_images
 
 from msm_plugin import wiki
 from pxe import claims, db, run, servers, states
+from pxe.power import agent
 from pxe.serve.bootconfigs import BootConfigs
 from tests.conftest import Site
 
@@ -43,6 +44,14 @@ def test_heartbeats_and_leases_leave_the_stamp_and_the_report_warm(site: Site, t
         assert claims.claim(conn, driver, keys, 30, now) == set(keys)
         assert claims.renew(conn, driver, 30, now) == len(keys)
         assert servers.watch(conn, 30, now) == ([], [])
+    # A booted image's agent polls every few seconds too.
+    with db.transaction(conn):
+        agent.adopt(conn, "n002", "agent-token", 1_000_000.0)
+    stamp, key = db.read_stamp(cfg.database), configs._current_key()
+    report = wiki.refresh(cfg.database, cfg.paths.state_dir, cfg.groups.scheduler_pool, cfg.path)
+    for seq in range(1, 13):
+        assert agent.poll(conn, "n002", "agent-token", seq) == "ok"
+    assert agent.heartbeat_age(conn, "n002") is not None  # the polls were written
     assert conn.execute("SELECT heartbeat FROM servers WHERE name = ?", (driver,)).fetchone()[0] \
         == 1_000_055.0  # the beats were written
     assert db.read_stamp(cfg.database) == stamp
