@@ -586,7 +586,15 @@ def log_event(conn: sqlite3.Connection, kind: str, node: str | None = None,
 
 def log_events(conn: sqlite3.Connection, kind: str, nodes: list[str] | tuple[str, ...],
                detail: str = "", run_id: int | None = None) -> None:
-    """The same event for many nodes in one statement."""
+    """The same event for many nodes in one statement (SQLite: the names as one JSON array,
+    ~2x cheaper than 10,000 bound rows; another backend: one executemany)."""
     now = time.time()
+    if not is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38):
+        import json
+
+        conn.execute("INSERT INTO events(ts, node, run_id, kind, detail) "
+                     "SELECT ?, j.value, ?, ?, ? FROM json_each(?) AS j ORDER BY j.key",
+                     (now, run_id, kind, detail, json.dumps(list(nodes))))
+        return
     conn.executemany("INSERT INTO events(ts, node, run_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
                      [(now, n, run_id, kind, detail) for n in nodes])

@@ -36,14 +36,26 @@ class RenderReport:
     sources: dict[str, render.TemplateSource] = field(default_factory=dict)  # template -> file
 
 
-@dataclass(frozen=True)
 class BootSet:
-    """What set-boot recorded for one node."""
+    """What set-boot recorded for one node. (A plain class: 10,000 frozen dataclasses cost a
+    set-boot ~20 ms to create; the token is kept out of repr, as out of logs.)"""
 
-    name: str
-    boot_target: str
-    desired_os: str | None
-    boot_token: str | None = field(default=None, repr=False)
+    __slots__ = ("name", "boot_target", "desired_os", "boot_token")
+
+    def __init__(self, name: str, boot_target: str, desired_os: str | None,
+                 boot_token: str | None = None):
+        self.name, self.boot_target = name, boot_target
+        self.desired_os, self.boot_token = desired_os, boot_token
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BootSet) and all(
+            getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        return (f"BootSet(name={self.name!r}, boot_target={self.boot_target!r}, "
+                f"desired_os={self.desired_os!r})")
 
 
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
@@ -59,23 +71,23 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
 
     inv = inventory or Inventory(cfg)
     names = expand(spec)
-    rows = _boot_rows(inv.conn, names)
-    missing = [n for n in names if n not in rows]
-    if missing:
-        raise NotFound(f"unknown node(s): {fold(missing)}")
+    arches = _arch_counts(inv.conn, names)
+    if None in arches:
+        rows = _boot_rows(inv.conn, names)
+        raise NotFound(f"unknown node(s): {fold(n for n in names if n not in rows)}")
     image: Image | None = None
     if label is not None:
         image = Catalog(cfg, inv.conn).get(label)
-        wrong = [n for n in names if rows[n][0] != image.arch]
-        if wrong:
+        if set(arches) != {image.arch}:
+            rows = _boot_rows(inv.conn, names)
+            wrong = [n for n in names if rows[n][0] != image.arch]
             raise InputError(f"image {label} is for {image.arch}; not for node(s) {', '.join(wrong)}")
-    tokens = dict(zip(names, _tokens(len(names)), strict=True)) if image else None
-    if keep_tokens and image is None:
-        tokens = {n: rows[n][1] for n in names if rows[n][1]}
+    kept = None if image else _desired_and_tokens(inv.conn, names)  # before the change
+    token_text = _token_text(len(names)) if image else ""
     target = "os" if image else "local"
     with atomic.locked(cfg.lock_path):
         with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
-            inv.set_boot(names, target, label, tokens)
+            _record(inv.conn, names, label, token_text, keep_tokens)
             db.log_events(inv.conn, "set-boot", names, label or "local")
         if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
             from pxe import stage
@@ -86,17 +98,103 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             for node in inv.select(names):
                 files.update(renderer.node_boot_files(node, image))
             stage.write_files(cfg, files)
-    return [BootSet(n, target, label or rows[n][2], (tokens or {}).get(n)) for n in names]
+    if image:
+        return [BootSet(n, target, label, token_text[i:i + TOKEN_CHARS])
+                for i, n in zip(range(0, TOKEN_CHARS * len(names), TOKEN_CHARS), names, strict=True)]
+    return [BootSet(n, target, desired, token if keep_tokens else None)
+            for n, (desired, token) in zip(names, kept or (), strict=True)]
+
+
+TOKEN_CHARS = 32  # secrets.token_urlsafe(24): 24 random bytes = 32 URL-safe characters, no "="
+
+
+def _token_text(count: int) -> str:
+    """``count`` one-time tokens end to end (node i's is characters 32*i..32*i+31), each as
+    secrets.token_urlsafe(24) makes one: 24 bytes of os.urandom, the system's CSPRNG. One read
+    instead of ``count`` (and without importing secrets: hmac and OpenSSL's hashes)."""
+    import base64
+
+    return base64.urlsafe_b64encode(os.urandom(24 * count)).decode("ascii")
 
 
 def _tokens(count: int) -> list[str]:
-    """``count`` one-time tokens, each as secrets.token_urlsafe(24) makes them (24 bytes of
-    os.urandom, the system's CSPRNG, as 32 URL-safe characters), from one read instead of
-    ``count`` (and without importing secrets: hmac and OpenSSL's hashes)."""
-    import base64
+    """``count`` one-time tokens as a list."""
+    text = _token_text(count)
+    return [text[i:i + TOKEN_CHARS] for i in range(0, TOKEN_CHARS * count, TOKEN_CHARS)]
 
-    text = base64.urlsafe_b64encode(os.urandom(24 * count)).decode("ascii")
-    return [text[i:i + 32] for i in range(0, 32 * count, 32)]  # 24 bytes = 32 chars, no "="
+
+def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token_text: str,
+            keep_tokens: bool) -> None:
+    """Set the nodes' next boot: image ``label`` with node i's token at ``token_text[32*i:]``,
+    or (label None) the local disk, the token dropped or (``keep_tokens``) kept.
+
+    SQLite: one statement over the names as a JSON array (json_each), the tokens as one blob
+    cut by byte offset (substr of a text would count characters from its start for every row),
+    ~2x cheaper than 10,000 bound rows. Another backend: the same rows, one executemany."""
+    import time
+
+    now = time.time()
+    if _json_sql(conn):
+        import json
+
+        if label is not None:
+            conn.execute(
+                "UPDATE nodes SET boot_target = 'os', desired_os = ?, "
+                f"boot_token = CAST(substr(?, j.key * {TOKEN_CHARS} + 1, {TOKEN_CHARS}) AS TEXT), "
+                "updated = ? FROM json_each(?) AS j WHERE nodes.name = j.value",
+                (label, token_text.encode("ascii"), now, json.dumps(names)))
+        else:
+            token = "boot_token" if keep_tokens else "NULL"
+            conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                         "updated = ? WHERE name IN (SELECT value FROM json_each(?))",
+                         (now, json.dumps(names)))
+        return
+    if label is not None:
+        conn.executemany("UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = ?, "
+                         "updated = ? WHERE name = ?",
+                         [(label, token_text[i * TOKEN_CHARS:(i + 1) * TOKEN_CHARS], now, n)
+                          for i, n in enumerate(names)])
+    else:
+        token = "boot_token" if keep_tokens else "NULL"
+        conn.executemany(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                         "updated = ? WHERE name = ?", [(now, n) for n in names])
+
+
+def _json_sql(conn: sqlite3.Connection) -> bool:
+    """Whether the set-based statements apply: SQLite with JSON built in and UPDATE ... FROM
+    (3.38; older, and other backends, take the same rows one by one)."""
+    return not db.is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38)
+
+
+def _arch_counts(conn: sqlite3.Connection, names: list[str]) -> dict[str | None, int]:
+    """arch -> how many of the named nodes have it; None counts the names that are no node.
+    (SQLite: one aggregate over the names as a JSON array, a few rows back instead of 10,000.)"""
+    if _json_sql(conn):
+        import json
+
+        return dict(conn.execute(
+            "SELECT n.arch, COUNT(*) FROM json_each(?) AS j LEFT JOIN nodes AS n "
+            "ON n.name = j.value GROUP BY n.arch", (json.dumps(names),)).fetchall())
+    rows = _boot_rows(conn, names)
+    counts: dict[str | None, int] = {}
+    for name in names:
+        arch = rows[name][0] if name in rows else None
+        counts[arch] = counts.get(arch, 0) + 1
+    return counts
+
+
+def _desired_and_tokens(conn: sqlite3.Connection, names: list[str]) -> list[tuple]:
+    """(desired_os, boot_token) of each named node, in the order of ``names`` (all exist)."""
+    if _json_sql(conn):
+        import json
+
+        cursor = conn.cursor()
+        cursor.row_factory = None  # plain tuples: no Row object for each of 10,000 rows
+        return cursor.execute(
+            "SELECT n.desired_os, n.boot_token FROM json_each(?) AS j JOIN nodes AS n "
+            "ON n.name = j.value ORDER BY j.key", (json.dumps(names),)).fetchall()
+    rows = _boot_rows(conn, names)
+    return [(rows[n][2], rows[n][1]) for n in names]
 
 
 def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
