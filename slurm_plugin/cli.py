@@ -181,6 +181,9 @@ def _config(args: argparse.Namespace) -> int:
 
     cfg, conn = toolkit.load(args.site_config)
     slurm, helpers = conf.slurm_lines(cfg, conn), conf.helpers_lines(cfg, conn)
+    slow = conf.slow_helper_warning(conf.helper_program(conf.settings(cfg)))
+    if slow:
+        print(f"{PROG}: warning: {slow}", file=sys.stderr)
     if args.install is None:
         if args.helpers is not None:
             raise InputError("--helpers goes with -install")

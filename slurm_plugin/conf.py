@@ -13,11 +13,11 @@ each has its own command: dynprov-slurm-helper, -reboot, -resume, -suspend (the 
 
 Config section ``[slurm]`` (all optional): tools_dir (where the dynprov-slurm commands are
 installed on the nodes and the slurmctld host; default: beside this command, else on PATH),
-helper
-(the Helper= program; default tools_dir's dynprov-slurm-helper; contrib/slurm/dynprov-slurm-helper
-is a sh fast path for it), resume_timeout (seconds; default the longest image prov_seconds plus
-60), exec_time (helper ExecTime, s, default 10), slurm_conf (the slurm.conf the run driver's
-hook hands scontrol as SLURM_CONF when it sets a failed node DOWN; default Slurm's own).
+helper (the Helper= program; default tools_dir's dynprov-slurm-helper, else the sh fast path
+contrib/slurm/dynprov-slurm-helper as installed with dynprov - never the Python one),
+resume_timeout (seconds; default the longest image prov_seconds plus 60), exec_time (helper
+ExecTime, s, default 10), slurm_conf (the slurm.conf the run driver's hook hands scontrol as
+SLURM_CONF when it sets a failed node DOWN; default Slurm's own).
 """
 
 from __future__ import annotations
@@ -120,6 +120,36 @@ def slurm_lines(cfg: Config, conn: Any) -> list[str]:
     return lines
 
 
+def helper_program(ss: SlurmSettings) -> str:
+    """The Helper= program: ``[slurm] helper``, else ``tools_dir``'s dynprov-slurm-helper, else
+    the sh fast path shipped with dynprov (contrib/slurm/dynprov-slurm-helper, a few ms per call),
+    never the Python console script (100+ ms): slurmd runs it at every registration."""
+    if ss.helper:
+        return ss.helper
+    if ss.tools_dir:
+        return tool(ss, "dynprov-slurm-helper")
+    from pxe import assets
+
+    path = str((assets.slurm() / "dynprov-slurm-helper").absolute())
+    if not _SAFE_PATH.match(path):
+        raise DynprovError(f"{path}: a path helpers.conf cannot carry; set [slurm] helper")
+    return path
+
+
+def slow_helper_warning(helper: str) -> str | None:
+    """A warning when the Helper= program, as found on this host, is a Python script."""
+    try:
+        with open(helper, "rb") as fh:
+            first = fh.readline(256)
+    except OSError:
+        return None
+    if first.startswith(b"#!") and b"python" in first:
+        return (f"Helper={helper} is a Python program (about 100 ms or more per call, run at "
+                "every slurmd registration); the sh fast path is "
+                "contrib/slurm/dynprov-slurm-helper (set [slurm] helper to its path)")
+    return None
+
+
 def node_resource_words(res: dict[str, int]) -> list[str]:
     """``CPUs=`` and ``RealMemory=`` for a node's NodeName line, never above what it has.
 
@@ -140,7 +170,7 @@ def helpers_lines(cfg: Config, conn: Any) -> list[str]:
     from slurm_plugin import toolkit
 
     ss = settings(cfg)
-    helper = ss.helper or tool(ss, "dynprov-slurm-helper")
+    helper = helper_program(ss)
     labels = sorted({label for labels in toolkit.image_labels(conn).values() for label in labels})
     lines = [f"ExecTime={ss.exec_time}"]
     lines += [f"Feature={label} Helper={helper}" for label in labels]

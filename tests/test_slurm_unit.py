@@ -4,6 +4,7 @@ reading of its boot (cmdline, os-release), and bad input."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,42 @@ def test_helper_path_can_be_the_fast_one(slurm_site: Site) -> None:
         fh.write('\n[slurm]\nhelper = "rel/path"\n')
     proc = _config(slurm_site)
     assert proc.returncode == 2 and "slurm" in proc.stderr
+
+
+def test_default_helper_is_the_sh_fast_path(site: Site, tmp_path: Path) -> None:
+    """Without [slurm] helper/tools_dir, helpers.conf names the sh helper shipped with dynprov
+    (slurmd runs it at every registration), not the Python console script; it answers."""
+    kernel = fake_bzimage(tmp_path / "vmlinuz", b"k" * 64)
+    site.run("images", "add", "sles11", "--kernel", str(kernel), check=True)
+    bin_dir = tmp_path / "bin"  # RebootProgram= & co. are still found on PATH
+    bin_dir.mkdir()
+    for name in ("reboot", "resume", "suspend"):
+        (bin_dir / f"dynprov-slurm-{name}").write_text("#!/bin/sh\n")
+        (bin_dir / f"dynprov-slurm-{name}").chmod(0o755)
+    with open(site.config_path, "a") as fh:
+        fh.write("\n[slurm]\nresume_timeout = 900\n")
+    proc = cli("config", env={"DYNPROV_CONFIG": str(site.config_path),
+                              "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    helpers = proc.stdout.split("# --- helpers.conf (beside slurm.conf) ---\n")[1]
+    helper = Path(helpers.splitlines()[1].split("Helper=")[1])
+    assert helper.name == "dynprov-slurm-helper" and helper.is_absolute()
+    assert helper.read_text().startswith("#!/bin/sh\n"), helper
+    assert "warning" not in proc.stderr
+    node_root = tmp_path / "node"
+    (node_root / "etc").mkdir(parents=True)
+    (node_root / "etc" / "os-release").write_text("ID=debian\nIMAGE_ID=sles11\n")
+    run = subprocess.run([str(helper)], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", "DYNPROV_NODE_ROOT": str(node_root)})
+    assert (run.returncode, run.stdout) == (0, "sles11\n"), run.stderr
+
+
+def test_config_warns_of_a_python_helper(slurm_site: Site, tmp_path: Path) -> None:
+    (tmp_path / "tools" / "dynprov-slurm-helper").write_text("#!/usr/bin/python3\n")
+    proc = _config(slurm_site)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: Helper=" in proc.stderr and "Python program" in proc.stderr
+    assert "sh fast path" in proc.stderr
 
 
 def test_install_marked_block_with_backup(slurm_site: Site, tmp_path: Path) -> None:

@@ -67,6 +67,14 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
     "os_switch": (["--nodes", "1000"], [
         ("vs_ipmipower", "os-switch 1,000 nodes to all power-cycled / ipmipower --cycle", "-",
          None)]),
+    "slurm_boot": (["--rounds", "5"], [
+        ("slurm_vs_registered", "`sbatch --constraint=B` to job start / bare boot into B to "
+         "slurmd registered (QEMU)", "<= 1.1x", "slurm_vs_registered_spread"),
+        ("slurm_vs_bare", "the same / bare boot into B to dynprov's ready", "-",
+         "slurm_vs_bare_spread")]),
+    "slurm_helper": (["--repeat", "21"], [
+        ("configured_helper_ms", "Slurm helper as configured (Helper=), per call (ms)", "< 50 ms",
+         "configured_helper_ms_spread")]),
 }
 
 
