@@ -14,7 +14,8 @@ What a node reports (the provisioning view; the workload RM reports Busy/Running
     - outside the scheduler's pool: ``STATE=Drained`` with a MESSAGE (not offered to the scheduler);
     - in an active provisioning run: ``STATE=Down``, ``OS=_none`` (never the target OS before the
       node reported ready from inside it) and a MESSAGE with the run's step; past its deadline,
-      ``timed out`` even before a writer has recorded it;
+      ``timed out`` even before a writer has recorded it; one the toolkit shows down mid-run
+      (its segment's boot server is silent, pxe.servers) carries that reason instead;
     - failed or timed out: ``STATE=Down`` with the reason as MESSAGE;
     - powered off by us: ``STATE=Idle;POWER=Off`` (``OS=_none`` unless its image is stateful: a
       stateless OS lived in memory); otherwise ``STATE=Idle``.
@@ -233,6 +234,8 @@ def build(conn: sqlite3.Connection, scheduler_pool: str, now: float | None = Non
             wiki_state = DOWN
             if states.is_overdue(rstate, deadline, now):
                 message = f"provisioning {label} timed out in step {rstate} (run {run_id})"
+            elif state in NODE_DOWN and reason:  # the toolkit shows it down mid-run (pxe.servers)
+                message = reason
             else:
                 message = f"provisioning {label}: {rstate} (run {run_id})"
                 if deadline is not None:

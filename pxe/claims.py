@@ -37,7 +37,8 @@ def claim(conn: sqlite3.Connection, driver: str, keys: Iterable[tuple[int, str]]
         return set()
     now = time.time() if now is None else now
     held: set[tuple[int, str]] = set()
-    with db.transaction(conn):
+    # Every driver loop renews its claims here: leases are bookkeeping, no report shows them.
+    with db.transaction(conn, bookkeeping=True):
         if db.is_postgresql(conn):  # lock what nobody else is locking; skip the rest this round
             free = set()
             for run_id, node in keys:
@@ -63,7 +64,7 @@ def renew(conn: sqlite3.Connection, driver: str, lease: float, now: float | None
     """Extend every lease this driver holds; drop its claims of nodes whose run step is final.
     Returns how many it still holds."""
     now = time.time() if now is None else now
-    with db.transaction(conn):
+    with db.transaction(conn, bookkeeping=True):  # every heartbeat: keep the caches warm
         conn.execute("DELETE FROM run_claims WHERE driver = ? AND NOT EXISTS (SELECT 1 FROM "
                      "run_nodes rn WHERE rn.run_id = run_claims.run_id AND rn.node = "
                      f"run_claims.node AND rn.state IN ({_active_sql()}))", (driver,))

@@ -499,9 +499,13 @@ def connect(path: Path | str, create: bool = True) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def transaction(conn: sqlite3.Connection, *, bookkeeping: bool = False
+                ) -> Iterator[sqlite3.Connection]:
     """BEGIN IMMEDIATE ... COMMIT: writers queue on the lock instead of failing mid-way
-    (PostgreSQL: BEGIN and a transaction-scoped advisory lock, pxe.dbbackend_pg)."""
+    (PostgreSQL: BEGIN and a transaction-scoped advisory lock, pxe.dbbackend_pg).
+
+    ``bookkeeping``: the writes are liveness only (heartbeats, claim leases), which no cached
+    copy shows: the change stamp stays, so boot configs and Moab's report stay warm."""
     if conn.in_transaction:
         yield conn
         return
@@ -512,8 +516,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    if bookkeeping and is_postgresql(conn):
+        conn.commit_bookkeeping()  # type: ignore[attr-defined]
+        return
     conn.execute("COMMIT")
-    if conn.total_changes != before:  # a transaction that wrote nothing leaves the caches warm
+    # A transaction that wrote nothing (or only bookkeeping) leaves the caches warm.
+    if conn.total_changes != before and not bookkeeping:
         bump_stamp(conn)
 
 

@@ -254,6 +254,9 @@ class PgConnection:
         self.row_factory: Any = None  # accepted and ignored: rows are always Row
         self.total_changes = 0
         self._tx_changes = 0
+        # A BEGIN not sent yet (True: the writers' lock too): it goes in one pipeline with the
+        # transaction's first statement, one round trip fewer per transaction.
+        self._pending: bool | None = None
         self._connect_timeout = connect_timeout
         self.lock_space = 0
         self._conn: psycopg.Connection[Any] | None = None
@@ -297,6 +300,8 @@ class PgConnection:
 
     @property
     def in_transaction(self) -> bool:
+        if self._pending is not None:
+            return True
         conn = self._conn
         return conn is not None and not conn.closed and \
             conn.info.transaction_status != pq.TransactionStatus.IDLE
@@ -324,15 +329,26 @@ class PgConnection:
         if word == "PRAGMA":
             raise sqlite3.ProgrammingError(f"SQLite-only statement on PostgreSQL: {sql.strip()}")
         in_tx = self.in_transaction
+        pending = self._pending
         for attempt in (1, 2):
             conn = self._raw()
             cur = conn.cursor()
             try:
-                cur.execute(translate(sql), _params(params))
+                if pending is None:
+                    cur.execute(translate(sql), _params(params))
+                else:
+                    self._pending = None
+                    with conn.pipeline():  # BEGIN (and the lock) with the first statement
+                        for begin in self._begin_sql(pending):
+                            conn.execute(begin)
+                        cur.execute(translate(sql), _params(params))
                 break
             except psycopg.Error as exc:
                 error = _translate_error(exc, conn)
-                if isinstance(error, ConnectionLost) and not in_tx and attempt == 1:
+                # Nothing of a transaction whose BEGIN went with this statement was committed.
+                if isinstance(error, ConnectionLost) and attempt == 1 and (
+                        not in_tx or pending is not None):
+                    self._pending = pending
                     log.warning("%s; retrying the statement", error)
                     self._conn = None  # the statement was not committed: run it again
                     continue
@@ -354,6 +370,8 @@ class PgConnection:
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> Cursor:
         rows = [_params(p) for p in seq]
+        if self._pending is not None:
+            self._send_begin()
         in_tx = self.in_transaction
         conn = self._raw()
         cur = conn.cursor()
@@ -375,14 +393,28 @@ class PgConnection:
         return Cursor(cur, cur.rowcount, False)
 
     # transactions
+    def _begin_sql(self, exclusive: bool) -> tuple[str, ...]:
+        """BEGIN, and for a writer the single-writer lock SQLite's BEGIN IMMEDIATE takes."""
+        if exclusive:
+            return "BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK:d}, {self.lock_space:d})"
+        return ("BEGIN ISOLATION LEVEL REPEATABLE READ",)
+
     def _begin(self, exclusive: bool) -> Cursor:
+        """Deferred: the BEGIN goes out with the transaction's first statement (execute)."""
+        if not self.in_transaction:  # (PostgreSQL ignores a BEGIN inside one, with a warning)
+            self._pending = exclusive
+            self._tx_changes = 0
+        return Cursor(self._raw().cursor(), -1, False)
+
+    def _send_begin(self) -> None:
+        """The deferred BEGIN on its own (executemany: no pipeline around it)."""
+        exclusive, self._pending = self._pending, None
+        assert exclusive is not None
         for attempt in (1, 2):
             conn = self._raw()
             try:
-                # One round trip: BEGIN and the single-writer lock SQLite's BEGIN IMMEDIATE takes.
-                conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({WRITE_LOCK:d}, "
-                             f"{self.lock_space:d})" if exclusive
-                             else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+                # One round trip: BEGIN and the lock as one simple query.
+                conn.execute("; ".join(self._begin_sql(exclusive)))
                 break
             except psycopg.Error as exc:
                 error = _translate_error(exc, conn)
@@ -392,15 +424,17 @@ class PgConnection:
                 if self.in_transaction:
                     conn.execute("ROLLBACK")
                 raise error from None
-        self._tx_changes = 0
-        return Cursor(conn.cursor(), -1, False)
 
-    def _commit(self) -> Cursor:
+    def _commit(self, bump: bool = True) -> Cursor:
+        if self._pending is not None:  # nothing was sent: nothing to commit
+            self._pending = None
+            self._tx_changes = 0
+            return Cursor(self._raw().cursor(), -1, False)
         conn = self._raw()
         try:
             # The stamp moves in the same round trip as the COMMIT (hex and '.': a safe literal).
             conn.execute(f"UPDATE dynprov_stamp SET value = '{new_stamp()}' WHERE id = 1; COMMIT"
-                         if self._tx_changes else "COMMIT")
+                         if self._tx_changes and bump else "COMMIT")
         except psycopg.Error as exc:
             raise _translate_error(exc, conn) from None
         finally:
@@ -409,6 +443,9 @@ class PgConnection:
 
     def _rollback(self) -> Cursor:
         self._tx_changes = 0
+        if self._pending is not None:  # nothing was sent
+            self._pending = None
+            return Cursor(self._raw().cursor(), -1, False)
         conn = self._conn
         if conn is None or conn.closed or conn.broken:  # the server already dropped it
             return Cursor(self._raw().cursor(), -1, False)
@@ -427,6 +464,12 @@ class PgConnection:
     def rollback(self) -> None:
         if self.in_transaction:
             self._rollback()
+
+    def commit_bookkeeping(self) -> None:
+        """COMMIT without moving the stamp: liveness writes no reader's cache shows
+        (db.transaction(bookkeeping=True))."""
+        if self.in_transaction:
+            self._commit(bump=False)
 
     # the change stamp
     def _bump(self, conn: psycopg.Connection[Any]) -> None:

@@ -61,8 +61,15 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
         raise DynprovError(f"unknown report kind {kind!r} (expected {', '.join(KINDS)})")
     detail = detail.replace("\n", " ").strip()[:500]
     with db.transaction(conn):
-        row = conn.execute("SELECT boot_token, desired_os, state FROM nodes WHERE name = ?",
-                           (node,)).fetchone()
+        # One read for the node, its active run and the version a ``ready`` booted
+        # (pxe.imageversions.booted_version's rule): each round trip counts on PostgreSQL.
+        row = conn.execute(
+            "SELECT n.boot_token, n.desired_os, n.state, rn.run_id, "
+            "COALESCE(rn.image_version, (SELECT i.version FROM images i "
+            "WHERE i.label = n.desired_os)) AS booted "
+            "FROM nodes n LEFT JOIN run_nodes rn ON rn.run_id = (SELECT MAX(a.run_id) "
+            f"FROM run_nodes a WHERE a.node = n.name AND a.state IN ({states.ACTIVE_SQL})) "
+            "AND rn.node = n.name WHERE n.name = ?", (node,)).fetchone()
         if row is None:
             raise _Refusal(None, f"unknown node {node!r}", NotFound(f"unknown node {node!r}"))
         expected = row["boot_token"]
@@ -72,10 +79,7 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
             raise _Refusal(node, f"{kind}: {why}",
                            ReportRefused(f"report from {node} refused: {why}"))
         now = time.time()
-        run = conn.execute(
-            "SELECT run_id FROM run_nodes WHERE node = ? AND state IN "
-            f"({states.ACTIVE_SQL}) ORDER BY run_id DESC LIMIT 1", (node,)).fetchone()
-        run_id = run[0] if run else None
+        run_id = row["run_id"]
         image = row["desired_os"]
         state = states.REPORT_STEP.get(kind, row["state"])
         fields: dict[str, object] = {}
@@ -87,10 +91,9 @@ def _record(conn: sqlite3.Connection, node: str, token: str | None, kind: str,
             from pxe.power import agent
 
             agent.adopt(conn, node, token, now)  # the token lives on as the image agent's
-            from pxe.imageversions import booted_version
-
+            booted = row["booted"]
             fields = {"state_reason": "", "current_os": image, "used": 0, "boot_token": None,
-                      "current_version": booted_version(conn, node, run_id, image)}
+                      "current_version": int(booted) if booted is not None else None}
         elif kind == "failed":
             fields = {"state_reason": detail or "failed", "boot_token": None}
         moved = False

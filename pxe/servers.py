@@ -33,7 +33,7 @@ def beat(conn: sqlite3.Connection, name: str, role: str, segment: str,
          now: float | None = None) -> None:
     """Record that ``name`` is alive (one small upsert)."""
     now = time.time() if now is None else now
-    with db.transaction(conn):
+    with db.transaction(conn, bookkeeping=True):  # every few seconds: keep the caches warm
         conn.execute(
             "INSERT INTO servers(name, role, segment, host, pid, started, heartbeat, stopped) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT (name) DO UPDATE SET "

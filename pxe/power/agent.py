@@ -37,8 +37,10 @@ def adopt(conn: sqlite3.Connection, node: str, token: str, now: float) -> None:
 
 
 def poll(conn: sqlite3.Connection, node: str, token: str, seq: int) -> str:
-    """One heartbeat; returns ``reboot`` when a reboot was requested, else ``ok``."""
-    with db.transaction(conn):
+    """One heartbeat; returns ``reboot`` when a reboot was requested, else ``ok``.
+    Bookkeeping (db.transaction): every booted node polls every few seconds, and no cached
+    report shows what it writes (the power commands read agents directly)."""
+    with db.transaction(conn, bookkeeping=True):
         row = conn.execute("SELECT token_sha, seq, reboot_requested FROM agents WHERE node = ?",
                            (node,)).fetchone()
         why = None

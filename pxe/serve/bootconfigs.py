@@ -5,8 +5,9 @@ A node's pxelinux (`pxelinux.cfg/01-<mac>`), GRUB (`grub/grub.cfg-<mac>`) and iP
 `boot.ipxe`, are rendered from the database when a loader asks, as Warewulf's server does: so
 `set-boot` of 10,000 nodes is one transaction and no files (files only for sites serving with
 tftpd-hpa/nginx, `[boot] write_files`). Rendered text is cached per worker, keyed by the change
-stamp writers bump after COMMIT (pxe.stamp) and SQLite's own commit counter (data_version): a
-request costs one small read when nothing changed. A service node (`serve --segment NAME`,
+stamp writers bump after COMMIT (pxe.stamp; SQLite's own commit counter, data_version, only
+while there is no stamp yet): a request costs one small read when nothing changed, and
+heartbeats (bookkeeping, db.transaction) leave it warm. A service node (`serve --segment NAME`,
 pxe.segments) answers only for the nodes of its segment: another segment's MAC is unknown here.
 """
 
@@ -104,6 +105,8 @@ class BootConfigs:
         conn = self._connection()
         if conn is None:
             return None
+        if mark:  # SQLite: the stamp alone (data_version also moves with every heartbeat)
+            return mark, 0
         return mark, db.change_counter(conn)  # PostgreSQL: the stamp row, read before the data
 
     def _connection(self) -> sqlite3.Connection | None:
