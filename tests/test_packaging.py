@@ -118,8 +118,11 @@ def test_wheel_in_a_fresh_venv_runs_the_commands_and_the_unit_tests(built, tmp_p
     # Dependencies (jinja2, pytest ...) come from this interpreter's site-packages as a plain path:
     # its .pth files, among them an editable install of this checkout, are NOT processed.
     (Path(purelib) / "deps.pth").write_text("\n".join(site_module.getsitepackages()) + "\n")
+    # Without PYTHONPATH: a checkout on it (with its dynprov.egg-info) makes pip see dynprov as
+    # installed already and install nothing.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                    "--no-index", "--quiet", str(built["wheel"])], check=True, timeout=300)
+                    "--no-index", "--quiet", str(built["wheel"])], check=True, timeout=300, env=clean)
 
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
