@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -481,7 +480,9 @@ class PgConnection:
 
 
 def new_stamp() -> str:
-    return f"{time.time_ns():x}.{secrets.token_hex(6)}"
+    from pxe import stamp
+
+    return stamp.new_value()
 
 
 def _retryable_connect(exc: psycopg.Error) -> bool:

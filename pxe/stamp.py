@@ -20,12 +20,17 @@ def path_for(db_path: str | os.PathLike[str]) -> str:
     return os.fspath(db_path) + SUFFIX
 
 
-def bump(db_path: str | os.PathLike[str]) -> None:
-    """Give the stamp a new value (a fixed-width overwrite in place: one write, no rename)."""
+def new_value() -> str:
+    """A stamp value no earlier one equals (the file's and PostgreSQL's stamp row alike)."""
     import time  # not on the readers' path (cluster-query imports this module)
 
     # os.urandom as secrets.token_hex does, without importing secrets (hmac, OpenSSL's hashes)
-    value = f"{time.time_ns():x}.{os.urandom(6).hex()}".ljust(WIDTH).encode()[:WIDTH]
+    return f"{time.time_ns():x}.{os.urandom(6).hex()}"
+
+
+def bump(db_path: str | os.PathLike[str]) -> None:
+    """Give the stamp a new value (a fixed-width overwrite in place: one write, no rename)."""
+    value = new_value().ljust(WIDTH).encode()[:WIDTH]
     fd = os.open(path_for(db_path), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         os.pwrite(fd, value, 0)

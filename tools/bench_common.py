@@ -66,8 +66,8 @@ def serve_argv(config_path: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pxe.cli.main", "--config", str(config_path), "serve", *extra]
 
 
-def _group_members(pgid: int) -> list[int]:
-    out = []
+def group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of each live process in the group."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -76,9 +76,12 @@ def _group_members(pgid: int) -> list[int]:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid and int(entry) != pgid:  # fields[2] is the process group
-            out.append(int(entry))
-    return out
+        if int(fields[2]) == pgid:  # fields[2] is the process group
+            yield int(entry), fields
+
+
+def _group_members(pgid: int) -> list[int]:
+    return [pid for pid, _ in group_stats(pgid) if pid != pgid]
 
 
 @contextlib.contextmanager

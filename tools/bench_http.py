@@ -172,17 +172,7 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
 
 def group_cpu_seconds(pgid: int) -> float:
     """User + system CPU seconds of every live process in the group (the server's workers)."""
-    ticks = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # fields[2]: process group; [11], [12]: utime, stime
-            ticks += int(fields[11]) + int(fields[12])
+    ticks = sum(int(f[11]) + int(f[12]) for _, f in bc.group_stats(pgid))  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
