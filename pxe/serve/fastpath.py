@@ -134,6 +134,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self.sending: _Sending | None = None
             self.closing = False  # close after the current answer (Connection: close, stop)
             self.handed_off = False
+            self.in_next = False  # _next is on the stack: do not enter it again
             self.waiting_since = self.progress = time.monotonic()
             self.backlog = -1
             self.timer: asyncio.TimerHandle | None = None
@@ -248,10 +249,17 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                 if end > MAX_HEAD:
                     self._finish_with_error(431)
                     return
-                if not self._answer(bytes(buf[:end])):
+                head = bytes(buf[:end])
+                del buf[:end + 4]
+                self.in_next = True
+                try:
+                    ours = self._answer(head)
+                finally:
+                    self.in_next = False
+                if not ours:
+                    buf[0:0] = head + b"\r\n\r\n"
                     self._hand_off()
                     return
-                del buf[:end + 4]
                 self.waiting_since = time.monotonic()
 
         def _answer(self, head: bytes) -> bool:
@@ -396,7 +404,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self.waiting_since = time.monotonic()
             if self.closing:
                 self.transport.close()
-            else:
+            elif not self.in_next:  # (else _next's loop goes on by itself)
                 self._next()
 
         def _stop_sending(self) -> None:
