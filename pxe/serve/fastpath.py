@@ -69,17 +69,22 @@ class BootFiles:
                       for c in metrics.HTTP_CODES if c.isdigit()}
         self.other_code = metrics.slot("dynprov_http_requests_total", "other")
         self.bytes_slot = metrics.slot("dynprov_http_bytes_total")
-        # Routes other than the file catch-all: their requests go to the framework.
-        self.routes: list[tuple[Callable[[str], Any], frozenset[str] | None]] = [
-            (r.path_regex.match, frozenset(r.methods) if isinstance(r, Route) and r.methods
-             else None)
-            for r in starlette.routes
-            if getattr(r, "endpoint", None) is not serve_http.boot_file]
+        # Routes other than the file catch-all take their requests to the framework; per method,
+        # the patterns of the routes that accept it (a route without methods accepts all).
+        others = [r for r in starlette.routes
+                  if getattr(r, "endpoint", None) is not serve_http.boot_file]
+        self.routes: dict[str, tuple[Callable[[str], Any], ...]] = {
+            method: tuple(r.path_regex.match for r in others
+                          if not (isinstance(r, Route) and r.methods)
+                          or method in r.methods)
+            for method in ("GET", "HEAD")}
 
     def routed(self, method: str, path: str) -> bool:
         """Would the app route this request to something else than the boot files?"""
-        return any(match(path) and (methods is None or method in methods)
-                   for match, methods in self.routes)
+        for match in self.routes[method]:
+            if match(path):
+                return True
+        return False
 
     def count(self, status: int, nbytes: int) -> None:
         if self.row is not None:

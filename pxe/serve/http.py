@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import os
 import re
@@ -74,6 +75,12 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     return first, min(last, size - 1)
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(mtime: float) -> str:
+    """Last-Modified of a file (cached: the same few files are asked for again and again)."""
+    return email.utils.formatdate(mtime, usegmt=True)
+
+
 class FileAnswer:
     """Status, byte span and headers of one boot file's answer (shared with pxe.serve.fastpath).
 
@@ -88,7 +95,7 @@ class FileAnswer:
         size = st.st_size
         self.status, self.offset, self.count = 200, 0, size
         etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-        last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
+        last_modified = _http_date(st.st_mtime)
         headers = {"accept-ranges": "bytes", "etag": etag, "last-modified": last_modified}
         self.headers = headers
         if if_none_match and {etag, "*"} & {t.strip() for t in if_none_match.split(",")}:
