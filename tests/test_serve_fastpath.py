@@ -50,6 +50,12 @@ class Served:
 
 @pytest.fixture
 def served(site) -> Iterator[Served]:
+    with running(site) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def running(site, log_access: bool = False) -> Iterator[Served]:
     import uvicorn
 
     root = site.cfg.paths.http_root
@@ -73,9 +79,10 @@ def served(site) -> Iterator[Served]:
             srv.handed_off.append("connection")
             super().connection_made(transport)
 
-    protocol = fast_protocol(Recording, BootFiles(app), TIMEOUT, 100, open_per_client)
+    protocol = fast_protocol(Recording, BootFiles(app), TIMEOUT, 100, open_per_client,
+                             log_access)
     server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=srv.port, http=protocol,
-                                           lifespan="off", log_config=None, access_log=False,
+                                           lifespan="off", log_config=None, access_log=log_access,
                                            ws="none", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -356,3 +363,29 @@ def test_stalled_clients_are_closed_in_bounded_time(served):
                 got += len(chunk)
         assert got < BIG, "the stalled reader got the whole file"
         assert time.monotonic() - started < 3 * TIMEOUT + 30
+
+
+def test_loader_configs_and_the_access_log(tmp_path, caplog, monkeypatch):
+    """Rendered loader configs (boot.ipxe, a node's script) come from the fast path too, HEAD
+    included, and `access_log` logs each answer as uvicorn would."""
+    import logging
+
+    from tests.conftest import make_site
+
+    site = make_site(tmp_path / "site")
+    site.run("nodes", "add", "n001", "--mac", "52:54:00:aa:00:07", check=True)
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    # An earlier uvicorn.Config(access_log=False) in this process cut the logger off.
+    monkeypatch.setattr(logging.getLogger("uvicorn.access"), "propagate", True)
+    with running(site, log_access=True) as srv, httpx.Client(timeout=10) as client:
+        main = client.get(f"{srv.url}/boot.ipxe")
+        assert main.status_code == 200 and main.text.startswith("#!ipxe")
+        head = client.head(f"{srv.url}/boot.ipxe")
+        assert head.content == b"" and head.headers["content-length"] == str(len(main.content))
+        unknown = client.get(f"{srv.url}/ipxe/52-54-00-aa-00-99.ipxe")
+        assert unknown.status_code == 404
+        assert srv.handed_off == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+    assert lines == ['127.0.0.1 - "GET /boot.ipxe HTTP/1.1" 200',
+                     '127.0.0.1 - "HEAD /boot.ipxe HTTP/1.1" 200',
+                     '127.0.0.1 - "GET /ipxe/52-54-00-aa-00-99.ipxe HTTP/1.1" 404']
