@@ -308,9 +308,9 @@ def _clear_target(pg: Any, raw: Any, where: str, tables: list[str], replace: boo
             raise CopyFailed(f"{where}: the target is in use: {'; '.join(live)}; nothing was "
                              "changed")
     if held and not replace:
-        shown = ", ".join(f"{t} ({n} rows)" for t, n in held)
-        raise CopyFailed(f"{where}: already holds a dynprov state: {shown}; --replace drops "
-                         "those tables and copies over them; nothing was changed")
+        shown = ", ".join(f"{t} {n}" for t, n in sorted(held, key=lambda h: -h[1]))
+        raise CopyFailed(f"{where}: already holds a dynprov state; --replace drops its dynprov "
+                         f"tables and copies over them; nothing was changed (rows: {shown})")
     dropped = _counts(raw, [t for t in ours if t not in _BOOKKEEPING]) if held else []
     raw.execute("DROP TABLE " + ", ".join(_q(t) for t in ours))
     return dropped
