@@ -146,6 +146,7 @@ def test_a_populated_site_is_copied_whole_and_reads_the_same(cluster, tmp_path):
     site = sqlite_site(tmp_path / "site")
     run_id = populate(site, tmp_path)
     url = store_url(cluster)
+    db.connect(url).close()  # an empty schema (a command ran against it first) is no state
     before = site.snapshot()
     proc = copy(site, "--to", url)
     assert proc.returncode == 0, proc.stderr

@@ -13,7 +13,8 @@ from pxe.errors import InputError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "state", help="the state database: copy it from SQLite to PostgreSQL",
-        description="The state database itself (where it lives: dynprov.toml [state] url).",
+        description="The state database: copy a site's SQLite state file into a PostgreSQL "
+                    "store ([state] url).",
         epilog="Exit status: 0 ok; 1 refused or failed (the target is left as it was); 2 bad "
                "input.")
     verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
