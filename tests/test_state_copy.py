@@ -34,10 +34,13 @@ def sqlite_site(root: Path) -> Site:
     return Site(root=root, config_path=path)
 
 
-def store_url(cluster: pg_support.Cluster) -> str:
-    """A fresh store whose URL carries a password (peer authentication ignores it)."""
+def store_url(cluster: pg_support.Cluster, as_parameter: bool = False) -> str:
+    """A fresh store whose URL carries a password, in the authority or as libpq's parameter
+    (peer authentication ignores it)."""
     url = cluster.new_store()
     assert url.startswith("postgresql:///")
+    if as_parameter:
+        return f"{url}&password={PASSWORD}"
     return url.replace("postgresql:///", f"postgresql://{pg_support.PG_USER}:{PASSWORD}@/", 1)
 
 
@@ -185,7 +188,7 @@ def test_a_populated_site_is_copied_whole_and_reads_the_same(cluster, tmp_path):
 def test_a_second_copy_is_refused_and_replace_says_what_it_drops(cluster, tmp_path):
     site = sqlite_site(tmp_path / "site")
     populate(site, tmp_path)
-    url = store_url(cluster)
+    url = store_url(cluster, as_parameter=True)
     assert copy(site, "--to", url).returncode == 0
     with db.transaction(conn := db.connect(site.cfg.db_path)):
         conn.execute("UPDATE nodes SET groups = 'changed' WHERE name = 'n002'")
@@ -202,7 +205,8 @@ def test_a_second_copy_is_refused_and_replace_says_what_it_drops(cluster, tmp_pa
     proc = copy(site, "--to", url, "--replace", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert {"table": "nodes", "rows": 3} in out["dropped"] and "***" in out["target"]
+    assert {"table": "nodes", "rows": 3} in out["dropped"]
+    assert out["target"].endswith("&password=***")
     assert rows_of(url) == rows_of(site.cfg.db_path)
 
 
@@ -280,6 +284,15 @@ def test_a_file_that_is_no_state_database_is_bad_input(tmp_path):
     sqlite3.connect(empty).close()
     proc = copy(site, "--to", "postgresql:///d?host=/nonexistent", "--from", str(empty))
     assert proc.returncode == 2 and "not a dynprov state database" in proc.stderr
+
+
+@pytest.mark.unit
+def test_the_password_is_hidden_in_either_place():
+    assert db.where(f"postgresql://u:{PASSWORD}@h/d?sslmode=require") == \
+        "postgresql://u:***@h/d?sslmode=require"
+    assert db.where(f"postgresql:///d?host=/s&password={PASSWORD}&user=u") == \
+        "postgresql:///d?host=/s&password=***&user=u"
+    assert db.where(f"postgresql://h/d?password={PASSWORD}") == "postgresql://h/d?password=***"
 
 
 @pytest.mark.unit
