@@ -256,6 +256,30 @@ def test_a_live_serve_or_claim_refuses_the_copy(cluster, tmp_path):
     conn.close()
 
 
+@pytest.mark.integration
+def test_a_target_in_use_or_from_a_newer_dynprov_is_refused_even_with_replace(cluster, tmp_path):
+    site = sqlite_site(tmp_path / "site")
+    populate(site, tmp_path)
+    url = store_url(cluster)
+    assert copy(site, "--to", url).returncode == 0
+    pg = db.connect(url)
+    servers.beat(pg, "serve/pg-boot/-/77", servers.SERVE, "")
+    before = pg_support.dump(url)
+    proc = copy(site, "--to", url, "--replace")
+    assert proc.returncode == 1
+    assert "the target is in use: serve/pg-boot/-/77 (heartbeat" in proc.stderr
+    assert pg_support.dump(url) == before
+    servers.stopped(pg, "serve/pg-boot/-/77")
+    with db.transaction(pg):
+        pg.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)",
+                   (db.SCHEMA_VERSION + 1,))
+    pg.close()
+    before = pg_support.dump(url)
+    proc = copy(site, "--to", url, "--replace")
+    assert proc.returncode == 1 and "written by a newer dynprov" in proc.stderr
+    assert pg_support.dump(url) == before
+
+
 # -- unit: bad input, nothing touched -------------------------------------------------------------
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
