@@ -12,10 +12,9 @@ from pathlib import Path
 import pg_support
 import pytest
 
-from pxe import claims, config, db, hwfacts, pools, reports, run, segments, servers, setboot
+from pxe import claims, config, db, hwfacts, pools, reports, run, segments, servers, setboot, statecopy
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
-from pxe.statecopy import Checksum
 from tests.conftest import Site, fake_bzimage
 
 PASSWORD = "Sw0rdf1sh-not-shown"
@@ -280,6 +279,34 @@ def test_a_target_in_use_or_from_a_newer_dynprov_is_refused_even_with_replace(cl
     assert pg_support.dump(url) == before
 
 
+@pytest.mark.integration
+def test_a_later_migration_is_copied_without_edits(cluster, tmp_path, monkeypatch):
+    """Tables and columns come from the schema: a migration this test adds is copied too."""
+    later = db.Migration(db.SCHEMA_VERSION + 1, "a later migration (test)", """
+CREATE TABLE later_things (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    node   TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+    weight REAL NOT NULL
+);
+ALTER TABLE nodes ADD COLUMN later TEXT;
+""")
+    monkeypatch.setattr(db, "MIGRATIONS", (*db.MIGRATIONS, later))
+    monkeypatch.setattr(db, "SCHEMA_VERSION", later.version)
+    path = tmp_path / "state.db"
+    conn = db.connect(path)
+    with db.transaction(conn):
+        conn.execute("INSERT INTO nodes(name, later) VALUES ('n001', 'x')")
+        conn.executemany("INSERT INTO later_things(node, weight) VALUES (?, ?)",
+                         [("n001", 0.1 * i) for i in range(1, 50)])
+    conn.close()
+    url = cluster.new_store()
+    result = statecopy.copy(path, url)
+    names = [t.name for t in result.tables]
+    assert result.version == later.version and "later_things" in names
+    assert names.index("nodes") < names.index("later_things")  # referenced table first
+    assert rows_of(url) == rows_of(path)
+
+
 # -- unit: bad input, nothing touched -------------------------------------------------------------
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
@@ -325,7 +352,7 @@ def test_checksum_ignores_order_and_sees_every_bit():
     rows = [("a", 1.5, 1), ("b", 0.1 + 0.2, None), ("a", 1.5, 1)]
 
     def total(rs):  # type: ignore[no-untyped-def]
-        c = Checksum(kinds)
+        c = statecopy.Checksum(kinds)
         for r in rs:
             c.add(r)
         return c.hex
