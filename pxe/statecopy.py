@@ -19,7 +19,7 @@ import hashlib
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,11 +229,10 @@ def _target_checksum(raw: Any, table: str, columns: Sequence[str], kinds: Sequen
 
 
 # -- the copy ------------------------------------------------------------------------------------
-def copy(source: Path, url: str, *, replace: bool = False, stale_seconds: float = 30.0,
-         progress: Callable[[str], None] | None = None) -> CopyResult:
+def copy(source: Path, url: str, *, replace: bool = False, stale_seconds: float = 30.0
+         ) -> CopyResult:
     """Copy the SQLite state file ``source`` into the PostgreSQL store ``url`` (validated by the
-    caller as [state] url is); ``progress`` hears each table as it is verified."""
-    say = progress or (lambda _text: None)
+    caller as [state] url is)."""
     where = db.where(url)
     src = open_source(source)
     try:
@@ -247,8 +246,7 @@ def copy(source: Path, url: str, *, replace: bool = False, stale_seconds: float 
                     "dynprov-serve), wait for their runs to end, then copy; nothing was copied")
             tables = source_tables(src)
             version = db.schema_version(src)
-            return _copy_into(src, source, url, where, tables, version, replace, stale_seconds,
-                              say)
+            return _copy_into(src, source, url, where, tables, version, replace, stale_seconds)
         finally:
             src.execute("ROLLBACK")  # read only: nothing to keep
     finally:
@@ -256,8 +254,7 @@ def copy(source: Path, url: str, *, replace: bool = False, stale_seconds: float 
 
 
 def _copy_into(src: sqlite3.Connection, source: Path, url: str, where: str, tables: list[str],
-               version: int, replace: bool, stale_seconds: float, say: Callable[[str], None]
-               ) -> CopyResult:
+               version: int, replace: bool, stale_seconds: float) -> CopyResult:
     import psycopg
 
     from pxe import dbbackend_pg
@@ -275,11 +272,11 @@ def _copy_into(src: sqlite3.Connection, source: Path, url: str, where: str, tabl
                 if found != version:
                     raise CopyFailed(f"{where}: the schema was created at version {found}, the "
                                      f"source is at {version}; nothing was copied")
-                result = _copy_tables(src, raw, where, tables, say)
+                result = _copy_tables(src, raw, where, tables)
                 _reset_identities(src, raw)
                 raw.execute("UPDATE dynprov_stamp SET value = %s WHERE id = 1",
                             (dbbackend_pg.new_stamp(),))
-        except psycopg.Error as exc:
+        except (psycopg.Error, db.Error) as exc:  # (db.Error: either store, translated)
             raise CopyFailed(f"{where}: the copy failed and was rolled back, the target is as it "
                              f"was: {' '.join(str(exc).split())}") from None
     finally:
@@ -316,13 +313,12 @@ def _clear_target(pg: Any, raw: Any, where: str, tables: list[str], replace: boo
     return dropped
 
 
-def _copy_tables(src: sqlite3.Connection, raw: Any, where: str, tables: list[str],
-                 say: Callable[[str], None]) -> list[TableCopy]:
-    created = set(target_tables(raw)) - set(_BOOKKEEPING)
-    if created != set(tables):
-        raise CopyFailed(f"{where}: the schemas differ: only in the source: "
-                         f"{sorted(set(tables) - created) or '-'}, only in the target: "
-                         f"{sorted(created - set(tables)) or '-'}; nothing was copied")
+def _copy_tables(src: sqlite3.Connection, raw: Any, where: str, tables: list[str]
+                 ) -> list[TableCopy]:
+    missing = sorted(set(tables) - set(target_tables(raw)))  # (other tables may live there)
+    if missing:
+        raise CopyFailed(f"{where}: the schema created lacks the source's tables "
+                         f"{', '.join(missing)}; nothing was copied")
     done: list[TableCopy] = []
     for table in dependency_order(raw, tables):
         columns = target_columns(raw, table)
@@ -347,7 +343,6 @@ def _copy_tables(src: sqlite3.Connection, raw: Any, where: str, tables: list[str
                              f"{source_sum.hex[:12]} / {landed.hex[:12]}; rolled back, the "
                              "target is as it was")
         done.append(TableCopy(table, counted, landed.rows, landed.hex))
-        say(f"{table}: {counted} rows")
     return done
 
 
