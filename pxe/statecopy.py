@@ -92,11 +92,12 @@ def live_writers(conn: Any, stale_seconds: float, now: float) -> list[str]:
     out = [f"{r[0]} (heartbeat {now - r[1]:.0f} s ago)" for r in conn.execute(
         "SELECT name, heartbeat FROM servers WHERE stopped IS NULL AND heartbeat >= ? "
         "ORDER BY name", (now - stale_seconds,))]
-    claimed = conn.execute("SELECT COUNT(*), MIN(driver) FROM run_claims WHERE expires > ?",
-                           (now,)).fetchone()
-    if claimed[0]:
-        out.append(f"{claimed[0]} run node(s) claimed by {claimed[1]}"
-                   + (" and others" if claimed[0] > 1 else ""))
+    nodes, drivers, first = conn.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT driver), MIN(driver) FROM run_claims WHERE expires > ?",
+        (now,)).fetchone()
+    if nodes:
+        out.append(f"{nodes} run node(s) claimed by {first}"
+                   + (f" and {drivers - 1} other driver(s)" if drivers > 1 else ""))
     return out
 
 
