@@ -389,3 +389,14 @@ def test_loader_configs_and_the_access_log(tmp_path, caplog, monkeypatch):
     assert lines == ['127.0.0.1 - "GET /boot.ipxe HTTP/1.1" 200',
                      '127.0.0.1 - "HEAD /boot.ipxe HTTP/1.1" 200',
                      '127.0.0.1 - "GET /ipxe/52-54-00-aa-00-99.ipxe HTTP/1.1" 404']
+
+
+def test_a_client_that_shuts_its_side_after_asking_gets_its_answers(served):
+    srv = served
+    with connect(srv) as s:
+        s.sendall(b"GET /blobs/big.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert read_response(s)[2] == srv.data
+        assert read_response(s)[2] == srv.small
+        assert closed_by_server(s, 5)

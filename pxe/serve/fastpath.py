@@ -146,6 +146,8 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self.closing = False  # close after the current answer (Connection: close, stop)
             self.handed_off = False
             self.in_next = False  # _next is on the stack: do not enter it again
+            self.eof = False  # the client will send nothing more
+            self.successor: asyncio.Protocol | None = None  # uvicorn's, after a hand-off
             self.waiting_since = self.progress = time.monotonic()
             self.backlog = -1
             self.timer: asyncio.TimerHandle | None = None
@@ -200,9 +202,14 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self._next()
 
         def eof_received(self) -> bool | None:
-            if self.sending is None and not self.paused and self.buf:
-                self._next()  # a client may send its request and shut its side at once
-            return False
+            """The client shut its side (it may do so right after its requests): answer what
+            it asked for, then close."""
+            self.eof = True
+            if self.sending is None and not self.paused:
+                self._next()
+            if self.successor is not None:  # handed over just now: as uvicorn would
+                return self.successor.eof_received()
+            return self.sending is not None or self.paused
 
         def pause_writing(self) -> None:
             self.paused = True
@@ -249,7 +256,9 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                     del buf[:2]
                 end = buf.find(b"\r\n\r\n")
                 if end < 0:
-                    if len(buf) > MAX_HEAD:
+                    if self.eof:
+                        self.transport.close()  # nothing more to answer
+                    elif len(buf) > MAX_HEAD:
                         self._finish_with_error(431)
                     elif buf.find(b"\n\n") >= 0:
                         self._hand_off()  # bare-LF request: h11's to judge
@@ -440,6 +449,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                 transport.resume_reading()
             proto = base(config=self.config, server_state=self.server_state,
                          app_state=self.app_state, _loop=self.loop)
+            self.successor = proto
             transport.set_protocol(proto)
             proto.connection_made(transport)
             if data and not transport.is_closing():
