@@ -400,3 +400,20 @@ def test_a_client_that_shuts_its_side_after_asking_gets_its_answers(served):
         assert read_response(s)[2] == srv.data
         assert read_response(s)[2] == srv.small
         assert closed_by_server(s, 5)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /boot/small.cfg HTTP/1.1\nHost: x\n\n",  # bare LF
+    b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",  # a body
+    b"GET http://x/boot/small.cfg HTTP/1.1\r\nHost: x\r\n\r\n",  # absolute form
+    b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",  # obs-fold
+])
+def test_unusual_requests_are_left_to_the_framework(served, request_bytes):
+    """What the fast path does not fully understand gets the framework's answer (as before)."""
+    srv = served
+    with connect(srv) as s:
+        s.sendall(request_bytes)
+        status, _, body = read_response(s)
+    assert srv.handed_off, "answered by the fast path"
+    assert (status, body) in ((200, srv.small), (400, b"Invalid HTTP request received."),
+                              (404, b"Not Found"))  # Starlette's for an absolute-form target
