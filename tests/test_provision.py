@@ -279,6 +279,48 @@ def test_start_refuses_bad_input_before_storing(site: Site) -> None:
 
 
 @pytest.mark.integration
+def test_driver_announces_content_changes_not_heartbeats(site: Site, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a run waits on a silent node, the driver beats every loop (bookkeeping): the faces
+    (Moab's report file) hear nothing new from it; a content change is announced."""
+    _hooks(site, 'subscribers = ["tests.hook_recorder:record_events"]')
+    with open(site.config_path, "a") as fh:  # a beat every driver loop
+        fh.write("\n[segment]\nheartbeat_seconds = 0.2\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # the driver imports the recorder
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    with cluster(site, tmp_path, 1, behaviours={"n001": "silent"},
+                 images={"centos5": {"prov_seconds": 600}}) as c:
+        conn = db.connect(c.cfg.database)
+        log = c.cfg.paths.state_dir / "events.jsonl"
+
+        def announced() -> list[str]:
+            return log.read_text().splitlines() if log.exists() else []
+
+        def beats(count: int) -> None:
+            """Wait (bounded) until the driver recorded ``count`` more heartbeats."""
+            seen: set[float] = set()
+
+            def more() -> bool:
+                row = conn.execute("SELECT heartbeat FROM servers WHERE role = 'driver' "
+                                   "AND stopped IS NULL").fetchone()
+                seen.add(row[0] if row else 0.0)
+                return len(seen) > count
+
+            wait_for(more, 120)
+
+        provision.start(c.cfg, "n001", "centos5", conn=conn)
+        wait_for(lambda: [r["state"] for r in run_nodes(c.cfg)] == ["power-cycled"])
+        beats(2)  # a whole loop after the power cycle: its announcement is out
+        settled = announced()
+        assert any('"power-cycled"' in line for line in settled), settled
+        beats(5)
+        assert announced() == settled  # five beats, leases renewed: nothing to announce
+        run.set_mode(conn, "perjob")  # a content change (another process's commit)
+        wait_for(lambda: len(announced()) > len(settled), 60)
+        conn.close()
+
+
+@pytest.mark.integration
 def test_reconcile_boot_reset_fails_node_down_with_reason(site: Site, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A node reported ready while no driver ran, but its boot file cannot be rewritten (a
