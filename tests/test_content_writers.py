@@ -24,6 +24,8 @@ INSIDE_CALLERS_TRANSACTION = {
     "pxe/run.py": {"_finish_runs"},
     "pxe/setboot.py": {"_record"},
     "pxe/states.py": {"enter", "transition", "set_node"},
+    # `state copy`: the target's own psycopg transaction, which also sets its stamp row
+    "pxe/statecopy.py": {"_clear_target", "_copy_tables"},
 }
 
 
