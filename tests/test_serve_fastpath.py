@@ -417,3 +417,20 @@ def test_unusual_requests_are_left_to_the_framework(served, request_bytes):
     assert srv.handed_off, "answered by the fast path"
     assert (status, body) in ((200, srv.small), (400, b"Invalid HTTP request received."),
                               (404, b"Not Found"))  # Starlette's for an absolute-form target
+
+
+def test_a_failure_while_answering_costs_one_connection(served, monkeypatch):
+    from pxe.serve import http as serve_http
+
+    srv = served
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise OSError("disk on fire")
+
+    with monkeypatch.context() as m:
+        m.setattr(serve_http, "FileAnswer", broken)
+        with connect(srv) as s:
+            s.sendall(b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert closed_by_server(s, 5)
+    with httpx.Client(timeout=10) as client:  # the worker goes on
+        assert client.get(f"{srv.url}/boot/small.cfg").content == srv.small

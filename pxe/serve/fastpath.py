@@ -259,7 +259,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                     if self.eof:
                         self.transport.close()  # nothing more to answer
                     elif len(buf) > MAX_HEAD:
-                        self._finish_with_error(431)
+                        self._too_large()
                     elif buf.find(b"\n\n") >= 0:
                         self._hand_off()  # bare-LF request: h11's to judge
                     elif not self.reading:
@@ -267,13 +267,18 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                         self.transport.resume_reading()
                     return
                 if end > MAX_HEAD:
-                    self._finish_with_error(431)
+                    self._too_large()
                     return
                 head = bytes(buf[:end])
                 del buf[:end + 4]
                 self.in_next = True
                 try:
                     ours = self._answer(head)
+                except Exception:  # a bug or a broken disk: this connection, not the worker
+                    log.exception("HTTP %s: answering %r failed", self.peer, head[:200])
+                    self._stop_sending()
+                    self.transport.abort()
+                    return
                 finally:
                     self.in_next = False
                 if not ours:
@@ -384,11 +389,12 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             if close:
                 self.transport.close()  # after what it holds is out
 
-        def _finish_with_error(self, status: int) -> None:
-            body = (b"request header too large\n" if status == 431 else b"bad request\n")
+        def _too_large(self) -> None:
+            """431 and close: request line + headers over MAX_HEAD (bounded memory)."""
             self.buf.clear()
-            self._write(status, [(b"content-type", _TEXT)], body, False, True)
             self.closing = True
+            self._write(431, [(b"content-type", _TEXT)], b"request header too large\n", False,
+                        True)
 
         # -- the body of a large answer -------------------------------------------------------
         def _write_body(self) -> None:
