@@ -78,3 +78,14 @@ def test_openat2_answers_the_common_case_alone(tmp_path, monkeypatch):
     assert _outcome(root, "blobs/k") == b"kernel"
     assert _outcome(root, "rel-inside") == b"kernel"
     assert _outcome(root, "nothing/here") is files.Missing
+
+
+def test_a_root_replaced_under_its_name_is_served_soon(tmp_path, monkeypatch):
+    root = _tree(tmp_path)
+    assert _outcome(root, "blobs/k") == b"kernel"
+    os.rename(root, root + ".old")
+    os.makedirs(root + "/blobs")
+    Path(root, "blobs", "k").write_bytes(b"new kernel")
+    Path(root, "blobs", "k").chmod(0o644)
+    monkeypatch.setattr(files, "ROOT_FD_AGE", 0.0)  # (normally: within a second)
+    assert _outcome(root, "blobs/k") == b"new kernel"

@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import stat
+import time
 
 
 class Refused(Exception):
@@ -109,7 +110,8 @@ _HOW = _OpenHow(os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, 0,
                 _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
 _HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_HOW))
 _HOW_REF = ctypes.byref(_HOW)
-_root_fds: dict[str, int] = {}
+ROOT_FD_AGE = 1.0  # seconds an O_PATH fd of a root is used before it is opened again
+_root_fds: dict[str, tuple[int, float]] = {}  # root -> (O_PATH fd, when opened)
 _libc: list = []  # [syscall function], or [None] once openat2 turned out to be unavailable
 
 
@@ -125,13 +127,9 @@ def _open_beneath(root: str, rel: str) -> int | None:
     syscall = _libc[0]
     if syscall is None:
         return None
-    dirfd = _root_fds.get(root)
+    dirfd = _root_dir(root)
     if dirfd is None:
-        try:
-            dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        _root_fds[root] = dirfd
+        return None
     fd = syscall(_SYS_OPENAT2, dirfd, rel.encode("utf-8", "surrogateescape"), _HOW_REF,
                  _HOW_SIZE)
     if fd >= 0:
@@ -142,3 +140,21 @@ def _open_beneath(root: str, rel: str) -> int | None:
     if err in (errno.ENOSYS, errno.EINVAL):
         _libc[0] = None  # an old kernel (or a filter): the portable way from now on
     return None  # EXDEV (a way out, or an absolute symlink), EACCES, ELOOP...: realpath judges
+
+
+def _root_dir(root: str) -> int | None:
+    """An O_PATH fd of ``root``, opened again every ROOT_FD_AGE seconds: a root directory
+    replaced under its name (moved away, made anew) is served within a second, as by name."""
+    now = time.monotonic()
+    held = _root_fds.get(root)
+    if held is not None:
+        if now - held[1] < ROOT_FD_AGE:
+            return held[0]
+        del _root_fds[root]
+        os.close(held[0])
+    try:
+        dirfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    _root_fds[root] = (dirfd, now)
+    return dirfd
