@@ -220,7 +220,8 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     only that segment's nodes (pxe.segments) - each boot server renders its own.
 
     The DHCP config is rendered and checked only when what it is made of changed since it was
-    installed (pxe.dhcpinputs): a set-boot changes nothing in it.
+    installed (pxe.dhcpinputs: the database's DHCP-facts generation, no node read): a set-boot
+    changes nothing in it.
     """
     from pxe import dhcp, dhcpinputs, render, segments, stage
 
@@ -246,15 +247,16 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        snapshot = dhcpinputs.read(inv.conn, mine)
-        if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
+        # Rendered from the same inputs, accepted, intact: one row read, no node.
+        if dhcpinputs.installed(cfg, dhcpinputs.generation(inv.conn), mine):
             dhcp_changed = False
         else:
+            snapshot = dhcpinputs.read(inv.conn, mine)
             text = renderer.dhcp_config(snapshot.hosts())
             used = set(renderer.read_templates)
             with render.naming_template(renderer):
                 dhcp_changed = dhcp.install(cfg, text, reload=reload)
-            dhcpinputs.save(cfg, snapshot, used)
+            dhcpinputs.save(cfg, snapshot, used, mine)
         if cfg.boot.write_files or servers:
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)
