@@ -45,6 +45,7 @@ class Node:
     used: bool = False
     updated: float = 0.0
     segment: str = ""  # the boot server's segment ('' = the primary's; pxe.segments)
+    boot_set: float | None = None  # when set-boot last chose its next boot (run recovery reads it)
 
     def public(self) -> dict[str, Any]:
         """The node as shown by list/show/--json: no token (it is a credential)."""
@@ -65,6 +66,7 @@ def _node_from_row(row: sqlite3.Row, macs: Sequence[str]) -> Node:
         current_version=row["current_version"] if row["current_os"] else None,
         boot_target=row["boot_target"], boot_token=row["boot_token"], state=row["state"],
         state_reason=row["state_reason"], used=bool(row["used"]), updated=row["updated"],
+        boot_set=row["boot_set"],
     )
 
 
