@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,7 +59,7 @@ class BootSet:
 
 
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
-             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> list[BootSet]:
+             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> BootSets:
     """Point the nodes' next network boot at image ``label`` (or at their local disk if None).
 
     A new one-time call-home token is issued for every node sent to an image. ``keep_tokens``
@@ -81,7 +81,6 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             _check_known(inv.conn, names)  # unknown nodes are named first, the label then
             raise
     token_text = _token_text(len(names)) if image else ""
-    target = "os" if image else "local"
     with atomic.locked(cfg.lock_path):
         try:
             with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
@@ -89,7 +88,6 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
                                   token_text, keep_tokens)
                 if changed != len(names):
                     raise _Refused  # rolled back: nothing changed
-                kept = None if image else _desired_and_tokens(inv.conn, names)
                 db.log_event(inv.conn, "set-boot", None,
                              _detail(spec, names, label, keep_tokens))
         except _Refused:
@@ -108,11 +106,50 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             for node in inv.select(names):
                 files.update(renderer.node_boot_files(node, image))
             stage.write_files(cfg, files)
-    if image:
-        return [BootSet(n, target, label, token_text[i:i + TOKEN_CHARS])
-                for i, n in zip(range(0, TOKEN_CHARS * len(names), TOKEN_CHARS), names, strict=True)]
-    return [BootSet(n, target, desired, token if keep_tokens else None)
-            for n, (desired, token) in zip(names, kept or (), strict=True)]
+    return BootSets(names, label, token_text, keep_tokens, inv.conn)
+
+
+class BootSets(Sequence[BootSet]):
+    """What set-boot recorded, node by node, made when first used: a command that only counts
+    them (the CLI) skips 10,000 BootSet objects and, for the local disk, the read of each node's
+    image and token (read then, from ``conn``: keep it open until used)."""
+
+    def __init__(self, names: list[str], label: str | None, token_text: str,
+                 keep_tokens: bool, conn: sqlite3.Connection):
+        self.names, self._label, self._token_text = names, label, token_text
+        self._keep_tokens, self._conn = keep_tokens, conn
+        self._items: list[BootSet] | None = None
+
+    def _made(self) -> list[BootSet]:
+        if self._items is None:
+            names, label, text = self.names, self._label, self._token_text
+            if label is not None:
+                self._items = [BootSet(n, "os", label, text[i:i + TOKEN_CHARS]) for i, n in
+                               zip(range(0, TOKEN_CHARS * len(names), TOKEN_CHARS), names,
+                                   strict=True)]
+            else:
+                rows = _desired_and_tokens(self._conn, names)
+                self._items = [BootSet(n, "local", desired, token if self._keep_tokens else None)
+                               for n, (desired, token) in zip(names, rows, strict=True)]
+            self._conn = None  # type: ignore[assignment]  # not needed any more
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+        return self._made()[index]
+
+    def __iter__(self) -> Iterator[BootSet]:
+        return iter(self._made())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"BootSets({len(self)} node(s), {self._label or 'local'})"
 
 
 class _Refused(Exception):
