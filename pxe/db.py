@@ -336,13 +336,17 @@ CREATE INDEX servers_segment ON servers(segment, role);
 # removed): `render` compares it with the one its installed config was rendered from instead of
 # reading and hashing every node's facts. Random, not a counter: a database restored from a
 # backup never matches a newer record. A set-boot, a report or a state change touches no column
-# the triggers watch (UPDATE OF) and an unchanged value does not count (WHEN).
+# the triggers watch (UPDATE OF) and an unchanged value does not count (WHEN). Existing nodes
+# get their last per-node ``set-boot`` event's time, so recovery reads the same across the upgrade.
 # PostgreSQL: its own text (dbbackend_pg.PG_MIGRATIONS), one plpgsql trigger function.
 _GENERATION = "UPDATE dhcp_generation SET value = lower(hex(randomblob(8))) WHERE id = 1"
 _FACT_CHANGED = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in (
     "name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool"))
+_BOOT_SET_FROM_EVENTS = ("UPDATE nodes SET boot_set = (SELECT MAX(e.ts) FROM events e "
+                         "WHERE e.node = nodes.name AND e.kind = 'set-boot')")
 GENERATION_V8 = f"""
 ALTER TABLE nodes ADD COLUMN boot_set REAL;
+{_BOOT_SET_FROM_EVENTS};
 CREATE TABLE dhcp_generation (
     id    INTEGER PRIMARY KEY CHECK (id = 1),
     value TEXT NOT NULL

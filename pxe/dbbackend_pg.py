@@ -637,6 +637,8 @@ _FACTS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups",
 PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: (
         "ALTER TABLE nodes ADD COLUMN boot_set DOUBLE PRECISION",
+        "UPDATE nodes SET boot_set = (SELECT MAX(e.ts) FROM events e "
+        "WHERE e.node = nodes.name AND e.kind = 'set-boot')",  # as db.GENERATION_V8
         "CREATE TABLE dhcp_generation (id BIGINT PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL)",
         f"INSERT INTO dhcp_generation(id, value) VALUES (1, {_NEW_GENERATION})",
         f"CREATE FUNCTION {_GENERATION_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "

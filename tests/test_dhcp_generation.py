@@ -144,3 +144,40 @@ def test_the_triggers_watch_exactly_the_dhcp_host_columns(tmp_path: Path):
 
     assert dbbackend_pg._FACTS == dhcpinputs.HOST_COLUMNS
     conn.close()
+
+
+@pytest.mark.integration
+def test_postgresql_upgrade_from_7_backfills_boot_set_and_keeps_a_generation(monkeypatch):
+    """PostgreSQL's own text of migration 8 on a version-7 database with data."""
+    import pg_support
+
+    cluster = pg_support.shared()
+    url = cluster.new_store()
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(db, "MIGRATIONS", db.MIGRATIONS[:7])
+            m.setattr(db, "SCHEMA_VERSION", 7)
+            conn = db.connect(url)
+            with db.transaction(conn):
+                conn.execute("INSERT INTO nodes(name, ip) VALUES ('n001', '10.0.0.1'), "
+                             "('n002', NULL)")
+                conn.execute("INSERT INTO events(ts, node, kind) VALUES (5.0, 'n001', 'set-boot'), "
+                             "(6.0, 'n001', 'set-boot'), (7.0, 'n002', 'report-ready')")
+            conn.close()
+        conn = db.connect(url)
+        from pxe import dbbackend_pg
+
+        assert dbbackend_pg.schema_version(conn) == db.SCHEMA_VERSION >= 8
+        assert [tuple(r) for r in conn.execute("SELECT name, boot_set FROM nodes ORDER BY 1")] \
+            == [("n001", 6.0), ("n002", None)]
+        first = dhcpinputs.generation(conn)
+        assert re.fullmatch(r"[0-9a-f]{32}", first)
+        with db.transaction(conn):
+            conn.execute("UPDATE nodes SET boot_set = 9.0, state = 'off'")  # not a DHCP fact
+        assert dhcpinputs.generation(conn) == first
+        with db.transaction(conn):
+            conn.execute("UPDATE nodes SET ip = '10.0.0.2' WHERE name = 'n002'")
+        assert dhcpinputs.generation(conn) != first
+        conn.close()
+    finally:
+        cluster.drop_store(url)
