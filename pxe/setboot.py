@@ -210,7 +210,8 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, arch:
 
     SQLite: one statement over the names as a JSON array (json_each), the tokens as one blob
     cut by byte offset (substr of a text would count characters from its start for every row),
-    ~2x cheaper than 10,000 bound rows. Another backend: the same rows, one executemany."""
+    ~2x cheaper than 10,000 bound rows. PostgreSQL: one statement over the names and tokens as
+    arrays. An SQLite older than 3.38: the same rows, one executemany."""
     import time
 
     now = time.time()
@@ -228,6 +229,19 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, arch:
         return conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
                             "updated = ?, boot_set = ? WHERE name IN (SELECT value FROM json_each(?))",
                             (now, now, json.dumps(names))).rowcount
+    if db.is_postgresql(conn):  # the names (and tokens) as arrays: one statement too
+        token = "boot_token" if keep_tokens else "NULL"
+        if label is not None:
+            return conn.execute(
+                "UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = t.token, "
+                "updated = ?, boot_set = ? FROM unnest(?::text[], ?::text[]) AS t(name, token) "
+                "WHERE nodes.name = t.name AND nodes.arch = ?",
+                (label, now, now, names, [token_text[i:i + TOKEN_CHARS] for i in
+                                          range(0, TOKEN_CHARS * len(names), TOKEN_CHARS)],
+                 arch)).rowcount
+        return conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                            "updated = ?, boot_set = ? WHERE name = ANY(?::text[])",
+                            (now, now, names)).rowcount
     if label is not None:
         return conn.executemany(
             "UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = ?, updated = ?, "
