@@ -278,13 +278,15 @@ class Inventory:
 
     def set_boot(self, names: Sequence[str], target: str, label: str | None,
                  tokens: dict[str, str] | None = None) -> None:
-        """Record what each node should boot next (its OS image, or its local disk)."""
+        """Record what each node should boot next (its OS image, or its local disk); its
+        boot_set time too, which the run driver's recovery reads (pxe.setboot.set_boot is the
+        command's way: checks, one event)."""
         now = time.time()
         with db.transaction(self.conn):
             self.conn.executemany(
                 "UPDATE nodes SET boot_target = ?, desired_os = COALESCE(?, desired_os), "
-                "boot_token = ?, updated = ? WHERE name = ?",
-                [(target, label, (tokens or {}).get(n), now, n) for n in names])
+                "boot_token = ?, updated = ?, boot_set = ? WHERE name = ?",
+                [(target, label, (tokens or {}).get(n), now, now, n) for n in names])
 
     def update_state(self, name: str, **fields: Any) -> None:
         allowed = {"state", "state_reason", "current_os", "used", "pool", "boot_token",
