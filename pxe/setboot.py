@@ -91,11 +91,11 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
                 db.log_event(inv.conn, "set-boot", None,
                              _detail(spec, names, label, keep_tokens))
         except _Refused:
-            _check_known(inv.conn, names)
-            assert image is not None  # every node exists: only an arch can differ
+            _check_known(inv.conn, names)  # every node exists after this: an arch differs
             rows = _boot_rows(inv.conn, names)
-            wrong = [n for n in names if rows[n][0] != image.arch]
-            raise InputError(f"image {label} is for {image.arch}; not for node(s) "
+            arch = image.arch if image else "?"
+            wrong = [n for n in names if rows[n][0] != arch]
+            raise InputError(f"image {label} is for {arch}; not for node(s) "
                              f"{', '.join(wrong)}") from None
         if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
             from pxe import stage
@@ -106,7 +106,7 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             for node in inv.select(names):
                 files.update(renderer.node_boot_files(node, image))
             stage.write_files(cfg, files)
-    return BootSets(names, label, token_text, keep_tokens, inv.conn)
+    return BootSets(names, label, token_text, keep_tokens, None if image else inv.conn)
 
 
 class BootSets(Sequence[BootSet]):
@@ -115,7 +115,7 @@ class BootSets(Sequence[BootSet]):
     image and token (read then, from ``conn``: keep it open until used)."""
 
     def __init__(self, names: list[str], label: str | None, token_text: str,
-                 keep_tokens: bool, conn: sqlite3.Connection):
+                 keep_tokens: bool, conn: sqlite3.Connection | None):
         self.names, self._label, self._token_text = names, label, token_text
         self._keep_tokens, self._conn = keep_tokens, conn
         self._items: list[BootSet] | None = None
@@ -131,7 +131,7 @@ class BootSets(Sequence[BootSet]):
                 rows = _desired_and_tokens(self._conn, names)
                 self._items = [BootSet(n, "local", desired, token if self._keep_tokens else None)
                                for n, (desired, token) in zip(names, rows, strict=True)]
-            self._conn = None  # type: ignore[assignment]  # not needed any more
+            self._conn = None  # not needed any more
         return self._items
 
     def __len__(self) -> int:
