@@ -647,7 +647,7 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
         "WHERE e.node = nodes.name AND e.kind = 'set-boot')",  # as db.GENERATION_V8
         "CREATE TABLE dhcp_generation (id BIGINT PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL)",
         f"INSERT INTO dhcp_generation(id, value) VALUES (1, {_NEW_GENERATION})",
-        f"CREATE FUNCTION {_GENERATION_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"CREATE OR REPLACE FUNCTION {_GENERATION_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
         f"UPDATE dhcp_generation SET value = {_NEW_GENERATION} WHERE id = 1; RETURN NULL; END $$",
         *(f"CREATE TRIGGER dhcp_generation_{table} AFTER INSERT OR DELETE OR TRUNCATE ON {table} "
           f"FOR EACH STATEMENT EXECUTE FUNCTION {_GENERATION_FN}()"
