@@ -10,7 +10,6 @@ the old or the new file, never half of one.
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -87,5 +86,7 @@ def install_loaders(cfg: Config) -> dict[str, str]:
 
 
 def copy_tree_file(src: Path, dest: Path) -> None:
+    import shutil  # (with bz2, lzma: ~2 ms) only when a file is copied
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
