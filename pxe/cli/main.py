@@ -25,6 +25,7 @@ COMMANDS = (
     "initramfs",
     "serve",
     "segments",
+    "state",
     "api",
     "units",
     "explain",
