@@ -8,7 +8,6 @@ image can never be half-replaced under a booting node.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sqlite3
 import time
@@ -69,6 +68,8 @@ def check_kernel_header(head: bytes, name: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib  # (OpenSSL's, ~2 ms to load) only when a blob is hashed
+
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -125,6 +126,8 @@ def _stage(fh: IO[bytes], role: str, name: str, roots: list[Path], cap: int) -> 
     import tempfile  # with shutil, random...: only when an image is added
 
     fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=store)
+    import hashlib
+
     digest, size = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as fout:
