@@ -122,7 +122,7 @@ def lookup(path: str | os.PathLike[str], text: str, st: os.stat_result) -> Confi
                   for name, fields in zip(SECTIONS, sections, strict=True)}
     except (TypeError, ValueError):
         return None
-    if str(values["paths"].state_dir) != state_dir:
+    if values["paths"].state_dir != Path(state_dir):  # (as pathlib compares: "/x/" is "/x")
         return None
     return config.Config(path=Path(path), raw=raw, **values)
 
@@ -130,8 +130,8 @@ def lookup(path: str | os.PathLike[str], text: str, st: os.stat_result) -> Confi
 def store(cfg: Config, text: str, st: os.stat_result) -> None:
     """Keep ``cfg`` (checked from ``text``, fstat ``st``) for the next command, if its state
     folder exists and the scan will find it there; silently nothing when it cannot."""
-    state_dir = str(cfg.paths.state_dir)
-    if state_dir_of(text) != state_dir or not os.path.isdir(state_dir):
+    scanned, state_dir = state_dir_of(text), str(cfg.paths.state_dir)
+    if scanned is None or Path(scanned) != cfg.paths.state_dir or not os.path.isdir(state_dir):
         return
     try:
         sections = tuple(tuple(_encode(v) for v in getattr(cfg, name)._values())

@@ -131,6 +131,14 @@ def test_no_cache_without_the_state_folder_or_for_a_state_dir_written_otherwise(
     assert not configcache.cache_path(tmp_path / "state").exists()
 
 
+def test_a_state_dir_written_with_a_trailing_slash_is_cached(tmp_path):
+    path = make(tmp_path)
+    path.write_text(path.read_text().replace(f'state_dir = "{tmp_path / "state"}"',
+                                             f'state_dir = "{tmp_path / "state"}/"'))
+    full = config.load(path)
+    assert cached(path) == full
+
+
 def test_the_scan_finds_only_a_plainly_written_state_dir():
     scan = configcache.state_dir_of
     assert scan('[paths]\nstate_dir = "/var/lib/dynprov"  # here\n') == "/var/lib/dynprov"
