@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
 from pxe import assets
@@ -25,13 +24,36 @@ if TYPE_CHECKING:
 _TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 
 
-@dataclass(frozen=True)
 class TemplateSource:
-    """A template's name and the file it is read from."""  # (a docstring: no inspect call)
+    """A template's name and the file it is read from. (A plain class: a dataclass is compiled
+    on every start of `render`, for one record.)"""
 
-    name: str  # e.g. "dhcp/dnsmasq.conf.j2"
-    path: Path
-    override: bool  # True: the site's file under [paths] templates_dir
+    __slots__ = ("name", "path", "override")
+
+    def __init__(self, name: str, path: Path, override: bool) -> None:
+        object.__setattr__(self, "name", name)  # e.g. "dhcp/dnsmasq.conf.j2"
+        object.__setattr__(self, "path", path)
+        object.__setattr__(self, "override", override)  # True: the site's [paths] templates_dir
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def _values(self) -> tuple:
+        return (self.name, self.path, self.override)
+
+    def __reduce__(self) -> tuple:  # pickle and copy build it again through __init__
+        return (TemplateSource, self._values())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not TemplateSource:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"TemplateSource(name={self.name!r}, path={self.path!r}, override={self.override!r})"
 
     def describe(self) -> str:
         return f"{self.path} ({'site override' if self.override else 'packaged'})"

@@ -24,9 +24,10 @@ pytestmark = pytest.mark.integration
 
 # Heavy or needless on this path: the config's parser and checks (tomllib, netaddr), templates
 # (jinja2), the node-set library (ClusterShell), logging, typing/shutil/tempfile/subprocess/socket,
-# the DHCP daemon's checker (pxe.dhcp).
+# the DHCP daemon's checker (pxe.dhcp), image versions (pxe.imageversions: set-boot reads one row).
 NOT_ON_THE_PATH = ("netaddr", "tomllib", "jinja2", "ClusterShell", "logging", "typing", "shutil",
-                   "tempfile", "subprocess", "socket", "pxe.dhcp", "importlib.resources")
+                   "tempfile", "subprocess", "socket", "pxe.dhcp", "importlib.resources",
+                   "pxe.imageversions", "pxe.userfile")
 
 
 def imported(proc: subprocess.CompletedProcess) -> set[str]:
