@@ -13,7 +13,6 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pxe import atomic, db
 from pxe.config import Config
@@ -21,6 +20,7 @@ from pxe.errors import InputError, NotFound
 from pxe.images import Catalog
 from pxe.inventory import Inventory
 
+TYPE_CHECKING = False  # not typing's (~2 ms on every start)
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
     from pxe import render
     from pxe.images import Image
@@ -300,7 +300,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     installed (pxe.dhcpinputs: the database's DHCP-facts generation, no node read): a set-boot
     changes nothing in it.
     """
-    from pxe import dhcp, dhcpinputs, render, segments, stage
+    from pxe import dhcpinputs, render, segments, stage  # pxe.dhcp: only to check or install
 
     inv = inventory or Inventory(cfg)
     mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
@@ -314,6 +314,8 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
+        from pxe import dhcp
+
         text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine).hosts())
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
@@ -331,6 +333,8 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             snapshot = dhcpinputs.read(inv.conn, mine)
             text = renderer.dhcp_config(snapshot.hosts())
             used = set(renderer.read_templates)
+            from pxe import dhcp
+
             with render.naming_template(renderer):
                 dhcp_changed = dhcp.install(cfg, text, reload=reload)
             dhcpinputs.save(cfg, snapshot, used, mine)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 from pxe.config import Config
@@ -35,6 +33,8 @@ def check(cfg: Config, text: str, name: str | None = None) -> None:
         raise DynprovError(f"cannot check the DHCP config: {missing}")
     target = cfg.dhcp.config_file
     target.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # (and subprocess below) only when a config is checked or installed
+
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".check", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -46,6 +46,8 @@ def check(cfg: Config, text: str, name: str | None = None) -> None:
 
 
 def _run_check(cfg: Config, be: DhcpBackend, path: Path) -> None:
+    import subprocess
+
     argv = [*cfg.dhcp.check_command, str(path)] if cfg.dhcp.check_command else be.check_argv(path)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -75,6 +77,8 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
     if missing and not cfg.dhcp.check_command:
         raise DynprovError(f"cannot check the DHCP config: {missing}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -93,6 +97,8 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
 
 
 def run_reload(cfg: Config) -> None:
+    import subprocess
+
     argv = list(cfg.dhcp.reload_command)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
