@@ -6,11 +6,11 @@ Found at ``--config``, else ``$DYNPROV_CONFIG``, else ``/etc/dynprov/dynprov.tom
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pxe import validate
 from pxe.errors import InputError
+from pxe.records import Factory, Record
 
 TYPE_CHECKING = False  # not typing's: every command imports this module (typing costs ~2 ms)
 if TYPE_CHECKING:
@@ -21,57 +21,7 @@ DEFAULT_TEMPLATES_DIR = "/etc/dynprov/templates"  # site overrides of the packag
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class _Record:
-    """A frozen record of one section, declared like a dataclass (annotations in order, class
-    attributes as defaults) with the same constructor, repr, == and hash. A plain class: each
-    @dataclass compiles its methods when its module is imported, ~0.5 ms per class on every
-    command's start (pxe.configcache)."""
-
-    _fields: tuple[str, ...] = ()
-
-    def __init_subclass__(cls) -> None:
-        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        names = self._fields
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments")
-        values = dict(zip(names, args, strict=False))  # fewer args than fields: defaults
-        for key, value in kwargs.items():
-            if key not in names or key in values:
-                raise TypeError(f"{type(self).__name__}() got an unexpected or repeated "
-                                f"argument {key!r}")
-            values[key] = value
-        for name in names:
-            if name not in values:
-                if name not in type(self).__dict__:
-                    raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
-                values[name] = type(self).__dict__[name]
-            object.__setattr__(self, name, values[name])
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"cannot delete field {name!r}")
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in self._fields)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._values())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__qualname__}(" + ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in self._fields) + ")"
-
-
-class Network(_Record):
+class Network(Record):
     interface: str
     subnet: str
     server: str
@@ -80,7 +30,7 @@ class Network(_Record):
     dns: str | None = None
 
 
-class Dhcp(_Record):
+class Dhcp(Record):
     backend: str  # "dnsmasq" or "isc"
     config_file: Path
     reload_command: tuple[str, ...]
@@ -91,7 +41,7 @@ class Dhcp(_Record):
     proxy_unknown: bool = False  # proxy mode: answer PXE for MACs not in the inventory too
 
 
-class Paths(_Record):
+class Paths(Record):
     tftp_root: Path
     http_root: Path
     state_dir: Path
@@ -103,7 +53,7 @@ IPXE_BIOS_LOADER = "undionly.kpxe"  # the default first loaders when [boot] ipxe
 IPXE_UEFI_LOADER = "ipxe.efi"
 
 
-class Boot(_Record):
+class Boot(Record):
     bios_loader: str = "pxelinux.0"
     uefi_loader: str = "grubx64.efi"
     http_port: int = 8080
@@ -117,20 +67,20 @@ class Boot(_Record):
     write_files: bool = False
 
 
-class Groups(_Record):
+class Groups(Record):
     image: str = "fgimage"
     pool: str = "fgpool"
     scheduler_pool: str = "hpc"
 
 
-class Limits(_Record):
+class Limits(Record):
     """Caps on what one command may be asked to do (a typo must not exhaust the server)."""
 
     max_nodes: int = 100_000  # names one node set may expand to; counted before expanding
     import_max_bytes: int = 64 * 1024 * 1024  # a `nodes import` file (CSV/YAML)
 
 
-class State(_Record):
+class State(Record):
     """Where the state lives: the SQLite file under paths.state_dir (url None, the default) or a
     PostgreSQL database shared by several boot servers (docs/admin-guide.md, "Choosing the state
     store")."""
@@ -138,17 +88,17 @@ class State(_Record):
     url: str | None = None
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Record):
     path: Path
     network: Network
     dhcp: Dhcp
     paths: Paths
-    boot: Boot = field(default_factory=Boot)
-    groups: Groups = field(default_factory=Groups)
-    limits: Limits = field(default_factory=Limits)
-    state: State = field(default_factory=State)
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    boot: Boot = Factory(Boot)
+    groups: Groups = Factory(Groups)
+    limits: Limits = Factory(Limits)
+    state: State = Factory(State)
+    raw: dict[str, Any] = Factory(dict)
+    _norepr = ("raw",)
 
     @property
     def db_path(self) -> Path:

@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 CACHE_NAME = "config.cache"
 FORMAT = 1  # bump when the stored tuple changes
 MAX_BYTES = 4 << 20  # the config is at most 1 MiB (pxe.config.MAX_CONFIG_BYTES); its text twice
-# Section fields of Config, in the order stored (each a pxe.config._Record).
+# Section fields of Config, in the order stored (each a pxe.records.Record).
 SECTIONS = ("network", "dhcp", "paths", "boot", "groups", "limits", "state")
-_CODE = ("config.py", "validate.py", "configcache.py")
+_CODE = ("config.py", "validate.py", "configcache.py", "records.py")
 
 
 def cache_path(state_dir: str | os.PathLike[str]) -> Path:

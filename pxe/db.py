@@ -16,10 +16,10 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pxe.errors import DynprovError
+from pxe.records import Record
 
 # -- schema migrations ----------------------------------------------------------------------------
 # The schema is the result of applying MIGRATIONS in order; a fresh database runs all of them, an
@@ -29,8 +29,7 @@ from pxe.errors import DynprovError
 # transaction) so that the list keeps the same shape when a PostgreSQL backend arrives.
 
 
-@dataclass(frozen=True)
-class Migration:
+class Migration(Record):
     version: int
     description: str
     sql: str

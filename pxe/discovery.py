@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
 
 from pxe import db, hwfacts, validate
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
+from pxe.records import Record
 
 TYPE_CHECKING = False  # not typing's: `render` imports this module (typing costs ~2 ms)
 if TYPE_CHECKING:
@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 _KEYS = {"enabled", "image", "max_machines", "min_interval"}
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Record):
     enabled: bool = False
     image: str | None = None  # catalog label of the discovery kernel + provisioning initramfs
     max_machines: int = 1000  # rows kept in the discovered table

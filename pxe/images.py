@@ -11,12 +11,12 @@ import contextlib
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pxe import atomic, db, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
+from pxe.records import Record, asdict
 
 TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
 if TYPE_CHECKING:
@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 BLOBS = "blobs"
 
 
-@dataclass(frozen=True)
-class Image:
+class Image(Record):
     label: str
     kernel_sha: str
     initrd_sha: str | None = None
@@ -110,8 +109,7 @@ def check_prov_seconds(value: object, what: str = "--prov-seconds") -> int:
 
 
 # -- the blob store ---------------------------------------------------------------------------
-@dataclass
-class _Staged:
+class _Staged(Record, frozen=False):
     """One input copied into a private temp file inside the first root's blob store."""
 
     role: str

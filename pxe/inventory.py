@@ -8,11 +8,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
 
 from pxe import db, validate
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
+from pxe.records import Record, asdict, replace
 
 TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
 if TYPE_CHECKING:
@@ -22,8 +22,7 @@ FIELDS = ("name", "macs", "ip", "arch", "firmware", "bmc_type", "bmc_address", "
           "bmc_user", "bmc_secret", "groups", "pool", "current_os", "desired_os", "segment")
 
 
-@dataclass(frozen=True)
-class Node:
+class Node(Record):
     name: str
     macs: tuple[str, ...]
     ip: str | None = None
@@ -40,13 +39,14 @@ class Node:
     current_version: int | None = None  # the image version it booted (pxe.imageversions)
     desired_os: str | None = None
     boot_target: str = "local"
-    boot_token: str | None = field(default=None, repr=False)
+    boot_token: str | None = None
     state: str = "unknown"
     state_reason: str = ""
     used: bool = False
     updated: float = 0.0
     segment: str = ""  # the boot server's segment ('' = the primary's; pxe.segments)
     boot_set: float | None = None  # when set-boot last chose its next boot (run recovery reads it)
+    _norepr = ("boot_token",)  # a credential: kept out of repr, as out of logs
 
     def public(self) -> dict[str, Any]:
         """The node as shown by list/show/--json: no token (it is a credential)."""

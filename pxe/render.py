@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from functools import cached_property
 
 from pxe import validate
@@ -23,6 +22,7 @@ from pxe.dhcpinputs import DhcpHost
 from pxe.errors import DynprovError
 from pxe.images import Image
 from pxe.inventory import Node
+from pxe.records import Record
 from pxe.templatefiles import TemplateSource, find_template
 
 PXELINUX_DIR = "pxelinux.cfg"
@@ -35,8 +35,7 @@ SHARED_TEMPLATES = {f"{PXELINUX_DIR}/default": "boot/pxelinux-default.cfg.j2",
                     "boot.ipxe": "boot/ipxe-main.j2"}
 
 
-@dataclass(frozen=True)
-class NetView:
+class NetView(Record):
     """Network facts the DHCP templates need, precomputed once."""
 
     interface: str

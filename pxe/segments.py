@@ -19,12 +19,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pxe import db, validate
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
+from pxe.records import Record, replace
 
 PRIMARY = ""  # the segment of nodes without a row: served by the primary
 _CHUNK = 500
@@ -32,8 +32,7 @@ _KEYS = {"name", "primary_url", "fetch_max_mb", "fetch_seconds", "heartbeat_seco
          "stale_seconds"}
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
+class SegmentSettings(Record):
     name: str  # '' on the primary
     primary_url: str | None  # http(s)://host[:port] without a trailing slash
     fetch_max_bytes: int
@@ -174,9 +173,7 @@ def pinned(cfg: Config, name: str | None) -> Config:
     part of one server (boot configs, call-home's driver start, render) agrees on its segment."""
     if name is None:
         return cfg
-    import dataclasses
-
     chosen = load(cfg, name).name  # checks the name and the rest of [segment]
     section = dict(cfg.raw.get("segment") or {})
     section["name"] = chosen
-    return dataclasses.replace(cfg, raw={**cfg.raw, "segment": section})
+    return replace(cfg, raw={**cfg.raw, "segment": section})

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 from pxe import atomic, db
 from pxe.config import Config
 from pxe.errors import InputError, NotFound
 from pxe.images import Catalog
 from pxe.inventory import Inventory
+from pxe.records import Factory, Record
 
 TYPE_CHECKING = False  # not typing's (~2 ms on every start)
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
@@ -26,14 +26,13 @@ if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something
     from pxe.images import Image
 
 
-@dataclass
-class RenderReport:
+class RenderReport(Record, frozen=False):
     dhcp_changed: bool
     boot_files: int
     boot_changed: int
     pruned: list[str]
     loaders: dict[str, str]
-    sources: dict[str, render.TemplateSource] = field(default_factory=dict)  # template -> file
+    sources: dict[str, render.TemplateSource] = Factory(dict)  # template -> file
 
 
 class BootSet:

@@ -5,14 +5,13 @@ PostgreSQL under DYNPROV_TEST_STATE=postgresql (its own trigger functions)."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pxe import db, dhcpinputs, pools, segments, servers, states
+from pxe import db, dhcpinputs, pools, records, segments, servers, states
 from pxe.images import Catalog
 from pxe.inventory import Inventory, build
 from pxe.power import agent
@@ -35,7 +34,7 @@ def _replace(field: str, value: object) -> Callable:
     """`nodes import` over an existing node (Inventory.add, replace_existing) with one fact changed."""
     def write(cfg, conn) -> None:  # type: ignore[no-untyped-def]
         inv = Inventory(cfg, conn)
-        inv.add([dataclasses.replace(inv.get("n01"), **{field: value})], replace_existing=True)
+        inv.add([records.replace(inv.get("n01"), **{field: value})], replace_existing=True)
     return write
 
 

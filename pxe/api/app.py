@@ -132,9 +132,9 @@ def node_public(node: Any) -> dict[str, Any]:
     tests check it equals Node.public()."""
     global _NODE_FIELDS
     if not _NODE_FIELDS:
-        from dataclasses import fields
+        from pxe.records import fields
 
-        _NODE_FIELDS = tuple(f.name for f in fields(node) if f.name != "boot_token")
+        _NODE_FIELDS = tuple(f for f in fields(node) if f != "boot_token")
     data = {name: getattr(node, name) for name in _NODE_FIELDS}
     data["macs"] = list(node.macs)
     data["groups"] = list(node.groups)
