@@ -10,8 +10,9 @@ node (the last report wins); the discovery table holds the same shape for unknow
 
 from __future__ import annotations
 
-import re
 import time
+
+from pxe.lazyre import lazy
 
 TYPE_CHECKING = False  # cluster-query's rebuild imports this module: no typing, json, pxe.db
 if TYPE_CHECKING:
@@ -21,12 +22,12 @@ if TYPE_CHECKING:
 
 MAX_TEXT = 8192  # bytes of facts text accepted from one report
 MAX_ITEMS = 64  # disks and NICs kept per node
-_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
-_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-_IPV4 = re.compile(r"^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}$")
+_WORD = lazy(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$")
+_MAC = lazy(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IPV4 = lazy(r"^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}$")
 _TEXT_KEYS = {"cpu_model": "cpu_model", "serial": "serial", "vendor": "vendor",
               "product": "product"}
-_PRINTABLE = re.compile(r"[^A-Za-z0-9 ._,:/()@+#-]")
+_PRINTABLE = lazy(r"[^A-Za-z0-9 ._,:/()@+#-]")
 
 
 def _text(value: str) -> str:
@@ -102,7 +103,7 @@ def load(conn: sqlite3.Connection, names: Iterable[str]) -> dict[str, dict[str, 
 # the stored JSON without decoding it (10,000 json.loads cost a cluster-query rebuild 5x its
 # time). Safe: the text is always json.dumps of parse()'s dict, whose keys are fixed and whose
 # values never contain a double quote (_text, _WORD and _MAC allow none).
-_RESOURCE = re.compile(r'"(cpus|memory_mib)": (\d+)')
+_RESOURCE = lazy(r'"(cpus|memory_mib)": (\d+)')
 
 
 def resource_text(conn: sqlite3.Connection, names: Iterable[str] | None = None

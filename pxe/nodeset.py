@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable
 
 from pxe.errors import InputError
+from pxe.lazyre import lazy
 
 TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
 if TYPE_CHECKING:
@@ -25,10 +26,10 @@ MAX_SPEC_CHARS = 131_072
 # What a node set may contain: node-name characters, ranges, and ClusterShell's operators
 # (',' union, '!' difference, '&' intersection, '^' xor). No '@group' (dynprov has no groups
 # source: ClusterShell would silently expand it to nothing), no control characters or NUL.
-_SPEC_CHARS = re.compile(r"[A-Za-z0-9\-\[\],/!&^ ]*")
-_OPERATOR = re.compile(r"[,!&^]")
-_RANGE = re.compile(r"\s*(\d{1,30})(?:-(\d{1,30}))?(?:/(\d{1,30}))?\s*")
-_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_SPEC_CHARS = lazy(r"[A-Za-z0-9\-\[\],/!&^ ]*")
+_OPERATOR = lazy(r"[,!&^]")
+_RANGE = lazy(r"\s*(\d{1,30})(?:-(\d{1,30}))?(?:/(\d{1,30}))?\s*")
+_NAME = lazy(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def max_nodes(cfg: Config | None) -> int:
@@ -112,7 +113,7 @@ def expand(spec: str | Iterable[str], limit: int = DEFAULT_MAX_NODES) -> list[st
 
 # One pattern with one bracket group of plain numbers and ranges (n[001-128], gpu[1-4,9]-ib):
 # what set-boot is given nearly always, expanded here without importing ClusterShell.
-_SIMPLE = re.compile(r"([A-Za-z0-9-]*)\[(\d{1,18}(?:-\d{1,18})?(?:,\d{1,18}(?:-\d{1,18})?)*)\]"
+_SIMPLE = lazy(r"([A-Za-z0-9-]*)\[(\d{1,18}(?:-\d{1,18})?(?:,\d{1,18}(?:-\d{1,18})?)*)\]"
                      r"([A-Za-z0-9-]*)")
 
 
@@ -124,17 +125,20 @@ def _simple_range(spec: str) -> list[str] | None:
     if m is None:
         return None
     prefix, group, suffix = m.groups()
-    numbers = re.split("[-,]", group)
+    numbers = group.replace("-", ",").split(",")
     width = len(numbers[0])
     padded = any(len(x) > 1 and x[0] == "0" for x in numbers)
     if padded and any(len(x) != width for x in numbers):
         return None
-    values: set[int] = set()
+    ranges = []
     for item in group.split(","):
         first, _, last = item.partition("-")
-        values.update(range(int(first), int(last or first) + 1))
-    fmt = f"{prefix}{{:0{width if padded else 0}d}}{suffix}"
-    names = [fmt.format(v) for v in sorted(values)]
+        ranges.append(range(int(first), int(last or first) + 1))
+    # One range (n[00000-09999]) is already sorted and distinct: no set of 10,000 numbers.
+    values = ranges[0] if len(ranges) == 1 else sorted({v for r in ranges for v in r})
+    # %-formatting: the fastest way to 10,000 names (the prefix and suffix hold no '%').
+    fmt = f"{prefix}%0{width}d{suffix}" if padded else f"{prefix}%d{suffix}"
+    names = [fmt % v for v in values]
     # Every name has the same characters around its digits: the first and the longest (last)
     # stand for all of them.
     for name in (names[0], names[-1]):

@@ -10,18 +10,18 @@ DHCP config (pxe.dhcpinputs.key) finds its template files without importing the 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 
 from pxe import assets
 from pxe.errors import DynprovError, NotFound
+from pxe.lazyre import lazy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pxe.config import Config
 
-_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+_TEMPLATE_NAME = lazy(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
 
 
 class TemplateSource:

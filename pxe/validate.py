@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 
 from pxe.errors import InputError
+from pxe.lazyre import lazy
 
 # RFC 1123 host label; HPC node names such as n001, cn-12, gpu3.
-_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_HOSTNAME = lazy(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # Image labels, pool and group names: the same set users write in `msub -l os=...`.
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
-_SECRET_REF = re.compile(r"^(?:file:/[A-Za-z0-9._/-]+|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
+_LABEL = lazy(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UNIX_NAME = lazy(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
+_SECRET_REF = lazy(r"^(?:file:/[A-Za-z0-9._/-]+|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
 
 ARCHES = ("x86_64", "aarch64")
 FIRMWARES = ("bios", "uefi")
