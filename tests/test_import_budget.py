@@ -24,10 +24,14 @@ pytestmark = pytest.mark.integration
 
 # Heavy or needless on this path: the config's parser and checks (tomllib, netaddr), templates
 # (jinja2), the node-set library (ClusterShell), logging, typing/shutil/tempfile/subprocess/socket,
-# the DHCP daemon's checker (pxe.dhcp), image versions (pxe.imageversions: set-boot reads one row).
+# the DHCP daemon's checker (pxe.dhcp), image versions (pxe.imageversions: set-boot reads one row),
+# dataclasses and what it imports.
 NOT_ON_THE_PATH = ("netaddr", "tomllib", "jinja2", "ClusterShell", "logging", "typing", "shutil",
                    "tempfile", "subprocess", "socket", "pxe.dhcp", "importlib.resources",
-                   "pxe.imageversions", "pxe.userfile")
+                   "pxe.imageversions", "pxe.userfile",
+                   # dataclasses (with inspect, ast, dis, tokenize) was ~17 ms of every start:
+                   # the records on the path are pxe.records.Record
+                   "dataclasses", "inspect", "ast", "dis", "tokenize")
 
 
 def imported(proc: subprocess.CompletedProcess) -> set[str]:
