@@ -207,3 +207,16 @@ def test_the_fast_path_does_not_import_clustershell():
             " print('ClusterShell' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.unit
+def test_tokens_are_what_token_urlsafe_24_makes(monkeypatch):
+    import base64
+
+    import pxe.setboot as setboot
+
+    monkeypatch.setattr(setboot.os, "urandom", lambda n: bytes(range(256)) * (n // 256) +
+                        bytes(range(n % 256)))
+    data = setboot.os.urandom(24 * 300)
+    assert setboot._token_text(300) == base64.urlsafe_b64encode(data).decode("ascii")
+    assert all(len(t) == setboot.TOKEN_CHARS for t in setboot._tokens(300))
