@@ -116,7 +116,7 @@ def _defaults_of(cls: type) -> dict[str, Any]:
 
 def _compile_init(cls: type[Record]) -> Callable[..., None]:
     """``__init__(self, a, b=<default>, ...)`` of ``cls``'s fields: a real signature (Python's own
-    errors for a missing or unknown argument) and plain stores (frozen: into ``__dict__``)."""
+    errors for a missing or unknown argument) and one store into ``__dict__``."""
     defaults = _defaults_of(cls)
     params, body, namespace = [], [], {"_MISSING": _MISSING}
     for name in cls._fields:
@@ -129,11 +129,8 @@ def _compile_init(cls: type[Record]) -> Callable[..., None]:
         else:
             namespace[f"_default_{name}"] = defaults[name]
             params.append(f"{name}=_default_{name}")
-    if cls._frozen:
-        pairs = ", ".join(f"{name!r}: {name}" for name in cls._fields)
-        body.append(f"    self.__dict__.update({{{pairs}}})")
-    else:
-        body.extend(f"    self.{name} = {name}" for name in cls._fields)
+    pairs = ", ".join(f"{name!r}: {name}" for name in cls._fields)
+    body.append(f"    self.__dict__.update({{{pairs}}})")  # past __setattr__ (frozen or not)
     source = f"def __init__(self, {', '.join(params)}):\n" + ("\n".join(body) or "    pass")
     exec(source, namespace)  # noqa: S102 - our own field names (identifiers), as dataclasses does
     init = namespace["__init__"]
