@@ -31,7 +31,8 @@ NOT_ON_THE_PATH = ("netaddr", "tomllib", "jinja2", "ClusterShell", "logging", "t
                    "pxe.imageversions", "pxe.userfile",
                    # dataclasses (with inspect, ast, dis, tokenize) was ~17 ms of every start:
                    # the records on the path are pxe.records.Record
-                   "dataclasses", "inspect", "ast", "dis", "tokenize")
+                   "dataclasses", "inspect", "ast", "dis", "tokenize",
+                   "base64")  # set-boot's tokens: binascii, as base64 encodes them
 
 
 def imported(proc: subprocess.CompletedProcess) -> set[str]:

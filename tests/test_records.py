@@ -115,3 +115,20 @@ def test_lazy_pattern_compiles_on_first_use_only():
     assert pattern.split("an1b") == ["a", "1", "b"] and pattern.search("an3").group(1) == "3"
     assert pattern.match("q") is None and pattern.pattern == r"n(\d+)"
     assert [m.group(1) for m in pattern.finditer("n4 n5")] == ["4", "5"]
+
+
+def test_modules_on_the_path_compile_no_pattern_at_import():
+    import subprocess
+    import sys
+
+    code = ("import re\n"
+            "from pxe import hwfacts, nodeset, templatefiles, validate\n"
+            "from pxe.lazyre import lazy\n"
+            "mods = (hwfacts, nodeset, templatefiles, validate)\n"
+            "lazies = [v for m in mods for v in vars(m).values() if isinstance(v, lazy)]\n"
+            "eager = [n for m in mods for n, v in vars(m).items() if isinstance(v, re.Pattern)]\n"
+            "cached = {key[1] for key in re._cache}\n"
+            "print(len(lazies), eager, [p.pattern for p in lazies if p.pattern in cached])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split(" ", 1)
+    assert int(out[0]) >= 14 and out[1].strip() == "[] []"
