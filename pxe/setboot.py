@@ -236,7 +236,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
-        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine).hosts())
+        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine))
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
         files = renderer.all_boot_files(nodes(), images())
@@ -250,7 +250,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
             dhcp_changed = False
         else:
-            text = renderer.dhcp_config(snapshot.hosts())
+            text = renderer.dhcp_config(snapshot)
             used = set(renderer.read_templates)
             with render.naming_template(renderer):
                 dhcp_changed = dhcp.install(cfg, text, reload=reload)
@@ -268,4 +268,5 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             from pxe.serve import standard_configs
 
             standard_configs.write(cfg)
+        renderer.keep_compiled()  # the next process loads the templates compiled
     return RenderReport(dhcp_changed, len(files), changed, pruned, loaders, renderer.sources)
