@@ -45,14 +45,29 @@ def check(cfg: Config, text: str, name: str | None = None) -> None:
             os.unlink(tmp)
 
 
-def _run_check(cfg: Config, be: DhcpBackend, path: Path) -> None:
+def _run_check(cfg: Config, be: DhcpBackend, path: Path, meanwhile=None) -> None:
+    """The daemon's check of ``path``; ``meanwhile`` (if given) runs while the daemon reads."""
     argv = [*cfg.dhcp.check_command, str(path)] if cfg.dhcp.check_command else be.check_argv(path)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
         raise DynprovError(f"DHCP config check {argv[0]} could not run: {exc}") from None
+    with proc:
+        try:
+            if meanwhile is not None:
+                meanwhile()
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise DynprovError(f"DHCP config check {argv[0]} could not run: timed out after "
+                               "120 s") from None
+        except BaseException:
+            proc.kill()
+            raise
     if proc.returncode != 0:
-        complaint = (proc.stderr + proc.stdout).strip().splitlines()
+        complaint = (stderr + stdout).strip().splitlines()
         useful = [line for line in complaint if line.strip()][-6:]
         raise DynprovError(f"{be.name} rejected the rendered config (old config kept):\n  "
                            + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
@@ -62,7 +77,8 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
     """Check and install the DHCP config. Returns False when nothing changed.
 
     The caller holds the render lock. The checked temp file is the one renamed into place,
-    so what was checked is exactly what is installed.
+    so what was checked is exactly what is installed. Its fsync runs while the daemon checks
+    it (the daemon reads the same bytes from the page cache); the rename waits for both.
     """
     target = cfg.dhcp.config_file
     try:
@@ -80,9 +96,8 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        _run_check(cfg, be, Path(tmp))
+            os.fchmod(fh.fileno(), 0o644)
+            _run_check(cfg, be, Path(tmp), meanwhile=lambda: os.fsync(fh.fileno()))
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
