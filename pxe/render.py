@@ -84,6 +84,22 @@ class LazyHosts(Sequence):
         return iter(self._all())
 
 
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while 10,000s of tuples and strings are made: they hold no
+    cycles, and each collection would walk every object alive (the snapshot's rows too) -
+    8-14 ms of a 10,000-host render. Back on (if it was) when the block ends."""
+    import gc
+
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
 def dhcp_host_context(nodes: Snapshot | Iterable[Node | DhcpHost]) -> dict[str, object]:
     """What the DHCP templates see of the nodes, in name order, nodes without a MAC left out:
     ``host_rows``  one (name, macs, ip) tuple per node (ip None when it has none);
@@ -290,9 +306,10 @@ class Renderer:
         name = "dhcp/dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcp/dhcpd.conf.j2"
         if backend == "dnsmasq" and self.cfg.dhcp.mode == "proxy":
             name = "dhcp/dnsmasq-proxy.conf.j2"
-        template = self.template(name)
-        return template.render(net=self.net, boot=self.cfg.boot, dhcp=self.cfg.dhcp,
-                               **dhcp_host_context(nodes))
+        with _collector_paused():
+            template = self.template(name)
+            return template.render(net=self.net, boot=self.cfg.boot, dhcp=self.cfg.dhcp,
+                                   **dhcp_host_context(nodes))
 
     # -- boot loaders ----------------------------------------------------------------------
     def kernel_args(self, node: Node, image: Image) -> str:
