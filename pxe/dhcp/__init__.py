@@ -27,83 +27,119 @@ def backend(name: str) -> DhcpBackend:
     return Dnsmasq()
 
 
-def check(cfg: Config, text: str, name: str | None = None) -> None:
-    """Run the daemon's check on ``text`` in a temp file; raise with its output if rejected."""
-    be = backend(name or cfg.dhcp.backend)
+def _checker(cfg: Config) -> DhcpBackend:
+    be = backend(cfg.dhcp.backend)
     missing = be.validate()
     if missing and not cfg.dhcp.check_command:
         raise DynprovError(f"cannot check the DHCP config: {missing}")
-    target = cfg.dhcp.config_file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".check", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        _run_check(cfg, be, Path(tmp))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    return be
 
 
-def _run_check(cfg: Config, be: DhcpBackend, path: Path, meanwhile=None) -> None:
-    """The daemon's check of ``path``; ``meanwhile`` (if given) runs while the daemon reads."""
-    argv = [*cfg.dhcp.check_command, str(path)] if cfg.dhcp.check_command else be.check_argv(path)
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    except OSError as exc:
-        raise DynprovError(f"DHCP config check {argv[0]} could not run: {exc}") from None
-    with proc:
+class PendingCheck:
+    """A DHCP config written to a temp file beside the installed one, the daemon's check of it
+    running as a child process. ``install()`` waits for the verdict and renames that very file
+    into place only when the daemon accepted it; ``discard()`` drops it. Either way the temp
+    file is gone afterwards. Started early, the check runs while the caller does other work
+    (`set-boot --render`: the set-boot transaction; always: the temp file's fsync)."""
+
+    def __init__(self, cfg: Config, text: str, suffix: str = ".new"):
+        self.cfg = cfg
+        self.be = _checker(cfg)
+        target = cfg.dhcp.config_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix,
+                                         dir=target.parent)
+        self.proc: subprocess.Popen | None = None
         try:
-            if meanwhile is not None:
-                meanwhile()
-            stdout, stderr = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise DynprovError(f"DHCP config check {argv[0]} could not run: timed out after "
-                               "120 s") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o644)
+                cmd = cfg.dhcp.check_command
+                self.argv = [*cmd, self.path] if cmd else self.be.check_argv(Path(self.path))
+                try:
+                    self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True)
+                except OSError as exc:
+                    raise DynprovError(f"DHCP config check {self.argv[0]} could not run: "
+                                       f"{exc}") from None
+                os.fsync(fh.fileno())  # while the daemon reads the same bytes (page cache)
         except BaseException:
-            proc.kill()
+            self.discard()
             raise
-    if proc.returncode != 0:
-        complaint = (stderr + stdout).strip().splitlines()
-        useful = [line for line in complaint if line.strip()][-6:]
-        raise DynprovError(f"{be.name} rejected the rendered config (old config kept):\n  "
-                           + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
+
+    def verdict(self) -> None:
+        """Wait for the daemon's check; raise with its complaint when it rejected the file."""
+        proc = self.proc
+        if proc is None:
+            raise DynprovError("DHCP config check already finished")
+        self.proc = None
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise DynprovError(f"DHCP config check {self.argv[0]} could not run: timed out "
+                                   "after 120 s") from None
+            except BaseException:
+                proc.kill()
+                raise
+        if proc.returncode != 0:
+            complaint = (stderr + stdout).strip().splitlines()
+            useful = [line for line in complaint if line.strip()][-6:]
+            raise DynprovError(f"{self.be.name} rejected the rendered config (old config kept):"
+                               "\n  " + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
+
+    def install(self, reload: bool = True) -> None:
+        """Rename the checked file into place once the daemon accepted it (the caller holds the
+        render lock), then reload."""
+        try:
+            self.verdict()
+            os.replace(self.path, self.cfg.dhcp.config_file)
+        finally:
+            self.discard()
+        if reload:
+            run_reload(self.cfg)
+
+    def discard(self) -> None:
+        """Stop the check if it still runs and remove the temp file (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with proc:
+                proc.kill()
+                proc.communicate()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def unchanged(cfg: Config, text: str) -> bool:
+    """Whether the installed DHCP config is already exactly ``text``."""
+    try:
+        return cfg.dhcp.config_file.read_text() == text
+    except FileNotFoundError:
+        return False
+
+
+def check(cfg: Config, text: str) -> None:
+    """Run the daemon's check on ``text`` in a temp file; raise with its output if rejected."""
+    pending = PendingCheck(cfg, text, suffix=".check")
+    try:
+        pending.verdict()
+    finally:
+        pending.discard()
 
 
 def install(cfg: Config, text: str, reload: bool = True) -> bool:
     """Check and install the DHCP config. Returns False when nothing changed.
 
     The caller holds the render lock. The checked temp file is the one renamed into place,
-    so what was checked is exactly what is installed. Its fsync runs while the daemon checks
-    it (the daemon reads the same bytes from the page cache); the rename waits for both.
+    so what was checked is exactly what is installed.
     """
-    target = cfg.dhcp.config_file
-    try:
-        if target.read_text() == text:
-            return False
-    except FileNotFoundError:
-        pass
-    be = backend(cfg.dhcp.backend)
-    missing = be.validate()
-    if missing and not cfg.dhcp.check_command:
-        raise DynprovError(f"cannot check the DHCP config: {missing}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o644)
-            _run_check(cfg, be, Path(tmp), meanwhile=lambda: os.fsync(fh.fileno()))
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    if reload:
-        run_reload(cfg)
+    if unchanged(cfg, text):
+        return False
+    PendingCheck(cfg, text).install(reload)
     return True
 
 
