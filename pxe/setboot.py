@@ -23,6 +23,7 @@ from pxe.inventory import Inventory
 
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
     from pxe import render
+    from pxe.dhcp import step
     from pxe.images import Image
 
 
@@ -212,7 +213,7 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                servers: bool = False, inventory: Inventory | None = None,
-               segment: str | None = None) -> RenderReport:
+               segment: str | None = None, early: step.Early | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
@@ -220,9 +221,11 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     only that segment's nodes (pxe.segments) - each boot server renders its own.
 
     The DHCP config is rendered and checked only when what it is made of changed since it was
-    installed (pxe.dhcpinputs): a set-boot changes nothing in it.
+    installed (pxe.dhcpinputs): a set-boot changes nothing in it. ``early``: that config
+    rendered and its check started before set-boot's transaction (pxe.dhcp.step.early_start).
     """
     from pxe import dhcp, dhcpinputs, render, segments, stage
+    from pxe.dhcp import step
 
     inv = inventory or Inventory(cfg)
     mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
@@ -230,7 +233,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     def nodes() -> list:
         return [n for n in inv.all() if n.segment == mine]
 
-    renderer = render.Renderer(cfg)
+    renderer = early.renderer if early is not None else render.Renderer(cfg)
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
@@ -246,15 +249,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        snapshot = dhcpinputs.read(inv.conn, mine)
-        if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
-            dhcp_changed = False
-        else:
-            text = renderer.dhcp_config(snapshot)
-            used = set(renderer.read_templates)
-            with render.naming_template(renderer):
-                dhcp_changed = dhcp.install(cfg, text, reload=reload)
-            dhcpinputs.save(cfg, snapshot, used)
+        dhcp_changed = step.install(cfg, inv.conn, mine, renderer, reload, early)
         if cfg.boot.write_files or servers:
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)

@@ -1,0 +1,88 @@
+"""The DHCP step of `render`: the config rendered, checked and installed only when what it is
+made of changed (pxe.dhcpinputs), and the early start `set-boot --render` uses.
+
+Early start: the DHCP config does not depend on boot targets, so `set-boot --render` renders it
+and starts the daemon's check (a child process) before the set-boot transaction, which then runs
+while the daemon reads. Afterwards, under the render lock, install() renames the checked file
+into place only if the DHCP inputs are still those it was rendered from and the daemon passed
+it; otherwise the early file is dropped and the step runs as without it. The install therefore
+never precedes a passing check, and never installs a config older than the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pxe import dhcpinputs
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from pxe.config import Config
+    from pxe.dhcp import PendingCheck
+    from pxe.render import Renderer
+
+
+class Early:
+    """A DHCP config rendered before set-boot's transaction, the daemon's check running on it."""
+
+    __slots__ = ("renderer", "snapshot", "pending")
+
+    def __init__(self, renderer: Renderer, snapshot: dhcpinputs.Snapshot,
+                 pending: PendingCheck | None):
+        self.renderer, self.snapshot, self.pending = renderer, snapshot, pending
+
+    def discard(self) -> None:
+        if self.pending is not None:
+            self.pending.discard()
+
+
+@contextlib.contextmanager
+def early_start(cfg: Config, conn: sqlite3.Connection,
+                segment: str | None = None) -> Iterator[Early | None]:
+    """For `set-boot --render`: when the DHCP config must change, render it and start its check
+    now (None when nothing is to install). Whatever install() did not use is dropped on exit.
+    Only a head start: if anything here fails (a broken template...), None, and the render
+    after set-boot meets the same error where it always did."""
+    from pxe import dhcp, render, segments
+    from pxe.errors import DynprovError
+
+    early = None
+    try:
+        mine = segments.load(cfg, segment).name
+        snapshot = dhcpinputs.read(conn, mine)
+        if not dhcpinputs.installed(cfg, snapshot):
+            renderer = render.Renderer(cfg)
+            text = renderer.dhcp_config(snapshot)
+            if not dhcp.unchanged(cfg, text):
+                early = Early(renderer, snapshot, dhcp.PendingCheck(cfg, text))
+    except (DynprovError, OSError):
+        early = None
+    try:
+        yield early
+    finally:
+        if early is not None:
+            early.discard()
+
+
+def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Renderer,
+            reload: bool = True, early: Early | None = None) -> bool:
+    """Render, check and install ``segment``'s DHCP config unless the installed one is still
+    what its inputs make (the caller holds the render lock). True when a new file went in."""
+    from pxe import dhcp, render
+
+    snapshot = dhcpinputs.read(conn, segment)
+    if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
+        return False
+    with render.naming_template(renderer):
+        if early is not None and early.pending is not None \
+                and early.snapshot.digest == snapshot.digest:
+            pending, early.pending = early.pending, None
+            pending.install(reload)  # waits for the daemon's verdict; renames only on a pass
+            changed = True
+        else:
+            changed = dhcp.install(cfg, renderer.dhcp_config(snapshot), reload=reload)
+    dhcpinputs.save(cfg, snapshot, set(renderer.read_templates))
+    return changed
