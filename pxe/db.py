@@ -457,7 +457,8 @@ def where(target: Path | str) -> str:
     """The store for a message: the file, or the URL without its password."""
     import re
 
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
+    text = re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(target))
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", text)  # libpq takes it as a parameter too
 
 
 def is_postgresql(conn: object) -> bool:

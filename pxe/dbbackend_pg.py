@@ -298,6 +298,12 @@ class PgConnection:
         return self._conn
 
     @property
+    def raw(self) -> psycopg.Connection[Any]:
+        """The psycopg connection itself, for what sqlite3's interface lacks (COPY, server-side
+        cursors: pxe.statecopy)."""
+        return self._raw()
+
+    @property
     def in_transaction(self) -> bool:
         if self._pending is not None:
             return True

@@ -2,8 +2,9 @@
 
 Lines ending in one of SKIP_MARKS are skipped: '# hardware' (a real BMC, the provisioning network,
 a booted node, the lab's VMs), '# system' (changes this host's accounts, sudoers or services),
-'# network' (needs the Debian archive). The rest must exit 0, so a page whose examples go stale
-fails CI. Each page runs in a fresh site (plus SITE_EXTRA[page] appended to its config).
+'# network' (needs the Debian archive), '# postgresql' (needs a PostgreSQL server). The rest
+must exit 0, so a page whose examples go stale fails CI. Each page runs in a fresh site (plus
+SITE_EXTRA[page] appended to its config).
 """
 
 import shlex
@@ -16,7 +17,7 @@ from tools import manpage
 
 pytestmark = pytest.mark.integration
 
-SKIP_MARKS = ("# hardware", "# system", "# network")
+SKIP_MARKS = ("# hardware", "# system", "# network", "# postgresql")
 
 # Per page: TOML appended to the throw-away site's config ({work} = the examples' directory).
 SITE_EXTRA = {

@@ -22,6 +22,7 @@ COMMANDS = (
     "initramfs",
     "serve",
     "segments",
+    "state",
     "api",
     "units",
     "explain",
