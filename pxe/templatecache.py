@@ -97,6 +97,7 @@ class StateBytecodeCache(jinja2.BytecodeCache):
         if not pending:
             return
         with contextlib.suppress(OSError):
+            self.folder.parent.mkdir(parents=True, exist_ok=True)  # the state dir, as render's record
             self.folder.mkdir(mode=0o700, exist_ok=True)
         if not self._ours():
             return
