@@ -97,3 +97,24 @@ def test_a_failed_set_boot_drops_the_early_check(tmp_path):
     proc = site.run("set-boot", "nosuchnode", "--local", "--render", "--no-reload")
     assert proc.returncode == 1 and "unknown node" in proc.stderr
     assert cfg.dhcp.config_file.read_text() == good and leftovers(cfg) == []
+
+
+@pytest.mark.integration
+@needs_dhcpd
+def test_a_template_error_is_met_where_it_always_was(tmp_path):
+    """The early start is only a head start: a broken template gives no early check, and the
+    render after set-boot names the file, as without it."""
+    site, log = counted_site(tmp_path)
+    cfg = site.cfg
+    render_all(cfg, reload=False)
+    good = cfg.dhcp.config_file.read_text()
+    override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
+    override.parent.mkdir(parents=True)
+    override.write_text("{% for h in %}\n")
+    with step.early_start(cfg, Inventory(cfg).conn) as early:
+        assert early is None
+    proc = site.run("set-boot", "n[01-04]", "--local", "--render", "--no-reload")
+    assert proc.returncode == 1 and str(override) in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert cfg.dhcp.config_file.read_text() == good and checks(log) == 1
+    assert leftovers(cfg) == []
