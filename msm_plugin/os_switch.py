@@ -123,15 +123,10 @@ def _main(argv: Sequence[str] | None) -> int:
     conn.close()
     req = provision.start(cfg, names, value, force=args.force,
                           max_seconds=ms.max_run_seconds, pool=scheduler_pool(cfg))
-    if req.started:
-        print(f"{fold(req.started)}: provisioning {value} (run {req.run_id})")
-    for run_id in sorted(set(req.joined.values())):
-        nodes = [n for n, r in req.joined.items() if r == run_id]
-        print(f"{fold(nodes)}: already provisioning {value} (run {run_id})")
-    if req.current:
-        print(f"{fold(req.current)}: already running {value}")
-    for node, reason in req.refused:
-        print(f"{node}: {reason}", file=sys.stderr)
+    for line in req.summary():
+        print(line)
+    for line in req.refusals():  # bare: Moab's CHILDSTDERRCHECK reads these
+        print(line, file=sys.stderr)
     if args.wait and (req.started or req.joined):
         req.results = provision.wait(cfg, [*req.started, *req.joined])
         for name in [*req.started, *req.joined]:

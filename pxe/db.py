@@ -551,6 +551,21 @@ def read_stamp(target: Path | str) -> str:
     return stamp.read(target)
 
 
+def content_stamp(conn: sqlite3.Connection) -> str:
+    """A value that moves only when content changes: the key of what people and schedulers are
+    told (the run driver's announcements, the REST API's cached answers). The -stamp file of an
+    SQLite database (pxe.stamp; read it before the data) or PostgreSQL's stamp row: bookkeeping
+    writes (``transaction(bookkeeping=True)``: heartbeats, leases, agent polls) move neither.
+    While an SQLite database has no stamp yet: its data_version (which heartbeats move too)."""
+    if is_postgresql(conn):
+        return str(conn.stamp())  # type: ignore[attr-defined]
+    from pxe import stamp
+
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    value = stamp.read(path) if path else ""
+    return value or f"data_version {change_counter(conn)}"
+
+
 def bump_stamp(conn: sqlite3.Connection) -> None:
     """After a COMMIT: tell the readers' caches (pxe.stamp) that the database changed.
     (PostgreSQL: the connection bumped the stamp row inside the transaction already.)"""

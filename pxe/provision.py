@@ -60,6 +60,26 @@ class Started:
         """No node refused and, after a wait, every node ready."""
         return not self.refused and all(r.state == states.READY for r in self.results.values())
 
+    def summary(self) -> list[str]:
+        """What became of the accepted nodes, one line per group, for stdout: every face
+        (os-switch, `pxe-stage run start`) prints these same lines."""
+        from pxe.nodeset import fold
+
+        lines = []
+        if self.started:
+            lines.append(f"{fold(self.started)}: provisioning {self.label} (run {self.run_id})")
+        for run_id in sorted(set(self.joined.values())):
+            nodes = [n for n, r in self.joined.items() if r == run_id]
+            lines.append(f"{fold(nodes)}: already provisioning {self.label} (run {run_id})")
+        if self.current:
+            lines.append(f"{fold(self.current)}: already running {self.label}")
+        return lines
+
+    def refusals(self) -> list[str]:
+        """One ``NODE: reason`` line per refused node, for stderr (a face may prefix them with
+        its name; Moab's os-switch prints them bare)."""
+        return [f"{node}: {reason}" for node, reason in self.refused]
+
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["refused"] = [{"node": n, "reason": r} for n, r in self.refused]

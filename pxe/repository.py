@@ -237,14 +237,42 @@ class Repository:
                 out.setdefault(int(stem[len(label) + 1:]), []).append(path)
         return out
 
-    def sweep_bundles(self, label: str) -> None:
-        """Remove the bundles of versions the catalog no longer keeps (pruned or deleted)."""
+    def sweep_bundles(self, label: str) -> list[Path]:
+        """Remove the bundle files of versions of ``label`` the catalog no longer keeps (pruned,
+        deleted, or the whole image removed), under the repository lock, so that an upload's
+        bundle, renamed in just before its version is recorded, is never taken. Returns the
+        files removed. For callers outside an upload or a delete (`pxe-stage images`)."""
+        if not self.bundles.is_dir():
+            return []
+        with atomic.locked(self.lock_path):
+            return self._sweep_locked(label)
+
+    def _sweep_locked(self, label: str) -> list[Path]:
+        """sweep_bundles with the repository lock held. Only ``<label>.*`` and ``<label>@N.*``
+        are the label's; blobs shared with other images are the catalog's (Catalog GC)."""
         kept = set(imageversions.numbers(self.catalog.conn, label))
-        for number, paths in self._version_files(label).items():
+        removed = []
+        for number, paths in sorted(self._version_files(label).items()):
             if number not in kept:
-                for path in paths:
+                for path in sorted(paths):
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+                        removed.append(path)
+        return removed
+
+    def remove_image(self, label: str, force: bool = False) -> list[Path]:
+        """`pxe-stage images remove LABEL` (root's tool: no owner rule): the catalog's rows and
+        the blobs no other image references (Catalog.remove, refused while nodes use it unless
+        ``force``), then the label's uploaded bundles. A label the catalog no longer knows but
+        whose bundles are still here (removed before the bundles went along) loses those.
+        Returns the bundle files removed."""
+        validate.label(label, "image label")
+        try:
+            self.catalog.remove(label, force=force)
+        except NotFound:
+            if not self._version_files(label):
+                raise
+        return self.sweep_bundles(label)
 
     # -- ownership: the uploader, or root for `pxe-stage images add` and older images --------
     def owner_of(self, label: str) -> str:
@@ -391,7 +419,7 @@ class Repository:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                 raise
-            self.sweep_bundles(label)
+            self._sweep_locked(label)
         if number > 1:
             self._refresh_boot_files()
         return image
@@ -421,7 +449,7 @@ class Repository:
                 if label not in self.catalog.labels():
                     raise NotFound(f"unknown image label {label!r}")
                 nodes = self.catalog.remove_version(label, version, force=force)
-                self.sweep_bundles(label)
+                self._sweep_locked(label)
                 audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label,
                              version=version, force=force, in_use=nodes)
                 return nodes
@@ -438,10 +466,7 @@ class Repository:
                                    "use -force to delete it anyway")
             if label in self.catalog.labels():
                 self.catalog.remove(label, force=True)
-            for paths in self._version_files(label).values():
-                for path in paths:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+            self._sweep_locked(label)  # no version is kept now: every bundle of the label
         audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label, force=force,
                      in_use=nodes)
         self.publish_oslist()

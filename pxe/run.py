@@ -752,7 +752,7 @@ def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
     scope = Scope(seg.name, me, seg.stale_seconds)
     conn = db.connect(cfg.database)
     started = time.monotonic()
-    last_key: tuple[int | str, int] | None = None
+    last_key: str | None = None
     last_seen: tuple[tuple[int, str, str], ...] = ()
     last_beat = 0.0
     ran = False
@@ -803,8 +803,10 @@ def drive(cfg: Config, *, poll: float = POLL, segment: str | None = None,
                 last_seen = seen
                 # Announced after reading ``active``: whatever made the last node final is
                 # committed by then, so the last announcement carries the final state.
-                # data_version moves when another connection commits, total_changes with ours.
-                key = (db.change_counter(conn), conn.total_changes)
+                # Keyed on the content stamp, which every content commit moves (ours and any
+                # other process's) and heartbeats, leases and agent polls do not: a faces'
+                # report (Moab's file) is rewritten when something changed, not every beat.
+                key = db.content_stamp(conn)
                 if key != last_key:
                     _announce(cfg, conn, changes)
                     last_key = key

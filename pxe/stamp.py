@@ -1,7 +1,8 @@
 """The change stamp: a small file next to the state database that writers rewrite after COMMIT.
 
 Readers that keep a copy derived from the database (cluster-query's report file, the boot
-configs `pxe-stage serve` renders per request) key the copy on it: one open + read, no SQLite
+configs `pxe-stage serve` renders per request, the REST API's cached answers, the run driver's
+announcements to the faces: db.content_stamp) key the copy on it: one open + read, no SQLite
 connection and no parsing of SQLite's private files (-shm headers). Read the stamp BEFORE
 reading the database: a copy is then never older than the key it is stored under.
 A PostgreSQL store keeps its stamp in the database instead (pxe.dbbackend_pg; db.change_counter),

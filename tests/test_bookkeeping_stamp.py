@@ -95,3 +95,69 @@ def test_moab_hears_why_a_silent_segments_run_node_is_down(site: Site, tmp_path:
     line = _wiki_line(cfg, "n001")
     assert f"provisioning centos5\\: requested (run {req.run_id})" in line, line
     conn.close()
+
+
+def _bookkeeping(conn, driver: str, keys, now: float) -> None:
+    """A serve's and a driver's heartbeats, the driver's claims and lease renewal."""
+    servers.beat(conn, "serve/test", servers.SERVE, "", now)
+    servers.beat(conn, driver, servers.DRIVER, "", now)
+    claims.claim(conn, driver, keys, 30, now)
+    claims.renew(conn, driver, 30, now)
+
+
+@pytest.mark.unit
+def test_the_drivers_announcement_key_moves_with_content_only(site: Site, tmp_path: Path
+                                                               ) -> None:
+    """pxe.run.drive announces to the faces (Moab's report file) when db.content_stamp moves:
+    its own heartbeats and leases (same connection) and other processes' must not move it;
+    a content commit on either connection must."""
+    cfg = site.cfg
+    add_nodes(cfg, [{"name": n, "mac": m} for n, m in MACS.items()])
+    add_images(cfg, tmp_path, centos5={})
+    mine, other = db.connect(cfg.database), db.connect(cfg.database)
+    req = run.request(cfg, mine, list(MACS), "centos5")
+    keys = [(req.run_id, n) for n in MACS]
+    key = db.content_stamp(mine)
+    for beat in range(6):
+        _bookkeeping(mine if beat % 2 else other, "driver/test", keys, 1_000_000.0 + 5 * beat)
+        assert db.content_stamp(mine) == key
+    with db.transaction(other):  # another process's content change
+        states.transition(other, req.run_id, "n001", states.FAILED, "test")
+    assert db.content_stamp(mine) != key
+    key = db.content_stamp(mine)
+    with db.transaction(mine):  # the driver's own
+        states.transition(mine, req.run_id, "n002", states.FAILED, "test")
+    assert db.content_stamp(mine) != key
+    mine.close()
+    other.close()
+
+
+@pytest.mark.unit
+def test_the_apis_cached_answers_stay_warm_through_heartbeats(site: Site, tmp_path: Path
+                                                              ) -> None:
+    from pxe.api.common import JsonCache
+
+    cfg = site.cfg
+    add_nodes(cfg, [{"name": n, "mac": m} for n, m in MACS.items()])
+    add_images(cfg, tmp_path, centos5={})
+    conn = db.connect(cfg.database)
+    req = run.request(cfg, conn, list(MACS), "centos5")
+    with db.transaction(conn):
+        agent.adopt(conn, "n002", "agent-token", 1_000_000.0)
+    cache = JsonCache(max_age=3600.0)
+    builds: list[int] = []
+
+    def build() -> dict[str, int]:
+        builds.append(len(builds))
+        return {"build": len(builds)}
+
+    assert cache.get(cfg, "nodes:*", build) == b'{"build":1}'
+    for beat in range(6):  # heartbeats, leases and agent polls: no answer shows them
+        _bookkeeping(conn, "driver/test", [(req.run_id, "n001")], 1_000_000.0 + 5 * beat)
+        assert agent.poll(conn, "n002", "agent-token", beat + 1) == "ok"
+        assert cache.get(cfg, "nodes:*", build) == b'{"build":1}'
+    assert len(builds) == 1
+    run.set_mode(conn, "perjob")  # a content change: the next answer is built anew
+    assert cache.get(cfg, "nodes:*", build) == b'{"build":2}'
+    assert cache.get(cfg, "nodes:*", build) == b'{"build":2}'
+    conn.close()

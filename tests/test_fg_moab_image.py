@@ -46,6 +46,13 @@ def fg(site: Site, *argv: str) -> subprocess.CompletedProcess[str]:
     return site.run(*argv, cmd=str(FG))
 
 
+def fg_here(site: Site, *argv: str) -> subprocess.CompletedProcess[str]:
+    """fg-moab-image from this checkout (python3 -m), whatever the installed script points at."""
+    return subprocess.run([sys.executable, "-m", "msm_plugin.fg_moab_image", *argv],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DYNPROV_CONFIG": str(site.config_path)})
+
+
 def add_config(site: Site, text: str) -> None:
     with open(site.config_path, "a") as fh:
         fh.write("\n" + text + "\n")
@@ -257,6 +264,59 @@ def test_delete_in_use_needs_force(site, tmp_path):
     proc = fg(site, "-delete", "-label", "centos5", "-force", "-init")
     assert proc.returncode == 0, proc.stderr
     assert "forced" in proc.stdout and Catalog(cfg).labels() == ["sles11"]
+
+
+def test_removing_an_image_takes_its_uploaded_bundles(site, tmp_path):
+    """`pxe-stage images remove LABEL` removes the bundles of every version of LABEL (once it
+    left them behind), only LABEL's, and blobs only when no other label refers to them; a
+    label removed before that (only its bundles left) loses them too; -delete likewise."""
+    path = build_good_bundle(tmp_path)
+    cfg = site.cfg
+    bundles = cfg.paths.state_dir / "images" / "bundles"
+    for label in ("base", "base", "base-b", "gone", "other"):  # base twice: versions 1 and 2
+        proc = fg_here(site, "-upload", "-image", str(path), "-label", label)
+        assert proc.returncode == 0, proc.stderr
+
+    def names() -> list[str]:
+        return sorted(p.name for p in bundles.iterdir())
+
+    def blobs() -> set[str]:
+        return {str(p.relative_to(site.root)) for root in (cfg.paths.tftp_root, cfg.paths.http_root)
+                for p in (root / "blobs").iterdir() if len(p.name) == 64}
+
+    def files(*labels: str) -> list[str]:
+        return sorted(f"{label}.{ext}" for label in labels for ext in ("bundle", "json"))
+
+    assert names() == files("base", "base@2", "base-b", "gone", "other")
+    shared = blobs()  # one bundle under four labels: the same kernel, initrd, rootfs blobs
+    assert len(shared) == 5  # kernel and initrd in both roots, the rootfs over HTTP
+    inv = Inventory(cfg)  # in use: refused, nothing changes
+    inv.add([build(cfg, {"name": "n001", "mac": "52:54:00:00:00:01"})])
+    set_boot(cfg, "n001", "base", inv)
+    before = state(site)
+    proc = site.run("images", "remove", "base")
+    assert proc.returncode == 1 and "use --force" in proc.stderr
+    assert unchanged(site, before)
+    proc = site.run("images", "remove", "base", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "removed image base and its 4 uploaded bundle file(s)\n"
+    assert names() == files("base-b", "gone", "other")  # base-b is not base's
+    assert blobs() == shared  # the other labels still refer to them
+    # removed by the catalog alone (as `images remove` did before): the bundles stayed behind
+    Catalog(cfg).remove("gone")
+    proc = site.run("images", "remove", "gone")
+    assert (proc.returncode, proc.stdout) == \
+        (0, "removed image gone and its 2 uploaded bundle file(s)\n")
+    assert names() == files("base-b", "other")
+    before = state(site)
+    proc = site.run("images", "remove", "gone")
+    assert proc.returncode == 1 and "unknown image label 'gone'" in proc.stderr
+    assert unchanged(site, before)
+    proc = fg_here(site, "-delete", "-label", "base-b")
+    assert proc.returncode == 0, proc.stderr
+    assert names() == files("other") and blobs() == shared
+    assert site.run("images", "remove", "other").returncode == 0
+    assert names() == [] and blobs() == set()  # the last label referring to them
 
 
 # -- a disk that fills up during the upload --------------------------------------------------

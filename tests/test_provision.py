@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 from moab_standin import parse_wiki
-from test_run_support import cluster, configure, node_row, run_nodes, wait_for
+from test_power_support import add_nodes
+from test_run_support import (
+    add_images,
+    cluster,
+    configure,
+    driver_held,
+    node_row,
+    run_nodes,
+    wait_for,
+)
 
 from msm_plugin import wiki
 from pxe import db, hooks, provision, run
@@ -109,6 +118,48 @@ def test_run_cli_bad_input_changes_nothing(site: Site, tmp_path: Path) -> None:
         after = site.snapshot()
         changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
         assert changed == set(), changed
+
+
+@pytest.mark.unit
+def test_started_summary_and_refusals_lines() -> None:
+    started = provision.Started(label="centos5", run_id=7, started=["n001", "n002", "n003"],
+                                joined={"n010": 3, "n004": 5, "n011": 3}, current=["n020"],
+                                refused=[("n404", "unknown node"),
+                                         ("n030", "in provisioning run 3 for sles11")])
+    assert started.summary() == ["n[001-003]: provisioning centos5 (run 7)",
+                                 "n[010-011]: already provisioning centos5 (run 3)",
+                                 "n004: already provisioning centos5 (run 5)",
+                                 "n020: already running centos5"]
+    assert started.refusals() == ["n404: unknown node",
+                                  "n030: in provisioning run 3 for sles11"]
+    assert provision.Started(label="x").summary() == []
+
+
+@pytest.mark.integration
+def test_os_switch_and_run_start_print_the_same_summary(site: Site, tmp_path: Path) -> None:
+    """Both faces print Started.summary(); only the stderr prefix differs (Moab's is bare)."""
+    cfg = configure(site)
+    add_images(cfg, tmp_path, centos5={})
+    add_nodes(cfg, [{"name": f"n{i:03d}", "mac": f"52:54:00:31:00:{i:02x}"} for i in (1, 2, 3)])
+    conn = db.connect(cfg.database)
+    run.set_mode(conn, "ondemand")
+    with db.transaction(conn):  # n003 already runs centos5, healthy
+        conn.execute("UPDATE nodes SET current_os = ?, state = ? WHERE name = ?",
+                     ("centos5", "running", "n003"))
+    conn.close()
+    with driver_held(cfg):
+        first = site.run("run", "start", "n001", "--os", "centos5")
+        assert (first.returncode, first.stdout) == (0, "n001: provisioning centos5 (run 1)\n")
+        moab = site.run("n[001-003],n404", "--set", "OS=centos5", cmd="os-switch")
+        assert (moab.returncode, moab.stderr) == (1, "n404: unknown node\n")
+        assert moab.stdout == ("n002: provisioning centos5 (run 2)\n"
+                               "n001: already provisioning centos5 (run 1)\n"
+                               "n003: already running centos5\n")
+        admin = site.run("run", "start", "n[001-003],n404", "--os", "centos5")
+        assert (admin.returncode, admin.stderr) == (1, "pxe-stage: n404: unknown node\n")
+        assert admin.stdout == ("n001: already provisioning centos5 (run 1)\n"
+                                "n002: already provisioning centos5 (run 2)\n"
+                                "n003: already running centos5\n")
 
 
 def _changes(cfg) -> list:
@@ -225,6 +276,48 @@ def test_start_refuses_bad_input_before_storing(site: Site) -> None:
         with pytest.raises(InputError):
             provision.start(cfg, nodes, label)
     assert site.snapshot() == before
+
+
+@pytest.mark.integration
+def test_driver_announces_content_changes_not_heartbeats(site: Site, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a run waits on a silent node, the driver beats every loop (bookkeeping): the faces
+    (Moab's report file) hear nothing new from it; a content change is announced."""
+    _hooks(site, 'subscribers = ["tests.hook_recorder:record_events"]')
+    with open(site.config_path, "a") as fh:  # a beat every driver loop
+        fh.write("\n[segment]\nheartbeat_seconds = 0.2\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # the driver imports the recorder
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    with cluster(site, tmp_path, 1, behaviours={"n001": "silent"},
+                 images={"centos5": {"prov_seconds": 600}}) as c:
+        conn = db.connect(c.cfg.database)
+        log = c.cfg.paths.state_dir / "events.jsonl"
+
+        def announced() -> list[str]:
+            return log.read_text().splitlines() if log.exists() else []
+
+        def beats(count: int) -> None:
+            """Wait (bounded) until the driver recorded ``count`` more heartbeats."""
+            seen: set[float] = set()
+
+            def more() -> bool:
+                row = conn.execute("SELECT heartbeat FROM servers WHERE role = 'driver' "
+                                   "AND stopped IS NULL").fetchone()
+                seen.add(row[0] if row else 0.0)
+                return len(seen) > count
+
+            wait_for(more, 120)
+
+        provision.start(c.cfg, "n001", "centos5", conn=conn)
+        wait_for(lambda: [r["state"] for r in run_nodes(c.cfg)] == ["power-cycled"])
+        beats(2)  # a whole loop after the power cycle: its announcement is out
+        settled = announced()
+        assert any('"power-cycled"' in line for line in settled), settled
+        beats(5)
+        assert announced() == settled  # five beats, leases renewed: nothing to announce
+        run.set_mode(conn, "perjob")  # a content change (another process's commit)
+        wait_for(lambda: len(announced()) > len(settled), 60)
+        conn.close()
 
 
 @pytest.mark.integration

@@ -66,19 +66,19 @@ def connection(cfg: Config) -> sqlite3.Connection:
 
 class JsonCache:
     """Serialized answers of the big reads (node list, status), per worker process, reused until
-    the state database changes (SQLite's ``PRAGMA data_version`` on a connection of our own:
-    it moves with every commit of any other connection, in any process) or ``max_age`` passes
-    (the status derives "timed out" from the clock)."""
+    the state database's content changes (its change stamp, db.content_stamp: every content
+    commit of any process moves it; heartbeats, leases and agent polls, which no answer shows,
+    do not) or ``max_age`` passes (the status derives "timed out" from the clock)."""
 
     def __init__(self, max_age: float, entries: int = 16):
         self.max_age = max_age
         self.size = entries
-        self.entries: dict[str, tuple[int, float, bytes]] = {}
+        self.entries: dict[str, tuple[str, float, bytes]] = {}
         self.lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
         self.path: Any = None
 
-    def _version(self, cfg: Config) -> int | str:
+    def _version(self, cfg: Config) -> str:
         with self.lock:
             if self.conn is None or self.path != cfg.database:
                 connection(cfg)  # makes the schema on first use
@@ -88,7 +88,7 @@ class JsonCache:
                     self.conn = sqlite3.connect(cfg.db_path, timeout=30.0, isolation_level=None,
                                                 check_same_thread=False)
                 self.path = cfg.database
-            return db.change_counter(self.conn)
+            return db.content_stamp(self.conn)
 
     def get(self, cfg: Config, key: str, build: Callable[[], Any]) -> bytes:
         """Blocking: call from a worker thread."""

@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     remote.add_server_flag(show)
     show.set_defaults(func=cmd_show)
 
-    rm = verbs.add_parser("remove", help="remove an image and files no other image uses")
+    rm = verbs.add_parser("remove", help="remove an image, its uploaded bundles (fg-moab-image) "
+                                         "and files no other image uses")
     rm.add_argument("label")
     rm.add_argument("--version", metavar="N",
                     help="remove only this kept version (not the current one)")
@@ -154,8 +155,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"removed version {args.version} of image {args.label}"
               + (f" (forced; still run by {', '.join(still)})" if still else ""))
         return 0
-    Catalog(load_config(args)).remove(args.label, force=args.force)
-    print(f"removed image {args.label}")
+    from pxe.repository import Repository
+
+    bundles = Repository(load_config(args)).remove_image(args.label, force=args.force)
+    print(f"removed image {args.label}" + (f" and its {len(bundles)} uploaded bundle file(s)"
+                                           if bundles else ""))
     return 0
 
 

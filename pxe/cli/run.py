@@ -104,7 +104,6 @@ def _results(results: dict[str, Any], as_json: bool) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from pxe import provision
-    from pxe.nodeset import fold
 
     if args.max_seconds is not None and not 1 <= args.max_seconds <= 86400:
         raise InputError(f"--max-seconds {args.max_seconds:g}: expected 1..86400")
@@ -112,16 +111,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     started = provision.start(cfg, args.nodes, args.os, force=args.force, pool=args.pool,
                               max_seconds=args.max_seconds)
     if not args.json:
-        if started.started:
-            print(f"{fold(started.started)}: provisioning {started.label} "
-                  f"(run {started.run_id})")
-        for run_id in sorted(set(started.joined.values())):
-            nodes = [n for n, r in started.joined.items() if r == run_id]
-            print(f"{fold(nodes)}: already provisioning {started.label} (run {run_id})")
-        if started.current:
-            print(f"{fold(started.current)}: already running {started.label}")
-        for node, reason in started.refused:
-            print(f"pxe-stage: {node}: {reason}", file=sys.stderr)
+        for line in started.summary():
+            print(line)
+        for line in started.refusals():
+            print(f"pxe-stage: {line}", file=sys.stderr)
         sys.stdout.flush()
     if args.wait and (started.started or started.joined):
         started.results = provision.wait(cfg, [*started.started, *started.joined])
