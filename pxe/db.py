@@ -328,6 +328,52 @@ CREATE TABLE servers (
 CREATE INDEX servers_segment ON servers(segment, role);
 """
 
+# Version 8 (issue 18): set-boot of N nodes is one UPDATE and one event. ``nodes.boot_set`` is
+# when set-boot last chose the node's next boot (the run driver's recovery reads it: "nobody has
+# set its boot since"), written by set-boot's UPDATE itself instead of one event per node.
+# ``dhcp_generation`` holds one random value that triggers replace on every write a DHCP config
+# depends on (pxe.dhcpinputs.HOST_COLUMNS of nodes, their MACs and segments, nodes added or
+# removed): `render` compares it with the one its installed config was rendered from instead of
+# reading and hashing every node's facts. Random, not a counter: a database restored from a
+# backup never matches a newer record. A set-boot, a report or a state change touches no column
+# the triggers watch (UPDATE OF) and an unchanged value does not count (WHEN). Existing nodes
+# get their last per-node ``set-boot`` event's time, so recovery reads the same across the upgrade.
+# PostgreSQL: its own text (dbbackend_pg.PG_MIGRATIONS), one plpgsql trigger function.
+_GENERATION = "UPDATE dhcp_generation SET value = lower(hex(randomblob(8))) WHERE id = 1"
+_FACT_CHANGED = " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in (
+    "name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool"))
+_BOOT_SET_FROM_EVENTS = ("UPDATE nodes SET boot_set = (SELECT MAX(e.ts) FROM events e "
+                         "WHERE e.node = nodes.name AND e.kind = 'set-boot')")
+GENERATION_V8 = f"""
+ALTER TABLE nodes ADD COLUMN boot_set REAL;
+{_BOOT_SET_FROM_EVENTS};
+CREATE TABLE dhcp_generation (
+    id    INTEGER PRIMARY KEY CHECK (id = 1),
+    value TEXT NOT NULL
+);
+INSERT INTO dhcp_generation(id, value) VALUES (1, lower(hex(randomblob(8))));
+CREATE TRIGGER dhcp_generation_node_added AFTER INSERT ON nodes FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_node_removed AFTER DELETE ON nodes FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_node_changed
+AFTER UPDATE OF name, ip, arch, firmware, bmc_type, bmc_address, groups, pool ON nodes
+FOR EACH ROW WHEN {_FACT_CHANGED}
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_mac_added AFTER INSERT ON macs FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_mac_removed AFTER DELETE ON macs FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_mac_changed AFTER UPDATE ON macs FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_segment_added AFTER INSERT ON node_segments FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_segment_removed AFTER DELETE ON node_segments FOR EACH ROW
+BEGIN {_GENERATION}; END;
+CREATE TRIGGER dhcp_generation_segment_changed AFTER UPDATE ON node_segments FOR EACH ROW
+BEGIN {_GENERATION}; END;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -338,6 +384,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "node agents (heartbeat, reboot requests)", AGENTS_V5),
     Migration(6, "image versions; the version each node booted", VERSIONS_V6),
     Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
+    Migration(8, "set-boot time per node; DHCP-facts generation kept by triggers", GENERATION_V8),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

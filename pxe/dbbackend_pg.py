@@ -634,6 +634,34 @@ _STAMP_TABLE = ("CREATE TABLE IF NOT EXISTS dynprov_stamp (id INTEGER PRIMARY KE
                 "value TEXT NOT NULL)")
 
 
+# Migrations whose SQLite text does not translate, in PostgreSQL's own words (statements run as
+# they are). 8: SQLite's per-row triggers and randomblob() -> one plpgsql function; rows added or
+# removed fire it once per statement, an UPDATE once per row whose DHCP facts changed.
+_GENERATION_FN = "dynprov_dhcp_generation"
+_NEW_GENERATION = "replace(gen_random_uuid()::text, '-', '')"
+_FACTS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
+PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    8: (
+        "ALTER TABLE nodes ADD COLUMN boot_set DOUBLE PRECISION",
+        "UPDATE nodes SET boot_set = (SELECT MAX(e.ts) FROM events e "
+        "WHERE e.node = nodes.name AND e.kind = 'set-boot')",  # as db.GENERATION_V8
+        "CREATE TABLE dhcp_generation (id BIGINT PRIMARY KEY CHECK (id = 1), value TEXT NOT NULL)",
+        f"INSERT INTO dhcp_generation(id, value) VALUES (1, {_NEW_GENERATION})",
+        f"CREATE OR REPLACE FUNCTION {_GENERATION_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"UPDATE dhcp_generation SET value = {_NEW_GENERATION} WHERE id = 1; RETURN NULL; END $$",
+        *(f"CREATE TRIGGER dhcp_generation_{table} AFTER INSERT OR DELETE OR TRUNCATE ON {table} "
+          f"FOR EACH STATEMENT EXECUTE FUNCTION {_GENERATION_FN}()"
+          for table in ("nodes", "macs", "node_segments")),
+        f"CREATE TRIGGER dhcp_generation_node_changed AFTER UPDATE OF {', '.join(_FACTS)} ON nodes "
+        f"FOR EACH ROW WHEN (({', '.join('OLD.' + c for c in _FACTS)}) IS DISTINCT FROM "
+        f"({', '.join('NEW.' + c for c in _FACTS)})) EXECUTE FUNCTION {_GENERATION_FN}()",
+        *(f"CREATE TRIGGER dhcp_generation_{table}_changed AFTER UPDATE ON {table} "
+          f"FOR EACH STATEMENT EXECUTE FUNCTION {_GENERATION_FN}()"
+          for table in ("macs", "node_segments")),
+    ),
+}
+
+
 def schema_version(conn: PgConnection) -> int:
     if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
         return 0
@@ -675,8 +703,9 @@ def migrate(conn: PgConnection, create: bool = True) -> int:
             else:
                 found_now = found
             for step in db.MIGRATIONS[found_now:]:
-                for statement in db.statements(step.sql):
-                    raw.execute(translate(statement))
+                for statement in PG_MIGRATIONS.get(step.version) or map(
+                        translate, db.statements(step.sql)):
+                    raw.execute(statement)
                 raw.execute("INSERT INTO schema_version VALUES (%s, %s, %s)",
                             (step.version, step.description, time.time()))
             step = None

@@ -2,13 +2,18 @@
 
 The DHCP config is a function of: each node's DHCP facts (DhcpHost: name, MACs, IP, arch,
 firmware, BMC type and address, groups, pool; never what set-boot or a boot changes: boot target,
-image, token, state), the site's [network], [boot] and [dhcp] sections, the template files it was
-rendered from, the code that renders it and the daemon binary that checked it. After installing
-(or confirming) the file, `render` stores a key of all of these with the file's sha256 in
+image, token, state), the segment rendered, the site's [network], [boot] and [dhcp] sections, the
+template files it was rendered from, the code that renders it and the daemon binary that checked
+it. The database keeps a DHCP-facts generation (table ``dhcp_generation``, pxe.db migration 8):
+a random value its triggers replace on every write to those facts (nodes added, removed or their
+facts changed, MACs, segments; by any writer, raw SQL included), never on a set-boot, a report
+or a state change. After installing (or confirming) the file, `render` stores a key of all of
+these, the generation it rendered from included, with the file's sha256 in
 ``<state_dir>/dhcp-installed.json`` (under the render lock). When the key and the file on disk
 still match, the file is byte for byte what a render would write and the daemon accepted it:
-`render` then neither renders nor checks it again. Anything else (a node added, an override
-template edited, the file edited by hand, another dhcpd binary) renders, checks and installs.
+`render` then neither reads the nodes nor renders nor checks it again. Anything else (a node
+added, an override template edited, the file edited by hand, another dhcpd binary, a database
+restored from a backup) renders, checks and installs.
 Standard library only: `set-boot --render` pays for jinja2 only when the file changes.
 """
 
@@ -27,7 +32,7 @@ if TYPE_CHECKING:
     from pxe.config import Config
 
 STAMP_NAME = "dhcp-installed.json"
-FORMAT = 1  # bump when what the key covers changes
+FORMAT = 2  # bump when what the key covers changes (2: the generation, not a hash of the rows)
 HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
 # The code a DHCP config depends on besides the templates (a dynprov upgrade renders again).
 _CODE = ("render.py", "dhcpinputs.py", "config.py")
@@ -68,14 +73,14 @@ class DhcpHost:
 
 
 class Snapshot:
-    """Every node's DHCP facts as read, and their digest."""
+    """Every node's DHCP facts as read, and the generation they are (read in one transaction)."""
 
-    __slots__ = ("rows", "macs", "digest")
+    __slots__ = ("rows", "macs", "generation")
 
-    def __init__(self, rows: list[tuple], macs: list[tuple], digest: str):
+    def __init__(self, rows: list[tuple], macs: list[tuple], generation: str):
         self.rows = rows  # HOST_COLUMNS of every node, by name
         self.macs = macs  # (node, idx, mac) in order
-        self.digest = digest  # sha256 of exactly these rows
+        self.generation = generation  # dhcp_generation when they were read
 
     def hosts(self) -> list[DhcpHost]:
         """The rows as DhcpHosts (only a render needs them)."""
@@ -87,13 +92,21 @@ class Snapshot:
                 for name, ip, arch, firmware, bmc_type, bmc_address, groups, pool in self.rows]
 
 
+def generation(conn: sqlite3.Connection) -> str:
+    """The database's DHCP-facts generation: one row, replaced by triggers on every facts write."""
+    row = conn.execute("SELECT value FROM dhcp_generation WHERE id = 1").fetchone()
+    return str(row[0]) if row else ""
+
+
 def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
-    """Every node's DHCP facts, in name order, from one consistent read; with ``segment``, only
-    the nodes of that segment (pxe.segments: '' is the primary's, the nodes without a row)."""
+    """Every node's DHCP facts, in name order, and their generation, from one consistent read;
+    with ``segment``, only the nodes of that segment (pxe.segments: '' is the primary's, the
+    nodes without a row)."""
     own = not conn.in_transaction
     if own:
         conn.execute("BEGIN")
     try:
+        current = generation(conn)
         if segment is None:
             rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
             macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
@@ -106,10 +119,7 @@ def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
     finally:
         if own:
             conn.execute("COMMIT")
-    h = hashlib.sha256(repr(HOST_COLUMNS).encode())
-    for part in (rows, macs):  # one repr per row (no newline in any): unambiguous, and fast
-        h.update(b"\0" + "\n".join(map(repr, part)).encode())
-    return Snapshot(rows, macs, h.hexdigest())
+    return Snapshot(rows, macs, current)
 
 
 def _tuples(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
@@ -129,13 +139,13 @@ def stamp_path(cfg: Config) -> Path:
     return cfg.paths.state_dir / STAMP_NAME
 
 
-def key(cfg: Config, digest: str, templates: Iterable[str]) -> str:
+def key(cfg: Config, generation: str, segment: str | None, templates: Iterable[str]) -> str:
     """The key of everything the DHCP config is rendered and checked from."""
     from pxe import render
 
     h = hashlib.sha256()
     for part in (f"format={FORMAT}", repr(cfg.network), repr(cfg.boot), repr(cfg.dhcp),
-                 f"hosts={digest}", _checker(cfg)):
+                 f"segment={segment!r}", f"generation={generation}", _checker(cfg)):
         h.update(part.encode() + b"\0")
     for name in sorted(templates):
         source = render.find_template(cfg, name)
@@ -173,27 +183,33 @@ def _file_sha(path: Path) -> str | None:
         return None
 
 
-def installed(cfg: Config, snapshot: Snapshot) -> bool:
-    """True when the installed config is what a render of ``snapshot`` would install and check."""
+def installed(cfg: Config, generation: str, segment: str | None = None) -> bool:
+    """True when the installed config is what a render of ``segment``'s nodes at DHCP-facts
+    ``generation`` (see generation()) would install and check. Reads no node."""
+    if not generation:
+        return False
     try:
         stored = json.loads(stamp_path(cfg).read_text(encoding="utf-8"))
         if stored.get("file") != str(cfg.dhcp.config_file):
             return False
-        wanted = key(cfg, snapshot.digest, stored["templates"])
+        wanted = key(cfg, generation, segment, stored["templates"])
     except Exception:  # noqa: BLE001 - unreadable record, or a template gone: render (and say why)
         return False
     return (stored.get("key") == wanted
             and stored.get("sha256") == _file_sha(cfg.dhcp.config_file))
 
 
-def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str]) -> None:
-    """Record that the installed file was rendered from ``snapshot`` and ``templates`` and
-    accepted (the caller holds the render lock and has just installed or confirmed it)."""
+def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
+         segment: str | None = None) -> None:
+    """Record that the installed file was rendered from ``snapshot`` (of ``segment``) and
+    ``templates`` and accepted (the caller holds the render lock and has just installed or
+    confirmed it)."""
     from pxe import atomic
 
     names = sorted(set(templates))
     data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
-            "key": key(cfg, snapshot.digest, names),
+            "generation": snapshot.generation,
+            "key": key(cfg, snapshot.generation, segment, names),
             "sha256": _file_sha(cfg.dhcp.config_file)}
     atomic.write_text(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
 

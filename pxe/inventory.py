@@ -45,6 +45,7 @@ class Node:
     used: bool = False
     updated: float = 0.0
     segment: str = ""  # the boot server's segment ('' = the primary's; pxe.segments)
+    boot_set: float | None = None  # when set-boot last chose its next boot (run recovery reads it)
 
     def public(self) -> dict[str, Any]:
         """The node as shown by list/show/--json: no token (it is a credential)."""
@@ -65,6 +66,7 @@ def _node_from_row(row: sqlite3.Row, macs: Sequence[str]) -> Node:
         current_version=row["current_version"] if row["current_os"] else None,
         boot_target=row["boot_target"], boot_token=row["boot_token"], state=row["state"],
         state_reason=row["state_reason"], used=bool(row["used"]), updated=row["updated"],
+        boot_set=row["boot_set"],
     )
 
 
@@ -276,13 +278,15 @@ class Inventory:
 
     def set_boot(self, names: Sequence[str], target: str, label: str | None,
                  tokens: dict[str, str] | None = None) -> None:
-        """Record what each node should boot next (its OS image, or its local disk)."""
+        """Record what each node should boot next (its OS image, or its local disk); its
+        boot_set time too, which the run driver's recovery reads (pxe.setboot.set_boot is the
+        command's way: checks, one event)."""
         now = time.time()
         with db.transaction(self.conn):
             self.conn.executemany(
                 "UPDATE nodes SET boot_target = ?, desired_os = COALESCE(?, desired_os), "
-                "boot_token = ?, updated = ? WHERE name = ?",
-                [(target, label, (tokens or {}).get(n), now, n) for n in names])
+                "boot_token = ?, updated = ?, boot_set = ? WHERE name = ?",
+                [(target, label, (tokens or {}).get(n), now, now, n) for n in names])
 
     def update_state(self, name: str, **fields: Any) -> None:
         allowed = {"state", "state_reason", "current_os", "used", "pool", "boot_token",

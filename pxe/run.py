@@ -606,14 +606,17 @@ def _installed(conn: sqlite3.Connection) -> list[sqlite3.Row]:
 
 def _left_on_network(conn: sqlite3.Connection) -> list[sqlite3.Row]:
     """Nodes whose last run ended (ready, failed...) but whose next boot is still the network:
-    nobody has set their boot since (a boot set by hand afterwards is the admin's and stays)."""
+    nobody has set their boot since (``nodes.boot_set``, written by every set-boot: a boot set
+    by hand afterwards is the admin's and stays), and no reset of it has failed since (those
+    nodes were failed with the reason)."""
     return conn.execute(
         "SELECT rn.node, rn.run_id, rn.state FROM nodes n JOIN run_nodes rn ON rn.node = n.name "
         "WHERE n.boot_target = 'os' "
         "AND rn.run_id = (SELECT MAX(run_id) FROM run_nodes WHERE node = n.name) "
         f"AND rn.state IN ({states.FINAL_SQL}) "
+        "AND (n.boot_set IS NULL OR n.boot_set < rn.updated) "
         "AND NOT EXISTS (SELECT 1 FROM events e WHERE e.node = n.name "
-        "AND e.kind IN ('set-boot', 'set-boot-failed') AND e.ts >= rn.updated) "
+        "AND e.kind = 'set-boot-failed' AND e.ts >= rn.updated) "
         "ORDER BY rn.node").fetchall()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,36 +60,44 @@ class BootSet:
 
 
 def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
-             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> list[BootSet]:
+             inventory: Inventory | None = None, *, keep_tokens: bool = False) -> BootSets:
     """Point the nodes' next network boot at image ``label`` (or at their local disk if None).
 
     A new one-time call-home token is issued for every node sent to an image. ``keep_tokens``
     (local disk only) keeps each node's current token: a stateful node that reported "installed"
-    still reports "ready" from its disk with it. Reads only the columns it needs: 10,000 nodes
-    cost one query and one transaction.
+    still reports "ready" from its disk with it. 10,000 nodes cost one UPDATE (which also
+    records each node's ``boot_set`` time, what the run driver's recovery reads) and one event
+    for the command. The UPDATE is its own check: it changes only nodes that exist (and have the
+    image's arch); when it changed fewer than named, it is rolled back and the error names them.
     """
-    from pxe.nodeset import expand, fold
+    from pxe.nodeset import expand
 
     inv = inventory or Inventory(cfg)
     names = expand(spec)
-    arches = _arch_counts(inv.conn, names)
-    if None in arches:
-        rows = _boot_rows(inv.conn, names)
-        raise NotFound(f"unknown node(s): {fold(n for n in names if n not in rows)}")
     image: Image | None = None
     if label is not None:
-        image = Catalog(cfg, inv.conn).get(label)
-        if set(arches) != {image.arch}:
-            rows = _boot_rows(inv.conn, names)
-            wrong = [n for n in names if rows[n][0] != image.arch]
-            raise InputError(f"image {label} is for {image.arch}; not for node(s) {', '.join(wrong)}")
-    kept = None if image else _desired_and_tokens(inv.conn, names)  # before the change
+        try:
+            image = Catalog(cfg, inv.conn).get(label)
+        except NotFound:
+            _check_known(inv.conn, names)  # unknown nodes are named first, the label then
+            raise
     token_text = _token_text(len(names)) if image else ""
-    target = "os" if image else "local"
     with atomic.locked(cfg.lock_path):
-        with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
-            _record(inv.conn, names, label, token_text, keep_tokens)
-            db.log_events(inv.conn, "set-boot", names, label or "local")
+        try:
+            with db.transaction(inv.conn):  # one transaction; readers see all nodes move at once
+                changed = _record(inv.conn, names, label, image.arch if image else None,
+                                  token_text, keep_tokens)
+                if changed != len(names):
+                    raise _Refused  # rolled back: nothing changed
+                db.log_event(inv.conn, "set-boot", None,
+                             _detail(spec, names, label, keep_tokens))
+        except _Refused:
+            _check_known(inv.conn, names)  # every node exists after this: an arch differs
+            rows = _boot_rows(inv.conn, names)
+            arch = image.arch if image else "?"
+            wrong = [n for n in names if rows[n][0] != arch]
+            raise InputError(f"image {label} is for {arch}; not for node(s) "
+                             f"{', '.join(wrong)}") from None
         if cfg.boot.write_files:  # sites serving with tftpd-hpa/nginx read files
             from pxe import stage
             from pxe.render import Renderer
@@ -99,11 +107,81 @@ def set_boot(cfg: Config, spec: str | Iterable[str], label: str | None,
             for node in inv.select(names):
                 files.update(renderer.node_boot_files(node, image))
             stage.write_files(cfg, files)
-    if image:
-        return [BootSet(n, target, label, token_text[i:i + TOKEN_CHARS])
-                for i, n in zip(range(0, TOKEN_CHARS * len(names), TOKEN_CHARS), names, strict=True)]
-    return [BootSet(n, target, desired, token if keep_tokens else None)
-            for n, (desired, token) in zip(names, kept or (), strict=True)]
+    return BootSets(names, label, token_text, keep_tokens, None if image else inv.conn)
+
+
+class BootSets(Sequence[BootSet]):
+    """What set-boot recorded, node by node, made when first used: a command that only counts
+    them (the CLI) skips 10,000 BootSet objects and, for the local disk, the read of each node's
+    image and token (read then, from ``conn``: keep it open until used)."""
+
+    def __init__(self, names: list[str], label: str | None, token_text: str,
+                 keep_tokens: bool, conn: sqlite3.Connection | None):
+        self.names, self._label, self._token_text = names, label, token_text
+        self._keep_tokens, self._conn = keep_tokens, conn
+        self._items: list[BootSet] | None = None
+
+    def _made(self) -> list[BootSet]:
+        if self._items is None:
+            names, label, text = self.names, self._label, self._token_text
+            if label is not None:
+                self._items = [BootSet(n, "os", label, text[i:i + TOKEN_CHARS]) for i, n in
+                               zip(range(0, TOKEN_CHARS * len(names), TOKEN_CHARS), names,
+                                   strict=True)]
+            else:
+                rows = _desired_and_tokens(self._conn, names)
+                self._items = [BootSet(n, "local", desired, token if self._keep_tokens else None)
+                               for n, (desired, token) in zip(names, rows, strict=True)]
+            self._conn = None  # not needed any more
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+        return self._made()[index]
+
+    def __iter__(self) -> Iterator[BootSet]:
+        return iter(self._made())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"BootSets({len(self)} node(s), {self._label or 'local'})"
+
+
+class _Refused(Exception):
+    """The UPDATE changed fewer nodes than named: roll back, then say which and why."""
+
+
+def _check_known(conn: sqlite3.Connection, names: list[str]) -> None:
+    """NotFound naming the nodes of ``names`` that are not in the inventory, if any."""
+    from pxe.nodeset import fold
+
+    rows = _boot_rows(conn, names)
+    if len(rows) != len(names):
+        raise NotFound(f"unknown node(s): {fold(n for n in names if n not in rows)}")
+
+
+DETAIL_NODES_CHARS = 200  # the node set in a set-boot event: as given, or folded, cut to this
+
+
+def _detail(spec: str | Iterable[str], names: list[str], label: str | None,
+            keep_tokens: bool) -> str:
+    """The command's one event: target, node set (as given; a list folded), count. Never the
+    names one by one: 10,000 of them would cost more than the change."""
+    given = spec.strip() if isinstance(spec, str) else ""
+    if not given or len(given) > DETAIL_NODES_CHARS:
+        from pxe.nodeset import fold
+
+        given = names[0] if len(names) == 1 else fold(names)
+    if len(given) > DETAIL_NODES_CHARS:
+        given = given[:DETAIL_NODES_CHARS] + "..."
+    kept = ", tokens kept" if keep_tokens and label is None else ""
+    return f"{label or 'local'}: {given} ({len(names)} node(s){kept})"
 
 
 TOKEN_CHARS = 32  # secrets.token_urlsafe(24): 24 random bytes = 32 URL-safe characters, no "="
@@ -124,14 +202,17 @@ def _tokens(count: int) -> list[str]:
     return [text[i:i + TOKEN_CHARS] for i in range(0, TOKEN_CHARS * count, TOKEN_CHARS)]
 
 
-def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token_text: str,
-            keep_tokens: bool) -> None:
-    """Set the nodes' next boot: image ``label`` with node i's token at ``token_text[32*i:]``,
-    or (label None) the local disk, the token dropped or (``keep_tokens``) kept.
+def _record(conn: sqlite3.Connection, names: list[str], label: str | None, arch: str | None,
+            token_text: str, keep_tokens: bool) -> int:
+    """Set the nodes' next boot: image ``label`` (only on nodes of ``arch``) with node i's token
+    at ``token_text[32*i:]``, or (label None) the local disk, the token dropped or
+    (``keep_tokens``) kept; ``boot_set`` is now. Returns how many nodes changed: fewer than
+    ``names`` when some do not exist or have another arch (the caller rolls back).
 
     SQLite: one statement over the names as a JSON array (json_each), the tokens as one blob
     cut by byte offset (substr of a text would count characters from its start for every row),
-    ~2x cheaper than 10,000 bound rows. Another backend: the same rows, one executemany."""
+    ~2x cheaper than 10,000 bound rows. PostgreSQL: one statement over the names and tokens as
+    arrays. An SQLite older than 3.38: the same rows, one executemany."""
     import time
 
     now = time.time()
@@ -139,49 +220,45 @@ def _record(conn: sqlite3.Connection, names: list[str], label: str | None, token
         import json
 
         if label is not None:
-            conn.execute(
+            return conn.execute(
                 "UPDATE nodes SET boot_target = 'os', desired_os = ?, "
                 f"boot_token = CAST(substr(?, j.key * {TOKEN_CHARS} + 1, {TOKEN_CHARS}) AS TEXT), "
-                "updated = ? FROM json_each(?) AS j WHERE nodes.name = j.value",
-                (label, token_text.encode("ascii"), now, json.dumps(names)))
-        else:
-            token = "boot_token" if keep_tokens else "NULL"
-            conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
-                         "updated = ? WHERE name IN (SELECT value FROM json_each(?))",
-                         (now, json.dumps(names)))
-        return
-    if label is not None:
-        conn.executemany("UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = ?, "
-                         "updated = ? WHERE name = ?",
-                         [(label, token_text[i * TOKEN_CHARS:(i + 1) * TOKEN_CHARS], now, n)
-                          for i, n in enumerate(names)])
-    else:
+                "updated = ?, boot_set = ? FROM json_each(?) AS j "
+                "WHERE nodes.name = j.value AND nodes.arch = ?",
+                (label, token_text.encode("ascii"), now, now, json.dumps(names), arch)).rowcount
         token = "boot_token" if keep_tokens else "NULL"
-        conn.executemany(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
-                         "updated = ? WHERE name = ?", [(now, n) for n in names])
+        return conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                            "updated = ?, boot_set = ? WHERE name IN (SELECT value FROM json_each(?))",
+                            (now, now, json.dumps(names))).rowcount
+    if db.is_postgresql(conn):  # the names (and tokens) as arrays: one statement too
+        token = "boot_token" if keep_tokens else "NULL"
+        if label is not None:
+            return conn.execute(
+                "UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = t.token, "
+                "updated = ?, boot_set = ? FROM unnest(?::text[], ?::text[]) AS t(name, token) "
+                "WHERE nodes.name = t.name AND nodes.arch = ?",
+                (label, now, now, names, [token_text[i:i + TOKEN_CHARS] for i in
+                                          range(0, TOKEN_CHARS * len(names), TOKEN_CHARS)],
+                 arch)).rowcount
+        return conn.execute(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                            "updated = ?, boot_set = ? WHERE name = ANY(?::text[])",
+                            (now, now, names)).rowcount
+    if label is not None:
+        return conn.executemany(
+            "UPDATE nodes SET boot_target = 'os', desired_os = ?, boot_token = ?, updated = ?, "
+            "boot_set = ? WHERE name = ? AND arch = ?",
+            [(label, token_text[i * TOKEN_CHARS:(i + 1) * TOKEN_CHARS], now, now, n, arch)
+             for i, n in enumerate(names)]).rowcount
+    token = "boot_token" if keep_tokens else "NULL"
+    return conn.executemany(f"UPDATE nodes SET boot_target = 'local', boot_token = {token}, "
+                            "updated = ?, boot_set = ? WHERE name = ?",
+                            [(now, now, n) for n in names]).rowcount
 
 
 def _json_sql(conn: sqlite3.Connection) -> bool:
     """Whether the set-based statements apply: SQLite with JSON built in and UPDATE ... FROM
     (3.38; older, and other backends, take the same rows one by one)."""
     return not db.is_postgresql(conn) and sqlite3.sqlite_version_info >= (3, 38)
-
-
-def _arch_counts(conn: sqlite3.Connection, names: list[str]) -> dict[str | None, int]:
-    """arch -> how many of the named nodes have it; None counts the names that are no node.
-    (SQLite: one aggregate over the names as a JSON array, a few rows back instead of 10,000.)"""
-    if _json_sql(conn):
-        import json
-
-        return dict(conn.execute(
-            "SELECT n.arch, COUNT(*) FROM json_each(?) AS j LEFT JOIN nodes AS n "
-            "ON n.name = j.value GROUP BY n.arch", (json.dumps(names),)).fetchall())
-    rows = _boot_rows(conn, names)
-    counts: dict[str | None, int] = {}
-    for name in names:
-        arch = rows[name][0] if name in rows else None
-        counts[arch] = counts.get(arch, 0) + 1
-    return counts
 
 
 def _desired_and_tokens(conn: sqlite3.Connection, names: list[str]) -> list[tuple]:
@@ -221,8 +298,9 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     only that segment's nodes (pxe.segments) - each boot server renders its own.
 
     The DHCP config is rendered and checked only when what it is made of changed since it was
-    installed (pxe.dhcpinputs): a set-boot changes nothing in it. ``early``: that config
-    rendered and its check started before set-boot's transaction (pxe.dhcp.step.early_start).
+    installed (pxe.dhcpinputs: the database's DHCP-facts generation, no node read): a set-boot
+    changes nothing in it. ``early``: that config rendered and its check started before
+    set-boot's transaction (pxe.dhcp.step.early_start).
     """
     from pxe import dhcp, dhcpinputs, render, segments, stage
     from pxe.dhcp import step

@@ -29,6 +29,9 @@ from pxe.errors import DynprovError, InputError
 
 BATCH = 5000  # rows read from the source / fetched back from PostgreSQL at a time
 _BOOKKEEPING = ("schema_version", "dynprov_stamp")  # each store writes its own
+# Kept by triggers on other tables (db migration 8: nodes, macs, node_segments) and seeded by a
+# fresh schema: not "held", and copied after those tables so the source's value lands.
+_TRIGGER_KEPT = ("dhcp_generation",)
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _MODULUS = 1 << 256
 _FLOAT_TYPES = frozenset({"double precision", "real", "numeric"})
@@ -162,7 +165,7 @@ def _held_rows(raw: Any, tables: Iterable[str]) -> list[tuple[str, int]]:
     (its version rows, its change stamp, the default pool)."""
     out = []
     for table in tables:
-        if table in _BOOKKEEPING:
+        if table in _BOOKKEEPING or table in _TRIGGER_KEPT:
             continue
         extra = " WHERE name <> 'hpc'" if table == "pools" else ""
         n = int(raw.execute(f"SELECT COUNT(*) FROM {_q(table)}{extra}").fetchone()[0])
@@ -321,7 +324,9 @@ def _copy_tables(src: sqlite3.Connection, raw: Any, where: str, tables: list[str
         raise CopyFailed(f"{where}: the schema created lacks the source's tables "
                          f"{', '.join(missing)}; nothing was copied")
     done: list[TableCopy] = []
-    for table in dependency_order(raw, tables):
+    order = dependency_order(raw, tables)
+    for table in [t for t in order if t not in _TRIGGER_KEPT] + [t for t in order
+                                                                  if t in _TRIGGER_KEPT]:
         columns = target_columns(raw, table)
         names = [c for c, _ in columns]
         kinds = [k for _, k in columns]

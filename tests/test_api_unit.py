@@ -370,6 +370,18 @@ def test_node_list_status_and_runs(client, site):
     assert client.get("/api/v1/nodes/n9", headers=headers).status_code == 404
     status = client.get("/api/v1/status", headers=headers).json()
     assert status["nodes"][1]["last_event"]["detail"] == "<b>booting</b>"
+    # set-boot logs one event per command (node NULL): the node's own line shows it from boot_set.
+    from pxe.setboot import set_boot
+
+    set_boot(site.cfg, "n[1-2]", None)
+    status = client.get("/api/v1/status", headers=headers).json()
+    for node in status["nodes"]:
+        assert node["last_event"] == {"ts": node["boot_set"], "kind": "set-boot", "detail": "local"}
+    with db.transaction(conn):
+        db.log_event(conn, "report", node="n2", detail="later")
+    status = client.get("/api/v1/status", headers=headers).json()
+    assert status["nodes"][1]["last_event"]["detail"] == "later"
+    assert status["nodes"][0]["last_event"]["kind"] == "set-boot"
     assert status["pools"] == [{"name": "hpc", "nodes": 2, "scheduler": True}]
     assert client.get("/api/v1/runs", headers=headers).json() == []
     assert client.get("/api/v1/runs/42", headers=headers).status_code == 404

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,7 +37,12 @@ def test_add_list_show_json(site):
                                                        ("n002", ["aa:bb:cc:dd:ee:02"])]
     assert "boot_token" not in listed[0]
     shown = json.loads(site.run("nodes", "show", "n002", "--json", check=True).stdout)
-    assert shown[0]["firmware"] == "uefi"
+    assert shown[0]["firmware"] == "uefi" and shown[0]["boot_set"] is None
+    # set-boot logs one event per command; each node shows when its boot was set.
+    site.run("set-boot", "n002", "--local", check=True)
+    shown = json.loads(site.run("nodes", "show", "n002", "--json", check=True).stdout)
+    assert shown[0]["boot_set"] > 0
+    assert re.search(r"^boot_set +\d", site.run("nodes", "show", "n002", check=True).stdout, re.M)
     table = site.run("nodes", "list", check=True).stdout
     assert table.splitlines()[0].split()[:3] == ["NODE", "MAC", "IP"]
 

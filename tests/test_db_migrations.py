@@ -149,7 +149,8 @@ def fill(path: Path, node_state: str = "ready") -> None:
 
 # Columns later migrations append (ALTER TABLE ... ADD COLUMN): the old columns must keep their
 # data; the new ones are checked by their own migration's test.
-ADDED = {"images": ("version",), "nodes": ("current_version",), "run_nodes": ("image_version",)}
+ADDED = {"images": ("version",), "nodes": ("current_version", "boot_set"),
+         "run_nodes": ("image_version",)}
 
 
 def rows(path: Path) -> dict[str, list[tuple]]:
@@ -397,4 +398,37 @@ def test_migration_6_turns_images_into_version_1(tmp_path):
     assert [tuple(r) for r in conn.execute("SELECT name, current_version FROM nodes ORDER BY 1")] \
         == [("n001", 1), ("n002", None)]
     assert conn.execute("SELECT image_version FROM run_nodes").fetchone()[0] is None
+    conn.close()
+
+
+def test_migration_8_keeps_the_nodes_and_starts_a_generation(tmp_path):
+    """A version-7 database with nodes: they survive, each with its last per-node set-boot
+    event's time as boot_set (recovery reads the same as before), a generation exists, and the
+    triggers replace it on a facts write."""
+    path = tmp_path / "v7.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(db._VERSION_TABLE)
+    for m in db.MIGRATIONS[:7]:  # frozen: never edited once on main
+        for statement in db.statements(m.sql):
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (?, ?, 0)", (m.version, m.description))
+    conn.execute("PRAGMA user_version = 7")
+    conn.execute("INSERT INTO nodes(name, ip, boot_target, updated) "
+                 "VALUES ('n001', '10.0.0.1', 'os', 3.0), ('n002', NULL, 'local', 4.0)")
+    conn.execute("INSERT INTO macs(mac, node) VALUES ('52:54:00:00:00:01', 'n001')")
+    conn.execute("INSERT INTO events(ts, node, kind, detail) VALUES (5.0, 'n001', 'set-boot', 'a'), "
+                 "(6.0, 'n001', 'set-boot', 'b'), (7.0, 'n001', 'report-ready', ''), "
+                 "(8.0, 'n002', 'set-boot-failed', 'x')")
+    conn.execute("COMMIT")
+    conn.close()
+    conn = db.connect(path)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION >= 8
+    assert [tuple(r) for r in conn.execute(
+        "SELECT name, ip, boot_target, updated, boot_set FROM nodes ORDER BY 1")] == \
+        [("n001", "10.0.0.1", "os", 3.0, 6.0), ("n002", None, "local", 4.0, None)]
+    first = conn.execute("SELECT value FROM dhcp_generation").fetchall()
+    assert len(first) == 1 and len(first[0][0]) == 16
+    conn.execute("DELETE FROM macs")
+    assert conn.execute("SELECT value FROM dhcp_generation").fetchone()[0] != first[0][0]
     conn.close()

@@ -1,6 +1,7 @@
 """Rendering: DHCP configs checked by the real daemons, boot files under the names loaders ask for."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,22 @@ def test_ipxe_http_variant_passes_the_daemon_check(tmp_path, backend):
     text = Renderer(populate(tftp_only)).dhcp_config(Inventory(tftp_only.cfg).all())
     assert "boot.ipxe" not in text
     dhcp.check(tftp_only.cfg, text)
+
+
+@pytest.mark.unit
+def test_loaders_are_copied_once_and_again_when_the_copy_changed(site):
+    from pxe import stage
+
+    cfg = site.cfg
+    first = stage.install_loaders(cfg)
+    present = [n for n, st in first.items() if st != "not available on this machine"]
+    if not present:
+        pytest.skip("no boot loader on this machine (tools/install-deps installs them)")
+    assert all(first[n] == "installed" for n in present)
+    assert all(st == "up to date" for n, st in stage.install_loaders(cfg).items() if n in present)
+    name = present[0]
+    copy = cfg.paths.tftp_root / name
+    copy.write_bytes(b"tampered")  # another size and mtime: copied again
+    assert stage.install_loaders(cfg)[name] == "installed"
+    source = next(Path(c) for c in stage.LOADER_SOURCES[name] if Path(c).is_file())
+    assert copy.read_bytes() == source.read_bytes()

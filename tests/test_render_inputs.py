@@ -60,11 +60,11 @@ def test_set_boot_renders_without_a_second_check_and_changes_are_checked(tmp_pat
         assert "next boot" in out.stdout and "unchanged" in out.stdout
     assert checks(log) == 1 and cfg.dhcp.config_file.read_bytes() == installed
     assert Inventory(cfg).get("n01").boot_target == "local"
-    assert dhcpinputs.installed(cfg, dhcpinputs.read(Inventory(cfg).conn))  # not even rendered
+    assert dhcpinputs.installed(cfg, dhcpinputs.generation(Inventory(cfg).conn), "")
 
     # A node added: rendered, checked, installed.
     Inventory(cfg).add([build(cfg, {"name": "n09", "mac": "52:54:00:cc:00:09"})])
-    assert not dhcpinputs.installed(cfg, dhcpinputs.read(Inventory(cfg).conn))
+    assert not dhcpinputs.installed(cfg, dhcpinputs.generation(Inventory(cfg).conn), "")
     assert render_all(cfg, reload=False).dhcp_changed and checks(log) == 2
     assert "52:54:00:cc:00:09" in cfg.dhcp.config_file.read_text()
 
@@ -103,18 +103,31 @@ def test_a_rejected_change_is_tried_again_and_the_old_file_kept(tmp_path):
 
 @pytest.mark.integration
 @needs_dhcpd
-def test_the_record_is_keyed_by_dhcp_facts_only(tmp_path):
+def test_the_record_is_keyed_by_the_dhcp_facts_generation(tmp_path):
     site, log = counted_site(tmp_path)
     cfg = site.cfg
     render_all(cfg, reload=False)
     conn = Inventory(cfg).conn
-    before = dhcpinputs.read(conn).digest
+    before = dhcpinputs.generation(conn)
     Inventory(cfg).update_state("n01", state="ready", current_os="centos5", boot_target="os")
-    assert dhcpinputs.read(conn).digest == before  # state, OS, boot target: not DHCP facts
+    assert dhcpinputs.generation(conn) == before  # state, OS, boot target: not DHCP facts
+    assert dhcpinputs.installed(cfg, before, "")
+    assert not dhcpinputs.installed(cfg, before, "rack1")  # another segment's file: not this one
     conn.execute("UPDATE nodes SET firmware = 'uefi' WHERE name = 'n02'")
-    assert dhcpinputs.read(conn).digest != before
+    assert dhcpinputs.generation(conn) != before
     assert render_all(cfg, reload=False).dhcp_changed is False  # same text: confirmed, no check
     assert checks(log) == 1
+
+    # A raw SQL change of an IP: a new generation; rendered, checked by dhcpd -t, installed.
+    conn.execute("UPDATE nodes SET ip = '198.18.0.99' WHERE name = 'n03'")
+    assert render_all(cfg, reload=False).dhcp_changed and checks(log) == 2
+    assert "198.18.0.99" in cfg.dhcp.config_file.read_text()
+    assert not render_all(cfg, reload=False).dhcp_changed and checks(log) == 2
+
+    # A database restored from an older backup (its generation is not the recorded one): again.
+    conn.execute("UPDATE dhcp_generation SET value = 'restored' WHERE id = 1")
+    render_all(cfg, reload=False)
+    assert '"generation": "restored"' in dhcpinputs.stamp_path(cfg).read_text()
 
 
 @pytest.mark.unit

@@ -1,5 +1,6 @@
-"""set-boot as one set-based transaction (issue 18): what each node records, the per-node events
-recovery reads, and the node-range fast path that skips ClusterShell."""
+"""set-boot as one set-based transaction (issue 18): what each node records (its boot_set time,
+which recovery reads), the one event per command, and the node-range fast path that skips
+ClusterShell."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def _stored(cfg) -> dict[str, tuple]:
         conn.close()
 
 
+def _boot_set(cfg) -> dict[str, float | None]:
+    conn = db.connect(_store(cfg))
+    try:
+        return dict(conn.execute("SELECT name, boot_set FROM nodes").fetchall())
+    finally:
+        conn.close()
+
+
 def _events(cfg) -> list[tuple]:
     conn = db.connect(_store(cfg))
     try:
@@ -77,7 +86,11 @@ def test_every_node_gets_its_own_token_as_returned_and_one_event(site: Site, tmp
     for b in result:
         assert stored[b.name] == ("os", "centos5", b.boot_token)  # node i got token i
     assert stored["n150"][0] == "local" and stored["n150"][2] is None
-    assert _events(cfg) == [(n, "set-boot", "centos5") for n in names]  # one per node, in order
+    # One event for the command: the node set (a list folded), the target, the count.
+    assert _events(cfg) == [(None, "set-boot", "centos5: n[001-149,152-300] (298 node(s))")]
+    boot_set = _boot_set(cfg)
+    assert boot_set["n150"] is None and boot_set["n151"] is None
+    assert len({boot_set[n] for n in names}) == 1 and boot_set["n001"] > 0  # one moment
     assert "boot_token" not in repr(result[0]) and result[0].boot_token not in repr(result[0])
 
     # A second set-boot issues new tokens (one-time) for the same nodes.
@@ -98,7 +111,23 @@ def test_local_drops_the_tokens_or_keeps_them(site: Site, tmp_path: Path, statem
     stored = _stored(cfg)
     assert stored["n001"] == ("local", "centos5", issued["n001"])
     assert stored["n004"] == ("local", "centos5", None)
-    assert _events(cfg)[-2:] == [("n003", "set-boot", "local"), ("n004", "set-boot", "local")]
+    assert _events(cfg)[-2:] == [(None, "set-boot", "local: n[001-002] (2 node(s), tokens kept)"),
+                                 (None, "set-boot", "local: n[003-004] (2 node(s))")]
+
+
+@pytest.mark.unit
+def test_the_event_names_the_set_as_given_never_every_node(site: Site, tmp_path: Path):
+    cfg = _site(site, tmp_path, 600)
+    before = _boot_set(cfg)
+    set_boot(cfg, " n[001-600] ", "centos5")  # as given (trimmed)
+    every_other = [f"n{i:03d}" for i in range(1, 601, 2)]  # folds to 300 ranges: cut short
+    set_boot(cfg, every_other, None)
+    first, second = _events(cfg)
+    assert first == (None, "set-boot", "centos5: n[001-600] (600 node(s))")
+    assert second[2].startswith("local: n[001,003,005,") and second[2].endswith("... (300 node(s))")
+    assert len(second[2]) < 250
+    after = _boot_set(cfg)
+    assert all(after[n] > after["n002"] for n in every_other) and before["n001"] is None
 
 
 @pytest.mark.unit
@@ -112,13 +141,18 @@ def test_an_unknown_node_or_another_arch_changes_nothing(site: Site, tmp_path: P
         set_boot(cfg, "n[003-004]", None)
     with pytest.raises(InputError, match="armos is for aarch64; not for node.s. n001, n002$"):
         set_boot(cfg, "n[001-002]", "armos")
+    with pytest.raises(NotFound, match=r"unknown node\(s\): n004$"):  # nodes first, as before
+        set_boot(cfg, "n[003-004]", "nope")
+    with pytest.raises(NotFound, match="unknown image label"):
+        set_boot(cfg, "n003", "nope")
     assert _stored(cfg) == before and _events(cfg) == []
+    assert set(_boot_set(cfg).values()) == {None}
 
 
 @pytest.mark.unit
 def test_recovery_leaves_a_boot_set_by_hand_after_the_run(site: Site, tmp_path: Path):
     """The run driver's follow-up resets a node left on the network when its run ended, unless
-    someone set its boot afterwards: it reads that from the per-node set-boot events."""
+    someone set its boot afterwards: it reads that from the node's boot_set time."""
     cfg = _site(site, tmp_path, 2)
     conn = db.connect(_store(cfg))
     with driver_held(cfg):

@@ -104,7 +104,7 @@ def main() -> int:
             events = conn.execute(
                 "SELECT kind, MIN(ts), MAX(ts), COUNT(*) FROM events WHERE kind IN "
                 "('run-requested', 'set-boot', 'run-power-cycled', 'run-failed') "
-                "AND node IS NOT NULL GROUP BY kind").fetchall()
+                "AND (node IS NOT NULL OR kind = 'set-boot') GROUP BY kind").fetchall()
             phases = {k: (lo, hi, n) for k, lo, hi, n in events}
             failed = conn.execute("SELECT node, reason FROM run_nodes WHERE state = 'failed' "
                                   "LIMIT 5").fetchall()

@@ -33,9 +33,11 @@ def status(conn: sqlite3.Connection, scheduler_pool: str) -> dict[str, Any]:
             "(SELECT node, MAX(id) AS id FROM events WHERE node IS NOT NULL GROUP BY node) m "
             "ON e.id = m.id")}
         nodes = [{"name": r[0], "pool": r[1], "os": r[2], "desired_os": r[3], "state": r[4],
-                  "reason": r[5], "arch": r[6], "updated": r[7], "last_event": last.get(r[0])}
+                  "reason": r[5], "arch": r[6], "updated": r[7], "boot_set": r[8],
+                  "last_event": _later(last.get(r[0]), r[8], r[9], r[3])}
                  for r in conn.execute("SELECT name, pool, current_os, desired_os, state, "
-                                       "state_reason, arch, updated FROM nodes ORDER BY name")]
+                                       "state_reason, arch, updated, boot_set, boot_target "
+                                       "FROM nodes ORDER BY name")]
         images = [{"label": r[0], "os_name": r[1], "arch": r[2], "mode": r[3]}
                   for r in conn.execute("SELECT label, os_name, arch, mode FROM images "
                                         "ORDER BY label")]
@@ -48,6 +50,16 @@ def status(conn: sqlite3.Connection, scheduler_pool: str) -> dict[str, Any]:
         conn.execute("COMMIT")
     return {"generated": now, "nodes": nodes, "images": images, "pools": pool_rows,
             "runs": runs}
+
+
+def _later(event: dict[str, Any] | None, boot_set: float | None, boot_target: str,
+           desired_os: str | None) -> dict[str, Any] | None:
+    """The node's last event, or its last set-boot when that came after: set-boot records one
+    event per command (node NULL) and each node's time in ``nodes.boot_set``."""
+    if boot_set is None or (event is not None and event["ts"] > boot_set):
+        return event
+    return {"ts": boot_set, "kind": "set-boot",
+            "detail": desired_os if boot_target == "os" else "local"}
 
 
 def active_runs(conn: sqlite3.Connection, now: float | None = None,

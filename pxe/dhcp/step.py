@@ -52,8 +52,8 @@ def early_start(cfg: Config, conn: sqlite3.Connection,
     early = None
     try:
         mine = segments.load(cfg, segment).name
-        snapshot = dhcpinputs.read(conn, mine)
-        if not dhcpinputs.installed(cfg, snapshot):
+        if not dhcpinputs.installed(cfg, dhcpinputs.generation(conn), mine):  # one row read
+            snapshot = dhcpinputs.read(conn, mine)
             renderer = render.Renderer(cfg)
             text = renderer.dhcp_config(snapshot)
             if not dhcp.unchanged(cfg, text):
@@ -73,16 +73,18 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
     what its inputs make (the caller holds the render lock). True when a new file went in."""
     from pxe import dhcp, render
 
-    snapshot = dhcpinputs.read(conn, segment)
-    if dhcpinputs.installed(cfg, snapshot):  # rendered from the same inputs, accepted, intact
+    current = dhcpinputs.generation(conn)  # one row: replaced on every write to DHCP facts
+    if dhcpinputs.installed(cfg, current, segment):  # same inputs, accepted, intact
         return False
     with render.naming_template(renderer):
         if early is not None and early.pending is not None \
-                and early.snapshot.digest == snapshot.digest:
+                and early.snapshot.generation == current:  # nothing changed since its read
+            snapshot = early.snapshot
             pending, early.pending = early.pending, None
             pending.install(reload)  # waits for the daemon's verdict; renames only on a pass
             changed = True
         else:
+            snapshot = dhcpinputs.read(conn, segment)
             changed = dhcp.install(cfg, renderer.dhcp_config(snapshot), reload=reload)
-    dhcpinputs.save(cfg, snapshot, set(renderer.read_templates))
+    dhcpinputs.save(cfg, snapshot, set(renderer.read_templates), segment)
     return changed
