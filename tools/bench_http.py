@@ -9,6 +9,8 @@ as the median and min-max of those rounds. Also the CPU seconds each server's pr
 server's own CPU cost is the figure that does not move with the machine's load; and the
 median time to the first byte of the answer (curl's time_starttransfer), and the server CPU per
 request of 1,000 keep-alive GETs of a 1 KiB file (one curl): the per-request cost.
+serve answers boot files on its fast path (pxe/serve/fastpath.py: its own request parse, one
+write per small file, sendfile in 512 KiB turns), not through the framework.
 Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
 built the way it is (`--all`):
 - "starlette-stock": the same framework without our zero-copy protocol (Starlette's

@@ -5,7 +5,8 @@ Process model (2 cores here, more on a real server):
   that is taken is one clear error before anything starts, and a client that arrives while the
   workers start simply waits in the socket's queue;
 - `tftp_workers` processes share the TFTP socket, each with its own epoll loop;
-- `http_workers` processes run uvicorn on the shared HTTP socket;
+- `http_workers` processes run uvicorn on the shared HTTP socket (boot files answered by
+  pxe.serve.fastpath before the framework);
 - counters live in shared memory (pxe.serve.metrics), the transfer cap is a shared semaphore.
 A worker that dies is started again (its transfer slots are given back); more than
 MAX_RESTARTS deaths in RESTART_WINDOW seconds stop the daemon with exit status 1. SIGTERM or
@@ -148,18 +149,27 @@ class Daemon:
         worker.run(stop)
 
     def _http_child(self, row: int) -> None:
+        from collections import Counter
+
         import uvicorn
 
         from pxe.serve.app import create_app
         from pxe.serve.deadlines import guarded
+        from pxe.serve.fastpath import BootFiles, fast_protocol
         from pxe.serve.http import ZeroCopyH11Protocol
 
         if self.tftp_sock is not None:
             self.tftp_sock.close()  # not ours to serve
         app = create_app(self.cfg, self.s, self.counters, row, self.tftp_rows)
+        s = self.s
+        open_per_client: Counter[str] = Counter()  # one cap over both protocols
+        framework = guarded(ZeroCopyH11Protocol, s.http_timeout, s.http_timeout,
+                            s.http_max_per_client, open_per_client)
+        # Boot files by pxe.serve.fastpath; every other request goes on to uvicorn + Starlette.
+        protocol = fast_protocol(framework, BootFiles(app), s.http_timeout,
+                                 s.http_max_per_client, open_per_client, s.access_log)
         config = uvicorn.Config(
-            app, http=guarded(ZeroCopyH11Protocol, self.s.http_timeout, self.s.http_timeout,
-                              self.s.http_max_per_client), ws="none", lifespan="off", loop="asyncio",
+            app, http=protocol, ws="none", lifespan="off", loop="asyncio",
             log_config=None, access_log=self.s.access_log, server_header=False,
             timeout_keep_alive=max(1, round(self.s.http_timeout)),
             timeout_graceful_shutdown=max(1, round(STOP_GRACE / 2)))

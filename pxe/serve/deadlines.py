@@ -28,14 +28,20 @@ from typing import Any
 log = logging.getLogger("dynprov.serve.http")
 
 _REFUSAL_BODY = b"too many connections from this client\n"
-_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
             b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
             % (len(_REFUSAL_BODY), _REFUSAL_BODY))
 
 
-def guarded(base: type, header_timeout: float, body_timeout: float, max_per_client: int) -> type:
-    """A subclass of uvicorn's ``base`` h11 protocol enforcing the deadlines and the cap."""
-    open_per_client: Counter[str] = Counter()  # this worker process's connections per address
+def guarded(base: type, header_timeout: float, body_timeout: float, max_per_client: int,
+            open_per_client: Counter[str] | None = None) -> type:
+    """A subclass of uvicorn's ``base`` h11 protocol enforcing the deadlines and the cap.
+
+    ``open_per_client``: the table of open connections per address, when shared with another
+    protocol of this worker (pxe.serve.fastpath hands connections over).
+    """
+    if open_per_client is None:
+        open_per_client = Counter()  # this worker process's connections per address
 
     class Guarded(base):  # type: ignore[misc, valid-type]
         _peer: str | None = None
@@ -48,7 +54,7 @@ def guarded(base: type, header_timeout: float, body_timeout: float, max_per_clie
             peer = self.client[0] if self.client else "?"
             if open_per_client[peer] >= max_per_client:
                 log.warning("HTTP %s: refused: more than %d connections", peer, max_per_client)
-                transport.write(_REFUSAL)
+                transport.write(REFUSAL)
                 transport.close()
                 return
             self._peer = peer

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
 import os
 import re
@@ -47,6 +48,7 @@ Message = MutableMapping[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 
 TEXT_SUFFIXES = (".ipxe", ".cfg", ".lst", ".txt")
+TEXT_TYPE = "text/plain; charset=utf-8"
 
 
 # -- the response ----------------------------------------------------------------------------
@@ -73,42 +75,62 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None | str:
     return first, min(last, size - 1)
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(mtime: float) -> str:
+    """Last-Modified of a file (cached: the same few files are asked for again and again)."""
+    return email.utils.formatdate(mtime, usegmt=True)
+
+
+class FileAnswer:
+    """Status, byte span and headers of one boot file's answer (shared with pxe.serve.fastpath).
+
+    ``status`` 200 (whole), 206 (one range), 304 (If-None-Match matched), 416 (unsatisfiable
+    range); ``offset``/``count`` is the span of the file to send (0 bytes for 304/416).
+    """
+
+    __slots__ = ("status", "offset", "count", "headers")
+
+    def __init__(self, st: os.stat_result, name: str, if_none_match: str | None,
+                 range_header: str | None, if_range: str | None):
+        size = st.st_size
+        self.status, self.offset, self.count = 200, 0, size
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+        last_modified = _http_date(st.st_mtime)
+        headers = {"accept-ranges": "bytes", "etag": etag, "last-modified": last_modified}
+        self.headers = headers
+        if if_none_match and {etag, "*"} & {t.strip() for t in if_none_match.split(",")}:
+            self.status, self.count = 304, 0
+            return
+        rng = range_header
+        if rng and if_range not in (None, etag, last_modified):
+            rng = None  # the file changed since the client's first part: send it whole
+        span = _parse_range(rng, size) if rng else None
+        if span == "416":
+            self.status, self.count = 416, 0
+            headers["content-range"] = f"bytes */{size}"
+            headers["content-length"] = "0"
+            return
+        if isinstance(span, tuple):
+            first, last = span
+            self.status, self.offset, self.count = 206, first, last - first + 1
+            headers["content-range"] = f"bytes {first}-{last}/{size}"
+        headers["content-type"] = (TEXT_TYPE if name.endswith(TEXT_SUFFIXES)
+                                   else "application/octet-stream")
+        headers["content-length"] = str(self.count)
+
+
 class BootFileResponse(Response):
     """One open file (fd owned by the response) with Range, ETag and zero-copy send."""
 
     def __init__(self, fd: int, st: os.stat_result, name: str, request: Request):
         self.fd = fd
         self.size = st.st_size
-        self.status_code = 200
-        self.offset, self.count = 0, st.st_size
         self.background = None
-        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-        last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
-        media = ("text/plain; charset=utf-8" if name.endswith(TEXT_SUFFIXES)
-                 else "application/octet-stream")
-        headers = {"accept-ranges": "bytes", "etag": etag, "last-modified": last_modified}
         req = request.headers
-        if {etag, "*"} & {t.strip() for t in req.get("if-none-match", "").split(",")}:
-            self.status_code, self.count = 304, 0
-            self.init_headers(headers)
-            return
-        rng = req.get("range")
-        if rng and req.get("if-range") not in (None, etag, last_modified):
-            rng = None  # the file changed since the client's first part: send it whole
-        span = _parse_range(rng, self.size) if rng else None
-        if span == "416":
-            self.status_code, self.count = 416, 0
-            headers["content-range"] = f"bytes */{self.size}"
-            headers["content-length"] = "0"
-            self.init_headers(headers)
-            return
-        if isinstance(span, tuple):
-            first, last = span
-            self.status_code, self.offset, self.count = 206, first, last - first + 1
-            headers["content-range"] = f"bytes {first}-{last}/{self.size}"
-        headers["content-type"] = media
-        headers["content-length"] = str(self.count)
-        self.init_headers(headers)
+        answer = FileAnswer(st, name, req.get("if-none-match"), req.get("range"),
+                            req.get("if-range"))
+        self.status_code, self.offset, self.count = answer.status, answer.offset, answer.count
+        self.init_headers(answer.headers)
 
     def init_headers(self, headers: Any = None) -> None:
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1"))
@@ -169,7 +191,14 @@ async def boot_file(request: Request) -> Response:
 
 def _rendered(request: Request, name: str) -> bytes | None:
     """A loader config rendered from the database (pxe.serve.bootconfigs), or None."""
-    configs = getattr(request.app.state, "boot_configs", None)
+    return rendered(getattr(request.app.state, "boot_configs", None), name)
+
+
+def rendered(configs: Any, name: str) -> bytes | None:
+    """The loader config ``name`` from ``configs`` (a BootConfigs or None), or None.
+
+    Raises files.Refused/Missing for a bad name or a config of an unknown MAC.
+    """
     if configs is None:
         return None
     rel = files.clean_name(name)
