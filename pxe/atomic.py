@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+
+TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
+if TYPE_CHECKING:
+    from typing import BinaryIO
 
 
 def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> bool:
@@ -20,6 +22,8 @@ def write_bytes(path: Path, data: bytes, mode: int = 0o644) -> bool:
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # with shutil, random...: only when something is written
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -54,6 +58,8 @@ def write_many(files: dict[Path, bytes], mode: int = 0o644) -> list[Path]:
     syncfs() before the renames gives the same crash guarantee as per-file fsync. Returns the
     paths that changed.
     """
+    import tempfile
+
     pending: list[tuple[str, Path]] = []
     try:
         for path, data in files.items():
@@ -90,6 +96,8 @@ def streamed(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
 
     On any exception the temp file is removed and ``path`` keeps its old content (if any).
     """
+    import tempfile
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     try:

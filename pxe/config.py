@@ -6,22 +6,72 @@ Found at ``--config``, else ``$DYNPROV_CONFIG``, else ``/etc/dynprov/dynprov.tom
 from __future__ import annotations
 
 import os
-import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pxe import validate
 from pxe.errors import InputError
+
+TYPE_CHECKING = False  # not typing's: every command imports this module (typing costs ~2 ms)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_PATH = "/etc/dynprov/dynprov.toml"
 DEFAULT_TEMPLATES_DIR = "/etc/dynprov/templates"  # site overrides of the packaged templates
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class Network:
+class _Record:
+    """A frozen record of one section, declared like a dataclass (annotations in order, class
+    attributes as defaults) with the same constructor, repr, == and hash. A plain class: each
+    @dataclass compiles its methods when its module is imported, ~0.5 ms per class on every
+    command's start (pxe.configcache)."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        cls._fields = tuple(cls.__dict__.get("__annotations__", {}))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}() takes {len(names)} arguments")
+        values = dict(zip(names, args, strict=False))  # fewer args than fields: defaults
+        for key, value in kwargs.items():
+            if key not in names or key in values:
+                raise TypeError(f"{type(self).__name__}() got an unexpected or repeated "
+                                f"argument {key!r}")
+            values[key] = value
+        for name in names:
+            if name not in values:
+                if name not in type(self).__dict__:
+                    raise TypeError(f"{type(self).__name__}() missing argument {name!r}")
+                values[name] = type(self).__dict__[name]
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}(" + ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self._fields) + ")"
+
+
+class Network(_Record):
     interface: str
     subnet: str
     server: str
@@ -30,8 +80,7 @@ class Network:
     dns: str | None = None
 
 
-@dataclass(frozen=True)
-class Dhcp:
+class Dhcp(_Record):
     backend: str  # "dnsmasq" or "isc"
     config_file: Path
     reload_command: tuple[str, ...]
@@ -42,8 +91,7 @@ class Dhcp:
     proxy_unknown: bool = False  # proxy mode: answer PXE for MACs not in the inventory too
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(_Record):
     tftp_root: Path
     http_root: Path
     state_dir: Path
@@ -55,8 +103,7 @@ IPXE_BIOS_LOADER = "undionly.kpxe"  # the default first loaders when [boot] ipxe
 IPXE_UEFI_LOADER = "ipxe.efi"
 
 
-@dataclass(frozen=True)
-class Boot:
+class Boot(_Record):
     bios_loader: str = "pxelinux.0"
     uefi_loader: str = "grubx64.efi"
     http_port: int = 8080
@@ -70,23 +117,20 @@ class Boot:
     write_files: bool = False
 
 
-@dataclass(frozen=True)
-class Groups:
+class Groups(_Record):
     image: str = "fgimage"
     pool: str = "fgpool"
     scheduler_pool: str = "hpc"
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(_Record):
     """Caps on what one command may be asked to do (a typo must not exhaust the server)."""
 
     max_nodes: int = 100_000  # names one node set may expand to; counted before expanding
     import_max_bytes: int = 64 * 1024 * 1024  # a `nodes import` file (CSV/YAML)
 
 
-@dataclass(frozen=True)
-class State:
+class State(_Record):
     """Where the state lives: the SQLite file under paths.state_dir (url None, the default) or a
     PostgreSQL database shared by several boot servers (docs/admin-guide.md, "Choosing the state
     store")."""
@@ -208,23 +252,39 @@ MAX_CONFIG_BYTES = 1 << 20  # a site config is a few KiB; refuse to parse a stra
 
 
 def load(explicit: str | os.PathLike[str] | None = None) -> Config:
-    """Load and check the configuration; every problem is an InputError naming file and key."""
+    """Load and check the configuration; every problem is an InputError naming file and key.
+
+    A config checked before is taken from pxe.configcache (the same text, file and code: no
+    TOML parser, no netaddr); anything else is parsed and checked here, then cached.
+    """
+    from pxe import configcache
+
     path = locate(explicit)
+    identity: list[os.stat_result] = []
     text = read_text_file(path, MAX_CONFIG_BYTES, "configuration file",
-                          missing_hint=" (set --config or DYNPROV_CONFIG)")
+                          missing_hint=" (set --config or DYNPROV_CONFIG)", stat_into=identity)
+    cached = configcache.lookup(path, text, identity[0])
+    if cached is not None:
+        return cached
+    import tomllib  # ~7 ms with its imports: only when the config is parsed
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML: {exc}") from None
-    return from_dict(data, path)
+    cfg = from_dict(data, path)
+    configcache.store(cfg, text, identity[0])
+    return cfg
 
 
 def read_text_file(path: str | os.PathLike[str], max_bytes: int, what: str,
-                   missing_hint: str = "", follow_symlinks: bool = True) -> str:
+                   missing_hint: str = "", follow_symlinks: bool = True,
+                   stat_into: list[os.stat_result] | None = None) -> str:
     """The UTF-8 text of a regular file the caller may read, or an InputError naming it.
 
     Opened with O_NONBLOCK (and O_NOFOLLOW unless ``follow_symlinks``) and checked with fstat
     before reading, so a FIFO, a device or a directory is refused at once instead of blocking.
+    ``stat_into`` receives that fstat (the identity of the file the text was read from).
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
@@ -240,6 +300,8 @@ def read_text_file(path: str | os.PathLike[str], max_bytes: int, what: str,
         raise InputError(f"{path}: cannot open the {what}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
+        if stat_into is not None:
+            stat_into.append(st)
         import stat
 
         if stat.S_ISDIR(st.st_mode):
@@ -377,12 +439,14 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
                   limits=limits, state=state, raw=data)
 
 
-_STATE_URL = re.compile(r"^postgres(?:ql)?://[\x21-\x7e]*$")
+_STATE_URL = r"^postgres(?:ql)?://[\x21-\x7e]*$"  # compiled when a config is checked
 
 
 def state_url(value: str) -> str:
     """[state] url: a postgresql:// URL (libpq's form), printable ASCII without spaces."""
-    if not _STATE_URL.match(value) or len(value) > 1024:
+    import re
+
+    if not re.match(_STATE_URL, value) or len(value) > 1024:
         raise InputError("must be a PostgreSQL URL such as postgresql://dynprov@dbhost/dynprov "
                          "or postgresql:///dynprov?host=/run/postgresql (omit [state] url for "
                          "the SQLite file under paths.state_dir)")

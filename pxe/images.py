@@ -8,18 +8,21 @@ image can never be half-replaced under a booting node.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sqlite3
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
 
-from pxe import atomic, db, imageversions, userfile, validate
+from pxe import atomic, db, validate
 from pxe.config import Config
 from pxe.errors import DynprovError, InputError, NotFound
+
+TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
+if TYPE_CHECKING:
+    from typing import IO, Any
+
+    from pxe import imageversions
 
 BLOBS = "blobs"
 
@@ -67,6 +70,8 @@ def check_kernel_header(head: bytes, name: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib  # (OpenSSL's, ~2 ms to load) only when a blob is hashed
+
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -120,7 +125,11 @@ def _stage(fh: IO[bytes], role: str, name: str, roots: list[Path], cap: int) -> 
     past ``cap`` bytes (a file can grow after it was measured); the temp file never stays."""
     store = roots[0] / BLOBS
     store.mkdir(parents=True, exist_ok=True)
+    import tempfile  # with shutil, random...: only when an image is added
+
     fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=store)
+    import hashlib
+
     digest, size = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as fout:
@@ -217,6 +226,8 @@ class Catalog:
             validate.label(os_name, "OS name")
         if from_user:
             check_prov_seconds(prov_seconds)
+        from pxe import imageversions, userfile  # not on set-boot's path (only get() is)
+
         keep = imageversions.keep_versions(self.cfg)
         if mode == "stateful" and rootfs is None:
             raise InputError("a stateful image needs a root filesystem to write to disk")
@@ -279,6 +290,8 @@ class Catalog:
 
     def _record(self, image: Image, expected: int | None, keep: int) -> Image:
         """Inside the transaction: the new version, made current; then the retention prune."""
+        from pxe import imageversions  # (with pxe.states) not on set-boot's path
+
         label, conn = image.label, self.conn
         number = imageversions.next_version(conn, label)
         if expected is not None and expected != number:
@@ -299,6 +312,8 @@ class Catalog:
     # -- versions (pxe.imageversions) -----------------------------------------------------
     def history(self, label: str) -> list[imageversions.Version]:
         """Every kept version of ``label``, oldest first, with blob sizes and node counts."""
+        from pxe import imageversions  # (with pxe.states) not on set-boot's path
+
         now = self.get(label).version
         running = imageversions.running(self.conn, label)
         booted = imageversions.booted(self.conn, label)
@@ -326,6 +341,8 @@ class Catalog:
     def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
         """Make a kept version current again (default: the newest one older than the current
         one), in one UPDATE; returns (old, new). Running nodes keep what they booted."""
+        from pxe import imageversions  # (with pxe.states) not on set-boot's path
+
         with atomic.locked(self.lock_path), db.transaction(self.conn):
             old = imageversions.current(self.conn, label)
             new = imageversions.previous(self.conn, label) if version is None else version
@@ -339,6 +356,8 @@ class Catalog:
     def remove_version(self, label: str, version: int, force: bool = False) -> list[str]:
         """Delete one kept version that is not the current one; refused while nodes run it or a
         run is booting it unless ``force``. Returns the nodes that still ran it."""
+        from pxe import imageversions  # (with pxe.states) not on set-boot's path
+
         with atomic.locked(self.lock_path):
             with db.transaction(self.conn):
                 now = imageversions.current(self.conn, label)
@@ -383,6 +402,8 @@ class Catalog:
 
     def _collect_garbage(self) -> None:
         """Delete stored files that no kept image version references (and stale temp files)."""
+        from pxe import imageversions  # (with pxe.states) not on set-boot's path
+
         live = imageversions.live_blobs(self.conn)
         for root in (self.cfg.paths.tftp_root, self.cfg.paths.http_root):
             store = root / BLOBS

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from pxe.errors import InputError
 
+TYPE_CHECKING = False  # not typing's: on every command's path (typing costs ~2 ms)
 if TYPE_CHECKING:
     from pxe.config import Config
 

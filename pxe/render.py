@@ -13,20 +13,17 @@ override therefore fails the render, or the daemon's check, exactly as a broken 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
-from pxe import assets, validate
+from pxe import validate
 from pxe.config import Config
 from pxe.dhcpinputs import DhcpHost, Snapshot
-from pxe.errors import DynprovError, NotFound
+from pxe.errors import DynprovError
 from pxe.images import Image
 from pxe.inventory import Node
+from pxe.templatefiles import TemplateSource, find_template
 
 PXELINUX_DIR = "pxelinux.cfg"
 GRUB_DIR = "grub"
@@ -123,50 +120,7 @@ def dhcp_host_context(nodes: Snapshot | Iterable[Node | DhcpHost]) -> dict[str, 
     return {"hosts": hosts, "host_rows": rows, "host_macs": host_macs}
 
 
-# -- where templates come from ------------------------------------------------------------------
-_TEMPLATE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
-
-
-@dataclass(frozen=True)
-class TemplateSource:
-    name: str  # e.g. "dhcp/dnsmasq.conf.j2"
-    path: Path
-    override: bool  # True: the site's file under [paths] templates_dir
-
-    def describe(self) -> str:
-        return f"{self.path} ({'site override' if self.override else 'packaged'})"
-
-
-def find_template(cfg: Config, name: str) -> TemplateSource:
-    """The file that template ``name`` is read from: the site's override if present, else ours."""
-    if not _TEMPLATE_NAME.fullmatch(name) or ".." in name.split("/"):
-        raise DynprovError(f"{name!r}: not a template name")
-    override_dir = cfg.paths.templates_dir
-    override = override_dir / name
-    try:
-        mode = os.stat(override).st_mode  # follows a link: a link to a file is a file
-    except FileNotFoundError:
-        if os.path.lexists(override):
-            raise DynprovError(f"{override}: site template override is a dangling link; fix or "
-                               f"remove it (the packaged {name} is not used in its place)") from None
-        mode = None
-    except NotADirectoryError:
-        if not override_dir.is_dir():
-            raise DynprovError(f"{override_dir}: paths.templates_dir is not a directory") from None
-        raise DynprovError(f"{override}: a part of this path is not a directory (site template "
-                           f"overrides)") from None
-    except OSError as exc:
-        raise DynprovError(f"{override}: cannot look at the site template override: "
-                           f"{exc.strerror or exc}") from None
-    if mode is not None:
-        if not stat.S_ISREG(mode):
-            raise DynprovError(f"{override}: site template override is not a regular file; fix or "
-                               f"remove it (the packaged {name} is not used in its place)")
-        return TemplateSource(name, override, True)
-    packaged = assets.templates() / name
-    if not packaged.is_file():
-        raise NotFound(f"no template {name} (neither {override} nor the packaged {packaged})")
-    return TemplateSource(name, packaged, False)
+# -- where templates come from: pxe.templatefiles (find_template, TemplateSource) -------------
 
 
 def read_template(source: TemplateSource) -> str:

@@ -13,7 +13,6 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pxe import atomic, db
 from pxe.config import Config
@@ -21,9 +20,9 @@ from pxe.errors import InputError, NotFound
 from pxe.images import Catalog
 from pxe.inventory import Inventory
 
+TYPE_CHECKING = False  # not typing's (~2 ms on every start)
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
-    from pxe import render
-    from pxe.dhcp import step
+    from pxe import dhcpstep, render
     from pxe.images import Image
 
 
@@ -290,7 +289,7 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                servers: bool = False, inventory: Inventory | None = None,
-               segment: str | None = None, early: step.Early | None = None) -> RenderReport:
+               segment: str | None = None, early: dhcpstep.Early | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
@@ -300,10 +299,10 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     The DHCP config is rendered and checked only when what it is made of changed since it was
     installed (pxe.dhcpinputs: the database's DHCP-facts generation, no node read): a set-boot
     changes nothing in it. ``early``: that config rendered and its check started before
-    set-boot's transaction (pxe.dhcp.step.early_start).
+    set-boot's transaction (pxe.dhcpstep.early_start).
     """
-    from pxe import dhcp, dhcpinputs, render, segments, stage
-    from pxe.dhcp import step
+    # pxe.dhcp (and jinja2) only when something is checked or installed
+    from pxe import dhcpinputs, dhcpstep, render, segments, stage
 
     inv = inventory or Inventory(cfg)
     mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
@@ -317,6 +316,8 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
+        from pxe import dhcp
+
         text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine))
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
@@ -327,7 +328,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        dhcp_changed = step.install(cfg, inv.conn, mine, renderer, reload, early)
+        dhcp_changed = dhcpstep.install(cfg, inv.conn, mine, renderer, reload, early)
         if cfg.boot.write_files or servers:
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)

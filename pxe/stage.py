@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -99,5 +98,7 @@ def install_loaders(cfg: Config) -> dict[str, str]:
 
 
 def copy_tree_file(src: Path, dest: Path) -> None:
+    import shutil  # (with bz2, lzma: ~2 ms) only when a file is copied
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)

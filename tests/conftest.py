@@ -49,10 +49,12 @@ class Site:
         return self.run(*argv, cmd="dynprov-lab", **kwargs)
 
     def snapshot(self) -> dict[str, bytes]:
-        """Every file under the site (minus SQLite's shared-memory files): to prove nothing changed."""
+        """Every file under the site (minus SQLite's shared-memory files and the checked-config
+        cache, pxe.configcache: derived from dynprov.toml, not state): to prove nothing changed."""
         out = {}
         for path in sorted(self.root.rglob("*")):
-            if not path.is_file() or path.name.endswith(("-shm", "-wal", "-journal", ".lock")):
+            if not path.is_file() or path.name.endswith(("-shm", "-wal", "-journal", ".lock")) \
+                    or path.name == "config.cache":
                 continue
             if path.suffix == ".db":
                 # Through SQLite, never open()/close(): closing a plain descriptor on the file

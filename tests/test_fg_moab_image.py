@@ -61,13 +61,13 @@ def add_config(site: Site, text: str) -> None:
 def state(site: Site) -> tuple[dict[str, bytes], list[str]]:
     """Every file, and the database by content (a WAL checkpoint rewrites its bytes). The
     database file is never opened outside SQLite: closing a plain fd on it would drop this
-    process's SQLite locks."""
+    process's SQLite locks. Not the checked-config cache (pxe.configcache: derived, not state)."""
     import sqlite3
 
     files = {}
     for path in sorted(site.root.rglob("*")):
         if path.is_file() and not path.name.startswith("dynprov.db") and \
-                not path.name.endswith(".lock"):
+                not path.name.endswith(".lock") and path.name != "config.cache":
             files[str(path.relative_to(site.root))] = path.read_bytes()
     if site.cfg.state.url:
         return files, pg_support.dump(site.cfg.state.url)

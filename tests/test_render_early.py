@@ -1,5 +1,5 @@
 """`set-boot --render` starts the DHCP config's check before set-boot's transaction
-(pxe.dhcp.step.early_start): the file goes in only after the daemon passed it, only when the
+(pxe.dhcpstep.early_start): the file goes in only after the daemon passed it, only when the
 DHCP inputs are still those it was rendered from, and a failure anywhere leaves the old file.
 
 The daemon's check is the real dhcpd -t, counted (tests/test_render_inputs.counted_site).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from pxe.dhcp import step
+from pxe import dhcpstep as step
 from pxe.errors import NotFound
 from pxe.inventory import Inventory, build
 from pxe.setboot import render_all, set_boot

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tomllib
 
 import pytest
 
@@ -100,15 +101,15 @@ def test_config_templates_dir_and_its_older_name(site, tmp_path):
     text = site.config_path.read_text()
     assert site.cfg.paths.templates_dir == site.root / "templates"
     old = text.replace(f'templates_dir = "{site.root / "templates"}"', f'templates = "{tmp_path / "t"}"')
-    assert config.from_dict(config.tomllib.loads(old), site.config_path).paths.templates_dir == tmp_path / "t"
+    assert config.from_dict(tomllib.loads(old), site.config_path).paths.templates_dir == tmp_path / "t"
     both = text.replace("[paths]\n", f'[paths]\ntemplates = "{tmp_path / "t"}"\n')
     with pytest.raises(InputError, match="paths.templates: older name of paths.templates_dir"):
-        config.from_dict(config.tomllib.loads(both), site.config_path)
+        config.from_dict(tomllib.loads(both), site.config_path)
     relative = text.replace(f'templates_dir = "{site.root / "templates"}"', 'templates_dir = "t"')
     with pytest.raises(InputError, match="paths.templates_dir: must be an absolute path"):
-        config.from_dict(config.tomllib.loads(relative), site.config_path)
+        config.from_dict(tomllib.loads(relative), site.config_path)
     default = text.replace(f'templates_dir = "{site.root / "templates"}"\n', "")
-    assert str(config.from_dict(config.tomllib.loads(default), site.config_path).paths.templates_dir) \
+    assert str(config.from_dict(tomllib.loads(default), site.config_path).paths.templates_dir) \
         == "/etc/dynprov/templates"
 
 

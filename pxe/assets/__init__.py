@@ -9,7 +9,6 @@ finds its own copies through importlib.resources.
 
 from __future__ import annotations
 
-import importlib.resources
 from functools import cache
 from pathlib import Path
 
@@ -32,6 +31,8 @@ def directory(name: str) -> Path:
     source = _CHECKOUT / SOURCE_DIRS[name]
     if (_CHECKOUT / "pyproject.toml").is_file() and source.is_dir():
         return source  # a checkout: the folder a reader edits, not a copy
+    import importlib.resources  # only an installed wheel looks here (~1 ms to import)
+
     packaged = importlib.resources.files(__name__) / name
     if isinstance(packaged, Path) and packaged.is_dir():
         return packaged

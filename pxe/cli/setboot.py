@@ -39,12 +39,12 @@ def cmd_set_boot(args: argparse.Namespace) -> int:
     if not args.render:
         _set_boot(cfg, args, inventory)
         return 0
+    from pxe import dhcpstep
     from pxe.cli.render import print_report
-    from pxe.dhcp import step
     from pxe.setboot import render_all
 
     # A changed DHCP config is rendered and checked while set-boot's transaction runs.
-    with step.early_start(cfg, inventory.conn) as early:
+    with dhcpstep.early_start(cfg, inventory.conn) as early:
         _set_boot(cfg, args, inventory)
         print_report(cfg, render_all(cfg, reload=not args.no_reload, inventory=inventory,
                                      early=early))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 from pxe.config import Config
 from pxe.dhcp.base import DhcpBackend
 from pxe.errors import DynprovError
+
+TYPE_CHECKING = False  # not typing's
+if TYPE_CHECKING:  # subprocess and tempfile only when a config is checked or installed
+    import subprocess
 
 
 def backend(name: str) -> DhcpBackend:
@@ -43,6 +45,9 @@ class PendingCheck:
     (`set-boot --render`: the set-boot transaction; always: the temp file's fsync)."""
 
     def __init__(self, cfg: Config, text: str, suffix: str = ".new"):
+        import subprocess
+        import tempfile
+
         self.cfg = cfg
         self.be = _checker(cfg)
         target = cfg.dhcp.config_file
@@ -71,6 +76,8 @@ class PendingCheck:
 
     def verdict(self) -> None:
         """Wait for the daemon's check; raise with its complaint when it rejected the file."""
+        import subprocess
+
         proc = self.proc
         if proc is None:
             raise DynprovError("DHCP config check already finished")
@@ -144,6 +151,8 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
 
 
 def run_reload(cfg: Config) -> None:
+    import subprocess
+
     argv = list(cfg.dhcp.reload_command)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)

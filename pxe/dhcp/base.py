@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Protocol
+
+from pxe.programs import find_binary  # noqa: F401 - where the backends import it from
 
 
 class DhcpBackend(Protocol):
@@ -16,7 +17,3 @@ class DhcpBackend(Protocol):
 
     def validate(self) -> str | None:
         """None if the daemon is installed, else what is missing."""
-
-
-def find_binary(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")

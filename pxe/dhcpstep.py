@@ -1,5 +1,7 @@
 """The DHCP step of `render`: the config rendered, checked and installed only when what it is
-made of changed (pxe.dhcpinputs), and the early start `set-boot --render` uses.
+made of changed (pxe.dhcpinputs), and the early start `set-boot --render` uses. Standard
+library and pxe.dhcpinputs only until something is to render: pxe.dhcp, pxe.render and jinja2
+are imported then.
 
 Early start: the DHCP config does not depend on boot targets, so `set-boot --render` renders it
 and starts the daemon's check (a child process) before the set-boot transaction, which then runs
@@ -12,13 +14,13 @@ never precedes a passing check, and never installs a config older than the datab
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from pxe import dhcpinputs
 
+TYPE_CHECKING = False  # not typing's: this module is on every `set-boot --render`'s path
 if TYPE_CHECKING:
     import sqlite3
+    from collections.abc import Iterator
 
     from pxe.config import Config
     from pxe.dhcp import PendingCheck
@@ -46,13 +48,15 @@ def early_start(cfg: Config, conn: sqlite3.Connection,
     now (None when nothing is to install). Whatever install() did not use is dropped on exit.
     Only a head start: if anything here fails (a broken template...), None, and the render
     after set-boot meets the same error where it always did."""
-    from pxe import dhcp, render, segments
+    from pxe import segments
     from pxe.errors import DynprovError
 
     early = None
     try:
         mine = segments.load(cfg, segment).name
         if not dhcpinputs.installed(cfg, dhcpinputs.generation(conn), mine):  # one row read
+            from pxe import dhcp, render
+
             snapshot = dhcpinputs.read(conn, mine)
             renderer = render.Renderer(cfg)
             text = renderer.dhcp_config(snapshot)
@@ -71,11 +75,11 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
             reload: bool = True, early: Early | None = None) -> bool:
     """Render, check and install ``segment``'s DHCP config unless the installed one is still
     what its inputs make (the caller holds the render lock). True when a new file went in."""
-    from pxe import dhcp, render
-
     current = dhcpinputs.generation(conn)  # one row: replaced on every write to DHCP facts
     if dhcpinputs.installed(cfg, current, segment):  # same inputs, accepted, intact
         return False
+    from pxe import dhcp, render
+
     with render.naming_template(renderer):
         if early is not None and early.pending is not None \
                 and early.snapshot.generation == current:  # nothing changed since its read
