@@ -44,7 +44,7 @@ class PendingCheck:
     file is gone afterwards. Started early, the check runs while the caller does other work
     (`set-boot --render`: the set-boot transaction; always: the temp file's fsync)."""
 
-    def __init__(self, cfg: Config, text: str, suffix: str = ".new"):
+    def __init__(self, cfg: Config, text: str, suffix: str = ".new", durable: bool = True):
         import subprocess
         import tempfile
 
@@ -69,7 +69,8 @@ class PendingCheck:
                 except OSError as exc:
                     raise DynprovError(f"DHCP config check {self.argv[0]} could not run: "
                                        f"{exc}") from None
-                os.fsync(fh.fileno())  # while the daemon reads the same bytes (page cache)
+                if durable:  # to be installed: on disk before the rename
+                    os.fsync(fh.fileno())  # while the daemon reads the same bytes (page cache)
         except BaseException:
             self.discard()
             raise
@@ -131,7 +132,7 @@ def unchanged(cfg: Config, text: str) -> bool:
 
 def check(cfg: Config, text: str) -> None:
     """Run the daemon's check on ``text`` in a temp file; raise with its output if rejected."""
-    pending = PendingCheck(cfg, text, suffix=".check")
+    pending = PendingCheck(cfg, text, suffix=".check", durable=False)  # never installed
     try:
         pending.verdict()
     finally:
