@@ -204,22 +204,9 @@ class Renderer:
         self.discovery = discovery.load(cfg)
 
     @cached_property
-    def compiled(self):
-        """Compiled templates kept in the state directory for the next process."""
-        from pxe import templatecache
-
-        return templatecache.for_state_dir(self.cfg.paths.state_dir)
-
-    @cached_property
     def env(self):
         return template_env(self.cfg, self.read_templates, autoescape=False,
-                            keep_trailing_newline=True, trim_blocks=False,
-                            bytecode_cache=self.compiled)
-
-    def keep_compiled(self) -> None:
-        """After a render succeeded: keep what it compiled for the next process."""
-        if "compiled" in self.__dict__:  # nothing compiled, nothing imported
-            self.compiled.keep()
+                            keep_trailing_newline=True, trim_blocks=False)
 
     def template(self, name: str) -> CheckedTemplate:
         """Loaded once per Renderer (one render): 10,000s of nodes cost no extra stat() calls."""

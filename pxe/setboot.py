@@ -342,5 +342,4 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             from pxe.serve import standard_configs
 
             standard_configs.write(cfg)
-        renderer.keep_compiled()  # the next process loads the templates compiled
     return RenderReport(dhcp_changed, len(files), changed, pruned, loaders, renderer.sources)

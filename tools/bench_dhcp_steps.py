@@ -12,7 +12,7 @@ wall and CPU (the check's CPU is its child's).
           objects), Snapshot.hosts(), compiled in-process, the temp file fsynced, then the
           daemon's check, then the rename (pxe/dhcp at 42d102b)
   now     the packaged templates (loops over tuples built in Python, collector paused),
-          compiled code from <state_dir>/template-cache, the check started as soon as the file
+          compiled in-process, the check started as soon as the file
           is written and its fsync done while the daemon reads (pxe.dhcp.PendingCheck)
 Not here: reading the nodes (pxe.dhcpinputs.read, the same both ways) and the overlap of the
 check with set-boot's transaction (`set-boot --render`: tools/bench_render.py, changed case).
@@ -88,7 +88,6 @@ else:
     mark("hosts + render")
     dhcp.PendingCheck(cfg, text).install(reload=False)
     mark("write + check + rename")
-    renderer.keep_compiled()
 print(json.dumps(steps))
 '''
 
@@ -107,7 +106,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dynprov-bench-") as tmp:
         cfg = site_with(args.nodes, args.backend, Path(tmp) / "site", bc.free_port())
         env = {**os.environ, "DYNPROV_CONFIG": str(cfg.path), "PYTHONPATH": str(ROOT)}
-        for mode in ("now", "before"):  # warm: the template cache and the page cache
+        for mode in ("now", "before"):  # warm: the page cache and bytecode
             subprocess.run([sys.executable, "-c", CHILD, mode, str(reference)], env=env,
                            check=True, capture_output=True)
         for r in range(args.repeat):
