@@ -22,7 +22,7 @@ from pxe.records import Factory, Record
 
 TYPE_CHECKING = False  # not typing's (~2 ms on every start)
 if TYPE_CHECKING:  # rendering (jinja2, netaddr) is imported only when something is rendered
-    from pxe import render
+    from pxe import dhcpstep, render
     from pxe.images import Image
 
 
@@ -299,7 +299,7 @@ def _boot_rows(conn: sqlite3.Connection, names: list[str]) -> dict[str, tuple]:
 
 def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
                servers: bool = False, inventory: Inventory | None = None,
-               segment: str | None = None) -> RenderReport:
+               segment: str | None = None, early: dhcpstep.Early | None = None) -> RenderReport:
     """Render and install everything: DHCP config (checked by the daemon), boot loaders, and the
     boot-config file tree when files are served by others (``[boot] write_files``); with
     ``servers``, also that tree and the dnsmasq/tftpd-hpa/nginx configs of
@@ -308,9 +308,11 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
 
     The DHCP config is rendered and checked only when what it is made of changed since it was
     installed (pxe.dhcpinputs: the database's DHCP-facts generation, no node read): a set-boot
-    changes nothing in it.
+    changes nothing in it. ``early``: that config rendered and its check started before
+    set-boot's transaction (pxe.dhcpstep.early_start).
     """
-    from pxe import dhcpinputs, render, segments, stage  # pxe.dhcp: only to check or install
+    # pxe.dhcp (and jinja2) only when something is checked or installed
+    from pxe import dhcpinputs, dhcpstep, render, segments, stage
 
     inv = inventory or Inventory(cfg)
     mine = segments.load(cfg, segment).name  # a server renders its own segment's nodes only
@@ -318,7 +320,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     def nodes() -> list:
         return [n for n in inv.all() if n.segment == mine]
 
-    renderer = render.Renderer(cfg)
+    renderer = early.renderer if early is not None else render.Renderer(cfg)
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
@@ -326,7 +328,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     if check_only:  # every output rendered in memory (a broken template fails here), none written
         from pxe import dhcp
 
-        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine).hosts())
+        text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine))
         with render.naming_template(renderer):
             dhcp.check(cfg, text)
         files = renderer.all_boot_files(nodes(), images())
@@ -336,18 +338,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        # Rendered from the same inputs, accepted, intact: one row read, no node.
-        if dhcpinputs.installed(cfg, dhcpinputs.generation(inv.conn), mine):
-            dhcp_changed = False
-        else:
-            snapshot = dhcpinputs.read(inv.conn, mine)
-            text = renderer.dhcp_config(snapshot.hosts())
-            used = set(renderer.read_templates)
-            from pxe import dhcp
-
-            with render.naming_template(renderer):
-                dhcp_changed = dhcp.install(cfg, text, reload=reload)
-            dhcpinputs.save(cfg, snapshot, used, mine)
+        dhcp_changed = dhcpstep.install(cfg, inv.conn, mine, renderer, reload, early)
         if cfg.boot.write_files or servers:
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)

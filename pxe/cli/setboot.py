@@ -6,6 +6,7 @@ import argparse
 
 from pxe import validate
 from pxe.cli.common import load_config
+from pxe.config import Config
 from pxe.errors import InputError
 from pxe.inventory import Inventory
 from pxe.nodeset import fold
@@ -35,13 +36,23 @@ def cmd_set_boot(args: argparse.Namespace) -> int:
         raise InputError("--no-reload is for --render")
     cfg = load_config(args)
     inventory = Inventory(cfg)
+    if not args.render:
+        _set_boot(cfg, args, inventory)
+        return 0
+    from pxe import dhcpstep
+    from pxe.cli.render import print_report
+    from pxe.setboot import render_all
+
+    # A changed DHCP config is rendered and checked while set-boot's transaction runs.
+    with dhcpstep.early_start(cfg, inventory.conn) as early:
+        _set_boot(cfg, args, inventory)
+        print_report(cfg, render_all(cfg, reload=not args.no_reload, inventory=inventory,
+                                     early=early))
+    return 0
+
+
+def _set_boot(cfg: Config, args: argparse.Namespace, inventory: Inventory) -> None:
     nodes = set_boot(cfg, args.nodes, None if args.local else args.os, inventory)
     # The node set as given (folding 10,000 names again costs more than the whole change).
     shown = args.nodes if isinstance(args.nodes, str) else fold(n.name for n in nodes)
     print(f"{shown}: next boot {args.os or 'local disk'} ({len(nodes)} node(s))")
-    if args.render:
-        from pxe.cli.render import print_report
-        from pxe.setboot import render_all
-
-        print_report(cfg, render_all(cfg, reload=not args.no_reload, inventory=inventory))
-    return 0

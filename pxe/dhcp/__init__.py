@@ -14,6 +14,10 @@ from pxe.config import Config
 from pxe.dhcp.base import DhcpBackend
 from pxe.errors import DynprovError
 
+TYPE_CHECKING = False  # not typing's
+if TYPE_CHECKING:  # subprocess and tempfile only when a config is checked or installed
+    import subprocess
+
 
 def backend(name: str) -> DhcpBackend:
     if name == "isc":
@@ -25,39 +29,114 @@ def backend(name: str) -> DhcpBackend:
     return Dnsmasq()
 
 
-def check(cfg: Config, text: str, name: str | None = None) -> None:
-    """Run the daemon's check on ``text`` in a temp file; raise with its output if rejected."""
-    be = backend(name or cfg.dhcp.backend)
+def _checker(cfg: Config) -> DhcpBackend:
+    be = backend(cfg.dhcp.backend)
     missing = be.validate()
     if missing and not cfg.dhcp.check_command:
         raise DynprovError(f"cannot check the DHCP config: {missing}")
-    target = cfg.dhcp.config_file
-    target.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # (and subprocess below) only when a config is checked or installed
+    return be
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".check", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        _run_check(cfg, be, Path(tmp))
-    finally:
+
+class PendingCheck:
+    """A DHCP config written to a temp file beside the installed one, the daemon's check of it
+    running as a child process. ``install()`` waits for the verdict and renames that very file
+    into place only when the daemon accepted it; ``discard()`` drops it. Either way the temp
+    file is gone afterwards. Started early, the check runs while the caller does other work
+    (`set-boot --render`: the set-boot transaction; always: the temp file's fsync)."""
+
+    def __init__(self, cfg: Config, text: str, suffix: str = ".new", durable: bool = True):
+        import subprocess
+        import tempfile
+
+        self.cfg = cfg
+        self.be = _checker(cfg)
+        target = cfg.dhcp.config_file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix,
+                                         dir=target.parent)
+        self.proc: subprocess.Popen | None = None
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o644)
+                cmd = cfg.dhcp.check_command
+                self.argv = [*cmd, self.path] if cmd else self.be.check_argv(Path(self.path))
+                try:
+                    self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True)
+                except OSError as exc:
+                    raise DynprovError(f"DHCP config check {self.argv[0]} could not run: "
+                                       f"{exc}") from None
+                if durable:  # to be installed: on disk before the rename
+                    os.fsync(fh.fileno())  # while the daemon reads the same bytes (page cache)
+        except BaseException:
+            self.discard()
+            raise
+
+    def verdict(self) -> None:
+        """Wait for the daemon's check; raise with its complaint when it rejected the file."""
+        import subprocess
+
+        proc = self.proc
+        if proc is None:
+            raise DynprovError("DHCP config check already finished")
+        self.proc = None
+        with proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise DynprovError(f"DHCP config check {self.argv[0]} could not run: timed out "
+                                   "after 120 s") from None
+            except BaseException:
+                proc.kill()
+                raise
+        if proc.returncode != 0:
+            complaint = (stderr + stdout).strip().splitlines()
+            useful = [line for line in complaint if line.strip()][-6:]
+            raise DynprovError(f"{self.be.name} rejected the rendered config (old config kept):"
+                               "\n  " + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
+
+    def install(self, reload: bool = True) -> None:
+        """Rename the checked file into place once the daemon accepted it (the caller holds the
+        render lock), then reload."""
+        try:
+            self.verdict()
+            os.replace(self.path, self.cfg.dhcp.config_file)
+        finally:
+            self.discard()
+        if reload:
+            run_reload(self.cfg)
+
+    def discard(self) -> None:
+        """Stop the check if it still runs and remove the temp file (idempotent)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with proc:
+                proc.kill()
+                proc.communicate()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(self.path)
 
 
-def _run_check(cfg: Config, be: DhcpBackend, path: Path) -> None:
-    import subprocess
-
-    argv = [*cfg.dhcp.check_command, str(path)] if cfg.dhcp.check_command else be.check_argv(path)
+def unchanged(cfg: Config, text: str) -> bool:
+    """Whether the installed DHCP config is already exactly ``text``."""
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DynprovError(f"DHCP config check {argv[0]} could not run: {exc}") from None
-    if proc.returncode != 0:
-        complaint = (proc.stderr + proc.stdout).strip().splitlines()
-        useful = [line for line in complaint if line.strip()][-6:]
-        raise DynprovError(f"{be.name} rejected the rendered config (old config kept):\n  "
-                           + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
+        return cfg.dhcp.config_file.read_text() == text
+    except FileNotFoundError:
+        return False
+
+
+def check(cfg: Config, text: str) -> None:
+    """Run the daemon's check on ``text`` in a temp file; raise with its output if rejected."""
+    pending = PendingCheck(cfg, text, suffix=".check", durable=False)  # never installed
+    try:
+        pending.verdict()
+    finally:
+        pending.discard()
 
 
 def install(cfg: Config, text: str, reload: bool = True) -> bool:
@@ -66,33 +145,9 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
     The caller holds the render lock. The checked temp file is the one renamed into place,
     so what was checked is exactly what is installed.
     """
-    target = cfg.dhcp.config_file
-    try:
-        if target.read_text() == text:
-            return False
-    except FileNotFoundError:
-        pass
-    be = backend(cfg.dhcp.backend)
-    missing = be.validate()
-    if missing and not cfg.dhcp.check_command:
-        raise DynprovError(f"cannot check the DHCP config: {missing}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        _run_check(cfg, be, Path(tmp))
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    if reload:
-        run_reload(cfg)
+    if unchanged(cfg, text):
+        return False
+    PendingCheck(cfg, text).install(reload)
     return True
 
 
