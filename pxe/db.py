@@ -630,6 +630,19 @@ def bump_stamp(conn: sqlite3.Connection) -> None:
             logging.getLogger("dynprov.db").error("cannot update the change stamp of %s", path)
 
 
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
+    """Copy the WAL's committed pages into the database file without waiting for anyone
+    (SQLite's PASSIVE checkpoint): the long-running `serve` does this every heartbeat, so an
+    admin's command neither pays a checkpoint when it closes (serve's connection is open) nor
+    inside its COMMIT (the WAL stays below wal_autocheckpoint's 1,000 pages, SQLite's own
+    bound, which still applies when no serve runs). (busy, WAL frames, frames copied);
+    None on PostgreSQL, whose server checkpoints by itself."""
+    if is_postgresql(conn):
+        return None
+    busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(busy), int(frames), int(copied)
+
+
 def get_setting(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default

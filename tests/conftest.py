@@ -100,6 +100,8 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
 
 # Tests that are about SQLite itself, left out (deselected, not skipped) of the PostgreSQL run.
 SQLITE_ONLY = {
+    "tests/test_wal_checkpoint.py": "SQLite's WAL and its checkpoints (PostgreSQL checkpoints "
+    "by itself)",
     "tests/test_db_migrations.py": "upgrades SQLite files of older releases (table rebuilds, "
     "PRAGMA user_version); PostgreSQL starts at the baseline, test_state_store.py runs the "
     "later migrations and the version check on both",

@@ -16,7 +16,10 @@ launcher tools/install-launcher installs (bytecode compiled, as it leaves it):
   set-boot     `pxe-stage set-boot` alone (what the database part costs)
   bare check   the daemon's own check of the same file (the goal: set-boot + render <= 2x it)
   python       `python3 -S -c pass`: what the launcher's interpreter pays to start
-and, in this process, the set-boot transaction alone (rows updated, one event, COMMIT).
+All of them beside a running `pxe-stage serve --no-tftp`, as on a live site (serve renders the
+loader configs, holds the database open and checkpoints SQLite's WAL every heartbeat, so a
+command's close does not); `--without-serve`: no serve, every command checkpoints as it closes.
+And, in this process, the set-boot transaction alone (rows updated, one event, COMMIT).
 Per request: every MAC's iPXE script rendered from the database (cache emptied by a set-boot),
 in-process (ms per config), then over HTTP from a running `pxe-stage serve --no-tftp` at --rate
 requests/s, against a static file of the same size from the same server (ms added per config).
@@ -26,6 +29,7 @@ Ends with `RESULT ...` (see tools/bench_common.result).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import os
 import resource
@@ -153,10 +157,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--rate", type=float, default=500.0, help="requests/s of the HTTP part")
     ap.add_argument("--requests", type=int, default=1000, help="requests per HTTP series")
+    ap.add_argument("--without-serve", action="store_true",
+                    help="run the commands with no `serve` holding the database open (each "
+                         "command then checkpoints SQLite's WAL when it closes)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args()
     py, n = sys.executable, args.nodes
-    fields: dict[str, object] = {"nodes": n, "backend": args.backend, "repeat": args.repeat}
+    fields: dict[str, object] = {"nodes": n, "backend": args.backend, "repeat": args.repeat,
+                                 "serve_running": int(not args.without_serve)}
     with tempfile.TemporaryDirectory(prefix="dynprov-bench-") as tmp:
         port = bc.free_port()
         cfg = site_with(n, args.backend, Path(tmp) / "site", port)
@@ -164,6 +172,12 @@ def main() -> int:
         stage = str(launcher.install(Path(tmp) / "pxe-stage", py, ROOT, "pxe-stage"))
         nodes = f"n[00000-{n - 1:05d}]"
         subprocess.run([stage, "render", "--no-reload"], env=env, check=True, capture_output=True)
+        sample = Path(tmp) / "sample"
+        live = contextlib.ExitStack()
+        if not args.without_serve:  # a live site: serve holds the database open and checkpoints
+            live.enter_context(bc.server(bc.serve_argv(cfg.path, "--no-tftp"),
+                                         sample.with_suffix(".log")))
+            bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{port}/healthz"), "serve")
         cases = {
             "unchanged": lambda t: [stage, "set-boot", nodes, *t, "--render", "--no-reload"],
             "changed": lambda t: [stage, "set-boot", nodes, *t, "--render", "--no-reload"],
@@ -187,7 +201,8 @@ def main() -> int:
             raise SystemExit(f"unexpected output: {outputs}")
         med = {k: statistics.median(v) for k, v in times.items()}
         med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-        print(f"{n} nodes, backend {args.backend}, {args.repeat} rounds interleaved; "
+        print(f"{n} nodes, backend {args.backend}, {args.repeat} rounds interleaved, "
+              f"{'no serve running' if args.without_serve else 'beside a running serve'}; "
               f"{bc.load_note()}")
         names = {"unchanged": "set-boot --render, DHCP unchanged",
                  "changed": "set-boot --render, DHCP changed (render + check)",
@@ -226,7 +241,6 @@ def main() -> int:
         print(f"in-process: {per_config * 1000:.3f} ms per config rendered from the database "
               f"({n} distinct MACs, cold cache)")
         fields["render_ms_per_config"] = per_config * 1000
-        sample = Path(tmp) / "sample"
         from pxe.serve.bootconfigs import BootConfigs
 
         size_like = BootConfigs(cfg).lookup(f"ipxe/{mac_of(0).replace(':', '-')}.ipxe")
@@ -235,8 +249,11 @@ def main() -> int:
         static.write_bytes(size_like)
         static.chmod(0o644)
         count = min(args.requests, n)
-        with bc.server(bc.serve_argv(cfg.path, "--no-tftp"), sample.with_suffix(".log")):
-            bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{port}/healthz"), "serve")
+        with live:
+            if args.without_serve:
+                live.enter_context(bc.server(bc.serve_argv(cfg.path, "--no-tftp"),
+                                             sample.with_suffix(".log")))
+                bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{port}/healthz"), "serve")
             rendered_lat, static_lat = [], []
             for r in range(2):  # two rounds, each a cold rendered series and a static series
                 subprocess.run([py, "-m", "pxe.cli.main", "set-boot", nodes, "--os",

@@ -5,11 +5,11 @@ Called from the supervisor's loop (the supervisor forks workers: only the prefet
 and file writes, runs in a thread of its own). Every
 ``[segment] heartbeat_seconds`` it records the heartbeat, shows the run nodes of silent
 segments Down (and those of segments back alive in their step again), tells the faces
-(pxe.hooks), and (a service node) starts a run driver for its segment when some of its run
-nodes have no live driver claim (the driver died, or this server was restarted: it resumes its
-runs), and fetches the blobs its segment's runs will boot (pxe.blobcache.prefetch). A
-database that fails is logged and tried again next beat: serving boot files never depends on
-it.
+(pxe.hooks), checkpoints SQLite's WAL (pxe.db.checkpoint), and (a service node) starts a run
+driver for its segment when some of its run nodes have no live driver claim (the driver died, or
+this server was restarted: it resumes its runs), and fetches the blobs its segment's runs will
+boot (pxe.blobcache.prefetch). A database that fails is logged and tried again next beat:
+serving boot files never depends on it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class Heartbeat:
             self.conn = db.connect(self.cfg.database)
         conn = self.conn
         servers.beat(conn, self.name, servers.SERVE, self.segment.name)
+        db.checkpoint(conn)  # the WAL copied back here, not in an admin's command (SQLite)
         down, back = servers.watch(conn, self.segment.stale_seconds)
         if down or back:
             self._announce(conn, [*down, *back])
