@@ -171,3 +171,20 @@ def test_loaders_are_copied_once_and_again_when_the_copy_changed(site):
     assert stage.install_loaders(cfg)[name] == "installed"
     source = next(Path(c) for c in stage.LOADER_SOURCES[name] if Path(c).is_file())
     assert copy.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("subnet", ["10.0.0.0/24", "192.168.0.0/16", "10.1.2.0/23",
+                                    "172.16.0.0/12", "10.9.8.4/30", "10.0.0.7/32"])
+def test_the_dhcp_network_facts_are_netaddrs_view_of_the_subnet(site, subnet):
+    """Renderer.net formats the checked subnet with the standard library (no netaddr import on
+    the render path): network and netmask as netaddr gives them."""
+    import netaddr
+
+    from pxe import records
+    from pxe.render import Renderer
+
+    cfg = records.replace(site.cfg, network=records.replace(site.cfg.network, subnet=subnet))
+    net = Renderer(cfg).net
+    expected = netaddr.IPNetwork(subnet)
+    assert (net.network, net.netmask) == (str(expected.network), str(expected.netmask))
