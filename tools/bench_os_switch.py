@@ -23,7 +23,8 @@ The sides run interleaved, the order alternating, after one untimed `ipmipower -
 node (warms the BMCs, starts every round from the same state). The last line is
 `RESULT nodes=N repeat=R ours_s=S ours_ok=K ipmipower_s=S ipmipower_ok=K vs_ipmipower=X
 vs_ipmipower_spread=LO-HI return_s=S load=L`: medians; *_ok the fewest nodes done in a round;
-vs_ipmipower = our median / ipmipower's (lower is better for us).
+vs_ipmipower = our median / ipmipower's (lower is better for us); its spread: the range of the
+rounds' own ratios (each round's two sides ran back to back).
 """
 
 from __future__ import annotations
@@ -234,13 +235,15 @@ def main() -> int:
     print(f"  ours      {ours_s:7.2f} s ({ours_spread})  fewest cycled {ours_ok}/{n}")
     print(f"  ipmipower {ipp_s:7.2f} s ({ipp_spread})  fewest ok {ipp_ok}/{n}  "
           f"[ipmipower -D LAN_2_0 --cycle --on-if-off {args.ipmipower_args}]")
+    # Each round's two sides ran back to back (same load): their ratios are the spread.
+    paired = [a.seconds / b.seconds for a, b in zip(mine, theirs, strict=True) if b.seconds > 0]
+    print(f"  ours / ipmipower per round: {', '.join(f'{x:.2f}' for x in paired)}")
     ratio: object = ours_s / ipp_s if ipp_s > 0 else "n/a"
     fields: dict[str, object] = {
         "nodes": n, "bmc_processes": args.bmc_processes, "repeat": args.repeat,
         "ours_s": ours_s, "ours_ok": ours_ok, "ipmipower_s": ipp_s, "ipmipower_ok": ipp_ok,
         "vs_ipmipower": ratio,
-        "vs_ipmipower_spread": (f"{min(r.seconds for r in mine) / max(r.seconds for r in theirs):.2f}-"
-                                f"{max(r.seconds for r in mine) / min(r.seconds for r in theirs):.2f}"),
+        "vs_ipmipower_spread": bc.spread(paired),
         "return_s": statistics.median(r.phases.get("return_s", 0.0) for r in mine)}
     if args.json:
         print(json.dumps({**fields, "ours_runs": [r.seconds for r in mine],
