@@ -38,6 +38,7 @@ def test_both_sides_cycle_every_node_interleaved() -> None:
                                   rel=1e-3)
     lo, hi = (float(x) for x in fields["vs_ipmipower_spread"].split("-"))
     assert 0 < lo <= hi
+    assert 0 < float(fields["power_s"]) < float(fields["ours_s"])
     per_round = [line for line in proc.stdout.splitlines() if "per round:" in line]
     assert len(per_round) == 1 and len(per_round[0].split(":")[1].split(",")) == 2
 

@@ -24,7 +24,8 @@ node (warms the BMCs, starts every round from the same state). The last line is
 `RESULT nodes=N repeat=R ours_s=S ours_ok=K ipmipower_s=S ipmipower_ok=K vs_ipmipower=X
 vs_ipmipower_spread=LO-HI return_s=S load=L`: medians; *_ok the fewest nodes done in a round;
 vs_ipmipower = our median / ipmipower's (lower is better for us); its spread: the range of the
-rounds' own ratios (each round's two sides ran back to back).
+rounds' own ratios (each round's two sides ran back to back). power_s / power_vs_ipmipower: our
+power phase alone (boot files set -> last node cycled), the part ipmipower does.
 """
 
 from __future__ import annotations
@@ -238,13 +239,16 @@ def main() -> int:
     # Each round's two sides ran back to back (same load): their ratios are the spread.
     paired = [a.seconds / b.seconds for a, b in zip(mine, theirs, strict=True) if b.seconds > 0]
     print(f"  ours / ipmipower per round: {', '.join(f'{x:.2f}' for x in paired)}")
+    power_s = statistics.median(r.phases.get("power_s", 0.0) for r in mine)
     ratio: object = ours_s / ipp_s if ipp_s > 0 else "n/a"
     fields: dict[str, object] = {
         "nodes": n, "bmc_processes": args.bmc_processes, "repeat": args.repeat,
         "ours_s": ours_s, "ours_ok": ours_ok, "ipmipower_s": ipp_s, "ipmipower_ok": ipp_ok,
         "vs_ipmipower": ratio,
         "vs_ipmipower_spread": bc.spread(paired),
-        "return_s": statistics.median(r.phases.get("return_s", 0.0) for r in mine)}
+        "return_s": statistics.median(r.phases.get("return_s", 0.0) for r in mine),
+        "power_s": power_s,
+        "power_vs_ipmipower": power_s / ipp_s if ipp_s > 0 else "n/a"}
     if args.json:
         print(json.dumps({**fields, "ours_runs": [r.seconds for r in mine],
                           "ipmipower_runs": [r.seconds for r in theirs]}, sort_keys=True))
