@@ -64,9 +64,10 @@ BENCHES: dict[str, tuple[list[str], list[tuple[str, str, str, str | None]]]] = {
          "query_ratio_spread"),
         ("callhome_rate_ratio", "call-home reports per second, SQLite / PostgreSQL", "-",
          "callhome_rate_ratio_spread")]),
-    "os_switch": (["--nodes", "1000"], [
-        ("vs_ipmipower", "os-switch 1,000 nodes to all power-cycled / ipmipower --cycle", "-",
-         None)]),
+    "os_switch": (["--nodes", "1000", "--repeat", "5"], [
+        ("vs_ipmipower", "os-switch 1,000 nodes to all power-cycled / `ipmipower --cycle "
+         "--on-if-off` (both complete)", "-", "vs_ipmipower_spread"),
+        ("power_vs_ipmipower", "the power phase alone / the same ipmipower", "-", None)]),
     "slurm_boot": (["--rounds", "5"], [
         ("slurm_vs_registered", "`sbatch --constraint=B` to job start / bare boot into B to "
          "slurmd registered (QEMU)", "<= 1.1x", "slurm_vs_registered_spread"),
