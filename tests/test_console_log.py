@@ -204,18 +204,21 @@ def test_run_show_prints_the_console_lines_of_the_run(site, tmp_path: Path):
     with ConsoleLog(console_log.log_path(state, "c1"), clock=before) as log:
         log.feed(b"an older boot, not this run\n")
     conn = db.connect(cfg.database)
-    with driver_held(cfg):  # the run stays 'requested': its window runs to now
+    # The driver held throughout: the node stays 'requested', so its window runs to now (a
+    # driver started in between would end the node's steps, and its window 5 s after them).
+    with driver_held(cfg):
         req = run.request(cfg, conn, ["c1"], "centos5")
-    conn.close()
-    with ConsoleLog(console_log.log_path(state, "c1")) as log:
-        log.feed(b"Linux version 6.1.0 (this run)\n[dynprov] fetching rootfs\n")
-    out = site.run("run", "show", str(req.run_id), check=True).stdout
-    assert "console: 2 lines in this run (" in out and "c1.log lines 2-3" in out
+        conn.close()
+        with ConsoleLog(console_log.log_path(state, "c1")) as log:
+            log.feed(b"Linux version 6.1.0 (this run)\n[dynprov] fetching rootfs\n")
+        out = site.run("run", "show", str(req.run_id), check=True).stdout
+        pointer = site.run("run", "show", str(req.run_id), "--console-lines", "0",
+                           check=True).stdout
+        data = json.loads(site.run("run", "show", str(req.run_id), "--json", check=True).stdout)
+    assert "console: 2 lines in this run (" in out and "c1.log lines 2-3" in out, out
     assert "| Linux version 6.1.0 (this run)" in out and "| [dynprov] fetching rootfs" in out
     assert "an older boot" not in out
-    pointer = site.run("run", "show", str(req.run_id), "--console-lines", "0", check=True).stdout
     assert "c1.log lines 2-3" in pointer and "Linux version" not in pointer
-    data = json.loads(site.run("run", "show", str(req.run_id), "--json", check=True).stdout)
     console = data["nodes"][0]["console"]
     assert console["count"] == 2 and console["files"][0]["first_line"] == 2
     assert [ln["text"] for ln in console["lines"]] == ["Linux version 6.1.0 (this run)",
