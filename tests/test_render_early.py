@@ -13,7 +13,7 @@ from pxe import dhcpstep as step
 from pxe.errors import NotFound
 from pxe.inventory import Inventory, build
 from pxe.setboot import render_all, set_boot
-from tests.test_render_inputs import checks, counted_site, needs_dhcpd
+from tests.test_render_inputs import checks, counted_site, installed_then_broken, needs_dhcpd
 
 
 def leftovers(cfg):
@@ -67,11 +67,7 @@ def test_inputs_changed_meanwhile_drop_the_early_file_and_render_again(tmp_path)
 def test_a_rejected_early_config_is_not_installed(tmp_path):
     site, log = counted_site(tmp_path)
     cfg = site.cfg
-    render_all(cfg, reload=False)
-    good = cfg.dhcp.config_file.read_text()
-    override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
-    override.parent.mkdir(parents=True)
-    override.write_text("this is not dhcpd syntax;\n")
+    good, override = installed_then_broken(cfg)
     proc = site.run("set-boot", "n[01-04]", "--local", "--render", "--no-reload")
     assert proc.returncode == 1 and "rejected the rendered config" in proc.stderr
     assert f"rendered from {override} (site override)" in proc.stderr

@@ -42,6 +42,17 @@ def counted_site(tmp_path):
     return site, log
 
 
+def installed_then_broken(cfg):
+    """Render and install the DHCP config, then put a site override dhcpd rejects in place:
+    (the installed text, the override's path)."""
+    render_all(cfg, reload=False)
+    good = cfg.dhcp.config_file.read_text()
+    override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
+    override.parent.mkdir(parents=True)
+    override.write_text("this is not dhcpd syntax;\n")
+    return good, override
+
+
 def checks(log):
     return len(log.read_text().splitlines()) if log.exists() else 0
 
@@ -88,11 +99,7 @@ def test_set_boot_renders_without_a_second_check_and_changes_are_checked(tmp_pat
 def test_a_rejected_change_is_tried_again_and_the_old_file_kept(tmp_path):
     site, log = counted_site(tmp_path)
     cfg = site.cfg
-    render_all(cfg, reload=False)
-    good = cfg.dhcp.config_file.read_text()
-    override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
-    override.parent.mkdir(parents=True)
-    override.write_text("this is not dhcpd syntax;\n")
+    good, override = installed_then_broken(cfg)
     for attempt in (2, 3):  # never recorded as installed: every render checks again
         with pytest.raises(DynprovError, match="rejected"):
             render_all(cfg, reload=False)
