@@ -100,6 +100,9 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
 
 # Tests that are about SQLite itself, left out (deselected, not skipped) of the PostgreSQL run.
 SQLITE_ONLY = {
+    "tests/test_import_budget.py::test_set_boot_render_imports_nothing_it_does_not_use":
+        "the warm path of an SQLite site; on PostgreSQL the command imports psycopg, which "
+        "brings dataclasses, inspect and ast (bench_state measures that backend)",
     "tests/test_wal_checkpoint.py": "SQLite's WAL and its checkpoints (PostgreSQL checkpoints "
     "by itself)",
     "tests/test_db_migrations.py": "upgrades SQLite files of older releases (table rebuilds, "
