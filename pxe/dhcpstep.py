@@ -6,8 +6,10 @@ are imported then.
 Early start: the DHCP config does not depend on boot targets, so `set-boot --render` renders it
 and starts the daemon's check (a child process) before the set-boot transaction, which then runs
 while the daemon reads. Afterwards, under the render lock, install() renames the checked file
-into place only if the DHCP inputs are still those it was rendered from and the daemon passed
-it; otherwise the early file is dropped and the step runs as without it. The install therefore
+into place only if the DHCP inputs (nodes' facts, templates, settings) are still those it was
+rendered from and the daemon passed it; otherwise the early file is dropped and the step runs as
+without it (with a renderer of its own: the early one holds the templates as they were). The
+install therefore
 never precedes a passing check, and never installs a config older than the database.
 """
 
@@ -30,11 +32,12 @@ if TYPE_CHECKING:
 class Early:
     """A DHCP config rendered before set-boot's transaction, the daemon's check running on it."""
 
-    __slots__ = ("renderer", "snapshot", "pending")
+    __slots__ = ("renderer", "snapshot", "pending", "key")
 
     def __init__(self, renderer: Renderer, snapshot: dhcpinputs.Snapshot,
-                 pending: PendingCheck | None):
+                 pending: PendingCheck | None, key: str = ""):
         self.renderer, self.snapshot, self.pending = renderer, snapshot, pending
+        self.key = key  # dhcpinputs.key of everything it was rendered from, at render time
 
     def discard(self) -> None:
         if self.pending is not None:
@@ -61,7 +64,8 @@ def early_start(cfg: Config, conn: sqlite3.Connection,
             renderer = render.Renderer(cfg)
             text = renderer.dhcp_config(snapshot)
             if not dhcp.unchanged(cfg, text):
-                early = Early(renderer, snapshot, dhcp.PendingCheck(cfg, text))
+                key = dhcpinputs.key(cfg, snapshot.generation, mine, renderer.read_templates)
+                early = Early(renderer, snapshot, dhcp.PendingCheck(cfg, text), key)
     except (DynprovError, OSError):
         early = None
     try:
@@ -80,9 +84,15 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
         return False
     from pxe import dhcp, render
 
+    # The early file goes in only if nothing changed since it was rendered: neither the nodes'
+    # facts nor a template or setting (the key save() records must describe the file installed).
+    usable = (early is not None and early.pending is not None
+              and early.snapshot.generation == current
+              and early.key == dhcpinputs.key(cfg, current, segment, renderer.read_templates))
+    if early is not None and not usable:  # its renderer keeps the templates it loaded
+        renderer = render.Renderer(cfg)
     with render.naming_template(renderer):
-        if early is not None and early.pending is not None \
-                and early.snapshot.generation == current:  # nothing changed since its read
+        if usable:
             snapshot = early.snapshot
             pending, early.pending = early.pending, None
             pending.install(reload)  # waits for the daemon's verdict; renames only on a pass

@@ -64,6 +64,31 @@ def test_inputs_changed_meanwhile_drop_the_early_file_and_render_again(tmp_path)
 
 @pytest.mark.integration
 @needs_dhcpd
+def test_a_template_edited_meanwhile_drops_the_early_file_and_renders_again(tmp_path):
+    """The early file was rendered from the packaged template; an override written before the
+    install must be what goes in (and what the record says went in)."""
+    from pxe.templatefiles import find_template
+
+    site, log = counted_site(tmp_path)
+    cfg = site.cfg
+    render_all(cfg, reload=False)
+    add_node(cfg, "n10", "52:54:00:cc:00:10")
+    packaged = find_template(cfg, "dhcp/dhcpd.conf.j2").path.read_text()
+    inv = Inventory(cfg)
+    with step.early_start(cfg, inv.conn) as early:
+        assert early is not None and early.pending is not None
+        override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
+        override.parent.mkdir(parents=True)
+        override.write_text(packaged + "# site override, written meanwhile\n")
+        report = render_all(cfg, reload=False, inventory=inv, early=early)
+    assert report.dhcp_changed and checks(log) == 3  # the early check dropped, one more
+    assert "# site override, written meanwhile" in cfg.dhcp.config_file.read_text()
+    assert not render_all(cfg, reload=False).dhcp_changed and checks(log) == 3
+    assert leftovers(cfg) == []
+
+
+@pytest.mark.integration
+@needs_dhcpd
 def test_a_rejected_early_config_is_not_installed(tmp_path):
     site, log = counted_site(tmp_path)
     cfg = site.cfg
