@@ -397,34 +397,81 @@ def for_args(args: Any) -> Client | None:
 
 def nodes(client: Client, spec: str | None = None) -> list[Any]:
     """Nodes as pxe.inventory.Node objects, so the commands print them as they do locally."""
-    return [_node(d) for d in client.get(f"{V1}/nodes", nodes=spec)]
+    return [_node(d) for d in _list(client.get(f"{V1}/nodes", nodes=spec), "node")]
 
 
 def nodes_with_facts(client: Client, spec: str | None = None
                      ) -> tuple[list[Any], dict[str, dict[str, Any]]]:
     """Nodes and, by name, the hardware facts they reported (pxe.hwfacts), in one request."""
-    data = client.get(f"{V1}/nodes", nodes=spec, hardware="true")
-    facts = {d["name"]: d["hardware"] for d in data if d.get("hardware")}
-    return [_node(d) for d in data], facts
+    data = _list(client.get(f"{V1}/nodes", nodes=spec, hardware="true"), "node")
+    found = [_node(d) for d in data]
+    facts = {n.name: d["hardware"] for n, d in zip(found, data, strict=True) if d.get("hardware")}
+    return found, facts
 
 
-def _node(data: dict[str, Any]) -> Any:
+def _fields(cls: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A record class's field names and, of those, the ones without a default (a dataclass or a
+    pxe.records.Record)."""
+    declared = getattr(cls, "__dataclass_fields__", None)
+    if declared is not None:
+        import dataclasses
+
+        names = tuple(declared)
+        required = tuple(n for n, f in declared.items() if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING)
+        return names, required
+    from pxe.records import fields
+
+    names = fields(cls)
+    return names, tuple(n for n in names if not hasattr(cls, n))  # defaults are class attributes
+
+
+def record(cls: type, data: Any, what: str) -> Any:
+    """``cls`` built from one JSON object of the server's. Keys this client does not know are
+    ignored (a newer server may add fields); a missing required one, or an answer that is not an
+    object, is one clear error instead of a TypeError."""
+    if not isinstance(data, dict):
+        raise DynprovError(f"the server's {what} is not a JSON object (got "
+                           f"{type(data).__name__}); client and server versions differ?")
+    names, required = _fields(cls)
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise DynprovError(f"the server's {what} lacks the field {missing[0]!r}; client and "
+                           "server versions differ?")
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _list(data: Any, what: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise DynprovError(f"the server's {what} list is not a JSON list; client and server "
+                           "versions differ?")
+    return data
+
+
+def records(cls: type, data: Any, what: str) -> list[Any]:
+    """A JSON list of the server's objects as ``cls`` records (see ``record``)."""
+    return [record(cls, d, what) for d in _list(data, what)]
+
+
+def _node(data: Any) -> Any:
     from pxe.inventory import Node
+    from pxe.records import replace
 
-    data = {k: v for k, v in data.items() if k != "hardware"}
-    return Node(**{**data, "macs": tuple(data["macs"]), "groups": tuple(data["groups"])})
+    node = record(Node, data, "node")  # "hardware" (nodes_with_facts) is not a field: dropped
+    return replace(node, macs=tuple(node.macs), groups=tuple(node.groups))
 
 
 def images(client: Client) -> list[Any]:
     from pxe.images import Image
 
-    return [Image(**d) for d in client.get(f"{V1}/images", view="catalog")]
+    return records(Image, client.get(f"{V1}/images", view="catalog"), "image")
 
 
 def image(client: Client, label: str) -> Any:
     from pxe.images import Image
 
-    return Image(**client.get(f"{V1}/images/{urllib.parse.quote(label, safe='')}"))
+    return record(Image, client.get(f"{V1}/images/{urllib.parse.quote(label, safe='')}"),
+                  "image")
 
 
 class RemoteRepository:
@@ -455,7 +502,8 @@ class RemoteRepository:
     def history(self, label: str) -> list[Any]:
         from pxe.imageversions import Version
 
-        return [Version(**d) for d in self.client.get(self._path(label) + "/versions")]
+        return records(Version, self.client.get(self._path(label) + "/versions"),
+                       "image version")
 
     def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
         d = self.client.post(self._path(label) + "/rollback",
@@ -465,7 +513,7 @@ class RemoteRepository:
     def list(self) -> list[Any]:
         from pxe.repository import Entry
 
-        return [Entry(**d) for d in self.client.get(f"{V1}/images")]
+        return records(Entry, self.client.get(f"{V1}/images"), "image")
 
     def get(self, label: str, output: str, version: int | None = None) -> tuple[str, int]:
         return self.client.download(label, output, version)

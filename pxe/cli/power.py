@@ -110,7 +110,9 @@ def _remote_status(server: str, spec: str) -> dict[str, PowerResult]:
     client = remote.resolve(server)
     if client is None:
         raise DynprovError(f"--server {server!r}: no REST service")
-    return {d["node"]: PowerResult(**d) for d in client.get(f"{remote.V1}/power", nodes=spec)}
+    found = remote.records(PowerResult, client.get(f"{remote.V1}/power", nodes=spec),
+                           "power result")
+    return {r.node: r for r in found}
 
 
 def _execute(args: argparse.Namespace, action: str, label: str) -> int:
