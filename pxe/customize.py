@@ -24,7 +24,8 @@ Rules (those of ``run-parts``, but loud):
   ``DYNPROV_MODE``, ``DYNPROV_SET``), no standard input, and a time limit
   (``[images] customize_timeout``, default 1800 s).
 - Everything a script prints goes to ``<state_dir>/customize/<label>.log`` (one file per
-  deploy, with a header per script and its exit status) and the run is logged.
+  deploy, with a header per script and its exit status) and the run is logged. The file goes
+  with the image's last version (``remove_log``); the audit log keeps the removal's record.
 - The first script that exits non-zero (or times out) stops the deploy: nothing is published,
   and the error names the script, its exit status, the log, and its last lines of output.
 - When run as root, every script and its directory must be owned by root and not writable by
@@ -38,6 +39,7 @@ first, and do not run the image's own programs (``chroot``) unless uploaders are
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -149,6 +151,18 @@ def run(scripts: Sequence[Script], tree: Path, *, label: str, arch: str, mode: s
                                    + _tail(log_path))
             done.append(script.name)
     return done
+
+
+def log_path(state_dir: Path, label: str) -> Path:
+    """Where a deploy of image ``label`` writes its scripts' output."""
+    return state_dir / "customize" / f"{validate.label(label, 'image label')}.log"
+
+
+def remove_log(state_dir: Path, label: str) -> None:
+    """Delete ``label``'s customization log once no version of the image is left: it would
+    otherwise describe an image that no longer exists (and outlive it forever)."""
+    with contextlib.suppress(FileNotFoundError):
+        log_path(state_dir, label).unlink()
 
 
 def _tail(log_path: Path, lines: int = 5) -> str:

@@ -397,6 +397,9 @@ class Catalog:
                 self.conn.execute("DELETE FROM image_versions WHERE label = ?", (label,))
                 db.log_event(self.conn, "image-removed", detail=label)
             self._collect_garbage()
+            from pxe import customize  # not on set-boot's path
+
+            customize.remove_log(self.cfg.paths.state_dir, label)  # its last version went
 
     def _collect_garbage(self) -> None:
         """Delete stored files that no kept image version references (and stale temp files)."""

@@ -272,6 +272,7 @@ class Repository:
         except NotFound:
             if not self._version_files(label):
                 raise
+            customize.remove_log(self.cfg.paths.state_dir, label)  # bundles only: the log too
         return self.sweep_bundles(label)
 
     # -- ownership: the uploader, or root for `pxe-stage images add` and older images --------
@@ -341,7 +342,7 @@ class Repository:
                 rootfs, customized = customize.customize_rootfs(
                     rootfs, kind, work / "customize", scripts, label=label,
                     arch=man.arch, mode=man.mode,
-                    log_path=self.cfg.paths.state_dir / "customize" / f"{label}.log",
+                    log_path=customize.log_path(self.cfg.paths.state_dir, label),
                     timeout=self.settings.customize_timeout)
             elif groups and rootfs is None:
                 raise InputError(f"-group {', '.join(groups)}: this image has no root "
@@ -467,6 +468,7 @@ class Repository:
             if label in self.catalog.labels():
                 self.catalog.remove(label, force=True)
             self._sweep_locked(label)  # no version is kept now: every bundle of the label
+            customize.remove_log(self.cfg.paths.state_dir, label)  # (the catalog's went above)
         audit.append(self.cfg.paths.state_dir, user, "image-delete", label=label, force=force,
                      in_use=nodes)
         self.publish_oslist()
