@@ -49,6 +49,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help="site configuration (TOML)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     guard.add_debug_flag(parser)
+    guard.exit_status_everywhere(parser)  # each verb's --help says what its exit codes mean
     return parser
 
 

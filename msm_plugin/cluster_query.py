@@ -154,7 +154,9 @@ def build_parser():  # type: ignore[no-untyped-def]  # argparse only when asked 
         prog=PROG,
         description="Print one WIKI line per node for Moab's CLUSTERQUERYURL: STATE, OS, OSLIST, "
                     "ARCH, POWER, MESSAGE, UPDATETIME. Moab runs it with no argument on every "
-                    "poll; it always exits 0.",
+                    "poll. Exit status: 0, also when it cannot make the report (it prints the "
+                    "reason as a '#' line: a failing query would make Moab stop provisioning); 2 "
+                    "only for bad usage (an unknown option).",
         epilog="A node in a provisioning run is Down (OS=_none) until it reports ready from inside "
                "the new OS; a failed or timed-out node is Down with the reason as MESSAGE; a node "
                "outside the scheduler's pool is Drained; in per-job mode a node that ran a job "

@@ -25,8 +25,8 @@ def build_parser():  # type: ignore[no-untyped-def]
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Power nodes on, off or cycle them (Moab's NODEPOWERURL).",
-        epilog="A failed node prints 'ERROR: NODE: REASON' on stdout (Moab looks there) and the "
-               "exit status is 1; 2 for bad usage. RESET, REBOOT, CYCLE or the node list given "
+        epilog="Exit status: 0 every node done, 1 a node failed (it prints 'ERROR: NODE: REASON' "
+               "on stdout, where Moab looks), 2 bad usage. RESET, REBOOT, CYCLE or the node list given "
                "twice mean a power cycle. Config: --config, else $DYNPROV_CONFIG, else "
                "/etc/dynprov/dynprov.toml.")
     p.add_argument("nodes", help="node list: n001,n002 or n[001-016]")

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--site-config", metavar="FILE", help="dynprov site configuration (TOML)")
     for verb, text in HELP.items():
         _add_args(verb, sub.add_parser(verb, help=text))
+    from pxe.cli.guard import exit_status_everywhere
+
+    exit_status_everywhere(p)  # each verb's --help says what its exit codes mean
     return p
 
 

@@ -252,6 +252,16 @@ CASES: list[tuple[str, str, tuple[str, ...], int, str]] = [
      "power.timeout"),
     ("power-many-workers", "pxe-stage", ("power", "status", "n001", "--workers", "100000000"), 2,
      "power.workers"),
+    # -- a path where a name belongs: bad input (2), said as such, not "unknown" (1) ----------
+    ("images-show-traversal", "pxe-stage", ("images", "show", "../x"), 2,
+     "invalid image label '../x'"),
+    ("images-history-traversal", "pxe-stage", ("images", "history", "../x"), 2,
+     "invalid image label '../x'"),
+    ("console-traversal", "pxe-stage", ("console", "../x"), 2, "invalid node name '../x'"),
+    ("adopt-name-traversal", "pxe-stage", ("nodes", "adopt", "52:54:00:00:00:0b", "--name", "../x"),
+     2, "invalid node name '../x'"),
+    ("probe-interface-traversal", "pxe-stage", ("dhcp", "probe", "--interface", "../x"), 2,
+     "invalid --interface '../x': an interface name"),
 ]
 
 

@@ -33,12 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_probe)
 
 
+def _interface(value: str) -> str:
+    """--interface, checked as network.interface is (a name, never a path), and said so."""
+    from pxe import validate
+    from pxe.errors import InputError
+
+    try:
+        return validate.hostname(value)
+    except InputError:
+        raise InputError(f"invalid --interface {value[:80]!r}: an interface name is letters, "
+                         "digits and '-' (as network.interface in the site config)") from None
+
+
 def cmd_probe(args: argparse.Namespace) -> int:
     from pxe import validate
     from pxe.dhcp import probe
 
     cfg = load_config(args)
-    iface = validate.hostname(args.interface) if args.interface else cfg.network.interface
+    iface = _interface(args.interface) if args.interface else cfg.network.interface
     mac = validate.mac(args.mac)
     if not 0 < args.wait <= 30:
         from pxe.errors import InputError

@@ -33,6 +33,24 @@ def add_debug_flag(parser) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
 
 
+EXIT_HEADING = "Exit status:"
+
+
+def exit_status_everywhere(parser, inherited: str = "") -> None:  # type: ignore[no-untyped-def]
+    """Give every subcommand's --help the exit-status sentence of its nearest parent that has
+    one (``pxe-stage nodes add --help`` says what its codes mean, as ``pxe-stage --help`` does)."""
+    epilog = parser.epilog or ""
+    start = epilog.find(EXIT_HEADING)
+    if start >= 0:
+        end = epilog.find(". ", start)
+        inherited = epilog[start:] if end < 0 else epilog[start:end + 1]
+    elif inherited:
+        parser.epilog = f"{epilog} {inherited}" if epilog else inherited
+    for action in parser._actions:  # argparse has no public walk (see tools/manpage.py)
+        for child in getattr(action, "_name_parser_map", {}).values():
+            exit_status_everywhere(child, inherited)
+
+
 def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
     """argv without --debug (before a '--'), and whether it or DYNPROV_DEBUG=1 asked for it."""
     args = list(argv)

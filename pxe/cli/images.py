@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pxe import imageversions, remote
+from pxe import imageversions, remote, validate
 from pxe.cli.common import add_json_flag, load_config, print_json, print_table
 from pxe.images import Catalog
 
@@ -135,6 +135,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    validate.label(args.label, "image label")  # bad input (2), not an unknown image (1)
     client = remote.for_args(args)
     image = remote.image(client, args.label) if client else Catalog(load_config(args)).get(args.label)
     if args.json:
@@ -164,6 +165,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
+    validate.label(args.label, "image label")
     client = remote.for_args(args)
     versions = (remote.RemoteRepository(client).history(args.label) if client
                 else Catalog(load_config(args)).history(args.label))

@@ -101,6 +101,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     module = MODULE_OF.get(word, word) if word else None
     for name in [module] if module in COMMANDS else COMMANDS:
         importlib.import_module(f"pxe.cli.{name}").register(sub)
+    guard.exit_status_everywhere(parser)
     return parser
 
 

@@ -230,7 +230,10 @@ def cmd_discovered(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    from pxe import discovery
+    from pxe import discovery, validate
+
+    validate.mac(args.mac)
+    validate.hostname(args.name)  # bad input (2) before "no such discovered machine" (1)
 
     extra = {"firmware": args.firmware, "bmc_type": args.bmc_type,
              "bmc_address": args.bmc_address, "bmc_user": args.bmc_user,

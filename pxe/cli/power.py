@@ -213,6 +213,9 @@ def cmd_console(args: argparse.Namespace) -> int:
         raise InputError(f"--seconds {args.seconds:g}: expected a number of seconds > 0")
     if args.attempts is not None and (not args.log or not 1 <= args.attempts <= 10 ** 6):
         raise InputError("--attempts N: only with --log, N from 1 to 1000000")
+    from pxe import validate
+
+    validate.hostname(args.node)  # bad input (2), not an unknown node (1)
     cfg = load_config(args)
     node = Inventory(cfg).get(args.node)
     if node.bmc_type != "ipmi":
