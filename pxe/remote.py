@@ -430,15 +430,21 @@ def record(cls: type, data: Any, what: str) -> Any:
     """``cls`` built from one JSON object of the server's. Keys this client does not know are
     ignored (a newer server may add fields); a missing required one, or an answer that is not an
     object, is one clear error instead of a TypeError."""
+    names, required = _fields(cls)
+    fields_of(data, what, *required)
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def fields_of(data: Any, what: str, *names: str) -> dict[str, Any]:
+    """One JSON object of the server's that must carry ``names`` (others are ignored)."""
     if not isinstance(data, dict):
         raise DynprovError(f"the server's {what} is not a JSON object (got "
                            f"{type(data).__name__}); client and server versions differ?")
-    names, required = _fields(cls)
-    missing = [n for n in required if n not in data]
-    if missing:
-        raise DynprovError(f"the server's {what} lacks the field {missing[0]!r}; client and "
-                           "server versions differ?")
-    return cls(**{k: v for k, v in data.items() if k in names})
+    for name in names:
+        if name not in data:
+            raise DynprovError(f"the server's {what} lacks the field {name!r}; client and "
+                               "server versions differ?")
+    return data
 
 
 def _list(data: Any, what: str) -> list[Any]:
@@ -485,7 +491,9 @@ class RemoteRepository:
 
         if label is None:
             label = manifest_label(Path(source))
-        d = self.client.upload(Path(source), label, list(groups))
+        d = fields_of(self.client.upload(Path(source), label, list(groups)), "upload answer",
+                      "label", "os_name", "arch", "mode", "bundle_sha256", "bundle_bytes",
+                      "customized")
         image = SimpleNamespace(label=d["label"], os_name=d["os_name"], arch=d["arch"],
                                 mode=d["mode"], version=int(d.get("version") or 1))
         return SimpleNamespace(image=image, bundle_sha256=d["bundle_sha256"],
@@ -506,8 +514,9 @@ class RemoteRepository:
                        "image version")
 
     def rollback(self, label: str, version: int | None = None) -> tuple[int, int]:
-        d = self.client.post(self._path(label) + "/rollback",
-                             {} if version is None else {"version": int(version)})
+        d = fields_of(self.client.post(self._path(label) + "/rollback",
+                                       {} if version is None else {"version": int(version)}),
+                      "rollback answer", "previous", "current")
         return int(d["previous"]), int(d["current"])
 
     def list(self) -> list[Any]:
@@ -521,7 +530,8 @@ class RemoteRepository:
     def init(self) -> tuple[str | None, Any]:
         from types import SimpleNamespace
 
-        d = self.client.post(f"{V1}/images/init", {})
+        d = fields_of(self.client.post(f"{V1}/images/init", {}), "init answer", "boot_files",
+                      "boot_changed")
         return d.get("oslist"), SimpleNamespace(boot_files=d["boot_files"],
                                                 boot_changed=d["boot_changed"])
 

@@ -49,7 +49,9 @@ def test_an_older_client_ignores_fields_it_does_not_know(tmp_path, monkeypatch):
             client = NewerServerClient(srv.url, ca_file=str(srv.cert), user=acc.user("admin"),
                                        password=lambda: PASSWORD,
                                        token_cache=tmp_path / "tokens.json")
-            client.upload(make_bundle(tmp_path / "b", "compat-os"), "compat-os")
+            repo = remote.RemoteRepository(client)
+            done = repo.upload(make_bundle(tmp_path / "b", "compat-os"), "compat-os")
+            assert (done.image.label, done.image.version) == ("compat-os", 1)
             assert NEWER in client.get(f"{remote.V1}/nodes")[0]  # the injection is in place
 
             assert [n.name for n in remote.nodes(client)] == ["n1", "n2"]
@@ -57,7 +59,6 @@ def test_an_older_client_ignores_fields_it_does_not_know(tmp_path, monkeypatch):
             assert found[0].macs == ("52:54:00:00:07:02",)
             assert [i.label for i in remote.images(client)] == ["compat-os"]
             assert remote.image(client, "compat-os").label == "compat-os"
-            repo = remote.RemoteRepository(client)
             assert [e.label for e in repo.list()] == ["compat-os"]
             assert [v.version for v in repo.history("compat-os")] == [1]
 
@@ -85,5 +86,7 @@ def test_a_missing_required_field_is_one_clear_error():
         remote.record(Version, {"label": "x"}, "image version")  # a dataclass
     with pytest.raises(DynprovError, match="not a JSON object"):
         remote.record(Node, ["n1"], "node")
+    with pytest.raises(DynprovError, match="rollback answer lacks the field 'current'"):
+        remote.fields_of({"previous": 1, "new": 2}, "rollback answer", "previous", "current")
     with pytest.raises(DynprovError, match="not a JSON list"):
         remote.records(Node, {"name": "n1"}, "node")
