@@ -301,7 +301,7 @@ def from_dict(data: dict[str, Any], path: Path) -> Config:
 
     subnet = r.checked("network", "subnet", validate.ipv4_network)
     server = r.checked("network", "server", validate.ipv4)
-    interface = r.checked("network", "interface", validate.hostname)
+    interface = r.checked("network", "interface", validate.interface)
     rng = r.get("network", "dynamic_range", list)
     if len(rng) != 2:
         raise r.fail("network.dynamic_range", "must be [first, last]")

@@ -14,6 +14,9 @@ from pxe.lazyre import lazy
 # RFC 1123 host label; HPC node names such as n001, cn-12, gpu3.
 _HOSTNAME = lazy(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 # Image labels, pool and group names: the same set users write in `msub -l os=...`.
+# A Linux interface name as an admin writes it (eth0, eno1np0, eth0.100, br_ib, ib0): at most 15
+# characters (IFNAMSIZ - 1), starting with a letter or digit; never '/', ':', whitespace or quotes.
+_INTERFACE = lazy(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 _LABEL = lazy(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UNIX_NAME = lazy(r"^[a-z_][a-z0-9_-]{0,31}\$?$")
 _SECRET_REF = lazy(r"^(?:file:/[A-Za-z0-9._/-]+|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")
@@ -38,6 +41,16 @@ def hostname(value: str) -> str:
         raise InputError(
             f"invalid node name {_show(value)}: use letters, digits and '-' "
             "(1-63 characters, not starting or ending with '-')"
+        )
+    return value
+
+
+def interface(value: str, what: str = "interface") -> str:
+    """A network interface name: VLANs (eth0.100) and underscores (br_ib) are everyday names."""
+    if not isinstance(value, str) or not _INTERFACE.fullmatch(value):
+        raise InputError(
+            f"invalid {what} {_show(value)}: an interface name is letters, digits, '.', '_' and "
+            "'-' (1-15 characters, starting with a letter or digit)"
         )
     return value
 

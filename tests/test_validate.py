@@ -63,3 +63,28 @@ def test_secret_reference_is_not_a_password():
     for bad in ("pass word", "file:relative", "file:/etc/../shadow", "p@ss!"):
         with pytest.raises(InputError):
             validate.secret_ref(bad)
+
+
+@pytest.mark.parametrize("name", ["eth0", "eno1np0", "eth0.100", "br_ib", "ib0", "bond0.4094",
+                                  "enp0s31f6-prov"])
+def test_everyday_interface_names_are_taken(name):
+    assert validate.interface(name) == name
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "../x", "eth0/1", "eth0:1", "a" * 16, "eth 0",
+                                 "-eth0", "eth0\n", "eth'0"])
+def test_bad_interface_names_are_refused(bad):
+    with pytest.raises(InputError, match="interface name"):
+        validate.interface(bad)
+
+
+def test_a_vlan_interface_is_a_valid_network_interface(tmp_path):
+    """An admin's `interface = "eth0.100"` (a VLAN) loads; a path does not."""
+    from pxe import config
+
+    text = config.example(tmp_path, interface="eth0.100")
+    (tmp_path / "site.toml").write_text(text)
+    assert config.load(tmp_path / "site.toml").network.interface == "eth0.100"
+    (tmp_path / "site.toml").write_text(text.replace("eth0.100", "../etc"))
+    with pytest.raises(InputError, match="interface"):
+        config.load(tmp_path / "site.toml")

@@ -36,13 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _interface(value: str) -> str:
     """--interface, checked as network.interface is (a name, never a path), and said so."""
     from pxe import validate
-    from pxe.errors import InputError
 
-    try:
-        return validate.hostname(value)
-    except InputError:
-        raise InputError(f"invalid --interface {value[:80]!r}: an interface name is letters, "
-                         "digits and '-' (as network.interface in the site config)") from None
+    return validate.interface(value, "--interface")
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
