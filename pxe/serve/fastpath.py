@@ -26,6 +26,7 @@ import http
 import logging
 import os
 import re
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -152,6 +153,8 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self.backlog = -1
             self.timer: asyncio.TimerHandle | None = None
             self.sock_fd = -1
+            self.sock: Any = None
+            self.corked = False  # TCP_CORK set for the large answer going out
 
         # -- connection ------------------------------------------------------------------
         def connection_made(self, transport: Any) -> None:
@@ -167,6 +170,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             open_per_client[peer] += 1
             self.server_state.connections.add(self)
             sock = transport.get_extra_info("socket")
+            self.sock = sock
             self.sock_fd = sock.fileno() if sock is not None else -1
             transport.set_write_buffer_limits(high=0, low=0)  # pause_writing = not all sent
             self.timer = self.loop.call_later(timeout, self._check)
@@ -374,6 +378,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                     self.transport.close()  # after what it holds is out
                 return answer.status
             boot.count(answer.status, count)
+            self._cork(True)  # the head goes out with the first body bytes, segments stay full
             self.transport.write(head)
             self.sending = _Sending(fd, answer.offset, count)
             self.progress = time.monotonic()
@@ -440,6 +445,19 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             if s.writer:
                 self.loop._remove_writer(self.sock_fd)  # type: ignore[attr-defined]
             os.close(s.fd)
+            self._cork(False)
+
+        def _cork(self, on: bool) -> None:
+            """TCP_CORK while a large body goes out (nginx's tcp_nopush): without it every
+            sendfile turn ended in a short segment (asyncio sets TCP_NODELAY), the head in one
+            of its own; uncorking pushes out the rest."""
+            if on == self.corked or self.sock is None or self.transport.is_closing():
+                return
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, int(on))
+            except OSError:  # the connection is gone: nothing to push
+                return
+            self.corked = on
 
         # -- everything else: the framework ----------------------------------------------------
         def _hand_off(self) -> None:
