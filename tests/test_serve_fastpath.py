@@ -38,6 +38,7 @@ class Served:
     secret: bytes
     handed_off: list[str] = field(default_factory=list)
     counters: metrics.Counters | None = None
+    connections: set = field(default_factory=set)  # uvicorn's server_state.connections
 
     @property
     def url(self) -> str:
@@ -88,6 +89,7 @@ def running(site, log_access: bool = False) -> Iterator[Served]:
     thread.start()
     try:
         wait_for(lambda: server.started, "uvicorn started")
+        srv.connections = server.server_state.connections
         yield srv
     finally:
         server.should_exit = True
@@ -326,6 +328,34 @@ def test_http10_and_connection_close_end_the_connection(served):
             status, headers, body = read_response(s)
             assert status == 200 and body in (srv.small, srv.data)
             assert closed_by_server(s, 5)
+
+
+def test_a_large_body_goes_out_corked_and_the_connection_is_uncorked_after(served):
+    """TCP_CORK (nginx's tcp_nopush) holds while a large body is in flight: the head leaves with
+    the first body bytes and no sendfile turn ends in a short segment. After the body it is off
+    again, else the next small answer on the connection would wait for the kernel's cork timer."""
+    srv = served
+
+    def corked() -> int:
+        (proto,) = list(srv.connections)
+        sock = proto.transport.get_extra_info("socket")
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+    with connect(srv) as s:
+        s.sendall(b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s)[2] == srv.small
+        assert corked() == 0, "a small answer went out corked"
+        s.sendall(b"GET /blobs/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        # 24 MiB do not fit in the socket buffers while the client reads nothing: in flight.
+        wait_for(lambda: any(getattr(c, "sending", None) is not None for c in srv.connections),
+                 "the body in flight")
+        assert corked() == 1, "the body goes out uncorked"
+        status, _, body = read_response(s)
+        assert status == 200 and body == srv.data
+        s.sendall(b"GET /boot/small.cfg HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s)[2] == srv.small
+        assert corked() == 0, "the connection stayed corked after the body"
+    assert srv.handed_off == []
 
 
 def test_stalled_clients_are_closed_in_bounded_time(served):

@@ -10,8 +10,10 @@ server's own CPU cost is the figure that does not move with the machine's load; 
 median time to the first byte of the answer (curl's time_starttransfer), and the server CPU per
 request of 1,000 keep-alive GETs of a 1 KiB file (one curl): the per-request cost.
 serve answers boot files on its fast path (pxe/serve/fastpath.py: its own request parse, one
-write per small file, sendfile in 512 KiB turns), not through the framework.
-Besides serve and nginx (2 workers, sendfile on), two references show why serve's HTTP is
+write per small file, sendfile in 512 KiB turns, corked with TCP_CORK), not through the framework.
+nginx runs as a boot server would run it: 2 workers, sendfile on, tcp_nopush on (TCP_CORK, as
+serve), its default sendfile_max_chunk (2 MiB since nginx 1.21.4; 0, unbounded, before).
+Besides serve and nginx, two references show why serve's HTTP is
 built the way it is (`--all`):
 - "starlette-stock": the same framework without our zero-copy protocol (Starlette's
   StaticFiles/FileResponse on uvicorn's h11 protocol, 2 worker processes: 64 KiB reads through a
