@@ -142,6 +142,10 @@ def run(scripts: Sequence[Script], tree: Path, *, label: str, arch: str, mode: s
                 raise DynprovError(f"customization failed: {script.name} did not finish within "
                                    f"{timeout} s; nothing was published (log: {log_path})"
                                    + _tail(log_path)) from None
+            except BaseException:  # Ctrl-C or SIGTERM of the build: the script stops with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
             out.write(f"== {script.name} exit status {status}\n")
             out.flush()
             if status != 0:

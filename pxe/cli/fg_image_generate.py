@@ -126,13 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP (a batch system's time limit, `timeout`, a closed terminal): raised where
+    the build is, so its clean-up runs (mmdebstrap killed, /proc, /sys, /dev unmounted, the
+    work directory removed) instead of dying with mounts left under the working directory."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+def _stop_cleanly_on_signals() -> None:
+    import signal
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # once: the clean-up itself is not interrupted
+        raise _Terminated(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from pxe.cli import guard
 
     def body(args: list[str]) -> int:
         parsed = build_parser().parse_args(args)
+        _stop_cleanly_on_signals()
         try:
             return _run(parsed)
+        except _Terminated as stop:
+            print(f"{PROG}: {stop}; nothing was written", file=sys.stderr)
+            return 128 + stop.signum
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
             return 130
