@@ -245,14 +245,20 @@ class Renderer:
         """The DHCP config of ``nodes`` (Nodes, DhcpHosts, or the Snapshot `render` reads).
         Templates see each node as a DhcpHost (pxe.dhcpinputs): its DHCP facts, not what
         set-boot changes, so a set-boot never changes this file."""
-        backend = backend or self.cfg.dhcp.backend
-        name = "dhcp/dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcp/dhcpd.conf.j2"
-        if backend == "dnsmasq" and self.cfg.dhcp.mode == "proxy":
-            name = "dhcp/dnsmasq-proxy.conf.j2"
         with _collector_paused():
-            template = self.template(name)
-            return template.render(net=self.net, boot=self.cfg.boot, dhcp=self.cfg.dhcp,
-                                   **dhcp_host_context(nodes))
+            template = self.template(self.dhcp_template_name(backend))
+            return template.render(**self.dhcp_settings_context(), **dhcp_host_context(nodes))
+
+    def dhcp_template_name(self, backend: str | None = None) -> str:
+        backend = backend or self.cfg.dhcp.backend
+        if backend == "dnsmasq":
+            return ("dhcp/dnsmasq-proxy.conf.j2" if self.cfg.dhcp.mode == "proxy"
+                    else "dhcp/dnsmasq.conf.j2")
+        return "dhcp/dhcpd.conf.j2"
+
+    def dhcp_settings_context(self) -> dict[str, object]:
+        """What the DHCP templates see besides the nodes."""
+        return {"net": self.net, "boot": self.cfg.boot, "dhcp": self.cfg.dhcp}
 
     # -- boot loaders ----------------------------------------------------------------------
     def kernel_args(self, node: Node, image: Image) -> str:
