@@ -128,18 +128,18 @@ def _lines(text: str) -> int:
 
 def index_of(renderer: Renderer, text: str, host_rows: list[tuple]) -> dict | None:
     """Where each node's entries are in ``text`` (a full render of ``host_rows``: (name, macs,
-    ip) in order), or None when the template does not allow a splice. Lines per node are
+    ip) in order), or None when the template does not allow a splice: the header's and footer's
+    lengths, and per node its name, MAC count and the length of its lines. Lines per node are
     learned from the block rendered for one sample node with one MAC and with two, and
-    verified: they must add up to the block's lines, and each node's lines must name it."""
+    verified here, once: they must add up to the block's lines, and each node's lines must
+    name it. (The record keeps the index's sha256 with the file's: it is trusted only with the
+    very file it was made from.)"""
     try:
         parts = Parts(renderer)
         rows, macs = len(host_rows), sum(len(m) for _n, m, _i in host_rows)
         head, tail = parts.frame(parts.context([], rows, macs))
         if not (text.startswith(head) and text.endswith(tail)
                 and len(head) + len(tail) <= len(text)):
-            return None
-        section = text[len(head):len(text) - len(tail)]
-        if section and not section.endswith("\n"):
             return None
         sample = DhcpHost("dynprov-sample", ("52:54:00:00:00:01",), "198.18.0.1")
         one = _lines(parts.block(parts.context([sample], rows, macs)))
@@ -148,26 +148,27 @@ def index_of(renderer: Renderer, text: str, host_rows: list[tuple]) -> dict | No
     except (NotIncremental, DynprovError):
         return None
     per_mac, fixed = two - one, 2 * one - two
-    hosts = [[name, len(m), fixed + per_mac * len(m)] for name, m, _ip in host_rows]
-    if any(n <= 0 for _name, _m, n in hosts) or sum(n for *_r, n in hosts) != _lines(section):
-        return None
-    if _split(section, hosts) is None:
-        return None
-    return {"head": len(head), "tail": len(tail), "hosts": hosts}
-
-
-def _split(section: str, hosts: list[list]) -> dict[str, str] | None:
-    """Each node's lines of ``section`` by name, as the index says; None when any group does not
-    name its node."""
-    lines = section.split("\n")
-    blocks, at = {}, 0
-    for name, _macs, count in hosts:
-        block = "\n".join(lines[at:at + count]) + "\n"
-        if name not in block or name in blocks:
+    end = len(text) - len(tail)
+    at, names, counts, chars = len(head), [], [], []
+    find = text.find
+    for name, m, _ip in host_rows:
+        lines = fixed + per_mac * len(m)
+        if lines <= 0:
             return None
-        blocks[name] = block
-        at += count
-    return blocks if at == len(lines) - 1 else None
+        stop = at
+        for _ in range(lines):
+            stop = find("\n", stop, end) + 1
+            if stop == 0:
+                return None
+        if find(name, at, stop) < 0:
+            return None
+        names.append(name)
+        counts.append(len(m))
+        chars.append(stop - at)
+        at = stop
+    if at != end:
+        return None
+    return {"head": len(head), "tail": len(tail), "names": names, "macs": counts, "chars": chars}
 
 
 def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
@@ -193,17 +194,29 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
         return None
     try:
         installed = raw.decode("utf-8")
-        old_hosts = index["hosts"]
-        head_len, tail_len = int(index["head"]), int(index["tail"])
+        old = _Index(index, len(installed))
     except (UnicodeDecodeError, KeyError, TypeError, ValueError):
         return None
-    snapshot = _changes(conn, segment, record, len(old_hosts))
+    snapshot = _changes(conn, segment, record, len(old.names))
     if snapshot is None:
         return None
     try:
-        return _splice(renderer, installed, head_len, tail_len, old_hosts, snapshot, base_sha)
+        return _splice(renderer, installed, old, snapshot, base_sha)
     except NotIncremental:
         return None
+
+
+class _Index:
+    """A saved index, checked for shape: lists of one length, lengths that add up to the file."""
+
+    def __init__(self, data: dict, size: int):
+        self.head, self.tail = int(data["head"]), int(data["tail"])
+        self.names, self.macs, self.chars = data["names"], data["macs"], data["chars"]
+        if not (isinstance(self.names, list) and isinstance(self.macs, list)
+                and isinstance(self.chars, list)
+                and len(self.names) == len(self.macs) == len(self.chars)
+                and self.head + sum(self.chars) + self.tail == size):
+            raise ValueError("index does not fit the file")
 
 
 class _Changes(Snapshot):
@@ -232,44 +245,65 @@ def _changes(conn: sqlite3.Connection, segment: str | None, record: dict,
     return snapshot
 
 
-def _splice(renderer: Renderer, installed: str, head_len: int, tail_len: int,
-            old_hosts: list, changes: _Changes, base_sha: str) -> Plan:
-    if head_len + tail_len > len(installed):
-        raise NotIncremental("index does not fit the file")
-    section = installed[head_len:len(installed) - tail_len]
-    old_blocks = _split(section, old_hosts)
-    if old_blocks is None:
-        raise NotIncremental("the installed entries are not where the index says")
+def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
+            base_sha: str) -> Plan:
+    """The installed text with the changed nodes' entries replaced, removed or inserted at
+    their sorted places; unchanged stretches are copied as they are."""
+    import bisect
+    from itertools import accumulate
+
     new_hosts = [h for h in changes.hosts() if h.macs]  # the changed nodes still in the file
-    kept = [h for h in old_hosts if h[0] not in changes.changed]
-    merged = sorted(kept + [[h.name, len(h.macs), 0] for h in new_hosts], key=_name)
-    rows, macs = len(merged), sum(h[1] for h in merged)
+    names, macs, chars = list(old.names), list(old.macs), list(old.chars)
+    starts = list(accumulate(chars, initial=old.head))  # each entry's offset, then the end
+    # Every changed name's old entry goes (checked: it must name the node), then the new ones
+    # are inserted at their sorted places; positions refer to the old text.
+    cuts: list[tuple[int, int, str]] = []  # (from, to, new text) in the old text
+    keep = []
+    for name in sorted(changes.changed):
+        i = bisect.bisect_left(names, name)
+        if i < len(names) and names[i] == name:
+            begin = starts[i]
+            if installed.find(name, begin, begin + chars[i]) < 0:
+                raise NotIncremental(f"the installed entries of {name} do not name it")
+            cuts.append((begin, begin + chars[i], ""))
+            keep.append(i)
+    for i in reversed(keep):
+        del names[i], macs[i], chars[i]
+    rows = len(names) + len(new_hosts)
+    total_macs = sum(macs) + sum(len(h.macs) for h in new_hosts)
     try:
         parts = Parts(renderer)
     except DynprovError as exc:
         raise NotIncremental(str(exc)) from None
-    changed_ctx = parts.context(new_hosts, rows, macs)
+    changed_ctx = parts.context(new_hosts, rows, total_macs)
     head, tail = parts.frame(changed_ctx)
     together = parts.block(changed_ctx)
-    new_blocks = {}
+    blocks = []
     for host in new_hosts:
-        block = parts.block(parts.context([host], rows, macs))
-        if host.name not in block or (block and not block.endswith("\n")) or not block:
+        block = parts.block(parts.context([host], rows, total_macs))
+        if not block.endswith("\n") or host.name not in block:
             raise NotIncremental(f"the entries of {host.name} do not name it")
-        new_blocks[host.name] = block
-    if together != "".join(new_blocks[h.name] for h in new_hosts):
+        blocks.append(block)
+    if together != "".join(blocks):
         raise NotIncremental("the hosts block does not render each node on its own")
-    pieces, index_hosts = [head], []
-    for name, count, _lines_old in merged:
-        block = new_blocks.get(name) or old_blocks[name]
-        pieces.append(block)
-        index_hosts.append([name, count, _lines(block)])
+    for host, block in zip(new_hosts, blocks, strict=True):
+        i = bisect.bisect_left(names, host.name)
+        # before the first old entry that sorts after it (a changed one too: cut from there
+        # on), else before the footer
+        at = starts[bisect.bisect_right(old.names, host.name)]
+        cuts.append((at, at, block))
+        names.insert(i, host.name)
+        macs.insert(i, len(host.macs))
+        chars.insert(i, len(block))
+    cuts.sort(key=lambda c: (c[0], c[1]))
+    pieces, at = [head], old.head
+    for begin, stop, text in cuts:
+        pieces.append(installed[at:begin])
+        pieces.append(text)
+        at = max(at, stop)
+    pieces.append(installed[at:len(installed) - old.tail])
     pieces.append(tail)
-    index = {"head": len(head), "tail": len(tail), "hosts": index_hosts}
+    index = {"head": len(head), "tail": len(tail), "names": names, "macs": macs, "chars": chars}
     return Plan(head + together + tail, "".join(pieces),
                 Snapshot([], [], changes.generation, changes.seq), index, base_sha,
                 sorted(changes.changed))
-
-
-def _name(host: list) -> str:
-    return host[0]
