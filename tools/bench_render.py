@@ -99,14 +99,15 @@ def site_with(n: int, backend: str, root: Path, http_port: int) -> config.Config
     return cfg
 
 
-def change_one_mac(cfg: config.Config, i: int, round_: int) -> None:
-    """Node i gets a new MAC (outside the timing): one DHCP fact changed."""
+def change_one_mac(cfg: config.Config, i: int, round_: int | None) -> None:
+    """Node i gets a new MAC (outside the timing): one DHCP fact changed; round_ None: its own
+    MAC back (the per-request part asks for every mac_of(i))."""
     from pxe import records
 
+    mac = mac_of(i) if round_ is None else \
+        f"52:55:{round_ & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:02"
     inv = Inventory(cfg)
-    node = inv.get(f"n{i:05d}")
-    inv.add([records.replace(node, macs=(f"52:55:{round_ & 255:02x}:{(i >> 8) & 255:02x}:"
-                                         f"{i & 255:02x}:02",))], replace_existing=True)
+    inv.add([records.replace(inv.get(f"n{i:05d}"), macs=(mac,))], replace_existing=True)
     inv.conn.close()
 
 
@@ -204,11 +205,13 @@ def main() -> int:
         times: dict[str, list[float]] = {k: [] for k in cases}
         cpu: dict[str, list[float]] = {k: [] for k in cases}
         outputs: dict[str, str] = {}
+        moved: set[int] = set()
         for r in range(args.repeat):
             order = list(cases) if r % 2 == 0 else list(reversed(cases))
             for i, name in enumerate(order):
                 target = ["--os", "centos5"] if (r + i) % 2 == 0 else ["--local"]
                 if name == "one":
+                    moved.add((r * 7919 + i) % n)
                     change_one_mac(cfg, (r * 7919 + i) % n, r)  # one entry to re-render
                 if name == "full":
                     cfg.dhcp.config_file.unlink()  # render, check and install it all again
@@ -259,6 +262,8 @@ def main() -> int:
                       render_full_ratio_spread=spread("full"))
 
         # -- per request --------------------------------------------------------------------
+        for i in moved:
+            change_one_mac(cfg, i, None)
         subprocess.run([py, "-m", "pxe.cli.main", "set-boot", nodes, "--os",
                         "centos5"], env=env, check=True, capture_output=True)
         per_config = in_process(cfg, n)
