@@ -107,6 +107,31 @@ class Parts:
     def block(self, values: dict) -> str:
         return self._run(values, None, only_block=True)
 
+    # -- what pxe.dhcpformat derives its formats from, and what _splice uses ------------------
+    def render_block(self, hosts: list[DhcpHost], rows: int, macs: int,
+                     indexed: bool = False) -> str:
+        values = self.context(hosts, rows, macs)
+        if indexed:
+            from pxe.dhcpformat import Index
+
+            values["host_macs"] = _Sized([(n, Index(i), m, ip) for n, i, m, ip
+                                          in values["host_macs"]], macs)
+        return self.block(values)
+
+    def render_frame(self, rows: int, macs: int) -> tuple[str, str]:
+        return self.frame(self.context([], rows, macs))
+
+    def entries(self, hosts: list[DhcpHost], rows: int, macs: int) -> tuple[str, str, list[str]]:
+        """(head, tail, each host's entries) for a file of ``rows`` nodes and ``macs`` MACs."""
+        values = self.context(hosts, rows, macs)
+        head, tail = self.frame(values)
+        together = self.block(values)
+        blocks = [self.render_block([h], rows, macs) for h in hosts]
+        if together != "".join(blocks):
+            raise NotIncremental("the hosts block does not render each node on its own")
+        return head, tail, blocks
+
+
     def _run(self, values: dict, replace, only_block: bool = False) -> str:
         import jinja2
 
@@ -120,6 +145,20 @@ class Parts:
             return "".join(self.template.root_render_func(context))
         except jinja2.TemplateError as exc:
             raise _template_error(self.source, exc) from None
+
+
+class Formats:
+    """The same from pxe.dhcpformat's formats (derived and verified with jinja2 by the full
+    render that made the index): no jinja2 at all."""
+
+    def __init__(self, fmt: dict):
+        self.fmt = fmt
+
+    def entries(self, hosts: list[DhcpHost], rows: int, macs: int) -> tuple[str, str, list[str]]:
+        from pxe import dhcpformat
+
+        head, tail = dhcpformat.frame(self.fmt, rows, macs)
+        return head, tail, [dhcpformat.block(self.fmt, h.name, h.macs, h.ip) for h in hosts]
 
 
 def _lines(text: str) -> int:
@@ -168,7 +207,33 @@ def index_of(renderer: Renderer, text: str, host_rows: list[tuple]) -> dict | No
         at = stop
     if at != end:
         return None
-    return {"head": len(head), "tail": len(tail), "names": names, "macs": counts, "chars": chars}
+    index = {"head": len(head), "tail": len(tail), "names": names, "macs": counts, "chars": chars}
+    fmt = _formats(renderer, parts, host_rows, (rows, macs))
+    if fmt is not None:
+        index["format"] = fmt
+    return index
+
+
+def _formats(renderer: Renderer, parts: Parts, host_rows: list[tuple],
+             counts: tuple[int, int]) -> dict | None:
+    """pxe.dhcpformat's formats of this template, verified on the file's first and last nodes
+    and on two nodes that differ from them in every DHCP fact. Packaged templates only: a site
+    override may test a node's name or address, which no sample can rule out (its changes
+    render with jinja2)."""
+    from pxe import dhcpformat
+    from pxe.templatefiles import find_template
+
+    if any(find_template(renderer.cfg, name).override for name in renderer.read_templates):
+        return None
+
+    samples = [DhcpHost(name, m, ip) for name, m, ip in host_rows[:1] + host_rows[-1:]]
+    samples += [DhcpHost("dynprov-sample-a", ("52:54:00:00:00:0a", "52:54:00:00:00:0b"), None,
+                         "aarch64", "uefi", "ipmi", "127.0.0.2", ("gpu", "ib"), "gpu"),
+                DhcpHost("dynprov-sample-b", ("52:54:00:00:00:0c", "52:54:00:00:00:0d",
+                                              "52:54:00:00:00:0e"), "198.18.0.3", "x86_64",
+                         "bios", "redfish", "127.0.0.3", (), "hpc")]
+    samples.sort(key=lambda h: h.name)
+    return dhcpformat.derive(parts.render_block, parts.render_frame, samples, counts)
 
 
 def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
@@ -201,9 +266,16 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
     if snapshot is None:
         return None
     try:
-        return _splice(renderer, installed, old, snapshot, base_sha)
+        made = _splice(renderer, installed, old, snapshot, base_sha)
     except NotIncremental:
         return None
+    if old.format is not None:  # rendered without jinja2: the templates the record names
+        from pxe.templatefiles import find_template
+
+        for name in record["templates"]:
+            renderer.read_templates.add(name)
+            renderer.sources.setdefault(name, find_template(cfg, name))
+    return made
 
 
 class _Index:
@@ -212,6 +284,7 @@ class _Index:
     def __init__(self, data: dict, size: int):
         self.head, self.tail = int(data["head"]), int(data["tail"])
         self.names, self.macs, self.chars = data["names"], data["macs"], data["chars"]
+        self.format = data.get("format")
         if not (isinstance(self.names, list) and isinstance(self.macs, list)
                 and isinstance(self.chars, list)
                 and len(self.names) == len(self.macs) == len(self.chars)
@@ -271,21 +344,18 @@ def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
         del names[i], macs[i], chars[i]
     rows = len(names) + len(new_hosts)
     total_macs = sum(macs) + sum(len(h.macs) for h in new_hosts)
-    try:
-        parts = Parts(renderer)
-    except DynprovError as exc:
-        raise NotIncremental(str(exc)) from None
-    changed_ctx = parts.context(new_hosts, rows, total_macs)
-    head, tail = parts.frame(changed_ctx)
-    together = parts.block(changed_ctx)
-    blocks = []
-    for host in new_hosts:
-        block = parts.block(parts.context([host], rows, total_macs))
+    if old.format is not None:
+        parts: Parts | Formats = Formats(old.format)
+    else:
+        try:
+            parts = Parts(renderer)
+        except DynprovError as exc:
+            raise NotIncremental(str(exc)) from None
+    head, tail, blocks = parts.entries(new_hosts, rows, total_macs)
+    for host, block in zip(new_hosts, blocks, strict=True):
         if not block.endswith("\n") or host.name not in block:
             raise NotIncremental(f"the entries of {host.name} do not name it")
-        blocks.append(block)
-    if together != "".join(blocks):
-        raise NotIncremental("the hosts block does not render each node on its own")
+    together = "".join(blocks)
     for host, block in zip(new_hosts, blocks, strict=True):
         i = bisect.bisect_left(names, host.name)
         # before the first old entry that sorts after it (a changed one too: cut from there
@@ -304,6 +374,8 @@ def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
     pieces.append(installed[at:len(installed) - old.tail])
     pieces.append(tail)
     index = {"head": len(head), "tail": len(tail), "names": names, "macs": macs, "chars": chars}
+    if old.format is not None:
+        index["format"] = old.format
     return Plan(head + together + tail, "".join(pieces),
                 Snapshot([], [], changes.generation, changes.seq), index, base_sha,
                 sorted(changes.changed))

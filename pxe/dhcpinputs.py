@@ -40,7 +40,8 @@ INDEX_NAME = "dhcp-installed.index.json"
 FORMAT = 3  # bump when what the key covers changes (3: generation apart from the rest)
 HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
 # The code a DHCP config depends on besides the templates (a dynprov upgrade renders again).
-_CODE = ("render.py", "templatefiles.py", "dhcpinputs.py", "config.py")
+_CODE = ("render.py", "templatefiles.py", "dhcpinputs.py", "config.py", "dhcpincremental.py",
+         "dhcpformat.py")
 
 
 class DhcpHost:

@@ -10,9 +10,13 @@ entries the checked file holds, then runs the real check on it.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,7 @@ from tests.test_dhcp_generation import FACT_WRITES, _site
 
 SBIN = "/usr/sbin:/usr/bin"
 SHAPES = {"isc": ("isc", "server"), "dnsmasq": ("dnsmasq", "server"),
-          "dnsmasq-proxy": ("dnsmasq", "proxy")}
+          "dnsmasq-proxy": ("dnsmasq", "proxy"), "isc-override": ("isc", "server")}
 
 
 def checked_site(tmp_path: Path, shape: str, nodes: int = 30):
@@ -49,6 +53,11 @@ def checked_site(tmp_path: Path, shape: str, nodes: int = 30):
         f'backend = "{backend}"\nmode = "{mode}"\ncheck_command = ["{script}"]', 1)
     site.config_path.write_text(text)
     cfg = site.cfg
+    if shape.endswith("-override"):  # a site override (same output): spliced with jinja2
+        packaged = Renderer(cfg).template("dhcp/dhcpd.conf.j2").source.path.read_text()
+        override = cfg.paths.templates_dir / "dhcp" / "dhcpd.conf.j2"
+        override.parent.mkdir(parents=True)
+        override.write_text(packaged)
     Inventory(cfg).add([build(cfg, {"name": f"n{i:03d}", "mac": _mac(i),
                                     "ip": f"198.18.0.{i + 1}"}) for i in range(1, nodes + 1)])
     return site, log
@@ -142,6 +151,8 @@ def test_any_sequence_of_changes_installs_what_a_full_render_writes(tmp_path, sh
     cfg = site.cfg
     assert render_all(cfg, reload=False).dhcp_changed
     assert checked(log) == [30]  # the first render: every entry
+    formats = "format" in json.loads(dhcpinputs.index_path(cfg).read_text())
+    assert formats == (not shape.endswith("-override"))  # packaged: no jinja2 to splice
     changes = Changes(cfg, seed=18)
     done, incremental = [], 0
     for step in range(24):  # bounded: 24 renders of 1-3 changes each
@@ -267,3 +278,23 @@ def test_set_boot_records_no_change_and_the_table_keeps_one_row_per_name(site, t
     assert sorted(tuple(r) for r in rows) == [("n01", 1), ("n02", 1), ("n03", 1)]
     assert dhcpinputs.changed_since(conn, seq, 100) == ["n02"]
     assert dhcpinputs.changed_since(conn, seq, 0) is None  # more than the limit: None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shape", ["isc", "dnsmasq"])
+def test_an_incremental_change_does_not_import_jinja2(tmp_path, shape):
+    """The packaged templates' entries are spliced from pxe.dhcpformat's verified formats."""
+    site, log = checked_site(tmp_path, shape)
+    cfg = site.cfg
+    render_all(cfg, reload=False)
+    Changes(cfg, seed=3).replace("n007", macs=("52:54:00:ee:ff:07", "52:54:00:ee:ff:08"))
+    env = {**os.environ, "DYNPROV_CONFIG": str(site.config_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pxe.cli.main", "render",
+                           "--no-reload"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "pxe.dhcpformat" in imported and "jinja2" not in imported
+    assert cfg.dhcp.config_file.read_text() == full_render(cfg)
+    assert checked(log) == [30, 2 if shape == "isc" else 1]  # ISC: one entry per MAC
