@@ -207,7 +207,8 @@ def index_of(renderer: Renderer, text: str, host_rows: list[tuple]) -> dict | No
         at = stop
     if at != end:
         return None
-    index = {"head": len(head), "tail": len(tail), "names": names, "macs": counts, "chars": chars}
+    index = {"head": len(head), "tail": len(tail), "names": "\n".join(names), "macs": counts,
+             "chars": chars}  # names as one string: a tenth of the JSON work of a list
     fmt = _formats(renderer, parts, host_rows, (rows, macs))
     if fmt is not None:
         index["format"] = fmt
@@ -283,9 +284,12 @@ class _Index:
 
     def __init__(self, data: dict, size: int):
         self.head, self.tail = int(data["head"]), int(data["tail"])
-        self.names, self.macs, self.chars = data["names"], data["macs"], data["chars"]
+        names, self.macs, self.chars = data["names"], data["macs"], data["chars"]
+        if not isinstance(names, str):
+            raise ValueError("index names are not one string")
+        self.names = names.split("\n") if names else []
         self.format = data.get("format")
-        if not (isinstance(self.names, list) and isinstance(self.macs, list)
+        if not (isinstance(self.macs, list)
                 and isinstance(self.chars, list)
                 and len(self.names) == len(self.macs) == len(self.chars)
                 and self.head + sum(self.chars) + self.tail == size):
@@ -373,7 +377,8 @@ def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
         at = max(at, stop)
     pieces.append(installed[at:len(installed) - old.tail])
     pieces.append(tail)
-    index = {"head": len(head), "tail": len(tail), "names": names, "macs": macs, "chars": chars}
+    index = {"head": len(head), "tail": len(tail), "names": "\n".join(names), "macs": macs,
+             "chars": chars}
     if old.format is not None:
         index["format"] = old.format
     return Plan(head + together + tail, "".join(pieces),
