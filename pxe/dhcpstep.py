@@ -132,7 +132,7 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
                 index = plan.index
             else:
                 pending.install(reload)  # waits for the daemon's verdict; renames only on a pass
-                changed, index = True, _index(renderer, early.text, snapshot)
+                changed, index = True, _index(early.renderer, early.text)
         else:
             plan = dhcpincremental.plan(cfg, conn, segment, renderer)
             if plan is not None:
@@ -143,7 +143,7 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
                 snapshot = dhcpinputs.read(conn, segment)
                 text = renderer.dhcp_config(snapshot)
                 changed = dhcp.install(cfg, text, reload=reload)
-                index = _index(renderer, text, snapshot)
+                index = _index(renderer, text)
     dhcpinputs.save(cfg, snapshot, set(renderer.read_templates), segment, index)
     return changed, renderer
 
@@ -166,11 +166,11 @@ def _install_plan(cfg: Config, plan: dhcpincremental.Plan, pending: PendingCheck
     return True
 
 
-def _index(renderer: Renderer, text: str, snapshot: dhcpinputs.Snapshot) -> dict | None:
+def _index(renderer: Renderer, text: str) -> dict | None:
+    """Where each node's entries are in ``text``, just rendered by ``renderer``."""
     from pxe import dhcpincremental
-    from pxe.render import dhcp_host_context
 
-    return dhcpincremental.index_of(renderer, text, dhcp_host_context(snapshot)["host_rows"])
+    return dhcpincremental.index_of(renderer, text, renderer.dhcp_rows)
 
 
 def _file_sha(cfg: Config) -> str | None:

@@ -199,6 +199,7 @@ class Renderer:
         self.sources: dict[str, TemplateSource] = {}  # every template this renderer used
         self._loaded: dict[str, CheckedTemplate] = {}
         self.read_templates: set[str] = set()  # every template file read, includes too
+        self.dhcp_rows: list[tuple] = []  # host_rows of the last dhcp_config()
         # Checked here, before a render writes anything: a bad [discovery] stops it whole.
         self.discovery = discovery.load(cfg)
 
@@ -247,7 +248,9 @@ class Renderer:
         set-boot changes, so a set-boot never changes this file."""
         with _collector_paused():
             template = self.template(self.dhcp_template_name(backend))
-            return template.render(**self.dhcp_settings_context(), **dhcp_host_context(nodes))
+            hosts = dhcp_host_context(nodes)
+            self.dhcp_rows = hosts["host_rows"]  # for pxe.dhcpincremental's index of the file
+            return template.render(**self.dhcp_settings_context(), **hosts)
 
     def dhcp_template_name(self, backend: str | None = None) -> str:
         backend = backend or self.cfg.dhcp.backend
