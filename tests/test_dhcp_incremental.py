@@ -298,3 +298,19 @@ def test_an_incremental_change_does_not_import_jinja2(tmp_path, shape):
     assert "pxe.dhcpformat" in imported and "jinja2" not in imported
     assert cfg.dhcp.config_file.read_text() == full_render(cfg)
     assert checked(log) == [30, 2 if shape == "isc" else 1]  # ISC: one entry per MAC
+
+
+@pytest.mark.integration
+def test_a_change_number_gone_backwards_renders_in_full(tmp_path):
+    """A database whose change log is older than the installed file (a restored backup) is not
+    trusted to name every change: the whole file is rendered."""
+    site, log = checked_site(tmp_path, "isc")
+    cfg = site.cfg
+    render_all(cfg, reload=False)
+    changes = Changes(cfg, seed=4)
+    changes.replace("n002", ip=None)
+    changes.raw(("DELETE FROM dhcp_changes", ()))  # the log as a backup older than the file has it
+    changes.replace("n004", ip=None)  # number 1 again, below the record's
+    render_all(cfg, reload=False)
+    assert cfg.dhcp.config_file.read_text() == full_render(cfg)
+    assert checked(log) == [30, 30]
