@@ -23,6 +23,7 @@ Standard library only: `set-boot --render` pays for jinja2 only when the file ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -258,8 +259,6 @@ def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
     ``templates`` and accepted (the caller holds the render lock and has just installed or
     confirmed it); ``index`` (pxe.dhcpincremental): where each node's entries are in it, or
     None (the next change renders in full)."""
-    from pxe import atomic
-
     names = sorted(set(templates))
     base = base_key(cfg, segment, names)
     data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
@@ -268,9 +267,29 @@ def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
             "sha256": _file_sha(cfg.dhcp.config_file), "index": None}
     if index is not None:
         text = json.dumps(index, separators=(",", ":"))
-        atomic.write_text(index_path(cfg), text)
+        _replace(index_path(cfg), text)
         data["index"] = hashlib.sha256(text.encode()).hexdigest()
-    atomic.write_text(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+    _replace(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Temp file + rename, without fsync (~3 ms each on a quiet disk, more on a busy one): the
+    record and the index only ever shorten the path to a file they are checked against (its
+    sha256); lost or torn by a crash, they are unreadable or do not match, and the next
+    `render` renders in full."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def stored(cfg: Config) -> dict | None:
