@@ -19,6 +19,7 @@ and the caller renders in full.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 from pxe import dhcpinputs
@@ -50,16 +51,21 @@ class NotIncremental(Exception):
 class Plan:
     """An incremental change, ready to check and install."""
 
-    __slots__ = ("check_text", "text", "snapshot", "index", "base_sha", "changed")
+    __slots__ = ("check_text", "text", "snapshot", "index", "base_sha", "changed", "unchanged",
+                 "base_id", "base", "templates")
 
     def __init__(self, check_text: str, text: str, snapshot: Snapshot, index: dict,
-                 base_sha: str, changed: list[str]):
+                 base_sha: str, changed: list[str], unchanged: bool = False):
         self.check_text = check_text  # header + exactly the changed entries + footer
         self.text = text  # the whole new file
         self.snapshot = snapshot  # generation and change number it was planned at (no rows)
         self.index = index
         self.base_sha = base_sha  # sha256 of the installed file it was spliced into
         self.changed = changed
+        self.unchanged = unchanged  # the new text is the installed one
+        self.base_id: list[int] | None = None  # that file's identity when it was read
+        self.base = ""  # the record's base_key (what the settings and templates were)
+        self.templates: list[str] = []  # the templates the record names
 
 
 class _Sized(list):
@@ -250,13 +256,13 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
     try:
         if record.get("base") != dhcpinputs.base_key(cfg, segment, record["templates"]):
             return None
-        raw = cfg.dhcp.config_file.read_bytes()
+        raw, identity = _read(cfg.dhcp.config_file)
     except (OSError, KeyError, TypeError, DynprovError):
         return None
-    import hashlib
-
-    base_sha = hashlib.sha256(raw).hexdigest()
-    if base_sha != record.get("sha256"):
+    # The very file the record was saved for (its identity, taken after the read), else its
+    # sha256 decides (a copy, a restore...)
+    base_sha = record.get("sha256")
+    if identity != record.get("stat") and dhcpinputs.sha256_hex(raw) != base_sha:
         return None
     try:
         installed = raw.decode("utf-8")
@@ -270,6 +276,7 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
         made = _splice(renderer, installed, old, snapshot, base_sha)
     except NotIncremental:
         return None
+    made.base_id, made.base, made.templates = identity, record["base"], record["templates"]
     if old.format is not None:  # rendered without jinja2: the templates the record names
         from pxe.templatefiles import find_template
 
@@ -279,8 +286,18 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
     return made
 
 
+def _read(path) -> tuple[bytes, list[int]]:
+    """The file's bytes and its identity (pxe.dhcpinputs.file_identity) after they were read:
+    a write during the read changes it."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+        st = os.fstat(fh.fileno())
+    return raw, [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
 class _Index:
-    """A saved index, checked for shape: lists of one length, lengths that add up to the file."""
+    """A saved index (pxe.dhcpinputs.decode_index), checked for shape: sequences of one
+    length, lengths that add up to the file."""
 
     def __init__(self, data: dict, size: int):
         self.head, self.tail = int(data["head"]), int(data["tail"])
@@ -289,9 +306,7 @@ class _Index:
             raise ValueError("index names are not one string")
         self.names = names.split("\n") if names else []
         self.format = data.get("format")
-        if not (isinstance(self.macs, list)
-                and isinstance(self.chars, list)
-                and len(self.names) == len(self.macs) == len(self.chars)
+        if not (len(self.names) == len(self.macs) == len(self.chars)
                 and self.head + sum(self.chars) + self.tail == size):
             raise ValueError("index does not fit the file")
 
@@ -330,7 +345,7 @@ def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
     from itertools import accumulate
 
     new_hosts = [h for h in changes.hosts() if h.macs]  # the changed nodes still in the file
-    names, macs, chars = list(old.names), list(old.macs), list(old.chars)
+    names, macs, chars = list(old.names), old.macs[:], old.chars[:]  # copies
     starts = list(accumulate(chars, initial=old.head))  # each entry's offset, then the end
     # Every changed name's old entry goes (checked: it must name the node), then the new ones
     # are inserted at their sorted places; positions refer to the old text.
@@ -381,6 +396,7 @@ def _splice(renderer: Renderer, installed: str, old: _Index, changes: _Changes,
              "chars": chars}
     if old.format is not None:
         index["format"] = old.format
-    return Plan(head + together + tail, "".join(pieces),
+    text = "".join(pieces)
+    return Plan(head + together + tail, text,
                 Snapshot([], [], changes.generation, changes.seq), index, base_sha,
-                sorted(changes.changed))
+                sorted(changes.changed), text == installed)

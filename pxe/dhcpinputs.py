@@ -24,9 +24,9 @@ Standard library only: `set-boot --render` pays for jinja2 only when the file ch
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 TYPE_CHECKING = False  # not typing's (~2 ms on every `render`)
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 STAMP_NAME = "dhcp-installed.json"
 INDEX_NAME = "dhcp-installed.index.json"
-FORMAT = 3  # bump when what the key covers changes (3: generation apart from the rest)
+FORMAT = 4  # bump when what the key covers changes (3: generation apart from the rest;
+# 4: BLAKE2b keys, the file's identity, a binary index)
 HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
 # The code a DHCP config depends on besides the templates (a dynprov upgrade renders again).
 _CODE = ("render.py", "templatefiles.py", "dhcpinputs.py", "config.py", "dhcpincremental.py",
@@ -184,12 +185,28 @@ def index_path(cfg: Config) -> Path:
     return cfg.paths.state_dir / INDEX_NAME
 
 
+def _digest(data: bytes = b""):
+    """A hash for the keys: BLAKE2b from CPython's own _blake2 (~0.2 ms to import), not
+    hashlib's OpenSSL (~3 ms), which only a changed file needs (its sha256)."""
+    try:
+        from _blake2 import blake2b
+    except ImportError:  # an interpreter without it
+        from hashlib import blake2b
+    return blake2b(data, digest_size=32)
+
+
+def sha256_hex(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def key(cfg: Config, generation: str, segment: str | None, templates: Iterable[str],
         base: str | None = None) -> str:
     """The key of everything the DHCP config is rendered and checked from (``base``: its
     base_key, when the caller has it)."""
     base = base or base_key(cfg, segment, templates)
-    return hashlib.sha256(f"{base}\0generation={generation}".encode()).hexdigest()
+    return _digest(f"{base}\0generation={generation}".encode()).hexdigest()
 
 
 def base_key(cfg: Config, segment: str | None, templates: Iterable[str]) -> str:
@@ -197,14 +214,14 @@ def base_key(cfg: Config, segment: str | None, templates: Iterable[str]) -> str:
     The same base is what lets pxe.dhcpincremental re-render only the changed nodes."""
     from pxe.templatefiles import find_template  # not pxe.render: no renderer is needed here
 
-    h = hashlib.sha256()
+    h = _digest()
     for part in (f"format={FORMAT}", repr(cfg.network), repr(cfg.boot), repr(cfg.dhcp),
                  f"segment={segment!r}", _checker(cfg)):
         h.update(part.encode() + b"\0")
     for name in sorted(templates):
         source = find_template(cfg, name)
         h.update(f"template {name} {source.path}\0".encode())
-        h.update(hashlib.sha256(source.path.read_bytes()).digest())
+        h.update(_digest(source.path.read_bytes()).digest())
     here = Path(__file__).parent
     for name in _CODE:
         h.update(_identity(here / name).encode() + b"\0")
@@ -232,9 +249,29 @@ def _identity(path: Path) -> str:
 
 def _file_sha(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_hex(path.read_bytes())
     except OSError:
         return None
+
+
+def file_identity(path: Path) -> list[int] | None:
+    """(device, inode, size, mtime, ctime) of a file: the record's quick test that the file
+    is still the very one it installed (a rename, a write, even a restored mtime changes the
+    ctime); when it differs, the sha256 decides."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def intact(cfg: Config, record: dict) -> bool:
+    """Whether the installed file is still the one ``record`` was saved for."""
+    path = cfg.dhcp.config_file
+    identity = record.get("stat")
+    if identity is not None and identity == file_identity(path):
+        return True
+    return record.get("sha256") == _file_sha(path)
 
 
 def installed(cfg: Config, generation: str, segment: str | None = None) -> bool:
@@ -249,47 +286,83 @@ def installed(cfg: Config, generation: str, segment: str | None = None) -> bool:
         wanted = key(cfg, generation, segment, stored["templates"])
     except Exception:  # noqa: BLE001 - unreadable record, or a template gone: render (and say why)
         return False
-    return (stored.get("key") == wanted
-            and stored.get("sha256") == _file_sha(cfg.dhcp.config_file))
+    return stored.get("key") == wanted and intact(cfg, stored)
 
 
 def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
-         segment: str | None = None, index: dict | None = None) -> None:
+         segment: str | None = None, index: dict | None = None, sha: str | None = None,
+         base: str | None = None) -> None:
     """Record that the installed file was rendered from ``snapshot`` (of ``segment``) and
     ``templates`` and accepted (the caller holds the render lock and has just installed or
     confirmed it); ``index`` (pxe.dhcpincremental): where each node's entries are in it, or
-    None (the next change renders in full)."""
+    None (the next change renders in full); ``sha``: the installed bytes' sha256 when the
+    caller has it (else the file is read); ``base``: base_key(), when the caller has it."""
     names = sorted(set(templates))
-    base = base_key(cfg, segment, names)
+    base = base or base_key(cfg, segment, names)
     data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
             "generation": snapshot.generation, "seq": snapshot.seq, "base": base,
             "key": key(cfg, snapshot.generation, segment, names, base),
-            "sha256": _file_sha(cfg.dhcp.config_file), "index": None}
+            "sha256": sha or _file_sha(cfg.dhcp.config_file),
+            "stat": file_identity(cfg.dhcp.config_file), "index": None}
     if index is not None:
-        text = json.dumps(index, separators=(",", ":"))
-        _replace(index_path(cfg), text)
-        data["index"] = hashlib.sha256(text.encode()).hexdigest()
-    _replace(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+        blob = encode_index(index)
+        _replace(index_path(cfg), blob)
+        data["index"] = _digest(blob).hexdigest()
+    _replace(stamp_path(cfg), (json.dumps(data, indent=1) + "\n").encode())
 
 
-def _replace(path: Path, text: str) -> None:
+def _replace(path: Path, data: bytes) -> None:
     """Temp file + rename, without fsync (~3 ms each on a quiet disk, more on a busy one): the
     record and the index only ever shorten the path to a file they are checked against (its
-    sha256); lost or torn by a crash, they are unreadable or do not match, and the next
-    `render` renders in full."""
+    identity or sha256, the index's digest); lost or torn by a crash, they are unreadable or do
+    not match, and the next `render` renders in full."""
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def encode_index(index: dict) -> bytes:
+    """The index as one JSON line (header and footer lengths, the template's formats), the
+    node names joined by newlines, then the entries' MAC counts and lengths as machine
+    integers: ~0.2 ms to write and read for 10,000 nodes where JSON lists took ~3 ms."""
+    from array import array
+
+    names = index["names"].encode()
+    macs, chars = array("I", index["macs"]).tobytes(), array("I", index["chars"]).tobytes()
+    head = {"head": index["head"], "tail": index["tail"], "names": len(names),
+            "count": len(index["chars"]), "int": array("I").itemsize,
+            "order": sys.byteorder, "format": index.get("format")}
+    return json.dumps(head, separators=(",", ":")).encode() + b"\n" + names + macs + chars
+
+
+def decode_index(blob: bytes) -> dict:
+    """encode_index() undone; ValueError when the bytes do not add up."""
+    from array import array
+
+    line, _, rest = blob.partition(b"\n")
+    head = json.loads(line)
+    count, width, names_len = int(head["count"]), int(head["int"]), int(head["names"])
+    if (width != array("I").itemsize or head["order"] != sys.byteorder
+            or len(rest) != names_len + 2 * width * count):
+        raise ValueError("index of another shape")
+    macs, chars = array("I"), array("I")
+    macs.frombytes(rest[names_len:names_len + width * count])
+    chars.frombytes(rest[names_len + width * count:])
+    index = {"head": head["head"], "tail": head["tail"], "names": rest[:names_len].decode(),
+             "macs": macs, "chars": chars}
+    if head.get("format") is not None:
+        index["format"] = head["format"]
+    return index
 
 
 def stored(cfg: Config) -> dict | None:
@@ -303,19 +376,19 @@ def stored(cfg: Config) -> dict | None:
 
 
 def stored_index(cfg: Config, record: dict) -> dict | None:
-    """The index the record names, only if it is the very one saved with it (sha256)."""
+    """The index the record names, only if it is the very one saved with it (digest)."""
     want = record.get("index")
     if not want:
         return None
     try:
-        text = index_path(cfg).read_text(encoding="utf-8")
+        blob = index_path(cfg).read_bytes()
     except OSError:
         return None
-    if hashlib.sha256(text.encode()).hexdigest() != want:
+    if _digest(blob).hexdigest() != want:
         return None
     try:
-        return json.loads(text)
-    except ValueError:
+        return decode_index(blob)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return None
 
 

@@ -40,18 +40,64 @@ class Early:
     """A DHCP config rendered before set-boot's transaction, the daemon's check running on it
     (``plan``: an incremental change; ``text``: the whole file rendered)."""
 
-    __slots__ = ("renderer", "snapshot", "pending", "key", "plan", "text")
+    __slots__ = ("renderer", "snapshot", "pending", "key", "plan", "text", "staged")
 
     def __init__(self, renderer: Renderer, snapshot: dhcpinputs.Snapshot,
                  pending: PendingCheck | None, key: str = "",
-                 plan: dhcpincremental.Plan | None = None, text: str = ""):
+                 plan: dhcpincremental.Plan | None = None, text: str = "",
+                 staged: Staged | None = None):
         self.renderer, self.snapshot, self.pending = renderer, snapshot, pending
         self.key = key  # dhcpinputs.key of everything it was rendered from, at render time
         self.plan, self.text = plan, text
+        self.staged = staged  # the plan's whole file, written beside the installed one
 
     def discard(self) -> None:
         if self.pending is not None:
             self.pending.discard()
+        if self.staged is not None:
+            self.staged.discard()
+
+
+class Staged:
+    """A spliced DHCP config written and fsynced to a temp file beside the installed one (while
+    the daemon checks the changed entries), renamed into place only after the daemon passed
+    them, under the render lock; ``sha``: its bytes' sha256, for the record."""
+
+    def __init__(self, cfg: Config, text: str):
+        import os
+        import tempfile
+
+        data = text.encode()
+        self.target = cfg.dhcp.config_file
+        fd, path = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".new",
+                                    dir=self.target.parent)
+        self.path: str | None = path
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fchmod(fh.fileno(), 0o644)
+                os.fsync(fh.fileno())
+        except BaseException:
+            self.discard()
+            raise
+        self.sha = dhcpinputs.sha256_hex(data)
+
+    def install(self) -> None:
+        import os
+
+        path, self.path = self.path, None
+        if path is None:
+            raise RuntimeError("staged DHCP config already used")
+        os.replace(path, self.target)
+
+    def discard(self) -> None:
+        import os
+
+        path, self.path = self.path, None
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -89,16 +135,28 @@ def _prepare(cfg: Config, conn: sqlite3.Connection, segment: str,
 
     plan = dhcpincremental.plan(cfg, conn, segment, renderer)
     if plan is not None:
-        snapshot, text = plan.snapshot, plan.text
-    else:
-        snapshot = dhcpinputs.read(conn, segment)
-        text = renderer.dhcp_config(snapshot)
+        if plan.unchanged:
+            return None
+        # the record's base, when the templates it names are those rendered from
+        same = sorted(set(renderer.read_templates)) == plan.templates
+        key = dhcpinputs.key(cfg, plan.snapshot.generation, segment, renderer.read_templates,
+                             plan.base if same else None)
+        # the daemon reads header, footer and the changed entries only, while the whole
+        # spliced file is written and fsynced
+        early = Early(renderer, plan.snapshot, None, key, plan=plan)
+        try:
+            early.pending = dhcp.PendingCheck(cfg, plan.check_text, suffix=".check",
+                                              durable=False)
+            early.staged = Staged(cfg, plan.text)
+        except BaseException:
+            early.discard()
+            raise
+        return early
+    snapshot = dhcpinputs.read(conn, segment)
+    text = renderer.dhcp_config(snapshot)
     if dhcp.unchanged(cfg, text):
         return None
     key = dhcpinputs.key(cfg, snapshot.generation, segment, renderer.read_templates)
-    if plan is not None:  # the daemon reads header, footer and the changed entries only
-        pending = dhcp.PendingCheck(cfg, plan.check_text, suffix=".check", durable=False)
-        return Early(renderer, snapshot, pending, key, plan=plan)
     return Early(renderer, snapshot, dhcp.PendingCheck(cfg, text), key, text=text)
 
 
@@ -116,54 +174,63 @@ def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Rende
     # The early file goes in only if nothing changed since it was rendered: neither the nodes'
     # facts nor a template or setting (the key save() records must describe the file installed)
     # nor, for a splice, the file it was spliced into.
-    usable = (early is not None and early.pending is not None
-              and early.snapshot.generation == current
-              and early.key == dhcpinputs.key(cfg, current, segment, renderer.read_templates)
-              and (early.plan is None or _file_sha(cfg) == early.plan.base_sha))
+    base = None
+    if early is not None and early.pending is not None and early.snapshot.generation == current:
+        base = dhcpinputs.base_key(cfg, segment, renderer.read_templates)
+    usable = (early is not None and base is not None
+              and early.key == dhcpinputs.key(cfg, current, segment, (), base)
+              and (early.plan is None or _same_file(cfg, early.plan)))
     if early is not None and not usable:  # its renderer keeps the templates it loaded
-        renderer = render.Renderer(cfg)
+        renderer, base = render.Renderer(cfg), None
+    sha = None
     with render.naming_template(renderer):
         if usable:
             assert early is not None and early.pending is not None
             snapshot, plan = early.snapshot, early.plan
             pending, early.pending = early.pending, None
             if plan is not None:
-                changed = _install_plan(cfg, plan, pending, reload)
-                index = plan.index
+                sha = _install_plan(cfg, plan, pending, early.staged, reload)
+                early.staged, changed, index = None, True, plan.index
             else:
                 pending.install(reload)  # waits for the daemon's verdict; renames only on a pass
                 changed, index = True, _index(early.renderer, early.text)
         else:
             plan = dhcpincremental.plan(cfg, conn, segment, renderer)
             if plan is not None:
-                snapshot, index = plan.snapshot, plan.index
-                changed = (not dhcp.unchanged(cfg, plan.text)
-                           and _install_plan(cfg, plan, None, reload))
+                snapshot, index, changed = plan.snapshot, plan.index, not plan.unchanged
+                if changed:
+                    sha = _install_plan(cfg, plan, None, None, reload)
             else:
                 snapshot = dhcpinputs.read(conn, segment)
                 text = renderer.dhcp_config(snapshot)
                 changed = dhcp.install(cfg, text, reload=reload)
                 index = _index(renderer, text)
-    dhcpinputs.save(cfg, snapshot, set(renderer.read_templates), segment, index)
+    dhcpinputs.save(cfg, snapshot, set(renderer.read_templates), segment, index, sha, base)
     return changed, renderer
 
 
 def _install_plan(cfg: Config, plan: dhcpincremental.Plan, pending: PendingCheck | None,
-                  reload: bool) -> bool:
+                  staged: Staged | None, reload: bool) -> str:
     """The daemon's verdict on the header, footer and changed entries, then the spliced file
-    written atomically (the caller holds the render lock). Nothing is written on a rejection."""
-    from pxe import atomic, dhcp
+    (written and fsynced while the daemon read) renamed into place (the caller holds the
+    render lock). Nothing is installed on a rejection. Returns the installed bytes' sha256."""
+    from pxe import dhcp
 
-    if pending is None:
-        pending = dhcp.PendingCheck(cfg, plan.check_text, suffix=".check", durable=False)
     try:
+        if pending is None:
+            pending = dhcp.PendingCheck(cfg, plan.check_text, suffix=".check", durable=False)
+        if staged is None:
+            staged = Staged(cfg, plan.text)
         pending.verdict()
+        staged.install()
     finally:
-        pending.discard()
-    atomic.write_text(cfg.dhcp.config_file, plan.text)
+        if pending is not None:
+            pending.discard()
+        if staged is not None:
+            staged.discard()
     if reload:
         dhcp.run_reload(cfg)
-    return True
+    return staged.sha
 
 
 def _index(renderer: Renderer, text: str) -> dict | None:
@@ -173,10 +240,13 @@ def _index(renderer: Renderer, text: str) -> dict | None:
     return dhcpincremental.index_of(renderer, text, renderer.dhcp_rows)
 
 
-def _file_sha(cfg: Config) -> str | None:
-    import hashlib
-
+def _same_file(cfg: Config, plan: dhcpincremental.Plan) -> bool:
+    """Whether the installed file is still the one ``plan`` was spliced into: its identity
+    unchanged since it was read, else its sha256."""
+    path = cfg.dhcp.config_file
+    if plan.base_id is not None and dhcpinputs.file_identity(path) == plan.base_id:
+        return True
     try:
-        return hashlib.sha256(cfg.dhcp.config_file.read_bytes()).hexdigest()
+        return dhcpinputs.sha256_hex(path.read_bytes()) == plan.base_sha
     except OSError:
-        return None
+        return False
