@@ -2,7 +2,7 @@
 
 Between two renders a site changes a few nodes (a NIC replaced, a node added or removed). The
 database records which (table ``dhcp_changes``, pxe.db migration 9); when the installed file is
-ours and intact (the record's key apart from the nodes' facts, and its sha256, as
+ours and intact (the record's key apart from the nodes' facts, and its identity or digest, as
 pxe.dhcpinputs checks them) and at most CUTOFF of its hosts changed, plan() renders only those
 nodes' entries, has the daemon check a file of the same header and footer with exactly those
 entries, and splices them into the installed text at their sorted places.
@@ -60,7 +60,7 @@ class Plan:
         self.text = text  # the whole new file
         self.snapshot = snapshot  # generation and change number it was planned at (no rows)
         self.index = index
-        self.base_sha = base_sha  # sha256 of the installed file it was spliced into
+        self.base_sha = base_sha  # digest of the installed file it was spliced into
         self.changed = changed
         self.unchanged = unchanged  # the new text is the installed one
         self.base_id: list[int] | None = None  # that file's identity when it was read
@@ -177,7 +177,7 @@ def index_of(renderer: Renderer, text: str, host_rows: list[tuple]) -> dict | No
     lengths, and per node its name, MAC count and the length of its lines. Lines per node are
     learned from the block rendered for one sample node with one MAC and with two, and
     verified here, once: they must add up to the block's lines, and each node's lines must
-    name it. (The record keeps the index's sha256 with the file's: it is trusted only with the
+    name it. (The record keeps the index's digest with the file's: it is trusted only with the
     very file it was made from.)"""
     try:
         parts = Parts(renderer)
@@ -260,9 +260,9 @@ def plan(cfg: Config, conn: sqlite3.Connection, segment: str | None,
     except (OSError, KeyError, TypeError, DynprovError):
         return None
     # The very file the record was saved for (its identity, taken after the read), else its
-    # sha256 decides (a copy, a restore...)
-    base_sha = record.get("sha256")
-    if identity != record.get("stat") and dhcpinputs.sha256_hex(raw) != base_sha:
+    # digest decides (a copy, a restore...)
+    base_sha = record.get("digest")
+    if identity != record.get("stat") and dhcpinputs.digest_hex(raw) != base_sha:
         return None
     try:
         installed = raw.decode("utf-8")

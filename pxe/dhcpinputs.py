@@ -8,7 +8,7 @@ it. The database keeps a DHCP-facts generation (table ``dhcp_generation``, pxe.d
 a random value its triggers replace on every write to those facts (nodes added, removed or their
 facts changed, MACs, segments; by any writer, raw SQL included), never on a set-boot, a report
 or a state change. After installing (or confirming) the file, `render` stores a key of all of
-these, the generation it rendered from included, with the file's sha256 in
+these, the generation it rendered from included, with the file's digest and identity in
 ``<state_dir>/dhcp-installed.json`` (under the render lock). When the key and the file on disk
 still match, the file is byte for byte what a render would write and the daemon accepted it:
 `render` then neither reads the nodes nor renders nor checks it again. When only some nodes'
@@ -187,7 +187,7 @@ def index_path(cfg: Config) -> Path:
 
 def _digest(data: bytes = b""):
     """A hash for the keys: BLAKE2b from CPython's own _blake2 (~0.2 ms to import), not
-    hashlib's OpenSSL (~3 ms), which only a changed file needs (its sha256)."""
+    hashlib's OpenSSL (~3 ms to import)."""
     try:
         from _blake2 import blake2b
     except ImportError:  # an interpreter without it
@@ -195,10 +195,10 @@ def _digest(data: bytes = b""):
     return blake2b(data, digest_size=32)
 
 
-def sha256_hex(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
+def digest_hex(data: bytes) -> str:
+    """A file's digest for the record (BLAKE2b: ~0.6 ms slower than OpenSSL's sha256 on 1 MB,
+    ~3 ms quicker to import)."""
+    return _digest(data).hexdigest()
 
 
 def key(cfg: Config, generation: str, segment: str | None, templates: Iterable[str],
@@ -249,7 +249,7 @@ def _identity(path: Path) -> str:
 
 def _file_sha(path: Path) -> str | None:
     try:
-        return sha256_hex(path.read_bytes())
+        return digest_hex(path.read_bytes())
     except OSError:
         return None
 
@@ -257,7 +257,7 @@ def _file_sha(path: Path) -> str | None:
 def file_identity(path: Path) -> list[int] | None:
     """(device, inode, size, mtime, ctime) of a file: the record's quick test that the file
     is still the very one it installed (a rename, a write, even a restored mtime changes the
-    ctime); when it differs, the sha256 decides."""
+    ctime); when it differs, the digest decides."""
     try:
         st = os.stat(path)
     except OSError:
@@ -271,7 +271,7 @@ def intact(cfg: Config, record: dict) -> bool:
     identity = record.get("stat")
     if identity is not None and identity == file_identity(path):
         return True
-    return record.get("sha256") == _file_sha(path)
+    return record.get("digest") == _file_sha(path)
 
 
 def installed(cfg: Config, generation: str, segment: str | None = None) -> bool:
@@ -295,14 +295,14 @@ def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
     """Record that the installed file was rendered from ``snapshot`` (of ``segment``) and
     ``templates`` and accepted (the caller holds the render lock and has just installed or
     confirmed it); ``index`` (pxe.dhcpincremental): where each node's entries are in it, or
-    None (the next change renders in full); ``sha``: the installed bytes' sha256 when the
+    None (the next change renders in full); ``sha``: the installed bytes' digest_hex() when the
     caller has it (else the file is read); ``base``: base_key(), when the caller has it."""
     names = sorted(set(templates))
     base = base or base_key(cfg, segment, names)
     data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
             "generation": snapshot.generation, "seq": snapshot.seq, "base": base,
             "key": key(cfg, snapshot.generation, segment, names, base),
-            "sha256": sha or _file_sha(cfg.dhcp.config_file),
+            "digest": sha or _file_sha(cfg.dhcp.config_file),
             "stat": file_identity(cfg.dhcp.config_file), "index": None}
     if index is not None:
         blob = encode_index(index)
@@ -314,7 +314,7 @@ def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
 def _replace(path: Path, data: bytes) -> None:
     """Temp file + rename, without fsync (~3 ms each on a quiet disk, more on a busy one): the
     record and the index only ever shorten the path to a file they are checked against (its
-    identity or sha256, the index's digest); lost or torn by a crash, they are unreadable or do
+    identity or digest, the index's digest); lost or torn by a crash, they are unreadable or do
     not match, and the next `render` renders in full."""
     import tempfile
 

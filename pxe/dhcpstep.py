@@ -61,7 +61,7 @@ class Early:
 class Staged:
     """A spliced DHCP config written and fsynced to a temp file beside the installed one (while
     the daemon checks the changed entries), renamed into place only after the daemon passed
-    them, under the render lock; ``sha``: its bytes' sha256, for the record."""
+    them, under the render lock; ``sha``: its bytes' digest, for the record."""
 
     def __init__(self, cfg: Config, text: str):
         import os
@@ -81,7 +81,7 @@ class Staged:
         except BaseException:
             self.discard()
             raise
-        self.sha = dhcpinputs.sha256_hex(data)
+        self.sha = dhcpinputs.digest_hex(data)
 
     def install(self) -> None:
         import os
@@ -213,7 +213,7 @@ def _install_plan(cfg: Config, plan: dhcpincremental.Plan, pending: PendingCheck
                   staged: Staged | None, reload: bool) -> str:
     """The daemon's verdict on the header, footer and changed entries, then the spliced file
     (written and fsynced while the daemon read) renamed into place (the caller holds the
-    render lock). Nothing is installed on a rejection. Returns the installed bytes' sha256."""
+    render lock). Nothing is installed on a rejection. Returns the installed bytes' digest."""
     from pxe import dhcp
 
     try:
@@ -242,11 +242,11 @@ def _index(renderer: Renderer, text: str) -> dict | None:
 
 def _same_file(cfg: Config, plan: dhcpincremental.Plan) -> bool:
     """Whether the installed file is still the one ``plan`` was spliced into: its identity
-    unchanged since it was read, else its sha256."""
+    unchanged since it was read, else its digest."""
     path = cfg.dhcp.config_file
     if plan.base_id is not None and dhcpinputs.file_identity(path) == plan.base_id:
         return True
     try:
-        return dhcpinputs.sha256_hex(path.read_bytes()) == plan.base_sha
+        return dhcpinputs.digest_hex(path.read_bytes()) == plan.base_sha
     except OSError:
         return False

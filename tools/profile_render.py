@@ -89,9 +89,8 @@ def main() -> int:
                 if args.strace and shutil.which("strace"):
                     prefix = ["strace", "-c", "-f", "-o", str(Path(tmp) / "strace.txt")]
                 extra = ["-X", "importtime"] if args.importtime else []
-                proc = subprocess.run([*prefix, py, "-S", *extra, *argv(stage, ["--local"])[0:1],
-                                       *argv(stage, ["--local"])[1:]], env=env,
-                                      capture_output=True, text=True, check=True)
+                proc = subprocess.run([*prefix, py, "-S", *extra, *argv(stage, ["--local"])],
+                                      env=env, capture_output=True, text=True, check=True)
                 print(f"\n== {code}: {case}")
                 if prefix:
                     lines = (Path(tmp) / "strace.txt").read_text().splitlines()
@@ -99,7 +98,8 @@ def main() -> int:
                     print("\n".join(line for line in lines if "fsync" in line or "fdatasync" in line))
                 if extra:
                     imports = [line for line in proc.stderr.splitlines()
-                               if line.startswith("import time:") and "|" in line]
+                               if line.startswith("import time:")
+                               and line.split("|")[1].strip().isdigit()]
                     imports.sort(key=lambda line: -int(line.split("|")[1]))
                     print("\n".join(imports[:12]))
     return 0
