@@ -210,11 +210,39 @@ def test_a_rejected_entry_installs_nothing(tmp_path):
     assert checked(log) == [30, 1]  # the rejected check held the one new entry
     assert cfg.dhcp.config_file.read_text() == good
     assert dhcpinputs.stamp_path(cfg).read_text() == stamp
+    # neither the checked entries nor the spliced file (written while the daemon read) is left
+    prefix = "." + cfg.dhcp.config_file.name
+    assert [p.name for p in cfg.dhcp.config_file.parent.iterdir() if p.name.startswith(prefix)] == []
     Inventory(cfg).remove(["bad"])
     Inventory(cfg).add([build(cfg, {"name": "good", "mac": "52:54:00:ee:ff:02"})])
     render_all(cfg, reload=False)
     assert cfg.dhcp.config_file.read_text() == full_render(cfg)
     assert checked(log) == [30, 1, 1]
+
+
+@pytest.mark.integration
+def test_the_installed_file_is_known_by_its_identity_then_by_its_digest(tmp_path):
+    """The record's quick test is the file's (device, inode, size, mtime, ctime): a hand edit of
+    the same size with its mtime put back is still caught (ctime), and a file touched but not
+    changed is still trusted (its digest) - neither checked nor written again."""
+    site, log = checked_site(tmp_path, "isc")
+    cfg = site.cfg
+    render_all(cfg, reload=False)
+    path = cfg.dhcp.config_file
+    good, before = path.read_text(), path.stat()
+    edited = good.replace("n007", "n0x7", 1)
+    assert len(edited) == len(good) and edited != good
+    path.write_text(edited)  # the same inode and size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_ino == before.st_ino
+    assert render_all(cfg, reload=False).dhcp_changed is True  # rendered, checked in full
+    assert path.read_text() == good == full_render(cfg)
+    assert checked(log) == [30, 30]
+    before = path.stat()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched: same bytes
+    assert render_all(cfg, reload=False).dhcp_changed is False
+    assert render_all(cfg, reload=False).dhcp_changed is False
+    assert checked(log) == [30, 30]
 
 
 @pytest.mark.integration
