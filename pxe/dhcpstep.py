@@ -59,33 +59,56 @@ class Early:
 
 
 class Staged:
-    """A spliced DHCP config written and fsynced to a temp file beside the installed one (while
-    the daemon checks the changed entries), renamed into place only after the daemon passed
-    them, under the render lock; ``sha``: its bytes' digest, for the record."""
+    """A spliced DHCP config written to a temp file beside the installed one, its fsync and
+    digest done by a thread (both release the GIL) while the daemon checks the changed entries
+    and set-boot's transaction runs; renamed into place by install() only once they are done
+    and the daemon passed the entries (the caller holds the render lock); ``sha``: the bytes'
+    digest, for the record."""
 
     def __init__(self, cfg: Config, text: str):
         import os
         import tempfile
+        import threading
 
         data = text.encode()
         self.target = cfg.dhcp.config_file
+        self.sha = ""
+        self.error: BaseException | None = None
         fd, path = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".new",
                                     dir=self.target.parent)
         self.path: str | None = path
+        self.thread: threading.Thread | None = None
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fchmod(fh.fileno(), 0o644)
-                os.fsync(fh.fileno())
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchmod(fd, 0o644)
         except BaseException:
+            os.close(fd)
             self.discard()
             raise
-        self.sha = dhcpinputs.digest_hex(data)
+        self.thread = threading.Thread(target=self._sync, args=(fd, data), daemon=True,
+                                       name="dhcp-config-fsync")
+        self.thread.start()
+
+    def _sync(self, fd: int, data: bytes) -> None:
+        import os
+
+        try:
+            os.fsync(fd)
+            self.sha = dhcpinputs.digest_hex(data)
+        except BaseException as exc:  # noqa: BLE001 - raised again by install()
+            self.error = exc
+        finally:
+            os.close(fd)
 
     def install(self) -> None:
         import os
 
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
         path, self.path = self.path, None
         if path is None:
             raise RuntimeError("staged DHCP config already used")
@@ -94,6 +117,8 @@ class Staged:
     def discard(self) -> None:
         import os
 
+        if self.thread is not None:
+            self.thread.join()
         path, self.path = self.path, None
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
