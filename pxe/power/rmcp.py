@@ -268,6 +268,7 @@ class Session:
         """Send now, and again on every retransmit timer until the state moves on."""
 
         def send() -> None:
+            self.engine.counts["sent"] += 1
             self._send(build())
 
         self.resend = send
@@ -481,6 +482,7 @@ class Session:
             return
         if self.resend is not None:
             self.login_resent = self.login_resent or self.state in ("open", "rakp2")
+            self.engine.counts["resent"] += 1
             self.resend()
             self.retx = min(self.retx * 2, 1.0)
             self.engine.arm(self, min(self.deadline, now + self.retx))
@@ -537,6 +539,9 @@ class Engine:
         self.active: set[Session] = set()
         self.waiting: list[tuple[float, Target, int]] = []  # (not before, target, attempt)
         self.refreshed: set[str] = set()  # targets that had their one fresh-session retry
+        # What the run cost on the wire (tools/profile_power_cycle.py): datagrams sent (resends
+        # included), resends, datagrams received, sessions started (attempts).
+        self.counts = {"sent": 0, "resent": 0, "received": 0, "sessions": 0}
 
     def next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0x3F
@@ -600,6 +605,7 @@ class Engine:
             self._fail(s, IpmiFailure("error", f"{type(exc).__name__}: {exc}"))
 
     def _launch(self, target: Target, attempt: int) -> None:
+        self.counts["sessions"] += 1
         s = Session(self, target, attempt)
         self.active.add(s)
         self._guard(s, s.start)
@@ -659,4 +665,5 @@ class Engine:
             except OSError as exc:
                 self._guard(s, functools.partial(self.network_error, s, exc))
                 return
+            self.counts["received"] += 1
             self._guard(s, functools.partial(s.receive, pkt))
