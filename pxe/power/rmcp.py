@@ -656,15 +656,18 @@ class Engine:
         self.sel.close()
 
     def _drain(self, s: Session) -> None:
-        for _ in range(64):  # bounded: a flood from one peer cannot starve the others
-            if s.sock is None:
-                return
-            try:
-                pkt = s.sock.recv(4096)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._guard(s, functools.partial(self.network_error, s, exc))
-                return
-            self.counts["received"] += 1
-            self._guard(s, functools.partial(s.receive, pkt))
+        """One datagram per readiness event. The selector is level-triggered (it reports the
+        socket again while more is queued) and a session has one request in flight, so reading
+        on until EAGAIN cost a system call and an exception per packet, and a flood from one
+        peer cannot starve the others."""
+        if s.sock is None:
+            return
+        try:
+            pkt = s.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._guard(s, functools.partial(self.network_error, s, exc))
+            return
+        self.counts["received"] += 1
+        self._guard(s, functools.partial(s.receive, pkt))
