@@ -107,7 +107,7 @@ class EngineCounts:
             try:
                 original(engine, targets)  # type: ignore[arg-type]
             finally:
-                runs.append(dict(engine.counts))
+                runs.append(dict(getattr(engine, "counts", {})))  # older engines: none
 
         rmcp.Engine.run = run  # type: ignore[method-assign]
         return self
