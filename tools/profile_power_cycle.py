@@ -9,6 +9,8 @@ power-cycle of every node plus its next-boot flag), then ``ipmipower -D LAN_2_0 
 --on-if-off`` (password in a 0600 config file). With ``--pcap`` (needs tcpdump, root) each side's
 UDP datagrams to and from the BMC ports are counted: requests and answers per node, i.e. the
 round trips of one cycle. Not a timed test; the figures go to docs/bench/os_switch-power-*.txt.
+The RESULT line also has our engine's own count (``ours_requests_per_session``: requests sent
+once, resends left out) and ``failed`` (nodes not done on either side; exit 1 if any).
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--sessions", type=int, default=None)
     p.add_argument("--pcap", action="store_true", help="count datagrams with tcpdump")
+    p.add_argument("--keep", metavar="DIR", help="work in DIR (an existing, empty directory) "
+                   "and leave the site and the captures there")
     args = p.parse_args()
     if not 1 <= args.nodes <= 4000 or not 1 <= args.repeat <= 20:
         p.error("--nodes 1-4000, --repeat 1-20")
@@ -130,7 +134,7 @@ def main() -> int:
         print("profile_power_cycle: needs ipmipower (and tcpdump for --pcap)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="profile-power-") as tmp:
-        tmp = os.environ.get("PROFILE_KEEP", tmp)
+        tmp = args.keep or tmp  # --keep: the site, configs and captures stay for a look
         root = Path(tmp)
         base = free_udp_base(args.nodes)
         cfg = bos.make_site(root, args.nodes, base, args.sessions)
@@ -145,6 +149,8 @@ def main() -> int:
         hosts = ",".join(f"127.0.0.1:{base + i}" for i in range(args.nodes))
         cycle = bos.ipmipower_argv(conf, hosts, "--cycle",
                                    ["--on-if-off", *bos.IPMIPOWER_ARGS.split()])
+        wire: list[dict[str, int]] = []
+        failed = 0
         ours_wall: list[float] = []
         ours_cpu: list[float] = []
         theirs: list[float] = []
@@ -167,6 +173,8 @@ def main() -> int:
                         ours_wall.append(time.perf_counter() - wall)
                         ours_cpu.append(time.process_time() - cpu)
                         bad = sum(1 for x in res.values() if not x.ok)
+                        failed += bad
+                        wire.append(counts.runs[-1])
                         bmc_cpu[side].append(group_cpu(pgid) - before)
                         print(f"  round {r + 1}: ours      {ours_wall[-1]:5.2f} s wall, CPU "
                               f"{ours_cpu[-1]:.2f} s client + {bmc_cpu[side][-1]:.2f} s vBMCs, "
@@ -177,6 +185,7 @@ def main() -> int:
                         theirs_cpu.append(children_cpu() - child)
                         bmc_cpu[side].append(group_cpu(pgid) - before)
                         theirs.append(rnd.seconds)
+                        failed += args.nodes - rnd.ok
                         print(f"  round {r + 1}: ipmipower {rnd.seconds:5.2f} s wall, CPU "
                               f"{theirs_cpu[-1]:.2f} s client + {bmc_cpu[side][-1]:.2f} s vBMCs, "
                               f"{rnd.ok} ok")
@@ -198,10 +207,14 @@ def main() -> int:
           f"{1000 * ob / n:.2f} ms a node), ipmipower {ip:.2f} s (client CPU "
           f"{1000 * ic / n:.2f} ms a node, vBMC CPU {1000 * ib / n:.2f} ms a node): "
           f"ratio {ow / ip:.2f}")
+    sent = sum(w.get("sent", 0) - w.get("resent", 0) for w in wire)
+    sessions = sum(w.get("sessions", 0) for w in wire)
     bc.result({"nodes": n, "ours_s": ow, "ours_cpu_s": oc, "ours_bmc_cpu_s": ob,
                "ipmipower_s": ip, "ipmipower_cpu_s": ic, "ipmipower_bmc_cpu_s": ib,
-               "vs_ipmipower": ow / ip})
-    return 0
+               "vs_ipmipower": ow / ip, "ours_sessions": sessions,
+               "ours_requests_per_session": sent / sessions if sessions else 0.0,
+               "failed": failed})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
