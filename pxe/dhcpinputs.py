@@ -14,7 +14,7 @@ still match, the file is byte for byte what a render would write and the daemon 
 `render` then neither reads the nodes nor renders nor checks it again. When only some nodes'
 facts changed (table ``dhcp_changes``, migration 9: each written node name with a growing change
 number), pxe.dhcpincremental re-renders just those nodes' entries into the installed file; the
-record keeps the change number it was rendered at and, in ``dhcp-installed.index.json``, where
+record keeps the change number it was rendered at and, in ``dhcp-installed.index``, where
 each node's entry lines are. Anything else (an override template edited, the file edited by
 hand, another dhcpd binary, a database restored from a backup) renders, checks and installs in
 full.
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from pxe.config import Config
 
 STAMP_NAME = "dhcp-installed.json"
-INDEX_NAME = "dhcp-installed.index.json"
+INDEX_NAME = "dhcp-installed.index"  # binary: pxe.dhcpinputs.encode_index
 FORMAT = 4  # bump when what the key covers changes (3: generation apart from the rest;
 # 4: BLAKE2b keys, the file's identity, a binary index)
 HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
@@ -308,6 +308,7 @@ def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
         blob = encode_index(index)
         _replace(index_path(cfg), blob)
         data["index"] = _digest(blob).hexdigest()
+        (cfg.paths.state_dir / "dhcp-installed.index.json").unlink(missing_ok=True)  # format 3
     _replace(stamp_path(cfg), (json.dumps(data, indent=1) + "\n").encode())
 
 
