@@ -185,17 +185,19 @@ def _prepare(cfg: Config, conn: sqlite3.Connection, segment: str,
     return Early(renderer, snapshot, dhcp.PendingCheck(cfg, text), key, text=text)
 
 
-def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Renderer,
-            reload: bool = True, early: Early | None = None) -> tuple[bool, Renderer]:
+def install(cfg: Config, conn: sqlite3.Connection, segment: str, renderer: Renderer | None,
+            reload: bool = True, early: Early | None = None) -> tuple[bool, Renderer | None]:
     """Render, check and install ``segment``'s DHCP config unless the installed one is still
     what its inputs make (the caller holds the render lock). Returns whether a new file went
     in, and the renderer that rendered it (not ``renderer`` when the early one was stale: its
-    sources are those to report)."""
+    sources are those to report; None: nothing was rendered and none was given)."""
     current = dhcpinputs.generation(conn)  # one row: replaced on every write to DHCP facts
     if dhcpinputs.installed(cfg, current, segment):  # same inputs, accepted, intact
         return False, renderer
     from pxe import dhcp, dhcpincremental, render
 
+    if renderer is None:
+        renderer = render.Renderer(cfg)
     # The early file goes in only if nothing changed since it was rendered: neither the nodes'
     # facts nor a template or setting (the key save() records must describe the file installed)
     # nor, for a splice, the file it was spliced into.

@@ -320,13 +320,16 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
     def nodes() -> list:
         return [n for n in inv.all() if n.segment == mine]
 
-    renderer = early.renderer if early is not None else render.Renderer(cfg)
+    # made when something is rendered (Renderer loads [discovery]): not for an unchanged config
+    renderer = early.renderer if early is not None else None
 
     def images() -> dict[str, Image]:
         return {i.label: i for i in Catalog(cfg, inv.conn).all()}
 
     if check_only:  # every output rendered in memory (a broken template fails here), none written
         from pxe import dhcp
+
+        renderer = renderer or render.Renderer(cfg)
 
         text = renderer.dhcp_config(dhcpinputs.read(inv.conn, mine))
         with render.naming_template(renderer):
@@ -342,6 +345,7 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
         # stale) renders the rest and names its sources in the report.
         dhcp_changed, renderer = dhcpstep.install(cfg, inv.conn, mine, renderer, reload, early)
         if cfg.boot.write_files or servers:
+            renderer = renderer or render.Renderer(cfg)
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)
             pruned = stage.prune(cfg, files)
@@ -354,4 +358,5 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             from pxe.serve import standard_configs
 
             standard_configs.write(cfg)
-    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders, renderer.sources)
+    return RenderReport(dhcp_changed, len(files), changed, pruned, loaders,
+                        renderer.sources if renderer is not None else {})
