@@ -113,9 +113,11 @@ def test_a_failed_set_boot_drops_the_early_check(tmp_path):
     inv = Inventory(cfg)
     with pytest.raises(NotFound), step.early_start(cfg, inv.conn) as early:
         assert early is not None and early.pending is not None
-        child = early.pending
+        assert early.plan is not None and early.staged is not None  # the spliced file, written
+        child, staged = early.pending, early.staged
         set_boot(cfg, "nosuchnode", None, inv)
     assert child.proc is None  # stopped and reaped
+    assert staged.path is None and not staged.thread.is_alive()  # its fsync joined, file gone
     assert cfg.dhcp.config_file.read_text() == good and leftovers(cfg) == []
     proc = site.run("set-boot", "nosuchnode", "--local", "--render", "--no-reload")
     assert proc.returncode == 1 and "unknown node" in proc.stderr
