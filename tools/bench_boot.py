@@ -206,7 +206,7 @@ async def boot_node(node: dict, a: dict, timings: dict[str, list[float]]) -> str
             opts = {"tsize": "0", "blksize": "1408"}
             for name in ("pxelinux.0", "ldlinux.c32"):
                 got = await tftp_get(tport, name, opts)
-                assert len(got) == a["sizes"][name], name
+                assert len(got) == a["sizes"][name], f"{name}: {len(got)} of {a['sizes'][name]} bytes"
             step("loader")
             try:
                 await tftp_get(tport, f"pxelinux.cfg/{node['uuid']}", opts)
@@ -296,6 +296,7 @@ def main() -> int:
     ap.add_argument("--kernel-mb", type=int, default=8)
     ap.add_argument("--initrd-mb", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (serve.log) for a look")
     ap.add_argument("--client", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:  # one client process: read the spec, boot its nodes, print JSON
@@ -303,7 +304,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(client_main(spec))))
         return 0
 
-    return bc.run_in_workdir("bench-boot-", _bench, args)
+    return bc.run_in_workdir("bench-boot-", _bench, args, keep=args.keep)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:
