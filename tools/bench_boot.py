@@ -20,8 +20,9 @@ step, and HTTP / TFTP (goal <= 0.6); ends with `RESULT ...` (tools/bench_common.
 `--lab` runs the real thing instead (tools/bench_boot_lab.py): 4 QEMU nodes of `dynprov-lab`
 switched by os-switch over both paths, interleaved (root, minutes per round, not in CI).
 
-The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). The
-nodes' TFTP/HTTP traffic goes to 127.0.0.1 only; the site is a temp dir, removed at the end.
+The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). Each
+node sends from its own address (127.1.x.y, as a real node has its own IP) to serve on
+127.0.0.1 (loopback only); the site is a temp dir, removed at the end (`--keep` keeps it).
 """
 
 from __future__ import annotations
