@@ -1,9 +1,9 @@
 """`cluster-query`: Moab's CLUSTERQUERYURL - one WIKI line per node (see msm_plugin/wiki.py).
 
-Moab runs it on every poll, with no argument. It always exits 0 and prints what it has: a failing
-query would make Moab mark the whole provisioning resource manager corrupt and stop calling
-os-switch. It imports nothing but the standard library and msm_plugin.wiki (pxe.config too when it
-rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
+Moab runs it on every poll, with no argument. It exits 0 whenever it runs (only an unknown option
+exits 2) and prints what it has: a failing query would make Moab mark the whole provisioning
+resource manager corrupt and stop calling os-switch. It imports nothing but the standard library
+and msm_plugin.wiki (pxe.config too when it rebuilds) - no jinja2, netaddr, ClusterShell or pyghmi:
 
 1. find ``paths.state_dir`` (and ``groups.scheduler_pool``) with a line scan of the site
    config (no tomllib, no pxe.config on the poll; tomllib when the scan cannot be sure);

@@ -373,6 +373,43 @@ CREATE TRIGGER dhcp_generation_segment_changed AFTER UPDATE ON node_segments FOR
 BEGIN {_GENERATION}; END;
 """
 
+# Version 9 (issue 18 §1): WHICH nodes' DHCP facts changed, not only that some did.
+# ``dhcp_changes`` holds one row per node name ever written (a removed name stays: a tombstone),
+# with the change number of its last write; the number only grows (MAX + 1: writers are
+# serialized). The same writes that replace the generation (migration 8) record the names they
+# touch, old and new (a rename or a MAC moved records both); `render` then re-renders only the
+# nodes changed since the number its installed file was rendered at (pxe.dhcpincremental). A
+# set-boot touches no watched column: no trigger fires. PostgreSQL: one plpgsql function
+# (dbbackend_pg.PG_MIGRATIONS), and a TRUNCATE records '' (no node has that name): everything.
+_CHANGE = ("INSERT INTO dhcp_changes(node, seq) VALUES ({}, (SELECT COALESCE(MAX(seq), 0) + 1 "
+           "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = excluded.seq")
+
+
+def _change_trigger(name: str, event: str, *who: str, when: str = "") -> str:
+    body = " ".join(f"{_CHANGE.format(w)};" for w in who)
+    return (f"CREATE TRIGGER dhcp_changes_{name} AFTER {event} FOR EACH ROW"
+            f"{' WHEN ' + when if when else ''}\nBEGIN {body} END;\n")
+
+
+CHANGES_V9 = (
+    "CREATE TABLE dhcp_changes (\n"
+    "    node TEXT PRIMARY KEY,          -- a node name ('' = every node: render in full)\n"
+    "    seq  INTEGER NOT NULL           -- the change number of its last DHCP-facts write\n"
+    ");\n"
+    "CREATE INDEX dhcp_changes_seq ON dhcp_changes(seq);\n"
+    + _change_trigger("node_added", "INSERT ON nodes", "NEW.name")
+    + _change_trigger("node_removed", "DELETE ON nodes", "OLD.name")
+    + _change_trigger("node_changed", "UPDATE OF name, ip, arch, firmware, bmc_type, "
+                      "bmc_address, groups, pool ON nodes", "OLD.name", "NEW.name",
+                      when=_FACT_CHANGED)
+    + _change_trigger("mac_added", "INSERT ON macs", "NEW.node")
+    + _change_trigger("mac_removed", "DELETE ON macs", "OLD.node")
+    + _change_trigger("mac_changed", "UPDATE ON macs", "OLD.node", "NEW.node")
+    + _change_trigger("segment_added", "INSERT ON node_segments", "NEW.node")
+    + _change_trigger("segment_removed", "DELETE ON node_segments", "OLD.node")
+    + _change_trigger("segment_changed", "UPDATE ON node_segments", "OLD.node", "NEW.node")
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -384,6 +421,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "image versions; the version each node booted", VERSIONS_V6),
     Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
     Migration(8, "set-boot time per node; DHCP-facts generation kept by triggers", GENERATION_V8),
+    Migration(9, "which nodes' DHCP facts changed (one row per name)", CHANGES_V9),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

@@ -640,6 +640,8 @@ _STAMP_TABLE = ("CREATE TABLE IF NOT EXISTS dynprov_stamp (id INTEGER PRIMARY KE
 _GENERATION_FN = "dynprov_dhcp_generation"
 _NEW_GENERATION = "replace(gen_random_uuid()::text, '-', '')"
 _FACTS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
+_CHANGE_FN = "dynprov_dhcp_change"
+_NAMED_BY = (("nodes", "name"), ("macs", "node"), ("node_segments", "node"))
 PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: (
         "ALTER TABLE nodes ADD COLUMN boot_set DOUBLE PRECISION",
@@ -658,6 +660,34 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(f"CREATE TRIGGER dhcp_generation_{table}_changed AFTER UPDATE ON {table} "
           f"FOR EACH STATEMENT EXECUTE FUNCTION {_GENERATION_FN}()"
           for table in ("macs", "node_segments")),
+    ),
+    # 9: the names each write touched (db.CHANGES_V9): one plpgsql function per row, told by
+    # TG_ARGV which column holds the node's name; a TRUNCATE records '' (render in full).
+    9: (
+        "CREATE TABLE dhcp_changes (node TEXT PRIMARY KEY, seq BIGINT NOT NULL)",
+        "CREATE INDEX dhcp_changes_seq ON dhcp_changes(seq)",
+        f"CREATE OR REPLACE FUNCTION {_CHANGE_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "DECLARE who TEXT; BEGIN "
+        "FOREACH who IN ARRAY CASE TG_OP "
+        "WHEN 'TRUNCATE' THEN ARRAY['']::TEXT[] "
+        "WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW) ->> TG_ARGV[0]] "
+        "WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD) ->> TG_ARGV[0]] "
+        "ELSE ARRAY[to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]] END LOOP "
+        "INSERT INTO dhcp_changes(node, seq) VALUES (who, (SELECT COALESCE(MAX(seq), 0) + 1 "
+        "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = EXCLUDED.seq; "
+        "END LOOP; RETURN NULL; END $$",
+        *(f"CREATE TRIGGER dhcp_changes_{table} AFTER INSERT OR DELETE ON {table} "
+          f"FOR EACH ROW EXECUTE FUNCTION {_CHANGE_FN}('{column}')"
+          for table, column in _NAMED_BY),
+        *(f"CREATE TRIGGER dhcp_changes_{table}_truncated AFTER TRUNCATE ON {table} "
+          f"FOR EACH STATEMENT EXECUTE FUNCTION {_CHANGE_FN}('')"
+          for table, _column in _NAMED_BY),
+        f"CREATE TRIGGER dhcp_changes_node_changed AFTER UPDATE OF {', '.join(_FACTS)} ON nodes "
+        f"FOR EACH ROW WHEN (({', '.join('OLD.' + c for c in _FACTS)}) IS DISTINCT FROM "
+        f"({', '.join('NEW.' + c for c in _FACTS)})) EXECUTE FUNCTION {_CHANGE_FN}('name')",
+        *(f"CREATE TRIGGER dhcp_changes_{table}_changed AFTER UPDATE ON {table} "
+          f"FOR EACH ROW EXECUTE FUNCTION {_CHANGE_FN}('{column}')"
+          for table, column in _NAMED_BY[1:]),
     ),
 }
 

@@ -11,14 +11,19 @@ or a state change. After installing (or confirming) the file, `render` stores a 
 these, the generation it rendered from included, with the file's sha256 in
 ``<state_dir>/dhcp-installed.json`` (under the render lock). When the key and the file on disk
 still match, the file is byte for byte what a render would write and the daemon accepted it:
-`render` then neither reads the nodes nor renders nor checks it again. Anything else (a node
-added, an override template edited, the file edited by hand, another dhcpd binary, a database
-restored from a backup) renders, checks and installs.
+`render` then neither reads the nodes nor renders nor checks it again. When only some nodes'
+facts changed (table ``dhcp_changes``, migration 9: each written node name with a growing change
+number), pxe.dhcpincremental re-renders just those nodes' entries into the installed file; the
+record keeps the change number it was rendered at and, in ``dhcp-installed.index.json``, where
+each node's entry lines are. Anything else (an override template edited, the file edited by
+hand, another dhcpd binary, a database restored from a backup) renders, checks and installs in
+full.
 Standard library only: `set-boot --render` pays for jinja2 only when the file changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,10 +37,12 @@ if TYPE_CHECKING:
     from pxe.config import Config
 
 STAMP_NAME = "dhcp-installed.json"
-FORMAT = 2  # bump when what the key covers changes (2: the generation, not a hash of the rows)
+INDEX_NAME = "dhcp-installed.index.json"
+FORMAT = 3  # bump when what the key covers changes (3: generation apart from the rest)
 HOST_COLUMNS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
 # The code a DHCP config depends on besides the templates (a dynprov upgrade renders again).
-_CODE = ("render.py", "templatefiles.py", "dhcpinputs.py", "config.py")
+_CODE = ("render.py", "templatefiles.py", "dhcpinputs.py", "config.py", "dhcpincremental.py",
+         "dhcpformat.py")
 
 
 class DhcpHost:
@@ -75,12 +82,13 @@ class DhcpHost:
 class Snapshot:
     """Every node's DHCP facts as read, and the generation they are (read in one transaction)."""
 
-    __slots__ = ("rows", "macs", "generation")
+    __slots__ = ("rows", "macs", "generation", "seq")
 
-    def __init__(self, rows: list[tuple], macs: list[tuple], generation: str):
+    def __init__(self, rows: list[tuple], macs: list[tuple], generation: str, seq: int = 0):
         self.rows = rows  # HOST_COLUMNS of every node, by name
         self.macs = macs  # (node, idx, mac) in order
         self.generation = generation  # dhcp_generation when they were read
+        self.seq = seq  # the last dhcp_changes number when they were read
 
     def hosts(self) -> list[DhcpHost]:
         """The rows as DhcpHosts (only a render needs them)."""
@@ -98,28 +106,61 @@ def generation(conn: sqlite3.Connection) -> str:
     return str(row[0]) if row else ""
 
 
-def read(conn: sqlite3.Connection, segment: str | None = None) -> Snapshot:
-    """Every node's DHCP facts, in name order, and their generation, from one consistent read;
-    with ``segment``, only the nodes of that segment (pxe.segments: '' is the primary's, the
-    nodes without a row)."""
+def change_number(conn: sqlite3.Connection) -> int:
+    """The last DHCP-facts change number (dhcp_changes, migration 9): only ever grows."""
+    row = conn.execute("SELECT MAX(seq) FROM dhcp_changes").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def changed_since(conn: sqlite3.Connection, seq: int, limit: int) -> list[str] | None:
+    """The node names whose DHCP facts were written after change number ``seq``, by name; None
+    when more than ``limit`` did, or '' (a TRUNCATE: every node) is among them."""
+    names = [r[0] for r in conn.execute("SELECT node FROM dhcp_changes WHERE seq > ? "
+                                        "ORDER BY seq LIMIT ?", (seq, limit + 1)).fetchall()]
+    if len(names) > limit or "" in names:
+        return None
+    return sorted(names)
+
+
+def read(conn: sqlite3.Connection, segment: str | None = None,
+         names: list[str] | None = None) -> Snapshot:
+    """Every node's DHCP facts (with ``names``: only those nodes'), in name order, and their
+    generation and change number, from one consistent read; with ``segment``, only the nodes of
+    that segment (pxe.segments: '' is the primary's, the nodes without a row)."""
     own = not conn.in_transaction
     if own:
         conn.execute("BEGIN")
     try:
-        current = generation(conn)
-        if segment is None:
-            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes ORDER BY name")
-            macs = sorted(_tuples(conn, "SELECT node, idx, mac FROM macs"))  # cheaper than ORDER BY
-        else:
-            of = "COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = {}), '') = ?"
-            rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes n WHERE "
-                                 f"{of.format('n.name')} ORDER BY name", (segment,))
-            macs = sorted(_tuples(conn, "SELECT m.node, m.idx, m.mac FROM macs m WHERE "
-                                        f"{of.format('m.node')}", (segment,)))
+        snapshot = _read(conn, segment, names)
     finally:
         if own:
             conn.execute("COMMIT")
-    return Snapshot(rows, macs, current)
+    return snapshot
+
+
+def _read(conn: sqlite3.Connection, segment: str | None, names: list[str] | None) -> Snapshot:
+    current, seq = generation(conn), change_number(conn)
+    where, args = [], []
+    if segment is not None:
+        where.append("COALESCE((SELECT s.segment FROM node_segments s WHERE s.node = {}), '') = ?")
+        args.append(segment)
+    if names is not None:
+        if not names:
+            return Snapshot([], [], current, seq)
+        where.append(f"{{}} IN ({', '.join('?' * len(names))})")
+        args.extend(names)
+    rows_where = " AND ".join(w.format("n.name") for w in where)
+    macs_where = " AND ".join(w.format("m.node") for w in where)
+    rows = _tuples(conn, f"SELECT {', '.join(HOST_COLUMNS)} FROM nodes n"
+                         f"{' WHERE ' + rows_where if where else ''} ORDER BY name", tuple(args))
+    rows.sort(key=_first)  # the database's collation may differ from code-point order: ours
+    macs = sorted(_tuples(conn, "SELECT m.node, m.idx, m.mac FROM macs m"  # cheaper than ORDER BY
+                                f"{' WHERE ' + macs_where if where else ''}", tuple(args)))
+    return Snapshot(rows, macs, current, seq)
+
+
+def _first(row: tuple) -> str:
+    return row[0]
 
 
 def _tuples(conn: sqlite3.Connection, sql: str, args: tuple = ()) -> list[tuple]:
@@ -139,13 +180,26 @@ def stamp_path(cfg: Config) -> Path:
     return cfg.paths.state_dir / STAMP_NAME
 
 
-def key(cfg: Config, generation: str, segment: str | None, templates: Iterable[str]) -> str:
-    """The key of everything the DHCP config is rendered and checked from."""
+def index_path(cfg: Config) -> Path:
+    return cfg.paths.state_dir / INDEX_NAME
+
+
+def key(cfg: Config, generation: str, segment: str | None, templates: Iterable[str],
+        base: str | None = None) -> str:
+    """The key of everything the DHCP config is rendered and checked from (``base``: its
+    base_key, when the caller has it)."""
+    base = base or base_key(cfg, segment, templates)
+    return hashlib.sha256(f"{base}\0generation={generation}".encode()).hexdigest()
+
+
+def base_key(cfg: Config, segment: str | None, templates: Iterable[str]) -> str:
+    """The key of everything but the nodes' facts: settings, segment, templates, code, checker.
+    The same base is what lets pxe.dhcpincremental re-render only the changed nodes."""
     from pxe.templatefiles import find_template  # not pxe.render: no renderer is needed here
 
     h = hashlib.sha256()
     for part in (f"format={FORMAT}", repr(cfg.network), repr(cfg.boot), repr(cfg.dhcp),
-                 f"segment={segment!r}", f"generation={generation}", _checker(cfg)):
+                 f"segment={segment!r}", _checker(cfg)):
         h.update(part.encode() + b"\0")
     for name in sorted(templates):
         source = find_template(cfg, name)
@@ -200,18 +254,69 @@ def installed(cfg: Config, generation: str, segment: str | None = None) -> bool:
 
 
 def save(cfg: Config, snapshot: Snapshot, templates: Iterable[str],
-         segment: str | None = None) -> None:
+         segment: str | None = None, index: dict | None = None) -> None:
     """Record that the installed file was rendered from ``snapshot`` (of ``segment``) and
     ``templates`` and accepted (the caller holds the render lock and has just installed or
-    confirmed it)."""
-    from pxe import atomic
-
+    confirmed it); ``index`` (pxe.dhcpincremental): where each node's entries are in it, or
+    None (the next change renders in full)."""
     names = sorted(set(templates))
+    base = base_key(cfg, segment, names)
     data = {"format": FORMAT, "file": str(cfg.dhcp.config_file), "templates": names,
-            "generation": snapshot.generation,
-            "key": key(cfg, snapshot.generation, segment, names),
-            "sha256": _file_sha(cfg.dhcp.config_file)}
-    atomic.write_text(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+            "generation": snapshot.generation, "seq": snapshot.seq, "base": base,
+            "key": key(cfg, snapshot.generation, segment, names, base),
+            "sha256": _file_sha(cfg.dhcp.config_file), "index": None}
+    if index is not None:
+        text = json.dumps(index, separators=(",", ":"))
+        _replace(index_path(cfg), text)
+        data["index"] = hashlib.sha256(text.encode()).hexdigest()
+    _replace(stamp_path(cfg), json.dumps(data, indent=1) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Temp file + rename, without fsync (~3 ms each on a quiet disk, more on a busy one): the
+    record and the index only ever shorten the path to a file they are checked against (its
+    sha256); lost or torn by a crash, they are unreadable or do not match, and the next
+    `render` renders in full."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def stored(cfg: Config) -> dict | None:
+    """The record as saved, or None when it is unreadable or of another format."""
+    try:
+        data = json.loads(stamp_path(cfg).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(data, dict) and data.get("format") == FORMAT
+    return data if ok and data.get("file") == str(cfg.dhcp.config_file) else None
+
+
+def stored_index(cfg: Config, record: dict) -> dict | None:
+    """The index the record names, only if it is the very one saved with it (sha256)."""
+    want = record.get("index")
+    if not want:
+        return None
+    try:
+        text = index_path(cfg).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if hashlib.sha256(text.encode()).hexdigest() != want:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def forget(cfg: Config) -> None:

@@ -199,6 +199,7 @@ class Renderer:
         self.sources: dict[str, TemplateSource] = {}  # every template this renderer used
         self._loaded: dict[str, CheckedTemplate] = {}
         self.read_templates: set[str] = set()  # every template file read, includes too
+        self.dhcp_rows: list[tuple] = []  # host_rows of the last dhcp_config()
         # Checked here, before a render writes anything: a bad [discovery] stops it whole.
         self.discovery = discovery.load(cfg)
 
@@ -245,14 +246,22 @@ class Renderer:
         """The DHCP config of ``nodes`` (Nodes, DhcpHosts, or the Snapshot `render` reads).
         Templates see each node as a DhcpHost (pxe.dhcpinputs): its DHCP facts, not what
         set-boot changes, so a set-boot never changes this file."""
-        backend = backend or self.cfg.dhcp.backend
-        name = "dhcp/dnsmasq.conf.j2" if backend == "dnsmasq" else "dhcp/dhcpd.conf.j2"
-        if backend == "dnsmasq" and self.cfg.dhcp.mode == "proxy":
-            name = "dhcp/dnsmasq-proxy.conf.j2"
         with _collector_paused():
-            template = self.template(name)
-            return template.render(net=self.net, boot=self.cfg.boot, dhcp=self.cfg.dhcp,
-                                   **dhcp_host_context(nodes))
+            template = self.template(self.dhcp_template_name(backend))
+            hosts = dhcp_host_context(nodes)
+            self.dhcp_rows = hosts["host_rows"]  # for pxe.dhcpincremental's index of the file
+            return template.render(**self.dhcp_settings_context(), **hosts)
+
+    def dhcp_template_name(self, backend: str | None = None) -> str:
+        backend = backend or self.cfg.dhcp.backend
+        if backend == "dnsmasq":
+            return ("dhcp/dnsmasq-proxy.conf.j2" if self.cfg.dhcp.mode == "proxy"
+                    else "dhcp/dnsmasq.conf.j2")
+        return "dhcp/dhcpd.conf.j2"
+
+    def dhcp_settings_context(self) -> dict[str, object]:
+        """What the DHCP templates see besides the nodes."""
+        return {"net": self.net, "boot": self.cfg.boot, "dhcp": self.cfg.dhcp}
 
     # -- boot loaders ----------------------------------------------------------------------
     def kernel_args(self, node: Node, image: Image) -> str:

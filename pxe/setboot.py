@@ -338,7 +338,9 @@ def render_all(cfg: Config, reload: bool = True, check_only: bool = False,
             standard_configs.render(cfg, renderer)
         return RenderReport(False, len(files), 0, [], {}, renderer.sources)
     with atomic.locked(cfg.lock_path):
-        dhcp_changed = dhcpstep.install(cfg, inv.conn, mine, renderer, reload, early)
+        # The renderer that rendered the DHCP config (a fresh one when the early one was
+        # stale) renders the rest and names its sources in the report.
+        dhcp_changed, renderer = dhcpstep.install(cfg, inv.conn, mine, renderer, reload, early)
         if cfg.boot.write_files or servers:
             files = renderer.all_boot_files(nodes(), images())
             changed = stage.write_files(cfg, files)

@@ -74,3 +74,27 @@ def test_ipmi_wire_format_known_bytes():
     parsed = rmcp.parse_ipmi_response(msg)
     assert parsed is not None and parsed[2] == 0x38 and parsed[3].code == 0
     assert rmcp.parse_ipmi_response(msg[:-1] + b"\x00") is None  # bad checksum refused
+
+
+def test_session_aes_is_cbc_with_the_ipmi_pad():
+    # Our CBC (chained over one AES block context a session) against cryptography's own CBC, both
+    # ways, for every payload length a packet can have (0-47 bytes: 1 to 3 blocks).
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from pxe.power import rmcp
+
+    key = bytes(range(16))
+    aes = rmcp._Aes(key)
+    for size in range(48):
+        plain = bytes((7 * i + size) & 0xFF for i in range(size))
+        blob = aes.encrypt(plain)
+        assert len(blob) % 16 == 0 and len(blob) >= 32
+        dec = Cipher(algorithms.AES(key), modes.CBC(blob[:16])).decryptor()
+        padded = dec.update(blob[16:]) + dec.finalize()
+        pad = padded[-1]
+        assert padded == plain + bytes(range(1, pad + 1)) + bytes([pad])
+        iv = bytes([size]) * 16
+        enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+        assert aes.decrypt(iv + enc.update(padded) + enc.finalize()) == plain
+        assert aes.decrypt(blob) == plain
+    assert aes.decrypt(b"\x00" * 31) is None  # shorter than IV + one block

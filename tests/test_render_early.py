@@ -83,6 +83,8 @@ def test_a_template_edited_meanwhile_drops_the_early_file_and_renders_again(tmp_
         report = render_all(cfg, reload=False, inventory=inv, early=early)
     assert report.dhcp_changed and checks(log) == 3  # the early check dropped, one more
     assert "# site override, written meanwhile" in cfg.dhcp.config_file.read_text()
+    # The report names the file the config was rendered from, not the early renderer's.
+    assert report.sources["dhcp/dhcpd.conf.j2"].path == override
     assert not render_all(cfg, reload=False).dhcp_changed and checks(log) == 3
     assert leftovers(cfg) == []
 

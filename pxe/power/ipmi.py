@@ -10,7 +10,10 @@ Hardware knowledge that bit other tools, kept here:
   legacy (CSM) path or ignore the override: "works in legacy, fails in UEFI".
 - Many BMCs clear the boot flags 60 s after they are set unless a chassis control follows;
   parameter 3 = 0x08 turns that timer off (Ironic sends the same bytes) - a node may be powered on
-  minutes later by someone else. Some BMCs reject parameter 3: that is not an error.
+  minutes later by someone else. Some BMCs reject parameter 3: that is not an error. ``netboot``
+  does not send it: its chassis control follows in the same session, milliseconds later (the timer
+  only runs until a chassis control starts the restart), and one round trip less a node is what
+  a fan-out of 1,000 costs (docs/bench/os_switch-power-profile.txt).
 - Chassis control "cycle" (and "reset") on a node that is off is refused (0xD5) by most BMCs, so
   cycle and netboot read the power state first and power on instead.
 - A chassis control is never sent twice blindly: a second copy of "cycle" cycles the node again
@@ -103,11 +106,13 @@ def control(state: str, sent: Unanswered | None = None) -> Action:
     return (yield from chassis(state, sent))
 
 
-def set_boot(device: str, persistent: bool, uefi: bool) -> Action:
-    # no 60 s expiry (see above)
-    resp: Response = yield Request(0x00, 0x08, b"\x03\x08", changes=True)
-    if resp.code not in (0x00, 0x80, 0xC1, 0xCC):
-        check(resp, "set boot flag valid-bit clearing")
+def set_boot(device: str, persistent: bool, uefi: bool, keep: bool = True) -> Action:
+    """``keep``: switch the BMC's 60 s expiry of the flags off first (see above); False when a
+    chassis control follows at once (netboot)."""
+    if keep:
+        resp: Response = yield Request(0x00, 0x08, b"\x03\x08", changes=True)
+        if resp.code not in (0x00, 0x80, 0xC1, 0xCC):
+            check(resp, "set boot flag valid-bit clearing")
     flags = 0x80 | (0x40 if persistent else 0) | (0x20 if uefi else 0)
     data = bytes([0x05, flags, BOOT_SELECTOR[device] << 2, 0, 0, 0])
     check((yield Request(0x00, 0x08, data, changes=True)), f"set boot device {device}")
@@ -118,7 +123,7 @@ def set_boot(device: str, persistent: bool, uefi: bool) -> Action:
 def netboot(uefi: bool, sent: Unanswered | None = None) -> Action:
     sent = sent if sent is not None else Unanswered()
     if sent.command is None:  # the flags were set by the attempt that sent the control
-        yield from set_boot("network", False, uefi)
+        yield from set_boot("network", False, uefi, keep=False)  # the control follows at once
     done = yield from control("cycle", sent)
     return f"next boot network; {done}"
 
