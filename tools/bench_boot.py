@@ -20,8 +20,9 @@ step, and HTTP / TFTP (goal <= 0.6); ends with `RESULT ...` (tools/bench_common.
 `--lab` runs the real thing instead (tools/bench_boot_lab.py): 4 QEMU nodes of `dynprov-lab`
 switched by os-switch over both paths, interleaved (root, minutes per round, not in CI).
 
-The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). The
-nodes' TFTP/HTTP traffic goes to 127.0.0.1 only; the site is a temp dir, removed at the end.
+The clients are asyncio in `--client-procs` processes (a node is a coroutine, not a VM). Each
+node sends from its own address (127.1.x.y, as a real node has its own IP) to serve on
+127.0.0.1 (loopback only); the site is a temp dir, removed at the end (`--keep` keeps it).
 """
 
 from __future__ import annotations
@@ -100,10 +101,13 @@ class TftpGet(asyncio.DatagramProtocol):
             self.done.set_exception(exc)
 
 
-async def tftp_get(port: int, name: str, options: dict[str, str], tries: int = 8) -> bytes:
+async def tftp_get(port: int, name: str, options: dict[str, str], source: str,
+                   tries: int = 8) -> bytes:
+    """``source``: the node's own address. Silence: 2 s per try, 8 tries (16 s); iPXE's retry
+    timer doubles from 1/4 s to its 10 s limit (~16 s, src/include/ipxe/retry.h)."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: TftpGet(name, options), local_addr=(bc.LOOPBACK, 0))
+        lambda: TftpGet(name, options), local_addr=(source, 0))
     proto.transport = transport
     try:
         rrq = struct.pack("!H", 1) + b"".join(
@@ -127,8 +131,10 @@ async def tftp_get(port: int, name: str, options: dict[str, str], tries: int = 8
         transport.close()
 
 
-async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[int, bytes, int]:
+async def http(port: int, method: str, path: str, source: str, body: bytes = b""
+               ) -> tuple[int, bytes, int]:
     """(status, body if small else b'', body length); the body is read fully either way.
+    ``source``: the node's own address.
 
     Raw socket + recv_into one reused buffer: the client copies each byte once, so that the
     clients' CPU (they share the 2 cores with serve) goes as far as it can.
@@ -137,6 +143,7 @@ async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[in
     sock = socket.socket()
     sock.setblocking(False)
     try:
+        sock.bind((source, 0))
         await loop.sock_connect(sock, (bc.LOOPBACK, port))
         head = (f"{method} {path} HTTP/1.1\r\nHost: {bc.LOOPBACK}\r\nConnection: close\r\n"
                 f"Content-Type: application/x-www-form-urlencoded\r\n"
@@ -163,13 +170,15 @@ async def http(port: int, method: str, path: str, body: bytes = b"") -> tuple[in
         if length is not None and total != length:
             raise ConnectionError(f"{path}: {total} of {length} bytes")
         return status, bytes(kept[:total]), total
+    except OSError as exc:  # say which request: the step is not in the exception
+        raise type(exc)(exc.errno, f"{method} {path}: {exc.strerror or exc}") from None
     finally:
         sock.close()
 
 
 async def boot_node(node: dict, a: dict, timings: dict[str, list[float]]) -> str | None:
     """One node's boot; None if it all went right, else what went wrong."""
-    tport, hport = a["tftp_port"], a["http_port"]
+    tport, hport, ip = a["tftp_port"], a["http_port"], node["ip"]
     mac = node["mac"]
     hyphen = mac.replace(":", "-")
     t = time.monotonic()
@@ -185,49 +194,49 @@ async def boot_node(node: dict, a: dict, timings: dict[str, list[float]]) -> str
 
     try:
         if a["chain"] == "ipxe":
-            loader = await tftp_get(tport, "undionly.kpxe", {"blksize": "1432", "tsize": "0"})
+            loader = await tftp_get(tport, "undionly.kpxe", {"blksize": "1432", "tsize": "0"}, ip)
             assert len(loader) == a["sizes"]["undionly.kpxe"], "loader size"
             step("loader")
-            status, main, _ = await http(hport, "GET", "/boot.ipxe")
+            status, main, _ = await http(hport, "GET", "/boot.ipxe", ip)
             assert status == 200 and main.startswith(b"#!ipxe"), "boot.ipxe"
-            status, script, _ = await http(hport, "GET", f"/ipxe/{hyphen}.ipxe")
+            status, script, _ = await http(hport, "GET", f"/ipxe/{hyphen}.ipxe", ip)
             assert status == 200, f"ipxe script {status}"
             text = script.decode()
             kernel_url = re.search(r"^kernel (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
             initrd_url = re.search(r"^initrd --name \S+ (\S+)", text, re.M).group(1)  # type: ignore[union-attr]
             step("config")
-            status, _, n = await http(hport, "GET", local(kernel_url))
+            status, _, n = await http(hport, "GET", local(kernel_url), ip)
             assert status == 200 and n == a["sizes"]["kernel"], "kernel"
             step("kernel")
-            status, _, n = await http(hport, "GET", local(initrd_url))
+            status, _, n = await http(hport, "GET", local(initrd_url), ip)
             assert status == 200 and n == a["sizes"]["initrd"], "initrd"
             step("initrd")
         else:
             opts = {"tsize": "0", "blksize": "1408"}
             for name in ("pxelinux.0", "ldlinux.c32"):
-                got = await tftp_get(tport, name, opts)
-                assert len(got) == a["sizes"][name], name
+                got = await tftp_get(tport, name, opts, ip)
+                assert len(got) == a["sizes"][name], f"{name}: {len(got)} of {a['sizes'][name]} bytes"
             step("loader")
             try:
-                await tftp_get(tport, f"pxelinux.cfg/{node['uuid']}", opts)
+                await tftp_get(tport, f"pxelinux.cfg/{node['uuid']}", opts, ip)
                 return "the UUID config name should not exist"
             except FileNotFoundError:
                 pass
-            text = (await tftp_get(tport, f"pxelinux.cfg/01-{hyphen}", opts)).decode()
+            text = (await tftp_get(tport, f"pxelinux.cfg/01-{hyphen}", opts, ip)).decode()
             kernel = re.search(r"KERNEL (\S+)", text).group(1)  # type: ignore[union-attr]
             initrd = re.search(r"INITRD (\S+)", text).group(1)  # type: ignore[union-attr]
             step("config")
-            got = await tftp_get(tport, kernel, opts)
+            got = await tftp_get(tport, kernel, opts, ip)
             assert len(got) == a["sizes"]["kernel"], "kernel"
             step("kernel")
-            got = await tftp_get(tport, initrd, opts)
+            got = await tftp_get(tport, initrd, opts, ip)
             assert len(got) == a["sizes"]["initrd"], "initrd"
             step("initrd")
             text = f"{text}"
         token = re.search(r"dynprov\.token=(\S+)", text).group(1)  # type: ignore[union-attr]
         for kind in ("booting", "ready"):
             body = f"node={node['name']}&token={token}&kind={kind}".encode()
-            status, answer, _ = await http(hport, "POST", "/report", body)
+            status, answer, _ = await http(hport, "POST", "/report", ip, body)
             assert (status, answer) == (200, b"ok"), f"report {kind}: {status} {answer!r}"
         step("report")
         return None
@@ -255,8 +264,15 @@ def build_site(work: Path, args: argparse.Namespace, ports: dict[str, int]) -> t
         "http_port": ports["http"], "max_transfers": max(512, args.nodes * 2)})
     cfg = config.load(cfg_path)
     inv = Inventory(cfg)
+    # Each node its own address (127.1.0.0/16 on lo), as each real node has its own IP: the
+    # server's per-client HTTP cap counts addresses, and a UDP port a node's socket frees is
+    # reused by that node only. With all nodes on 127.0.0.1 (before), 500 nodes were one
+    # client over the cap (503, or a RST before deadlines.refuse()), and a late answer of a
+    # repeated RRQ reached another node's new socket on the freed port (that node took the
+    # wrong file: `AssertionError: pxelinux.0`).
     nodes = [{"name": f"n{i:04d}", "mac": f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
-              f"{i & 255:02x}", "uuid": f"{i:08x}-0000-4000-8000-{i:012x}"}
+              f"{i & 255:02x}", "uuid": f"{i:08x}-0000-4000-8000-{i:012x}",
+              "ip": f"127.{1 + (i >> 16)}.{i >> 8 & 255}.{i & 255}"}
              for i in range(1, args.nodes + 1)]
     inv.add([build(cfg, {"name": n["name"], "mac": n["mac"]}) for n in nodes])
     kernel = work / "vmlinuz"
@@ -296,6 +312,7 @@ def main() -> int:
     ap.add_argument("--kernel-mb", type=int, default=8)
     ap.add_argument("--initrd-mb", type=int, default=16)
     ap.add_argument("--client-procs", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (serve.log) for a look")
     ap.add_argument("--client", metavar="SPEC", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:  # one client process: read the spec, boot its nodes, print JSON
@@ -303,7 +320,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(client_main(spec))))
         return 0
 
-    return bc.run_in_workdir("bench-boot-", _bench, args)
+    return bc.run_in_workdir("bench-boot-", _bench, args, keep=args.keep)
 
 
 def _bench(work: Path, args: argparse.Namespace) -> int:

@@ -11,7 +11,10 @@ worker) forever. Found by a load run (issue 15): 50 half-sent requests were stil
   without a byte arriving (an idle limit, not a total one: image uploads are GiBs). Time spent
   with reading paused by us (the app not consuming the body yet) does not count;
 - a cap of ``max_per_client`` open connections per client address (per worker process); the
-  next one gets `503` and is closed.
+  next one gets `503` and is closed gracefully (refuse(): the answer, a FIN, and its request
+  read and dropped until it closes; closing with the request unread made the kernel send a RST
+  that destroyed the 503 in the client's receive queue: ECONNRESET for 500 simulated nodes
+  booting at once, tests/test_serve_storm.py).
 Used by `pxe-stage serve` (boot files) and the REST service (pxe/api/server.py), which also
 bounds the TLS handshake by the same timeout (it happens before this protocol sees the
 connection).
@@ -33,6 +36,15 @@ REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; chars
             % (len(_REFUSAL_BODY), _REFUSAL_BODY))
 
 
+def refuse(transport: Any, loop: asyncio.AbstractEventLoop, linger: float) -> None:
+    """Send the 503 and a FIN; the caller drops what the client sends. Closed when the client
+    closes (eof_received) or after ``linger`` seconds, whichever comes first."""
+    transport.write(REFUSAL)
+    if transport.can_write_eof():
+        transport.write_eof()
+    loop.call_later(linger, transport.close)
+
+
 def guarded(base: type, header_timeout: float, body_timeout: float, max_per_client: int,
             open_per_client: Counter[str] | None = None) -> type:
     """A subclass of uvicorn's ``base`` h11 protocol enforcing the deadlines and the cap.
@@ -48,14 +60,15 @@ def guarded(base: type, header_timeout: float, body_timeout: float, max_per_clie
         _timer: asyncio.TimerHandle | None = None
         _waiting_since = 0.0
         _last_data = 0.0
+        _refused = False
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             peer = self.client[0] if self.client else "?"
             if open_per_client[peer] >= max_per_client:
                 log.warning("HTTP %s: refused: more than %d connections", peer, max_per_client)
-                transport.write(REFUSAL)
-                transport.close()
+                self._refused = True
+                refuse(transport, self.loop, header_timeout)
                 return
             self._peer = peer
             open_per_client[peer] += 1
@@ -74,8 +87,15 @@ def guarded(base: type, header_timeout: float, body_timeout: float, max_per_clie
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # read and dropped: see refuse()
             self._last_data = time.monotonic()
             super().data_received(data)
+
+        def eof_received(self) -> bool | None:
+            if self._refused:
+                return False  # the client read its 503 and closed: close our side too
+            return super().eof_received()
 
         def on_response_complete(self) -> None:
             self._waiting_since = time.monotonic()  # the next request's headers are due

@@ -159,6 +159,7 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             self.sock_fd = -1
             self.sock: Any = None
             self.corked = False  # TCP_CORK set for the large answer going out
+            self.refused = False  # over the per-client cap: deadlines.refuse() answers
 
         # -- connection ------------------------------------------------------------------
         def connection_made(self, transport: Any) -> None:
@@ -167,8 +168,8 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
             peer = peername[0] if isinstance(peername, tuple) else "?"
             if open_per_client[peer] >= max_per_client:
                 log.warning("HTTP %s: refused: more than %d connections", peer, max_per_client)
-                transport.write(deadlines.REFUSAL)
-                transport.close()
+                self.refused = True
+                deadlines.refuse(transport, self.loop, timeout)
                 return
             self.peer = peer
             open_per_client[peer] += 1
@@ -201,6 +202,8 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return  # read and dropped: see deadlines.refuse()
             self.buf += data
             if self.sending is not None or self.paused:
                 if len(self.buf) > MAX_PENDING and self.reading:
@@ -212,6 +215,8 @@ def fast_protocol(base: type, boot: BootFiles, timeout: float, max_per_client: i
         def eof_received(self) -> bool | None:
             """The client shut its side (it may do so right after its requests): answer what
             it asked for, then close."""
+            if self.refused:
+                return False
             self.eof = True
             if self.sending is None and not self.paused:
                 self._next()
