@@ -29,9 +29,10 @@ from pxe.errors import DynprovError, InputError
 
 BATCH = 5000  # rows read from the source / fetched back from PostgreSQL at a time
 _BOOKKEEPING = ("schema_version", "dynprov_stamp")  # each store writes its own
-# Kept by triggers on other tables (db migration 8: nodes, macs, node_segments) and seeded by a
-# fresh schema: not "held", and copied after those tables so the source's value lands.
-_TRIGGER_KEPT = ("dhcp_generation",)
+# Kept by triggers on other tables (db migrations 8 and 9: nodes, macs, node_segments) or seeded
+# by a fresh schema: not "held", and copied after those tables so the source's values land (the
+# installed DHCP record names the source's generation and change numbers).
+_TRIGGER_KEPT = ("dhcp_generation", "dhcp_changes")
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _MODULUS = 1 << 256
 _FLOAT_TYPES = frozenset({"double precision", "real", "numeric"})
