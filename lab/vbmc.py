@@ -335,6 +335,10 @@ def _build_classes() -> tuple[type, type]:
 
         def activate_payload(self, request: dict[str, Any], session: Any) -> None:
             had = self.sol
+            # Where the serial file ends before the client hears "activated": what the node
+            # writes after that answer must reach SOL (the answer can go out well before this
+            # process runs again on a busy machine).
+            live_from = _size(self.serial_path())
             super().activate_payload(request, session)
             if self.sol is not None and self.sol is not had:
                 # pyghmi's server sends up to 256 bytes a packet; its client acks the count in
@@ -342,7 +346,7 @@ def _build_classes() -> tuple[type, type]:
                 self.sol.maxoutcount = 255
                 self.sol_owner = session.localsid
                 self.sol_opened = time.monotonic()
-                self.serial_offset = _size(self.serial_path())  # live from now, as real SOL
+                self.serial_offset = live_from  # live from the activation, as real SOL
                 self._event("console-attached")
                 self.sol.send_data(f"[{self.name} serial console]\r\n")
 
