@@ -271,7 +271,8 @@ def test_helper_refusals(site: Site, tmp_path: Path) -> None:
             proc = n2.command(*argv)
             assert proc.returncode == code and text in proc.stderr, (argv, proc.stderr)
         after = {n: _row(cfg, n) for n in ("n001", "n002")}
-        assert before == after
+        assert before == after, {n: {k: (v, after[n][k]) for k, v in row.items() if after[n][k] != v}
+                                 for n, row in before.items()}  # the columns that moved
         # a node moved out of the scheduler's pool is refused
         conn = db.connect(cfg.database)
         with db.transaction(conn):
