@@ -137,7 +137,6 @@ class Parts:
             raise NotIncremental("the hosts block does not render each node on its own")
         return head, tail, blocks
 
-
     def _run(self, values: dict, replace, only_block: bool = False) -> str:
         import jinja2
 
