@@ -410,6 +410,15 @@ CHANGES_V9 = (
     + _change_trigger("segment_changed", "UPDATE ON node_segments", "OLD.node", "NEW.node")
 )
 
+# Version 10: PostgreSQL only. Migration 9's numbers are MAX + 1, which follows commit order only
+# while every writer holds the writers' lock from numbering to COMMIT; ours do (BEGIN IMMEDIATE),
+# but a writer without it (an admin's psql, a future code path) could commit a number lower than
+# one a render has already read, and that render's splice would miss the change for good. The
+# trigger function now takes the writers' lock itself before numbering (and refuses a snapshot
+# older than the lock: REPEATABLE READ / SERIALIZABLE), dbbackend_pg.PG_MIGRATIONS. SQLite:
+# nothing to do, its one write lock already serializes every writer from BEGIN to COMMIT.
+ORDERED_CHANGES_V10 = "-- SQLite: nothing (its database lock serializes every writer)\n"
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", SCHEMA_V1
               + "INSERT OR IGNORE INTO pools(name, created) "
@@ -422,6 +431,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "segments, run-node claims, server heartbeats", SEGMENTS_V7),
     Migration(8, "set-boot time per node; DHCP-facts generation kept by triggers", GENERATION_V8),
     Migration(9, "which nodes' DHCP facts changed (one row per name)", CHANGES_V9),
+    Migration(10, "DHCP change numbers in commit order for every writer (PostgreSQL)",
+              ORDERED_CHANGES_V10),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version  # what this code needs

@@ -401,7 +401,10 @@ class PgConnection:
     def _begin_sql(self, exclusive: bool) -> tuple[str, ...]:
         """BEGIN, and for a writer the single-writer lock SQLite's BEGIN IMMEDIATE takes."""
         if exclusive:
-            return "BEGIN", f"SELECT pg_advisory_xact_lock({WRITE_LOCK:d}, {self.lock_space:d})"
+            # READ COMMITTED whatever the database's default: the statements after the lock
+            # see what the previous holder committed (DHCP change numbers, migration 10).
+            return ("BEGIN ISOLATION LEVEL READ COMMITTED",
+                    f"SELECT pg_advisory_xact_lock({WRITE_LOCK:d}, {self.lock_space:d})")
         return ("BEGIN ISOLATION LEVEL REPEATABLE READ",)
 
     def _begin(self, exclusive: bool) -> Cursor:
@@ -688,6 +691,30 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(f"CREATE TRIGGER dhcp_changes_{table}_changed AFTER UPDATE ON {table} "
           f"FOR EACH ROW EXECUTE FUNCTION {_CHANGE_FN}('{column}')"
           for table, column in _NAMED_BY[1:]),
+    ),
+    # 10: the same function, numbering in commit order for every writer (db.ORDERED_CHANGES_V10).
+    # It first takes the writers' lock (ours already hold it: taking it again is free), so a
+    # writer without it waits for the holder's COMMIT and numbers after it, holding the lock to
+    # its own COMMIT; the INSERT's new snapshot (READ COMMITTED) then sees every committed number.
+    # A REPEATABLE READ / SERIALIZABLE writer's snapshot may predate the lock: refused.
+    # The lock's space is the table's schema: what PgConnection.lock_space hashes for its stores.
+    10: (
+        f"CREATE OR REPLACE FUNCTION {_CHANGE_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "DECLARE who TEXT; BEGIN "
+        "IF current_setting('transaction_isolation') <> 'read committed' THEN "
+        "RAISE EXCEPTION 'dynprov: a write to %.% must run at READ COMMITTED isolation, not %: "
+        "the DHCP change numbers (dhcp_changes) follow commit order', TG_TABLE_SCHEMA, "
+        "TG_TABLE_NAME, upper(current_setting('transaction_isolation')) "
+        "USING ERRCODE = 'object_not_in_prerequisite_state'; END IF; "
+        f"PERFORM pg_advisory_xact_lock({WRITE_LOCK:d}, hashtext(TG_TABLE_SCHEMA)); "
+        "FOREACH who IN ARRAY CASE TG_OP "
+        "WHEN 'TRUNCATE' THEN ARRAY['']::TEXT[] "
+        "WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW) ->> TG_ARGV[0]] "
+        "WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD) ->> TG_ARGV[0]] "
+        "ELSE ARRAY[to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]] END LOOP "
+        "INSERT INTO dhcp_changes(node, seq) VALUES (who, (SELECT COALESCE(MAX(seq), 0) + 1 "
+        "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = EXCLUDED.seq; "
+        "END LOOP; RETURN NULL; END $$",
     ),
 }
 
