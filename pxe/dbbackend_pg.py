@@ -284,6 +284,9 @@ class PgConnection:
                                 _one_line(exc), self._connect_timeout)
                 time.sleep(RECONNECT_PAUSE)
         conn.adapters.register_loader("numeric", _NumericLoader)
+        # The transactions psycopg opens (executemany outside one, pxe.statecopy, migrate) are
+        # writers too: READ COMMITTED whatever the database's default (migration 10's trigger).
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         # The locks are per schema: stores side by side in one database (search_path in the
         # URL) do not queue on each other.
         self.lock_space = int(conn.execute("SELECT hashtext(current_schema())").fetchone()[0])

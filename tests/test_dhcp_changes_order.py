@@ -132,6 +132,10 @@ def test_our_writers_run_read_committed_whatever_the_session_default(store: str)
     with db.transaction(conn):
         conn.execute("UPDATE nodes SET ip = '10.0.0.14' WHERE name = 'b'")
     assert _seqs(conn)["b"] == dhcpinputs.change_number(conn) > max(before.values())
+    # psycopg's own transactions (executemany outside one; pxe.statecopy's copy) as well
+    conn.executemany("INSERT INTO nodes(name) VALUES (?)", [("c",), ("d",)])
+    seqs = _seqs(conn)
+    assert seqs["b"] < seqs["c"] < seqs["d"] == dhcpinputs.change_number(conn)
     conn.close()
 
 
