@@ -105,8 +105,41 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands run per provisioning batch or poll that end in well under a second, leaving no thread
+# or child behind: launch() runs them without the cyclic garbage collector and without Python's
+# teardown.
+SHORT_COMMANDS = frozenset({"set-boot", "render"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return guard.run("pxe-stage", _main, argv)
+
+
+def launch() -> int:
+    """The installed command's entry (pyproject's script, tools/install-launcher): main(). For
+    SHORT_COMMANDS, ~10% of `set-boot --render`'s time against a 10,000-host `dhcpd -t` is
+    Python's bookkeeping, not their work: the cyclic GC scanning during imports (they make no
+    cycles worth collecting in their lifetime) and the teardown that frees every module and
+    object one by one. So the GC is off for them, and once main() returned and stdout and stderr
+    are flushed, with no thread left (every child reaped, every file written and renamed by
+    then) the process ends with os._exit. Anything unusual takes the ordinary exit."""
+    import gc
+
+    short = _command_word(sys.argv[1:]) in SHORT_COMMANDS
+    if short:
+        gc.disable()
+    code = main()
+    if short:
+        import _thread
+
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            return code  # the ordinary exit reports it
+        if _thread._count() == 0 and "logging" not in sys.modules:  # nothing left to finish
+            os._exit(code)
+    return code
 
 
 def _main(argv: list[str]) -> int:
@@ -162,4 +195,4 @@ class _ThenConfigure:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch())
