@@ -116,30 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def launch() -> int:
-    """The installed command's entry (pyproject's script, tools/install-launcher): main(). For
-    SHORT_COMMANDS, ~10% of `set-boot --render`'s time against a 10,000-host `dhcpd -t` is
-    Python's bookkeeping, not their work: the cyclic GC scanning during imports (they make no
-    cycles worth collecting in their lifetime) and the teardown that frees every module and
-    object one by one. So the GC is off for them, and once main() returned and stdout and stderr
-    are flushed, with no thread left (every child reaped, every file written and renamed by
-    then) the process ends with os._exit. Anything unusual takes the ordinary exit."""
-    import gc
-
-    short = _command_word(sys.argv[1:]) in SHORT_COMMANDS
-    if short:
-        gc.disable()
-    code = main()
-    if short:
-        import _thread
-
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            return code  # the ordinary exit reports it
-        if _thread._count() == 0 and "logging" not in sys.modules:  # nothing left to finish
-            os._exit(code)
-    return code
+    """The installed command's entry (pyproject's script, tools/install-launcher): main(), with
+    SHORT_COMMANDS ended the quick way (pxe.cli.guard.launch)."""
+    return guard.launch(main, _command_word(sys.argv[1:]) in SHORT_COMMANDS)
 
 
 def _main(argv: list[str]) -> int:
