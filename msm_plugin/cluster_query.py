@@ -200,5 +200,12 @@ def _main(args: list[str]) -> int:
     return 0
 
 
+def launch() -> int:
+    """The installed command's entry: Moab's poll ended the quick way (pxe.cli.guard.launch)."""
+    from pxe.cli import guard
+
+    return guard.launch(main, short=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch())

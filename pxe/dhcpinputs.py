@@ -317,10 +317,10 @@ def _replace(path: Path, data: bytes) -> None:
     record and the index only ever shorten the path to a file they are checked against (its
     identity or digest, the index's digest); lost or torn by a crash, they are unreadable or do
     not match, and the next `render` renders in full."""
-    import tempfile
+    from pxe.atomic import temp_beside
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

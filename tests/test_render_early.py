@@ -117,7 +117,7 @@ def test_a_failed_set_boot_drops_the_early_check(tmp_path):
         child, staged = early.pending, early.staged
         set_boot(cfg, "nosuchnode", None, inv)
     assert child.proc is None  # stopped and reaped
-    assert staged.path is None and not staged.thread.is_alive()  # its fsync joined, file gone
+    assert staged.path is None and not staged.running()  # its fsync joined, file gone
     assert cfg.dhcp.config_file.read_text() == good and leftovers(cfg) == []
     proc = site.run("set-boot", "nosuchnode", "--local", "--render", "--no-reload")
     assert proc.returncode == 1 and "unknown node" in proc.stderr

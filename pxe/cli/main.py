@@ -105,8 +105,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Commands run per provisioning batch or poll that end in well under a second, leaving no thread
+# or child behind: launch() runs them without the cyclic garbage collector and without Python's
+# teardown.
+SHORT_COMMANDS = frozenset({"set-boot", "render"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return guard.run("pxe-stage", _main, argv)
+
+
+def launch() -> int:
+    """The installed command's entry (pyproject's script, tools/install-launcher): main(), with
+    SHORT_COMMANDS ended the quick way (pxe.cli.guard.launch)."""
+    return guard.launch(main, _command_word(sys.argv[1:]) in SHORT_COMMANDS)
 
 
 def _main(argv: list[str]) -> int:
@@ -162,4 +174,4 @@ class _ThenConfigure:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch())

@@ -14,9 +14,7 @@ from pxe.config import Config
 from pxe.dhcp.base import DhcpBackend
 from pxe.errors import DynprovError
 
-TYPE_CHECKING = False  # not typing's
-if TYPE_CHECKING:  # subprocess and tempfile only when a config is checked or installed
-    import subprocess
+CHECK_TIMEOUT, RELOAD_TIMEOUT = 120, 60  # seconds
 
 
 def backend(name: str) -> DhcpBackend:
@@ -45,16 +43,15 @@ class PendingCheck:
     (`set-boot --render`: the set-boot transaction; always: the temp file's fsync)."""
 
     def __init__(self, cfg: Config, text: str, suffix: str = ".new", durable: bool = True):
-        import subprocess
-        import tempfile
+        from pxe.atomic import temp_beside
+        from pxe.childproc import Child
 
         self.cfg = cfg
         self.be = _checker(cfg)
         target = cfg.dhcp.config_file
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix,
-                                         dir=target.parent)
-        self.proc: subprocess.Popen | None = None
+        fd, self.path = temp_beside(target, suffix)
+        self.proc: Child | None = None
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(text)
@@ -63,9 +60,7 @@ class PendingCheck:
                 cmd = cfg.dhcp.check_command
                 self.argv = [*cmd, self.path] if cmd else self.be.check_argv(Path(self.path))
                 try:
-                    self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                 text=True)
+                    self.proc = Child(self.argv)
                 except OSError as exc:
                     raise DynprovError(f"DHCP config check {self.argv[0]} could not run: "
                                        f"{exc}") from None
@@ -77,28 +72,20 @@ class PendingCheck:
 
     def verdict(self) -> None:
         """Wait for the daemon's check; raise with its complaint when it rejected the file."""
-        import subprocess
-
         proc = self.proc
         if proc is None:
             raise DynprovError("DHCP config check already finished")
         self.proc = None
-        with proc:
-            try:
-                stdout, stderr = proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise DynprovError(f"DHCP config check {self.argv[0]} could not run: timed out "
-                                   "after 120 s") from None
-            except BaseException:
-                proc.kill()
-                raise
-        if proc.returncode != 0:
-            complaint = (stderr + stdout).strip().splitlines()
+        try:
+            status, output = proc.wait(CHECK_TIMEOUT)  # killed and reaped on any failure
+        except TimeoutError:
+            raise DynprovError(f"DHCP config check {self.argv[0]} could not run: timed out "
+                               f"after {CHECK_TIMEOUT} s") from None
+        if status != 0:
+            complaint = output.strip().splitlines()
             useful = [line for line in complaint if line.strip()][-6:]
             raise DynprovError(f"{self.be.name} rejected the rendered config (old config kept):"
-                               "\n  " + "\n  ".join(useful or [f"exit status {proc.returncode}"]))
+                               "\n  " + "\n  ".join(useful or [f"exit status {status}"]))
 
     def install(self, reload: bool = True) -> None:
         """Rename the checked file into place once the daemon accepted it (the caller holds the
@@ -115,9 +102,7 @@ class PendingCheck:
         """Stop the check if it still runs and remove the temp file (idempotent)."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            with proc:
-                proc.kill()
-                proc.communicate()
+            proc.kill()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
 
@@ -152,13 +137,16 @@ def install(cfg: Config, text: str, reload: bool = True) -> bool:
 
 
 def run_reload(cfg: Config) -> None:
-    import subprocess
+    from pxe.childproc import Child
 
     argv = list(cfg.dhcp.reload_command)
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        status, output = Child(argv).wait(RELOAD_TIMEOUT)
+    except TimeoutError:  # an OSError too: first
+        raise DynprovError(f"DHCP reload command {argv[0]} failed: timed out after "
+                           f"{RELOAD_TIMEOUT} s") from None
+    except OSError as exc:
         raise DynprovError(f"DHCP reload command {argv[0]} failed: {exc}") from None
-    if proc.returncode != 0:
-        raise DynprovError(f"DHCP reload command {' '.join(argv)} exited {proc.returncode}: "
-                           f"{(proc.stderr or proc.stdout).strip()[:300]}")
+    if status != 0:
+        raise DynprovError(f"DHCP reload command {' '.join(argv)} exited {status}: "
+                           f"{output.strip()[:300]}")
