@@ -692,7 +692,8 @@ def bind_workers(address: str, port: int, count: int) -> list[socket.socket]:
             s.close()
         if exc.errno == errno.EADDRINUSE:
             raise OSError(exc.errno, f"TFTP port {address}:{port} is already in use "
-                                     "(tftpd-hpa or dnsmasq's TFTP running?)") from None
+                                     "(tftpd-hpa, dnsmasq's TFTP or another pxe-stage serve "
+                                     "running?)") from None
         raise
     return socks
 
