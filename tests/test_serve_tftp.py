@@ -265,6 +265,24 @@ def test_repeated_request_does_not_start_a_second_transfer(site, root, blob):
         assert len(srv.worker.transfers) == 1
 
 
+def test_repeat_arriving_after_the_data_started_is_ignored(site, root, blob):
+    """In a storm the repeat waits in the queue behind the first request: by the time it is
+    read the client has our OACK and the data flows. Neither a second transfer nor a resend."""
+    with tftp_thread(site, timeout=5.0) as srv, RawClient(srv.port) as c:  # no resend by timeout
+        c.request("pxelinux.0", tsize=0)
+        assert c.recv()[0] == 6
+        c.ack(0)
+        first = c.recv()
+        assert first[0] == 3 and first[1][:2] == b"\0\1"
+        for _ in range(3):
+            c.request("pxelinux.0", tsize=0)
+        wait_for(lambda: srv.count(REQ, "duplicate") == 3, "the repeats read")
+        assert len(srv.worker.transfers) == 1
+        assert c.nothing_within(0.3)  # block 1 is not sent again for a repeat
+        assert first[1][2:] + c.finish(1) == blob
+        assert srv.count(REQ, "started") == 1
+
+
 def test_random_malformed_packets_then_a_good_transfer(site, root, blob, tmp_path):
     """10,000 random datagrams at the TFTP port and at a transfer's port; serving goes on."""
     rng = random.Random(4242)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -38,12 +39,18 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import bench_common as bc
 
 STEPS = ("loader", "config", "kernel", "initrd", "report")
+# What the simulated nodes saw of TFTP, per client process: seconds from a read's first RRQ to
+# the server's first answer, RRQs sent again (silence), answers from a second server port (a
+# second transfer answering a repeat: turned away with "Unknown transfer ID", as firmware does).
+TFTP_SEEN: dict[str, list[float] | int] = {"first_answer": [], "rrq_repeats": 0,
+                                          "strangers": 0}
 
 
 # -- the simulated node (client side) --------------------------------------------------------------
@@ -60,6 +67,7 @@ class TftpGet(asyncio.DatagramProtocol):
         self.heard = 0
         self.tid: tuple | None = None
         self.transport: asyncio.DatagramTransport | None = None
+        self.asked = 0.0  # when the first RRQ went out
 
     def send(self, packet: bytes, addr: tuple) -> None:
         self.last = (packet, addr)
@@ -69,7 +77,9 @@ class TftpGet(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         if self.tid is None:
             self.tid = addr  # the first answer's port is the transfer's (RFC 1350 TID)
+            TFTP_SEEN["first_answer"].append(time.monotonic() - self.asked)  # type: ignore[union-attr]
         elif addr != self.tid:  # a second server port (our repeated request): turn it away
+            TFTP_SEEN["strangers"] += 1  # type: ignore[operator]
             assert self.transport is not None
             self.transport.sendto(struct.pack("!HH", 5, 5) + b"Unknown transfer ID\0", addr)
             return
@@ -112,6 +122,7 @@ async def tftp_get(port: int, name: str, options: dict[str, str], source: str,
     try:
         rrq = struct.pack("!H", 1) + b"".join(
             s.encode() + b"\0" for s in [name, "octet", *sum(options.items(), ())])
+        proto.asked = time.monotonic()
         proto.send(rrq, (bc.LOOPBACK, port))
         silent = 0
         while True:
@@ -124,6 +135,8 @@ async def tftp_get(port: int, name: str, options: dict[str, str], source: str,
                     if silent >= tries:
                         raise TimeoutError(f"TFTP {name}: no answer") from None
                     assert proto.last is not None
+                    if proto.tid is None:
+                        TFTP_SEEN["rrq_repeats"] += 1  # type: ignore[operator]
                     proto.send(*proto.last)  # the RRQ, or our last ACK
                 else:
                     silent = 0
@@ -249,7 +262,8 @@ async def client_main(spec: dict) -> dict:
     start = time.monotonic()
     results = await asyncio.gather(*(boot_node(n, spec, timings) for n in spec["nodes"]))
     failures = [f"{n['name']}: {r}" for n, r in zip(spec["nodes"], results, strict=True) if r]
-    return {"seconds": time.monotonic() - start, "failures": failures, "timings": timings}
+    return {"seconds": time.monotonic() - start, "failures": failures, "timings": timings,
+            "tftp": TFTP_SEEN}
 
 
 # -- the bench (server side) -------------------------------------------------------------------------
@@ -344,6 +358,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
     walls: dict[str, list[float]] = {c: [] for c in chains}
     failures: dict[str, list[str]] = {c: [] for c in chains}
     timings: dict[str, dict[str, list[float]]] = {c: {s: [] for s in STEPS} for c in chains}
+    seen: dict[str, dict] = {c: {"first_answer": [], "rrq_repeats": 0, "strangers": 0}
+                             for c in chains}
     cfg = config.load(cfg_path)
     with bc.server(bc.serve_argv(cfg_path), work / "serve.log"):
         bc.wait_until(lambda: bc.curl_ok(f"http://{bc.LOOPBACK}:{ports['http']}/healthz"),
@@ -365,6 +381,8 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                     failures[chain] += result["failures"]
                     for s in STEPS:
                         timings[chain][s] += result["timings"][s]
+                    for key, value in result["tftp"].items():
+                        seen[chain][key] += value
         metrics = subprocess.run(["curl", "-s", f"http://{bc.LOOPBACK}:{ports['http']}/metrics"],
                                  capture_output=True, text=True, timeout=30).stdout
     print(f"{args.nodes} simulated PXE nodes, kernel {args.kernel_mb} MiB + initrd "
@@ -383,11 +401,24 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         print(bc.table(["step", "median s", "max s"],
                        [[s, f"{statistics.median(v):.2f}", f"{max(v):.2f}"]
                         for s, v in timings[chain].items() if v]))
+    print("TFTP as the nodes saw it (every read; first answer = first RRQ to first reply):")
+    print(bc.table(["chain", "reads", "first answer median s", "p90 s", "max s", "RRQs repeated",
+                    "answers from a 2nd port"],
+                   [[c, len(v["first_answer"]), *(f"{x:.3f}" for x in _quantiles(
+                       v["first_answer"])), v["rrq_repeats"], v["strangers"]]
+                    for c, v in seen.items() if v["first_answer"]]))
     wanted = ("dynprov_tftp_transfers_total", "dynprov_tftp_retransmits_total",
-              "dynprov_tftp_requests_total{result=\"busy\"}", "dynprov_reports_total{kind=\"ready\"")
+              "dynprov_tftp_requests_total{result=\"busy\"}",
+              "dynprov_tftp_requests_total{result=\"duplicate\"}",
+              "dynprov_tftp_requests_total{result=\"started\"}",
+              "dynprov_reports_total{kind=\"ready\"")
     for line in metrics.splitlines():
         if line.startswith(wanted) and not line.endswith(" 0"):
             print(f"  {line}")
+    aborted = _aborted_by_reason(work / "serve.log")
+    if aborted:
+        print("serve's log, aborted TFTP transfers by reason: " + ", ".join(
+            f"{n} {why!r}" for why, n in aborted.most_common()))
     every = [f for c in chains for f in failures[c]]
     for f in every[:20]:
         print(f"FAILED {f}")
@@ -395,6 +426,10 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
                                  "failed": len(every)}
     for chain in chains:
         fields[f"{chain}_s"] = statistics.median(walls[chain])
+    answers = [x for v in seen.values() for x in v["first_answer"]]
+    if answers:
+        fields["tftp_first_answer_s"] = statistics.median(answers)
+        fields["tftp_strangers"] = sum(v["strangers"] for v in seen.values())
     if len(chains) == 2:
         h, t = walls["ipxe"], walls["pxelinux"]
         fields["http_vs_tftp"] = statistics.median(h) / statistics.median(t)
@@ -402,6 +437,24 @@ def _bench(work: Path, args: argparse.Namespace) -> int:
         print(f"HTTP / TFTP wall time = {fields['http_vs_tftp']:.2f} (goal <= 0.6)")
     bc.result(fields, args.json)
     return 1 if every else 0
+
+
+def _aborted_by_reason(log: Path) -> Counter[str]:
+    """serve's 'TFTP <peer>: <file> aborted after i of n blocks: <why>' lines, by why."""
+    reasons: Counter[str] = Counter()
+    with contextlib.suppress(OSError), open(log, errors="replace") as fh:
+        for line in fh:
+            head, found, why = line.partition(" blocks: ")
+            if found and " aborted after " in head:
+                reasons[why.strip().split(" '")[0]] += 1
+    return reasons
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    """(median, 90th percentile, max)."""
+    ordered = sorted(values)
+    return (statistics.median(ordered), ordered[min(len(ordered) - 1, len(ordered) * 9 // 10)],
+            ordered[-1])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Process model (2 cores here, more on a real server):
 - the supervisor (this process) binds the TFTP (UDP) and HTTP (TCP) sockets first, so a port
   that is taken is one clear error before anything starts, and a client that arrives while the
   workers start simply waits in the socket's queue;
-- `tftp_workers` processes share the TFTP socket, each with its own epoll loop;
+- `tftp_workers` processes, each with its own epoll loop and its own TFTP socket on the one
+  port (SO_REUSEPORT: the kernel sends each client's datagrams to one worker, pxe.serve.tftp);
 - `http_workers` processes run uvicorn on the shared HTTP socket (boot files answered by
   pxe.serve.fastpath before the framework);
 - counters live in shared memory (pxe.serve.metrics), the transfer cap is a shared semaphore.
@@ -46,7 +47,6 @@ log = logging.getLogger("dynprov.serve")
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 STOP_GRACE = 10.0
-PEER_STALE = 2.0  # a TFTP worker silent this long takes no requests (dead or stuck)
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -114,7 +114,7 @@ class Daemon:
         self.segment = segment or segments.load(cfg)
         self.beat = Heartbeat(cfg, self.segment)
         self.parent = os.getpid()
-        self.tftp_sock: socket.socket | None = None
+        self.tftp_socks: list[socket.socket] = []  # one per TFTP worker, by row
         self.http_sock: socket.socket | None = None
         n_tftp = settings.tftp_workers if settings.tftp else 0
         n_http = settings.http_workers if settings.http else 0
@@ -130,22 +130,16 @@ class Daemon:
     def _tftp_child(self, row: int) -> None:
         if self.http_sock is not None:
             self.http_sock.close()  # not ours to serve
+        for r, sock in enumerate(self.tftp_socks):
+            if r != row:
+                sock.close()  # the other workers' clients
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        assert self.tftp_sock is not None
-        active = metrics.slot("dynprov_tftp_active_transfers")
-        others = [r for r in self.tftp_rows if r != row]
-        counters = self.counters
-
-        def peers() -> list[int]:
-            """Active transfers of the other workers that are alive (recent heartbeat)."""
-            return [counters.value(r, active) for r in others
-                    if (age := counters.heartbeat_age(r)) is not None and age < PEER_STALE]
 
         from pxe.serve.bootconfigs import BootConfigs
 
-        worker = tftp.Worker(self.tftp_sock, str(self.cfg.paths.tftp_root), self.s, self.slots,
-                             counters.row(row), peers=peers, configs=BootConfigs(self.cfg))
+        worker = tftp.Worker(self.tftp_socks[row], str(self.cfg.paths.tftp_root), self.s,
+                             self.slots, self.counters.row(row), configs=BootConfigs(self.cfg))
         worker.run(stop)
 
     def _http_child(self, row: int) -> None:
@@ -158,8 +152,8 @@ class Daemon:
         from pxe.serve.fastpath import BootFiles, fast_protocol
         from pxe.serve.http import ZeroCopyH11Protocol
 
-        if self.tftp_sock is not None:
-            self.tftp_sock.close()  # not ours to serve
+        for sock in self.tftp_socks:
+            sock.close()  # not ours to serve
         app = create_app(self.cfg, self.s, self.counters, row, self.tftp_rows)
         s = self.s
         open_per_client: Counter[str] = Counter()  # one cap over both protocols
@@ -202,7 +196,8 @@ class Daemon:
         what, address, port = "TFTP", s.tftp_address, s.tftp_port
         try:
             if s.tftp:
-                self.tftp_sock = tftp.bind(s.tftp_address, s.tftp_port)
+                self.tftp_socks = tftp.bind_workers(s.tftp_address, s.tftp_port,
+                                                    len(self.tftp_rows))
             what, address, port = "HTTP", s.http_address, s.http_port
             if s.http:
                 self.http_sock = listen_tcp(s.http_address, s.http_port)
@@ -212,7 +207,7 @@ class Daemon:
                                f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
-        for sock in (self.tftp_sock, self.http_sock):
+        for sock in (*self.tftp_socks, self.http_sock):
             if sock is not None:
                 sock.close()
 

@@ -25,7 +25,8 @@ class Metric:
     values: tuple[tuple[str, ...], ...] = ((),)  # every label combination, fixed in advance
 
 
-TFTP_REQUEST_RESULTS = ("started", "not_found", "refused", "write_refused", "bad_request", "busy")
+TFTP_REQUEST_RESULTS = ("started", "not_found", "refused", "write_refused", "bad_request", "busy",
+                        "duplicate")
 TFTP_TRANSFER_RESULTS = ("complete", "timeout", "aborted", "error")
 HTTP_CODES = ("200", "206", "304", "400", "403", "404", "405", "413", "416", "500", "other")
 REPORT_KINDS = ("booting", "progress", "installed", "ready", "failed", "invalid")

@@ -13,9 +13,17 @@ over all sessions, packet objects and debug logging per block, lock-step only) r
 0.6x tftpd-hpa in a 128-client boot storm. Here each worker process runs an epoll loop over its
 transfers with a short path for the lock-step ACK, sends a whole window per ACK, and keeps the
 files it served in memory (an LRU, filled by the first request's one read: every node of a
-storm asks for the same loader). Several
-workers share the one listening socket; each hears of every request (edge-triggered) and only
-the least busy take them, so the transfers spread evenly.
+storm asks for the same loader).
+
+Each worker has its own listening socket on the one port (SO_REUSEPORT, bound by the
+supervisor before the workers fork: see bind_workers). The kernel picks the socket by a hash of
+the client's address and port, so a client's repeated request reaches the worker that serves
+it, which sends its first answer again (or, once the client has answered it, ignores the
+repeat): one transfer per client (address, port) and request, never a second one that the
+client would abort as a stranger's (wrong TID). With one shared socket and the least busy
+worker taking each request, a 500-node storm started 2,000-6,200 such doomed transfers per
+9,000, and iPXE's loader waited 3.4 s (median) for its first answer, against 0.05 s and none
+with a socket per worker (docs/bench/boot-500-*s26.txt).
 A request that finds every slot taken (max_transfers, counted across workers) is dropped: the
 client sends it again after its own timeout, so a storm queues instead of failing.
 """
@@ -33,7 +41,6 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Protocol
 
 from tftpy.TftpPacketFactory import TftpPacketFactory
@@ -48,6 +55,7 @@ logging.getLogger("tftpy").setLevel(logging.WARNING)  # its codec logs every fie
 
 IP_PKTINFO = 8  # <linux/in.h>; not exported by Python's socket module
 _PKTINFO_SPACE = socket.CMSG_SPACE(12)
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # ::ffff:a.b.c.d
 MAX_REQUEST = 2048
 RECV_SIZE = 1024  # ACK/ERROR from a client; anything longer is not ours anyway
 NETASCII_MAX = 64 << 20
@@ -240,17 +248,14 @@ class Transfer:
 
 
 class Worker:
-    """One TFTP event loop. Several (processes) may share one listening socket."""
+    """One TFTP event loop on its own listening socket (one of bind_workers' group)."""
 
     def __init__(self, listen: socket.socket, root: str, settings: ServeSettings, slots: Slots,
                  row: metrics.Row | None = None,
-                 peers: Callable[[], list[int]] | None = None,
                  configs: bootconfigs.BootConfigs | None = None):
-        """``peers`` gives the other workers' active transfer counts (for balancing);
-        ``configs`` answers loader-config names from the database (before the file tree)."""
+        """``configs`` answers loader-config names from the database (before the file tree)."""
         self.listen = listen
         self.configs = configs
-        self.peers = peers
         self.root = files.root_of(root)
         self.s = settings
         self.slots = slots
@@ -267,8 +272,8 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         ep = self.epoll = select.epoll()
         lfd = self.listen.fileno()
-        # Edge-triggered, no EPOLLEXCLUSIVE: every worker hears of a new request and the
-        # least busy ones take it (see _take_requests).
+        # Edge-triggered: the loop reads a bounded batch per turn and comes back for the rest
+        # (``pending``), so a burst of requests cannot starve the running transfers.
         ep.register(lfd, select.EPOLLIN | select.EPOLLET)
         sweep_every = min(0.1, self.s.timeout / 2)
         next_sweep = next_flush = time.monotonic()
@@ -294,7 +299,7 @@ class Worker:
                     pending = self._take_requests(now)
                 if now >= next_sweep:
                     self._sweep(now)
-                    pending = True  # a request left by a busier worker waits at most this long
+                    pending = True  # a datagram the edge did not announce waits at most this
                     next_sweep = now + sweep_every
                     if now >= next_flush:
                         self.flush()
@@ -312,15 +317,8 @@ class Worker:
 
     # -- requests on the listening socket ----------------------------------------------------
     def _take_requests(self, now: float, limit: int = 32) -> bool:
-        """Read requests while this worker is no busier than the least busy other worker.
-
-        Returns True if requests may be left that this worker should come back for.
-        """
+        """Read up to ``limit`` requests; True if more may be waiting."""
         for _ in range(limit):
-            if self.peers is not None:
-                others = self.peers()
-                if others and len(self.transfers) > min(others):
-                    return False  # a less busy worker heard the same edge and takes it
             try:
                 if not self._on_request(now):
                     return False
@@ -338,7 +336,7 @@ class Worker:
                 data, peer = self.listen.recvfrom(MAX_REQUEST)
                 local = self.local_address
         except (BlockingIOError, InterruptedError):
-            return False  # nothing (left): another worker took it
+            return False  # nothing (left)
         except OSError:
             return True
         self._request(data, local, peer, now)
@@ -368,8 +366,11 @@ class Worker:
                                                   f"Unsupported mode {mode!r}"))
             return
         old = self.by_peer.get(peer)
-        if old is not None and old.request == data and old.acked <= 0:
-            self._resend(old)  # the client repeated its request: our first answer got lost
+        if old is not None and old.request == data:  # the client repeated its request
+            self.counts[_REQ["duplicate"]] += 1
+            if old.acked < (0 if old.oack else 1):
+                self._send(old, self._resend(old), now)  # our first answer is late or lost
+            # else: it has our answer (it acknowledged it); this repeat waited in the queue
             return
         try:
             rendered = self._rendered(name)
@@ -671,19 +672,70 @@ def _destination(ancdata: list) -> str | None:
 
 
 def bind(address: str, port: int) -> socket.socket:
-    """The listening socket (made before the workers fork, shared by all of them)."""
+    """One listening socket (a group of one: a worker in a thread, the tests)."""
+    return bind_workers(address, port, 1)[0]
+
+
+def bind_workers(address: str, port: int, count: int) -> list[socket.socket]:
+    """One listening socket per worker on the one port (SO_REUSEPORT), made before the workers
+    fork: a port that is taken is one clear error, and a worker that dies and starts again
+    finds its socket, with the requests that came meanwhile, kept by the supervisor."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(_listener(address, port))
+            port = socks[0].getsockname()[1]  # port 0: the others join the first one's
+        foreign = _sharers(address, port, {os.fstat(s.fileno()).st_ino for s in socks})
+        if foreign:  # a program of our user that bound it with SO_REUSEPORT too
+            raise OSError(errno.EADDRINUSE, "")
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"TFTP port {address}:{port} is already in use "
+                                     "(tftpd-hpa, dnsmasq's TFTP or another pxe-stage serve "
+                                     "running?)") from None
+        raise
+    return socks
+
+
+def _listener(address: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # ride out request bursts
         if address == "0.0.0.0":
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         sock.bind((address, port))
-    except OSError as exc:
+    except OSError:
         sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"TFTP port {address}:{port} is already in use "
-                                     "(tftpd-hpa or dnsmasq's TFTP running?)") from None
         raise
     sock.setblocking(False)
     return sock
+
+
+def _sharers(address: str, port: int, ours: set[int]) -> list[int]:
+    """Inodes of unconnected UDP sockets not ours that receive datagrams for address:port
+    (/proc/net/udp and udp6 of our network namespace)."""
+    wanted = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+    wildcard = not any(wanted)
+    found = []
+    for table, words in (("udp", 1), ("udp6", 4)):
+        try:
+            with open(f"/proc/net/{table}") as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "07":  # 07: not connected (TCP_CLOSE)
+                continue
+            hexaddr, _, hexport = fields[1].partition(":")
+            if int(hexport, 16) != port or int(fields[9]) in ours:
+                continue
+            raw = struct.pack(f"={words}I", *(int(hexaddr[8 * k:8 * k + 8], 16)
+                                               for k in range(words)))
+            if wildcard or not any(raw) or raw in (wanted, _V4_MAPPED + wanted):
+                found.append(int(fields[9]))
+    return found
