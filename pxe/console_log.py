@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -188,10 +189,13 @@ def _lines(path: Path) -> Iterator[Line]:
 
 
 def between(state_dir: Path, node: str, start: float, end: float) -> list[Line]:
-    """The node's console lines stamped within [start, end], oldest first."""
+    """The node's console lines stamped within [start, end], oldest first. Compared to the
+    millisecond, as lines are stamped: a line written in the millisecond a run started (its
+    stamp the start floored) belongs to the run."""
+    lo, hi = math.floor(start * 1000), math.floor(end * 1000)
     out: list[Line] = []
     for path in files_of(state_dir, node):
-        out.extend(ln for ln in _lines(path) if start <= ln.ts <= end)
+        out.extend(ln for ln in _lines(path) if lo <= round(ln.ts * 1000) <= hi)
     return out
 
 

@@ -146,6 +146,22 @@ class Clock:
 
 
 @pytest.mark.unit
+def test_a_line_of_the_millisecond_a_window_starts_is_in_it(tmp_path: Path):
+    """Lines are stamped to the millisecond (floored): one written 0.2 ms after a run's start
+    reads as 0.7 ms before it, and still belongs to the run (a CI run lost both lines of
+    test_run_show_prints_the_console_lines_of_the_run this way)."""
+    start = 1_800_000_000.5127
+    with ConsoleLog(console_log.log_path(tmp_path, "n1"), clock=Clock(start + 0.0002)) as log:
+        log.feed(b"same millisecond\n")
+    with ConsoleLog(console_log.log_path(tmp_path, "n1"), clock=Clock(start - 0.0008)) as log:
+        log.feed(b"the millisecond before\n")
+    texts = [ln.text for ln in console_log.between(tmp_path, "n1", start, start + 1)]
+    assert texts == ["same millisecond"]  # the one of the millisecond before is not
+    texts = [ln.text for ln in console_log.between(tmp_path, "n1", start - 1, start - 0.001)]
+    assert texts == ["the millisecond before"]
+
+
+@pytest.mark.unit
 def test_log_lines_are_stamped_cleaned_and_found_by_time(tmp_path: Path):
     clock = Clock()
     path = console_log.log_path(tmp_path, "n1")
