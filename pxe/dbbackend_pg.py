@@ -648,6 +648,19 @@ _NEW_GENERATION = "replace(gen_random_uuid()::text, '-', '')"
 _FACTS = ("name", "ip", "arch", "firmware", "bmc_type", "bmc_address", "groups", "pool")
 _CHANGE_FN = "dynprov_dhcp_change"
 _NAMED_BY = (("nodes", "name"), ("macs", "node"), ("node_segments", "node"))
+# The body both versions of the change-numbering function end with (migrations 9 and 10): one
+# dhcp_changes row per name the write touched, numbered MAX + 1; '' for a TRUNCATE.
+_CHANGE_LOOP = (
+    "FOREACH who IN ARRAY CASE TG_OP "
+    "WHEN 'TRUNCATE' THEN ARRAY['']::TEXT[] "
+    "WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW) ->> TG_ARGV[0]] "
+    "WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD) ->> TG_ARGV[0]] "
+    "ELSE ARRAY[to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]] END LOOP "
+    "INSERT INTO dhcp_changes(node, seq) VALUES (who, (SELECT COALESCE(MAX(seq), 0) + 1 "
+    "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = EXCLUDED.seq; "
+    "END LOOP; RETURN NULL; END $$"
+)
+
 PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: (
         "ALTER TABLE nodes ADD COLUMN boot_set DOUBLE PRECISION",
@@ -674,14 +687,7 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX dhcp_changes_seq ON dhcp_changes(seq)",
         f"CREATE OR REPLACE FUNCTION {_CHANGE_FN}() RETURNS trigger LANGUAGE plpgsql AS $$ "
         "DECLARE who TEXT; BEGIN "
-        "FOREACH who IN ARRAY CASE TG_OP "
-        "WHEN 'TRUNCATE' THEN ARRAY['']::TEXT[] "
-        "WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW) ->> TG_ARGV[0]] "
-        "WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD) ->> TG_ARGV[0]] "
-        "ELSE ARRAY[to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]] END LOOP "
-        "INSERT INTO dhcp_changes(node, seq) VALUES (who, (SELECT COALESCE(MAX(seq), 0) + 1 "
-        "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = EXCLUDED.seq; "
-        "END LOOP; RETURN NULL; END $$",
+        + _CHANGE_LOOP,
         *(f"CREATE TRIGGER dhcp_changes_{table} AFTER INSERT OR DELETE ON {table} "
           f"FOR EACH ROW EXECUTE FUNCTION {_CHANGE_FN}('{column}')"
           for table, column in _NAMED_BY),
@@ -710,14 +716,7 @@ PG_MIGRATIONS: dict[int, tuple[str, ...]] = {
         "TG_TABLE_NAME, upper(current_setting('transaction_isolation')) "
         "USING ERRCODE = 'object_not_in_prerequisite_state'; END IF; "
         f"PERFORM pg_advisory_xact_lock({WRITE_LOCK:d}, hashtext(TG_TABLE_SCHEMA)); "
-        "FOREACH who IN ARRAY CASE TG_OP "
-        "WHEN 'TRUNCATE' THEN ARRAY['']::TEXT[] "
-        "WHEN 'INSERT' THEN ARRAY[to_jsonb(NEW) ->> TG_ARGV[0]] "
-        "WHEN 'DELETE' THEN ARRAY[to_jsonb(OLD) ->> TG_ARGV[0]] "
-        "ELSE ARRAY[to_jsonb(OLD) ->> TG_ARGV[0], to_jsonb(NEW) ->> TG_ARGV[0]] END LOOP "
-        "INSERT INTO dhcp_changes(node, seq) VALUES (who, (SELECT COALESCE(MAX(seq), 0) + 1 "
-        "FROM dhcp_changes)) ON CONFLICT (node) DO UPDATE SET seq = EXCLUDED.seq; "
-        "END LOOP; RETURN NULL; END $$",
+        + _CHANGE_LOOP,
     ),
 }
 
